@@ -1,0 +1,403 @@
+//! HTTP wire types of the x402 v2 transport as 402x speaks it, their base64/JSON
+//! encoding, and the stateless checks of a payment header.
+//!
+//! Headers: `PAYMENT-REQUIRED` (402 challenge), `PAYMENT-SIGNATURE` (alias
+//! `X-402-Payment`, the client's proof) and `PAYMENT-RESPONSE` (receipt). Each carries
+//! standard base64 (RFC 4648, padded) of a UTF-8 JSON document.
+
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::amount;
+use crate::signing::SignedFields;
+
+pub const HEADER_PAYMENT_REQUIRED: &str = "payment-required";
+pub const HEADER_PAYMENT_SIGNATURE: &str = "payment-signature";
+pub const HEADER_PAYMENT_SIGNATURE_ALIAS: &str = "x-402-payment";
+pub const HEADER_PAYMENT_RESPONSE: &str = "payment-response";
+
+/// Largest payment header accepted, before decoding. A proof is about 1 KB.
+pub const MAX_PAYMENT_HEADER_BYTES: usize = 8 * 1024;
+/// Nonce length bounds in bytes.
+pub const MIN_NONCE_BYTES: usize = 16;
+pub const MAX_NONCE_BYTES: usize = 64;
+/// Longest accepted value of a short string field (scheme, network, asset, payTo).
+pub const MAX_SHORT_FIELD: usize = 128;
+/// Longest accepted resource string.
+pub const MAX_RESOURCE: usize = 4096;
+
+/// What a resource server accepts as payment for one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentRequirements {
+    /// `exact` (fixed price) or `upto` (metered; `amount` is the most it may cost).
+    pub scheme: String,
+    pub network: String,
+    /// Atomic units as a decimal string.
+    pub amount: String,
+    pub asset: String,
+    pub pay_to: String,
+    pub max_timeout_seconds: u64,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceInfo {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mime_type: String,
+}
+
+/// The 402 challenge: sent base64 in `PAYMENT-REQUIRED` and as the JSON body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentRequired {
+    pub x402_version: u32,
+    /// Machine-readable reason (see [`ErrorCode`]); `payment_required` when no proof came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub resource: ResourceInfo,
+    pub accepts: Vec<PaymentRequirements>,
+    /// Human price of the first requirement as a decimal string, e.g. `"0.01"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<String>,
+    /// The merchant account that is paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_address: Option<String>,
+}
+
+/// The signed part of an `exact`/`upto` payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PaymentAuthorization {
+    /// Lowercase hex ed25519 public key.
+    pub payer: String,
+    /// Lowercase hex, 16 to 64 random bytes.
+    pub nonce: String,
+    /// Unix seconds as a decimal string; the proof is refused at or after this time.
+    pub valid_before: String,
+    /// `METHOD authority path?query`, see [`crate::signing::resource_string`].
+    pub resource: String,
+    /// Lowercase hex ed25519 signature over the canonical bytes.
+    pub signature: String,
+}
+
+/// The client's proof: sent base64 in `PAYMENT-SIGNATURE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentPayload {
+    pub x402_version: u32,
+    pub accepted: PaymentRequirements,
+    pub payload: PaymentAuthorization,
+}
+
+/// The receipt: sent base64 in `PAYMENT-RESPONSE` on success.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettleResponse {
+    pub success: bool,
+    pub transaction: String,
+    pub network: String,
+    pub payer: String,
+    /// Atomic units: the charged amount for `exact`, the held maximum for `upto`.
+    pub amount: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_reason: Option<String>,
+}
+
+/// JSON body of a 400, 429 or 503 answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}
+
+/// Machine-readable error codes, the `error` field of challenges and error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// No payment header was sent.
+    PaymentRequired,
+    /// 400: the payment header could not be decoded or is malformed.
+    MalformedPayment,
+    Expired,
+    /// validBefore is further in the future than the route allows.
+    ValidityTooLong,
+    AmountBelowPrice,
+    WrongScheme,
+    WrongPayTo,
+    WrongNetwork,
+    WrongAsset,
+    WrongResource,
+    InvalidSignature,
+    UnknownKey,
+    KeyRevoked,
+    InsufficientFunds,
+    NonceReused,
+    /// 503: settlement could not be reached and the route fails closed.
+    SettlementUnavailable,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::PaymentRequired,
+        ErrorCode::MalformedPayment,
+        ErrorCode::Expired,
+        ErrorCode::ValidityTooLong,
+        ErrorCode::AmountBelowPrice,
+        ErrorCode::WrongScheme,
+        ErrorCode::WrongPayTo,
+        ErrorCode::WrongNetwork,
+        ErrorCode::WrongAsset,
+        ErrorCode::WrongResource,
+        ErrorCode::InvalidSignature,
+        ErrorCode::UnknownKey,
+        ErrorCode::KeyRevoked,
+        ErrorCode::InsufficientFunds,
+        ErrorCode::NonceReused,
+        ErrorCode::SettlementUnavailable,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::PaymentRequired => "payment_required",
+            ErrorCode::MalformedPayment => "malformed_payment",
+            ErrorCode::Expired => "expired",
+            ErrorCode::ValidityTooLong => "validity_too_long",
+            ErrorCode::AmountBelowPrice => "amount_below_price",
+            ErrorCode::WrongScheme => "wrong_scheme",
+            ErrorCode::WrongPayTo => "wrong_pay_to",
+            ErrorCode::WrongNetwork => "wrong_network",
+            ErrorCode::WrongAsset => "wrong_asset",
+            ErrorCode::WrongResource => "wrong_resource",
+            ErrorCode::InvalidSignature => "invalid_signature",
+            ErrorCode::UnknownKey => "unknown_key",
+            ErrorCode::KeyRevoked => "key_revoked",
+            ErrorCode::InsufficientFunds => "insufficient_funds",
+            ErrorCode::NonceReused => "nonce_reused",
+            ErrorCode::SettlementUnavailable => "settlement_unavailable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// The HTTP status this code is answered with.
+    pub const fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::MalformedPayment => 400,
+            ErrorCode::SettlementUnavailable => 503,
+            _ => 402,
+        }
+    }
+}
+
+/// Why a payment header is malformed (always a 400, never a 5xx).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    #[error("payment header is larger than {MAX_PAYMENT_HEADER_BYTES} bytes")]
+    TooLarge,
+    #[error("payment header is not valid base64")]
+    Base64,
+    #[error("payment header is not valid UTF-8 JSON: {0}")]
+    Json(String),
+    #[error("unsupported x402Version {0}, expected 2")]
+    Version(u32),
+    #[error("field `{field}` is invalid: {reason}")]
+    Field { field: &'static str, reason: &'static str },
+}
+
+fn field(field: &'static str, reason: &'static str) -> DecodeError {
+    DecodeError::Field { field, reason }
+}
+
+/// Standard base64 of the compact JSON of `value`.
+pub fn encode_header<T: Serialize>(value: &T) -> String {
+    // Serializing these plain structs cannot fail; fall back to an empty object anyway.
+    let json = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    STANDARD.encode(json)
+}
+
+/// Decodes standard base64 (padded or not) of a JSON document.
+pub fn decode_header<T: for<'de> Deserialize<'de>>(value: &str) -> Result<T, DecodeError> {
+    if value.len() > MAX_PAYMENT_HEADER_BYTES {
+        return Err(DecodeError::TooLarge);
+    }
+    let value = value.trim();
+    let bytes = STANDARD
+        .decode(value)
+        .or_else(|_| STANDARD_NO_PAD.decode(value))
+        .map_err(|_| DecodeError::Base64)?;
+    serde_json::from_slice(&bytes).map_err(|e| DecodeError::Json(e.to_string()))
+}
+
+fn check_short(name: &'static str, value: &str) -> Result<(), DecodeError> {
+    if value.is_empty() {
+        return Err(field(name, "must not be empty"));
+    }
+    if value.len() > MAX_SHORT_FIELD {
+        return Err(field(name, "is too long"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(field(name, "contains a control character"));
+    }
+    Ok(())
+}
+
+fn check_hex(name: &'static str, value: &str, min_bytes: usize, max_bytes: usize) -> Result<(), DecodeError> {
+    let ok_chars = value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !ok_chars || value.len() % 2 != 0 {
+        return Err(field(name, "must be lowercase hex"));
+    }
+    let n = value.len() / 2;
+    if n < min_bytes || n > max_bytes {
+        return Err(field(name, "has the wrong length"));
+    }
+    Ok(())
+}
+
+/// A payment payload that passed every stateless syntax check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedPayment {
+    pub payload: PaymentPayload,
+    /// `accepted.amount` parsed.
+    pub amount: u64,
+    /// `payload.validBefore` parsed.
+    pub valid_before: u64,
+}
+
+impl CheckedPayment {
+    /// The fields the signature binds.
+    pub fn signed_fields(&self) -> SignedFields<'_> {
+        self.payload.signed_fields()
+    }
+}
+
+impl PaymentPayload {
+    pub fn signed_fields(&self) -> SignedFields<'_> {
+        SignedFields {
+            scheme: &self.accepted.scheme,
+            network: &self.accepted.network,
+            asset: &self.accepted.asset,
+            amount: &self.accepted.amount,
+            pay_to: &self.accepted.pay_to,
+            resource: &self.payload.resource,
+            nonce: &self.payload.nonce,
+            valid_before: &self.payload.valid_before,
+        }
+    }
+}
+
+/// Decodes a `PAYMENT-SIGNATURE` header and checks its syntax: version 2, every
+/// signed field present and well formed, amounts and times exact integers.
+/// Semantic checks (price, payTo, expiry, resource) belong to the caller.
+pub fn decode_payment(value: &str) -> Result<CheckedPayment, DecodeError> {
+    let payload: PaymentPayload = decode_header(value)?;
+    check_payment(payload)
+}
+
+/// The syntax checks of [`decode_payment`] on an already decoded payload.
+pub fn check_payment(payload: PaymentPayload) -> Result<CheckedPayment, DecodeError> {
+    if payload.x402_version != crate::X402_VERSION {
+        return Err(DecodeError::Version(payload.x402_version));
+    }
+    let a = &payload.accepted;
+    check_short("accepted.scheme", &a.scheme)?;
+    check_short("accepted.network", &a.network)?;
+    check_short("accepted.asset", &a.asset)?;
+    check_short("accepted.payTo", &a.pay_to)?;
+    let amount = amount::parse_atomic(&a.amount).map_err(|_| field("accepted.amount", "must be a non-negative integer of atomic units"))?;
+    let p = &payload.payload;
+    check_hex("payload.payer", &p.payer, 32, 32)?;
+    check_hex("payload.nonce", &p.nonce, MIN_NONCE_BYTES, MAX_NONCE_BYTES)?;
+    check_hex("payload.signature", &p.signature, 64, 64)?;
+    if p.resource.is_empty() || p.resource.len() > MAX_RESOURCE || p.resource.chars().any(char::is_control) {
+        return Err(field("payload.resource", "must be 1-4096 characters without control characters"));
+    }
+    let valid_before = amount::parse_atomic(&p.valid_before).map_err(|_| field("payload.validBefore", "must be unix seconds as a decimal string"))?;
+    Ok(CheckedPayment { payload, amount, valid_before })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> PaymentPayload {
+        PaymentPayload {
+            x402_version: 2,
+            accepted: PaymentRequirements {
+                scheme: "exact".into(),
+                network: "402x-local".into(),
+                amount: "10000".into(),
+                asset: "USD".into(),
+                pay_to: "merchant-demo".into(),
+                max_timeout_seconds: 60,
+                extra: serde_json::Map::new(),
+            },
+            payload: PaymentAuthorization {
+                payer: "ab".repeat(32),
+                nonce: "cd".repeat(16),
+                valid_before: "1900000000".into(),
+                resource: "GET localhost:10000/paid".into(),
+                signature: "ef".repeat(64),
+            },
+        }
+    }
+
+    #[test]
+    fn payment_round_trips_through_the_header() {
+        let header = encode_header(&sample());
+        let checked = decode_payment(&header).unwrap();
+        assert_eq!(checked.payload, sample());
+        assert_eq!(checked.amount, 10_000);
+        assert_eq!(checked.valid_before, 1_900_000_000);
+    }
+
+    #[test]
+    fn json_uses_x402_field_names() {
+        let v: serde_json::Value = serde_json::to_value(sample()).unwrap();
+        assert_eq!(v["x402Version"], 2);
+        assert_eq!(v["accepted"]["payTo"], "merchant-demo");
+        assert_eq!(v["accepted"]["maxTimeoutSeconds"], 60);
+        assert_eq!(v["payload"]["validBefore"], "1900000000");
+    }
+
+    #[test]
+    fn malformed_headers_name_the_problem() {
+        assert_eq!(decode_payment("%%%"), Err(DecodeError::Base64));
+        assert!(matches!(decode_payment(&STANDARD.encode("not json")), Err(DecodeError::Json(_))));
+        assert_eq!(decode_payment(&"A".repeat(MAX_PAYMENT_HEADER_BYTES + 1)), Err(DecodeError::TooLarge));
+        let mut p = sample();
+        p.x402_version = 1;
+        assert_eq!(decode_payment(&encode_header(&p)), Err(DecodeError::Version(1)));
+        for (amount, ok) in [("-1", false), ("1.5", false), ("99999999999999999999", false), ("01", false), ("0", true)] {
+            let mut p = sample();
+            p.accepted.amount = amount.into();
+            assert_eq!(decode_payment(&encode_header(&p)).is_ok(), ok, "amount {amount}");
+        }
+        let mut p = sample();
+        p.payload.nonce = "cd".repeat(8);
+        assert!(matches!(decode_payment(&encode_header(&p)), Err(DecodeError::Field { field: "payload.nonce", .. })));
+        let mut p = sample();
+        p.payload.payer = "AB".repeat(32);
+        assert!(matches!(decode_payment(&encode_header(&p)), Err(DecodeError::Field { field: "payload.payer", .. })));
+        let bad_utf8 = STANDARD.encode([0x7b, 0xff, 0xfe, 0x7d]);
+        assert!(matches!(decode_payment(&bad_utf8), Err(DecodeError::Json(_))));
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::MalformedPayment.http_status(), 400);
+        assert_eq!(ErrorCode::SettlementUnavailable.http_status(), 503);
+        assert_eq!(ErrorCode::NonceReused.http_status(), 402);
+    }
+}
