@@ -1,0 +1,211 @@
+//! The real Envoy with the 402x filter: `envoy/envoy.template.yaml` rendered with this
+//! run's ports, the wasm path and the plugin JSON, then `envoy` started with
+//! `--disable-hot-restart` and a unique `--base-id` (so parallel tests never share
+//! shared-memory names), its log in a scratch dir, killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::paths;
+use crate::process::{free_port, ChildGuard, ScratchDir};
+
+/// V8 compiles the module at start; on a slow machine this takes a while.
+const READY_LIMIT: Duration = Duration::from_secs(90);
+
+/// What a rendered config needs besides the template.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    /// Downstream listener port (`${LISTEN_PORT}`); 0 picks a free one.
+    pub listen_port: u16,
+    /// Admin port (`${ADMIN_PORT}`); 0 picks a free one.
+    pub admin_port: u16,
+    pub upstream_port: u16,
+    pub settlement_port: u16,
+    /// The plugin configuration JSON (`${FILTER_CONFIG}`).
+    pub filter_config: String,
+    /// Envoy worker threads (`--concurrency`).
+    pub concurrency: u32,
+    /// `-l` log level.
+    pub log_level: String,
+}
+
+impl EnvoyOptions {
+    pub fn new(upstream_port: u16, settlement_port: u16, filter_config: &str) -> EnvoyOptions {
+        EnvoyOptions {
+            listen_port: 0,
+            admin_port: 0,
+            upstream_port,
+            settlement_port,
+            filter_config: filter_config.to_string(),
+            concurrency: 1,
+            log_level: std::env::var("X402_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+        }
+    }
+}
+
+/// Replaces the template's placeholders. The filter JSON goes inside a YAML
+/// single-quoted scalar, where a `'` is written `''`.
+pub fn render_template(
+    template: &str,
+    listen_port: u16,
+    admin_port: u16,
+    upstream_port: u16,
+    settlement_port: u16,
+    wasm_path: &Path,
+    filter_config: &str,
+) -> Result<String> {
+    let filter_json: serde_json::Value =
+        serde_json::from_str(filter_config).context("the filter config is not valid JSON")?;
+    // Compact, one line: the scalar must not break across YAML lines.
+    let filter_json = serde_json::to_string(&filter_json)?.replace('\'', "''");
+    let rendered = template
+        .replace("${LISTEN_PORT}", &listen_port.to_string())
+        .replace("${ADMIN_PORT}", &admin_port.to_string())
+        .replace("${UPSTREAM_PORT}", &upstream_port.to_string())
+        .replace("${SETTLEMENT_PORT}", &settlement_port.to_string())
+        .replace("${WASM_PATH}", &wasm_path.display().to_string())
+        .replace("${FILTER_CONFIG}", &filter_json);
+    if let Some(at) = rendered.find("${") {
+        let rest: String = rendered[at..].chars().take(40).collect();
+        bail!("the Envoy template has an unknown placeholder: {rest}");
+    }
+    Ok(rendered)
+}
+
+fn unique_base_id() -> u32 {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    // Distinct per process and per instance; Envoy multiplies it internally, keep it small.
+    (std::process::id() % 100_000) * 10 + SEQ.fetch_add(1, Ordering::Relaxed) % 10 + 1_000_000
+}
+
+pub struct Envoy {
+    child: ChildGuard,
+    listen_port: u16,
+    admin_port: u16,
+    config_path: PathBuf,
+    /// Holds the rendered config and the log.
+    _dir: ScratchDir,
+}
+
+impl Envoy {
+    /// Renders the template and starts Envoy; returns once the admin `/ready` says LIVE
+    /// and the listener accepts connections.
+    pub async fn start(options: EnvoyOptions) -> Result<Envoy> {
+        let envoy = paths::envoy_bin()?;
+        let wasm = paths::filter_wasm()?;
+        let template_path = paths::envoy_template()?;
+        let template = std::fs::read_to_string(&template_path)
+            .with_context(|| format!("reading {}", template_path.display()))?;
+        let listen_port = if options.listen_port == 0 { free_port()? } else { options.listen_port };
+        let admin_port = if options.admin_port == 0 { free_port()? } else { options.admin_port };
+        let config = render_template(
+            &template,
+            listen_port,
+            admin_port,
+            options.upstream_port,
+            options.settlement_port,
+            &wasm,
+            &options.filter_config,
+        )?;
+        let dir = ScratchDir::new("envoy")?;
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config)?;
+        let log = dir.path().join("envoy.log");
+        let mut cmd = Command::new(&envoy);
+        cmd.arg("-c")
+            .arg(&config_path)
+            .arg("--concurrency")
+            .arg(options.concurrency.to_string())
+            .arg("--disable-hot-restart")
+            .arg("--base-id")
+            .arg(unique_base_id().to_string())
+            .arg("-l")
+            .arg(&options.log_level)
+            .arg("--log-path")
+            .arg(&log);
+        let child = ChildGuard::spawn("envoy", cmd, &log)?;
+        let mut envoy = Envoy { child, listen_port, admin_port, config_path, _dir: dir };
+        envoy.wait_ready().await?;
+        Ok(envoy)
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build()?;
+        let ready_url = format!("http://127.0.0.1:{}/ready", self.admin_port);
+        let start = Instant::now();
+        loop {
+            if let Some(why) = self.child.exited() {
+                bail!("{why} before it was ready; log:\n{}", self.child.log_tail(60));
+            }
+            let live = match client.get(&ready_url).send().await {
+                Ok(response) => response.status().is_success(),
+                Err(_) => false,
+            };
+            if live && tokio::net::TcpStream::connect(("127.0.0.1", self.listen_port)).await.is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > READY_LIMIT {
+                bail!("Envoy was not ready within {READY_LIMIT:?}; log:\n{}", self.child.log_tail(60));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    /// `127.0.0.1:PORT`, the authority clients send (and sign).
+    pub fn authority(&self) -> String {
+        format!("127.0.0.1:{}", self.listen_port)
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.child.log_path()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.child.log_tail(lines)
+    }
+
+    /// `None` while running, else how it ended.
+    pub fn exited(&mut self) -> Option<String> {
+        self.child.exited()
+    }
+
+    /// Stops Envoy (SIGTERM, then SIGKILL after `grace`).
+    pub fn shutdown(mut self, grace: Duration) {
+        self.child.terminate(grace);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn rendering_fills_every_placeholder_and_escapes_quotes() {
+        let template = "port: ${LISTEN_PORT}/${ADMIN_PORT}/${UPSTREAM_PORT}/${SETTLEMENT_PORT}\nwasm: ${WASM_PATH}\ncfg: '${FILTER_CONFIG}'\n";
+        let out = render_template(template, 1, 2, 3, 4, Path::new("/x/f.wasm"), r#"{"description": "it's"}"#).unwrap();
+        assert_eq!(out, "port: 1/2/3/4\nwasm: /x/f.wasm\ncfg: '{\"description\":\"it''s\"}'\n");
+    }
+
+    #[test]
+    fn rendering_refuses_unknown_placeholders_and_bad_json() {
+        assert!(render_template("${NOPE}", 1, 2, 3, 4, Path::new("/f"), "{}").is_err());
+        assert!(render_template("x", 1, 2, 3, 4, Path::new("/f"), "{not json").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! One complete 402x deployment for one test: a fresh database in the test binary's
+//! shared PostgreSQL cluster, the settlement service, the HTTP upstream and Envoy with
+//! the filter in front of it. The merchant `merchant-demo` exists; payers are made with
+//! [`Stack::new_payer`].
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use reqwest::header::HeaderMap;
+use reqwest::{Method, Url};
+use x402_client::wire::{encode_header, PaymentPayload, PaymentRequirements};
+use x402_client::{resource_for, sign_payment, Budget, Client, PaidResponse, PayerKey};
+use x402_proto::settlement::v1::AccountKind;
+
+use crate::envoy::{Envoy, EnvoyOptions};
+use crate::pg::TestPostgres;
+use crate::settlement::Settlement;
+use crate::upstream::Upstream;
+
+/// The merchant every stack is seeded with (`pay_to` of [`default_filter_config`]).
+pub const MERCHANT: &str = "merchant-demo";
+pub const ASSET: &str = "USD";
+pub const NETWORK: &str = "402x-local";
+/// Price of `/paid` and `/status` in [`default_filter_config`]: 0.01 USD.
+pub const PAID_PRICE: u64 = 10_000;
+/// Price of the `named` Envoy route in [`default_filter_config`]: 0.02 USD.
+pub const NAMED_PRICE: u64 = 20_000;
+/// `max_timeout_seconds` of [`default_filter_config`].
+pub const MAX_TIMEOUT_SECONDS: u64 = 60;
+
+/// The filter configuration most tests use: `/paid` and `/status` cost 0.01 USD (so a
+/// paid request can make the upstream fail), the `named` Envoy route costs 0.02 USD,
+/// everything else (`/free`) is not priced.
+pub fn default_filter_config() -> String {
+    serde_json::json!({
+        "settlement_cluster": "settlement",
+        "settlement_timeout_ms": 2000,
+        "network": NETWORK,
+        "asset": ASSET,
+        "asset_decimals": 6,
+        "pay_to": MERCHANT,
+        "max_timeout_seconds": MAX_TIMEOUT_SECONDS,
+        "hold_ttl_seconds": 300,
+        "clock_skew_seconds": 30,
+        "capture_below_status": 500,
+        "verify_signatures_in_filter": false,
+        "routes": [
+            { "name": "quote", "match": { "path_prefix": "/paid" }, "price": "0.01", "description": "A paid quote" },
+            { "name": "status", "match": { "path_prefix": "/status" }, "price": "0.01" },
+            { "name": "named", "match": { "route_name": "named" }, "price": "0.02" }
+        ]
+    })
+    .to_string()
+}
+
+/// The cluster shared by every stack of this test binary, stopped at process exit.
+static POSTGRES: OnceLock<Mutex<Option<TestPostgres>>> = OnceLock::new();
+
+extern "C" fn stop_shared_postgres() {
+    if let Some(cell) = POSTGRES.get() {
+        let taken = match cell.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        drop(taken);
+    }
+}
+
+/// A fresh, empty database in the shared cluster (started on first use).
+pub fn fresh_database() -> Result<String> {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let cell = POSTGRES.get_or_init(|| Mutex::new(None));
+    let mut guard = cell.lock().map_err(|_| anyhow!("the shared PostgreSQL lock is poisoned"))?;
+    if guard.is_none() {
+        *guard = Some(TestPostgres::start().context("starting the tests' PostgreSQL")?);
+        // Statics are never dropped: stop the cluster when the test binary exits.
+        // SAFETY: registers a plain `extern "C" fn` with no captured state.
+        unsafe {
+            libc::atexit(stop_shared_postgres);
+        }
+    }
+    let pg = guard.as_ref().context("PostgreSQL is not running")?;
+    let name = format!("x402_e2e_{}_{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+    pg.create_database(&name)
+}
+
+/// Current unix time in seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub struct Stack {
+    // Field order is drop order: Envoy first, then the services behind it.
+    pub envoy: Envoy,
+    pub settlement: Settlement,
+    pub upstream: Upstream,
+    /// Plain HTTP client for unpaid or hand-made requests (no proxy, no redirects).
+    pub http: reqwest::Client,
+    payer_seq: AtomicU32,
+}
+
+impl Stack {
+    /// Starts everything with `filter_config` as the plugin JSON.
+    pub async fn start(filter_config: &str) -> Result<Stack> {
+        let database_url = fresh_database()?;
+        let settlement = Settlement::start(&database_url).await?;
+        settlement.create_account(MERCHANT, AccountKind::Merchant).await?;
+        let upstream = Upstream::start()?;
+        let envoy = Envoy::start(EnvoyOptions::new(upstream.port(), settlement.port(), filter_config)).await?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Stack { envoy, settlement, upstream, http, payer_seq: AtomicU32::new(0) })
+    }
+
+    /// [`Stack::start`] with [`default_filter_config`].
+    pub async fn start_default() -> Result<Stack> {
+        Stack::start(&default_filter_config()).await
+    }
+
+    /// `http://127.0.0.1:PORT{path}` through Envoy.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.envoy.authority())
+    }
+
+    pub fn parsed_url(&self, path: &str) -> Result<Url> {
+        Url::parse(&self.url(path)).with_context(|| format!("bad path {path}"))
+    }
+
+    /// A new payer account with a fresh registered key and `funds` atomic USD.
+    pub async fn new_payer(&self, funds: u64) -> Result<(String, PayerKey)> {
+        let account = format!("payer-{}", self.payer_seq.fetch_add(1, Ordering::Relaxed));
+        self.settlement.create_account(&account, AccountKind::Payer).await?;
+        let key = PayerKey::generate();
+        self.settlement.add_key(&account, &key.public_key_hex()).await?;
+        if funds > 0 {
+            self.settlement.deposit(&account, ASSET, funds).await?;
+        }
+        Ok((account, key))
+    }
+
+    /// Available USD of `account` in atomic units.
+    pub async fn balance(&self, account: &str) -> Result<i64> {
+        Ok(self.settlement.balance(account, ASSET).await?.available)
+    }
+
+    /// Polls (bounded) until `account`'s available balance is `expected` and nothing is
+    /// pending; captures and voids land after the client has its response.
+    pub async fn wait_for_settled_balance(&self, account: &str, expected: i64) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let balance = self.settlement.balance(account, ASSET).await?;
+            if balance.available == expected && balance.debits_pending == 0 && balance.credits_pending == 0 {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("balance of {account} did not settle at {expected}: {balance:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A paying client for `key` with no budget limit.
+    pub fn client(&self, key: &PayerKey) -> Result<Client> {
+        Ok(Client::with_http(self.http.clone(), key.clone(), Budget::unlimited()))
+    }
+
+    /// GET `path` through Envoy, paying on a 402.
+    pub async fn pay_get(&self, key: &PayerKey, path: &str) -> Result<PaidResponse> {
+        Ok(self.client(key)?.request(Method::GET, self.parsed_url(path)?, HeaderMap::new(), None).await?)
+    }
+
+    /// The requirements the default config offers for `price`.
+    pub fn requirements(&self, price: u64) -> PaymentRequirements {
+        let mut extra = serde_json::Map::new();
+        extra.insert("decimals".into(), 6.into());
+        extra.insert("name".into(), ASSET.into());
+        PaymentRequirements {
+            scheme: "exact".into(),
+            network: NETWORK.into(),
+            amount: price.to_string(),
+            asset: ASSET.into(),
+            pay_to: MERCHANT.into(),
+            max_timeout_seconds: MAX_TIMEOUT_SECONDS,
+            extra,
+        }
+    }
+
+    /// A valid proof for `method path` at `price`, signed by `key`, valid for 30 s.
+    pub fn signed_proof(&self, key: &PayerKey, method: &str, path: &str, price: u64) -> Result<PaymentPayload> {
+        let resource = resource_for(method, &self.parsed_url(path)?)?;
+        Ok(sign_payment(
+            key,
+            &self.requirements(price),
+            &resource,
+            &x402_client::random_nonce_hex(),
+            unix_now() + 30,
+        )?)
+    }
+
+    /// Sends `method path` through Envoy with `payment` as the `PAYMENT-SIGNATURE` header.
+    pub async fn send_with_payment(&self, method: &str, path: &str, payment: &PaymentPayload) -> Result<reqwest::Response> {
+        self.send_with_header(method, path, &encode_header(payment)).await
+    }
+
+    /// Sends `method path` with a raw `PAYMENT-SIGNATURE` header value.
+    pub async fn send_with_header(&self, method: &str, path: &str, header: &str) -> Result<reqwest::Response> {
+        let method = Method::from_bytes(method.as_bytes())?;
+        Ok(self
+            .http
+            .request(method, self.url(path))
+            .header(x402_client::wire::HEADER_PAYMENT_SIGNATURE, header)
+            .send()
+            .await?)
+    }
+
+    /// The last lines of the Envoy and settlement logs, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- envoy ---\n{}\n--- settlement ---\n{}",
+            self.envoy.log_tail(40),
+            self.settlement.log_tail(40)
+        )
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
