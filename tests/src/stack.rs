@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, Url};
-use x402_client::wire::{encode_header, PaymentPayload, PaymentRequirements};
-use x402_client::{resource_for, sign_payment, Budget, Client, PaidResponse, PayerKey};
+use x402_client::wire::{encode_header, ErrorBody, PaymentPayload, PaymentRequired, PaymentRequirements};
+use x402_client::{parse_challenge, resource_for, sign_payment, Budget, Client, PaidResponse, PayerKey};
 use x402_proto::settlement::v1::AccountKind;
 
 use crate::envoy::{Envoy, EnvoyOptions};
@@ -205,20 +205,27 @@ impl Stack {
         )?)
     }
 
+    /// Sends `method path` through Envoy with no payment.
+    pub async fn send_unpaid(&self, method: &str, path: &str) -> Result<Answer> {
+        let method = Method::from_bytes(method.as_bytes())?;
+        Answer::read(self.http.request(method, self.url(path)).send().await?).await
+    }
+
     /// Sends `method path` through Envoy with `payment` as the `PAYMENT-SIGNATURE` header.
-    pub async fn send_with_payment(&self, method: &str, path: &str, payment: &PaymentPayload) -> Result<reqwest::Response> {
+    pub async fn send_with_payment(&self, method: &str, path: &str, payment: &PaymentPayload) -> Result<Answer> {
         self.send_with_header(method, path, &encode_header(payment)).await
     }
 
     /// Sends `method path` with a raw `PAYMENT-SIGNATURE` header value.
-    pub async fn send_with_header(&self, method: &str, path: &str, header: &str) -> Result<reqwest::Response> {
+    pub async fn send_with_header(&self, method: &str, path: &str, header: &str) -> Result<Answer> {
         let method = Method::from_bytes(method.as_bytes())?;
-        Ok(self
+        let response = self
             .http
             .request(method, self.url(path))
             .header(x402_client::wire::HEADER_PAYMENT_SIGNATURE, header)
             .send()
-            .await?)
+            .await?;
+        Answer::read(response).await
     }
 
     /// The last lines of the Envoy and settlement logs, for failure messages.
@@ -228,6 +235,49 @@ impl Stack {
             self.envoy.log_tail(40),
             self.settlement.log_tail(40)
         )
+    }
+}
+
+/// A complete HTTP answer, read into memory.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub async fn read(response: reqwest::Response) -> Result<Answer> {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await?.to_vec();
+        Ok(Answer { status, headers, body })
+    }
+
+    /// The 402 challenge, parsed as a client would.
+    pub fn challenge(&self) -> Option<PaymentRequired> {
+        let status = reqwest::StatusCode::from_u16(self.status).ok()?;
+        parse_challenge(status, &self.headers, &self.body).ok()
+    }
+
+    /// The `error` of a 402 challenge or of a JSON error body.
+    pub fn error_code(&self) -> Option<String> {
+        if let Some(challenge) = self.challenge() {
+            return challenge.error;
+        }
+        serde_json::from_slice::<ErrorBody>(&self.body).ok().map(|e| e.error)
+    }
+
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
     }
 }
 
