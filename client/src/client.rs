@@ -5,13 +5,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use x402_proto::wire::{
-    encode_header, ErrorBody, PaymentPayload, PaymentRequired, SettleResponse, HEADER_PAYMENT_SIGNATURE,
-    HEADER_PAYMENT_SIGNATURE_ALIAS,
+    encode_header, ErrorBody, PaymentPayload, PaymentRequired, SettleResponse,
+    HEADER_PAYMENT_SIGNATURE, HEADER_PAYMENT_SIGNATURE_ALIAS,
 };
 
 use crate::error::ClientError;
 use crate::key::PayerKey;
-use crate::payment::{choose_requirement, parse_challenge, parse_receipt, random_nonce_hex, resource_for_request, sign_payment};
+use crate::payment::{
+    choose_requirement, parse_challenge, parse_receipt, random_nonce_hex, resource_for_request,
+    sign_payment,
+};
 
 /// What the client is willing to pay, checked before anything is signed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,7 +33,10 @@ impl Budget {
     }
 
     pub fn max_per_request(max: u64) -> Self {
-        Self { max_per_request: Some(max), ..Self::default() }
+        Self {
+            max_per_request: Some(max),
+            ..Self::default()
+        }
     }
 
     pub fn with_networks<S: Into<String>>(mut self, networks: impl IntoIterator<Item = S>) -> Self {
@@ -80,7 +86,9 @@ impl PaidResponse {
         if let Ok(challenge) = parse_challenge(self.status, &self.headers, &self.body) {
             return challenge.error;
         }
-        serde_json::from_slice::<ErrorBody>(&self.body).ok().map(|e| e.error)
+        serde_json::from_slice::<ErrorBody>(&self.body)
+            .ok()
+            .map(|e| e.error)
     }
 
     /// The challenge, when the final answer is still a 402.
@@ -126,7 +134,9 @@ impl Client {
         headers: HeaderMap,
         body: Option<Vec<u8>>,
     ) -> Result<PaidResponse, ClientError> {
-        let first = self.send_once(&method, &url, &headers, body.as_deref()).await?;
+        let first = self
+            .send_once(&method, &url, &headers, body.as_deref())
+            .await?;
         if first.status != StatusCode::PAYMENT_REQUIRED {
             return Ok(first);
         }
@@ -134,14 +144,23 @@ impl Client {
         let (requirement, _amount) = choose_requirement(&challenge.accepts, &self.policy)?;
         let resource = resource_for_request(method.as_str(), &url, &headers)?;
         let valid_before = unix_now().saturating_add(requirement.max_timeout_seconds);
-        let payment = sign_payment(&self.key, requirement, &resource, &random_nonce_hex(), valid_before)?;
+        let payment = sign_payment(
+            &self.key,
+            requirement,
+            &resource,
+            &random_nonce_hex(),
+            valid_before,
+        )?;
 
         let mut paid_headers = headers;
         paid_headers.remove(HEADER_PAYMENT_SIGNATURE_ALIAS);
-        let proof = HeaderValue::from_str(&encode_header(&payment))
-            .map_err(|_| ClientError::InvalidHeader("payment proof is not a valid header value".into()))?;
+        let proof = HeaderValue::from_str(&encode_header(&payment)).map_err(|_| {
+            ClientError::InvalidHeader("payment proof is not a valid header value".into())
+        })?;
         paid_headers.insert(HEADER_PAYMENT_SIGNATURE, proof);
-        let mut second = self.send_once(&method, &url, &paid_headers, body.as_deref()).await?;
+        let mut second = self
+            .send_once(&method, &url, &paid_headers, body.as_deref())
+            .await?;
         second.payment = Some(payment);
         Ok(second)
     }
@@ -153,7 +172,10 @@ impl Client {
         headers: &HeaderMap,
         body: Option<&[u8]>,
     ) -> Result<PaidResponse, ClientError> {
-        let mut request = self.http.request(method.clone(), url.clone()).headers(headers.clone());
+        let mut request = self
+            .http
+            .request(method.clone(), url.clone())
+            .headers(headers.clone());
         if let Some(body) = body {
             request = request.body(body.to_vec());
         }
@@ -166,10 +188,19 @@ impl Client {
             .as_ref()
             .filter(|r| r.success)
             .and_then(|r| x402_proto::amount::parse_atomic(&r.amount).ok());
-        Ok(PaidResponse { status, headers, body, receipt, paid, payment: None })
+        Ok(PaidResponse {
+            status,
+            headers,
+            body,
+            receipt,
+            paid,
+            payment: None,
+        })
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

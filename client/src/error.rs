@@ -7,10 +7,16 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("cannot read key file {}: {source}", path.display())]
-    KeyRead { path: PathBuf, source: std::io::Error },
+    KeyRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("cannot write key file {}: {source}", path.display())]
-    KeyWrite { path: PathBuf, source: std::io::Error },
+    KeyWrite {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("key file {} already exists; refusing to overwrite a payer key", path.display())]
     KeyExists { path: PathBuf },
@@ -47,7 +53,11 @@ pub enum ClientError {
 
     /// The cheapest acceptable offer costs more than the budget allows; nothing was paid.
     #[error("price {amount} {asset} exceeds the budget of {max} per request; nothing was paid")]
-    OverBudget { amount: u64, asset: String, max: u64 },
+    OverBudget {
+        amount: u64,
+        asset: String,
+        max: u64,
+    },
 
     #[error("none of the offered payment options is acceptable (offered: {offered})")]
     NoAcceptableRequirement { offered: String },

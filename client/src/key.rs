@@ -32,7 +32,9 @@ impl PayerKey {
     }
 
     pub fn from_seed(seed: &[u8; 32]) -> Self {
-        Self { signing: SigningKey::from_bytes(seed) }
+        Self {
+            signing: SigningKey::from_bytes(seed),
+        }
     }
 
     /// Parses 64 hex characters (surrounding whitespace ignored, either case).
@@ -57,7 +59,10 @@ impl PayerKey {
     /// that group or others may access is refused.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ClientError> {
         let path = path.as_ref();
-        let read_err = |source| ClientError::KeyRead { path: path.to_path_buf(), source };
+        let read_err = |source| ClientError::KeyRead {
+            path: path.to_path_buf(),
+            source,
+        };
         let metadata = std::fs::metadata(path).map_err(read_err)?;
         check_private(path, &metadata)?;
         let text = std::fs::read_to_string(path).map_err(read_err)?;
@@ -70,9 +75,14 @@ impl PayerKey {
         let path = path.as_ref();
         let write_err = |source: std::io::Error| {
             if source.kind() == std::io::ErrorKind::AlreadyExists {
-                ClientError::KeyExists { path: path.to_path_buf() }
+                ClientError::KeyExists {
+                    path: path.to_path_buf(),
+                }
             } else {
-                ClientError::KeyWrite { path: path.to_path_buf(), source }
+                ClientError::KeyWrite {
+                    path: path.to_path_buf(),
+                    source,
+                }
             }
         };
         let mut options = std::fs::OpenOptions::new();
@@ -85,7 +95,9 @@ impl PayerKey {
         let mut file = options.open(path).map_err(write_err)?;
         let mut line = hex::encode(self.signing.to_bytes());
         line.push('\n');
-        let written = file.write_all(line.as_bytes()).and_then(|()| file.sync_all());
+        let written = file
+            .write_all(line.as_bytes())
+            .and_then(|()| file.sync_all());
         // Overwrite the heap copy of the secret before it is freed.
         line.clear();
         line.extend(std::iter::repeat_n('0', 65));
@@ -107,7 +119,10 @@ fn check_private(path: &Path, metadata: &std::fs::Metadata) -> Result<(), Client
     use std::os::unix::fs::PermissionsExt;
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(ClientError::KeyPermissions { path: path.to_path_buf(), mode });
+        return Err(ClientError::KeyPermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -119,7 +134,9 @@ fn check_private(_path: &Path, _metadata: &std::fs::Metadata) -> Result<(), Clie
 
 impl fmt::Debug for PayerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PayerKey").field("public_key", &self.public_key_hex()).finish_non_exhaustive()
+        f.debug_struct("PayerKey")
+            .field("public_key", &self.public_key_hex())
+            .finish_non_exhaustive()
     }
 }
 
@@ -141,7 +158,8 @@ mod tests {
         pub(crate) fn new(tag: &str) -> Self {
             let mut suffix = [0u8; 8];
             OsRng.fill_bytes(&mut suffix);
-            let dir = std::env::temp_dir().join(format!("x402-client-{tag}-{}", hex::encode(suffix)));
+            let dir =
+                std::env::temp_dir().join(format!("x402-client-{tag}-{}", hex::encode(suffix)));
             std::fs::create_dir_all(&dir).unwrap();
             Self(dir)
         }
@@ -162,13 +180,27 @@ mod tests {
     fn hex_seed_gives_the_rfc8032_public_key() {
         // RFC 8032 section 7.1, test 1.
         let key = PayerKey::from_hex_seed(SEED_HEX).unwrap();
-        assert_eq!(key.public_key_hex(), "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
-        assert_eq!(PayerKey::from_hex_seed(&format!("  {}\n", SEED_HEX.to_uppercase())).unwrap().public_key_hex(), key.public_key_hex());
+        assert_eq!(
+            key.public_key_hex(),
+            "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+        );
+        assert_eq!(
+            PayerKey::from_hex_seed(&format!("  {}\n", SEED_HEX.to_uppercase()))
+                .unwrap()
+                .public_key_hex(),
+            key.public_key_hex()
+        );
     }
 
     #[test]
     fn bad_seeds_are_refused_without_echoing_them() {
-        for bad in ["", "abcd", &SEED_HEX[..62], &format!("{SEED_HEX}00"), &SEED_HEX.replace('9', "g")] {
+        for bad in [
+            "",
+            "abcd",
+            &SEED_HEX[..62],
+            &format!("{SEED_HEX}00"),
+            &SEED_HEX.replace('9', "g"),
+        ] {
             let err = PayerKey::from_hex_seed(bad).unwrap_err();
             assert!(matches!(err, ClientError::InvalidKey), "{bad}");
             assert!(!err.to_string().contains("9d61"));
@@ -186,7 +218,10 @@ mod tests {
 
     #[test]
     fn generated_keys_differ() {
-        assert_ne!(PayerKey::generate().public_key_hex(), PayerKey::generate().public_key_hex());
+        assert_ne!(
+            PayerKey::generate().public_key_hex(),
+            PayerKey::generate().public_key_hex()
+        );
     }
 
     #[test]
@@ -198,11 +233,17 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.trim().len(), 64);
-        assert_eq!(PayerKey::load(&path).unwrap().public_key_hex(), key.public_key_hex());
+        assert_eq!(
+            PayerKey::load(&path).unwrap().public_key_hex(),
+            key.public_key_hex()
+        );
     }
 
     #[test]
@@ -213,7 +254,10 @@ mod tests {
         first.save(&path).unwrap();
         let err = PayerKey::generate().save(&path).unwrap_err();
         assert!(matches!(err, ClientError::KeyExists { .. }), "{err}");
-        assert_eq!(PayerKey::load(&path).unwrap().public_key_hex(), first.public_key_hex());
+        assert_eq!(
+            PayerKey::load(&path).unwrap().public_key_hex(),
+            first.public_key_hex()
+        );
     }
 
     #[cfg(unix)]

@@ -39,7 +39,8 @@ pub use client::{Budget, Client, PaidResponse};
 pub use error::ClientError;
 pub use key::{PayerKey, ENV_PAYER_KEY};
 pub use payment::{
-    choose_requirement, parse_challenge, parse_receipt, random_nonce_hex, resource_for, sign_payment,
+    authority_for, choose_requirement, parse_challenge, parse_receipt, random_nonce_hex,
+    resource_for, resource_for_request, sign_payment,
 };
 
 /// Re-exported so callers can name the wire and HTTP types without extra dependencies.
@@ -47,3 +48,8 @@ pub use reqwest;
 pub use x402_proto::wire;
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Keeps the README's library example compiling.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;

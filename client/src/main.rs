@@ -14,7 +14,11 @@ use reqwest::{Method, Url};
 use x402_client::{Budget, Client, PaidResponse, PayerKey};
 
 #[derive(Debug, Parser)]
-#[command(name = "x402", version, about = "Pay for HTTP requests answered with 402 Payment Required")]
+#[command(
+    name = "x402",
+    version,
+    about = "Pay for HTTP requests answered with 402 Payment Required"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -112,8 +116,10 @@ fn parse_headers(raw: &[String]) -> anyhow::Result<HeaderMap> {
         let Some((name, value)) = line.split_once(':') else {
             bail!("header {line:?} is not `Name: value`");
         };
-        let name = HeaderName::from_bytes(name.trim().as_bytes()).with_context(|| format!("invalid header name in {line:?}"))?;
-        let value = HeaderValue::from_str(value.trim()).with_context(|| format!("invalid header value in {line:?}"))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .with_context(|| format!("invalid header name in {line:?}"))?;
+        let value = HeaderValue::from_str(value.trim())
+            .with_context(|| format!("invalid header value in {line:?}"))?;
         headers.append(name, value);
     }
     Ok(headers)
@@ -123,10 +129,13 @@ fn read_data(data: &str) -> anyhow::Result<Vec<u8>> {
     match data.strip_prefix('@') {
         Some("-") => {
             let mut body = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut body).context("cannot read the body from stdin")?;
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+                .context("cannot read the body from stdin")?;
             Ok(body)
         }
-        Some(path) => std::fs::read(path).with_context(|| format!("cannot read the body from {path}")),
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read the body from {path}"))
+        }
         None => Ok(data.as_bytes().to_vec()),
     }
 }
@@ -136,7 +145,8 @@ async fn pay(args: PayArgs) -> anyhow::Result<ExitCode> {
     let url = Url::parse(&args.url).with_context(|| format!("invalid URL {:?}", args.url))?;
     let body = args.data.as_deref().map(read_data).transpose()?;
     let method = match &args.method {
-        Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes()).with_context(|| format!("invalid method {m:?}"))?,
+        Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+            .with_context(|| format!("invalid method {m:?}"))?,
         None if body.is_some() => Method::POST,
         None => Method::GET,
     };
@@ -144,16 +154,25 @@ async fn pay(args: PayArgs) -> anyhow::Result<ExitCode> {
     let max_per_request = args
         .max
         .as_deref()
-        .map(|m| x402_proto::amount::parse_atomic(m).with_context(|| format!("--max {m:?} is not an amount in atomic units")))
+        .map(|m| {
+            x402_proto::amount::parse_atomic(m)
+                .with_context(|| format!("--max {m:?} is not an amount in atomic units"))
+        })
         .transpose()?;
-    let budget = Budget { max_per_request, networks: args.networks, assets: args.assets };
+    let budget = Budget {
+        max_per_request,
+        networks: args.networks,
+        assets: args.assets,
+    };
     let client = Client::new(key, budget)?;
     let response = client.request(method, url, headers, body).await?;
 
     if args.json {
         print_json(&response)?;
     } else {
-        std::io::stdout().write_all(&response.body).context("cannot write the body")?;
+        std::io::stdout()
+            .write_all(&response.body)
+            .context("cannot write the body")?;
         std::io::stdout().flush().context("cannot write the body")?;
         if let Some(line) = receipt_line(&response) {
             eprintln!("{line}");
@@ -162,11 +181,16 @@ async fn pay(args: PayArgs) -> anyhow::Result<ExitCode> {
     if response.is_success() {
         return Ok(ExitCode::SUCCESS);
     }
-    let reason = response.error_code().unwrap_or_else(|| "no reason given".to_owned());
+    let reason = response
+        .error_code()
+        .unwrap_or_else(|| "no reason given".to_owned());
     let message = serde_json::from_slice::<x402_proto::wire::ErrorBody>(&response.body)
         .map(|e| format!(" ({})", e.message))
         .unwrap_or_default();
-    eprintln!("x402: server answered {}: {reason}{message}", response.status);
+    eprintln!(
+        "x402: server answered {}: {reason}{message}",
+        response.status
+    );
     Ok(ExitCode::FAILURE)
 }
 
@@ -177,7 +201,10 @@ fn receipt_line(response: &PaidResponse) -> Option<String> {
         Some(p) => format!("{} {}", receipt.amount, p.accepted.asset),
         None => receipt.amount.clone(),
     };
-    Some(format!("paid {amount}, transaction {}", receipt.transaction))
+    Some(format!(
+        "paid {amount}, transaction {}",
+        receipt.transaction
+    ))
 }
 
 fn print_json(response: &PaidResponse) -> anyhow::Result<()> {
@@ -191,5 +218,7 @@ fn print_json(response: &PaidResponse) -> anyhow::Result<()> {
     });
     let mut out = serde_json::to_string(&document).context("cannot encode the JSON output")?;
     out.push('\n');
-    std::io::stdout().write_all(out.as_bytes()).context("cannot write the JSON output")
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("cannot write the JSON output")
 }

@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use x402_proto::signing::{resource_string, verify_hex};
 use x402_proto::wire::{
-    decode_payment, encode_header, ErrorBody, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse,
+    decode_payment, encode_header, ErrorBody, PaymentRequired, PaymentRequirements, ResourceInfo,
+    SettleResponse,
 };
 
 #[derive(Debug, Clone)]
@@ -40,7 +41,11 @@ pub struct Reply {
 
 impl Reply {
     pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        Self { status, headers: Vec::new(), body: body.into() }
+        Self {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
     }
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.to_owned(), value.to_owned()));
@@ -78,7 +83,12 @@ impl TestServer {
                 }
             })
         };
-        Self { addr, requests, stop, thread: Some(thread) }
+        Self {
+            addr,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
@@ -101,7 +111,11 @@ impl Drop for TestServer {
     }
 }
 
-fn serve_connection(stream: TcpStream, handler: &Handler, requests: &Mutex<Vec<Recorded>>) -> std::io::Result<()> {
+fn serve_connection(
+    stream: TcpStream,
+    handler: &Handler,
+    requests: &Mutex<Vec<Recorded>>,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
@@ -125,14 +139,26 @@ fn serve_connection(stream: TcpStream, handler: &Handler, requests: &Mutex<Vec<R
             headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
         }
     }
-    let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body)?;
-    let recorded = Recorded { method, target, headers, body };
+    let recorded = Recorded {
+        method,
+        target,
+        headers,
+        body,
+    };
     requests.lock().unwrap().push(recorded.clone());
     let reply = handler(&recorded);
 
-    let mut out = format!("HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n", reply.status, reply.body.len());
+    let mut out = format!(
+        "HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n",
+        reply.status,
+        reply.body.len()
+    );
     for (name, value) in &reply.headers {
         out.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -144,7 +170,10 @@ fn serve_connection(stream: TcpStream, handler: &Handler, requests: &Mutex<Vec<R
 }
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 pub fn requirement(amount: &str) -> PaymentRequirements {
@@ -155,7 +184,10 @@ pub fn requirement(amount: &str) -> PaymentRequirements {
         asset: "USD".into(),
         pay_to: "merchant-demo".into(),
         max_timeout_seconds: 60,
-        extra: serde_json::json!({"decimals": 6, "name": "USD"}).as_object().cloned().unwrap(),
+        extra: serde_json::json!({"decimals": 6, "name": "USD"})
+            .as_object()
+            .cloned()
+            .unwrap(),
     }
 }
 
@@ -164,7 +196,11 @@ pub fn challenge_reply(req: &Recorded, error: &str, accepts: Vec<PaymentRequirem
         x402_version: 2,
         error: Some(error.into()),
         resource: ResourceInfo {
-            url: format!("http://{}{}", req.header("host").unwrap_or_default(), req.target),
+            url: format!(
+                "http://{}{}",
+                req.header("host").unwrap_or_default(),
+                req.target
+            ),
             description: String::new(),
             mime_type: String::new(),
         },
@@ -178,13 +214,20 @@ pub fn challenge_reply(req: &Recorded, error: &str, accepts: Vec<PaymentRequirem
 }
 
 pub fn error_reply(status: u16, error: &str, message: &str) -> Reply {
-    let body = ErrorBody { error: error.into(), message: message.into() };
-    Reply::new(status, serde_json::to_vec(&body).unwrap()).header("content-type", "application/json")
+    let body = ErrorBody {
+        error: error.into(),
+        message: message.into(),
+    };
+    Reply::new(status, serde_json::to_vec(&body).unwrap())
+        .header("content-type", "application/json")
 }
 
 /// What a gateway checks of a proof, stateless plus the signature; `Err` names the
 /// first problem as an x402 error code.
-pub fn check_proof(req: &Recorded, price: &PaymentRequirements) -> Result<SettleResponse, &'static str> {
+pub fn check_proof(
+    req: &Recorded,
+    price: &PaymentRequirements,
+) -> Result<SettleResponse, &'static str> {
     let header = req.header("payment-signature").ok_or("payment_required")?;
     let checked = decode_payment(header).map_err(|_| "malformed_payment")?;
     let p = &checked.payload;
@@ -202,7 +245,12 @@ pub fn check_proof(req: &Recorded, price: &PaymentRequirements) -> Result<Settle
     if checked.valid_before > now + price.max_timeout_seconds + 5 {
         return Err("validity_too_long");
     }
-    verify_hex(&p.payload.payer, &p.payload.signature, &checked.signed_fields()).map_err(|_| "invalid_signature")?;
+    verify_hex(
+        &p.payload.payer,
+        &p.payload.signature,
+        &checked.signed_fields(),
+    )
+    .map_err(|_| "invalid_signature")?;
     Ok(SettleResponse {
         success: true,
         transaction: "tx-test-1".into(),
@@ -221,8 +269,11 @@ pub fn paywall(amount: &'static str) -> TestServer {
             return challenge_reply(req, "payment_required", vec![price]);
         }
         match check_proof(req, &price) {
-            Ok(receipt) => Reply::new(200, format!("paid content for {} {}", req.method, req.target))
-                .header("payment-response", &encode_header(&receipt)),
+            Ok(receipt) => Reply::new(
+                200,
+                format!("paid content for {} {}", req.method, req.target),
+            )
+            .header("payment-response", &encode_header(&receipt)),
             Err(code) => challenge_reply(req, code, vec![price]),
         }
     })
