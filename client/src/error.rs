@@ -1,4 +1,7 @@
 //! The error every fallible call of this crate returns.
+//!
+//! Each message is complete on its own (it includes the underlying cause), so the
+//! variants report no separate `source()`: printing the chain would repeat it.
 
 use std::path::PathBuf;
 
@@ -6,16 +9,16 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("cannot read key file {}: {source}", path.display())]
+    #[error("cannot read key file {}: {cause}", path.display())]
     KeyRead {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
-    #[error("cannot write key file {}: {source}", path.display())]
+    #[error("cannot write key file {}: {cause}", path.display())]
     KeyWrite {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("key file {} already exists; refusing to overwrite a payer key", path.display())]
@@ -42,8 +45,8 @@ pub enum ClientError {
     #[error("invalid header: {0}")]
     InvalidHeader(String),
 
-    #[error("HTTP request failed: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error("HTTP request failed: {}", chain(.0))]
+    Http(reqwest::Error),
 
     #[error("402 answer carries no readable payment challenge: {0}")]
     BadChallenge(String),
@@ -63,5 +66,32 @@ pub enum ClientError {
     NoAcceptableRequirement { offered: String },
 
     #[error("cannot sign the payment: {0}")]
-    Sign(#[from] x402_proto::signing::ControlCharacter),
+    Sign(x402_proto::signing::ControlCharacter),
+}
+
+impl From<reqwest::Error> for ClientError {
+    fn from(error: reqwest::Error) -> Self {
+        ClientError::Http(error)
+    }
+}
+
+impl From<x402_proto::signing::ControlCharacter> for ClientError {
+    fn from(error: x402_proto::signing::ControlCharacter) -> Self {
+        ClientError::Sign(error)
+    }
+}
+
+/// `error: cause: cause...`, skipping a cause whose text its parent already shows.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = cause.source();
+    }
+    text
 }

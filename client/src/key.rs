@@ -59,9 +59,9 @@ impl PayerKey {
     /// that group or others may access is refused.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ClientError> {
         let path = path.as_ref();
-        let read_err = |source| ClientError::KeyRead {
+        let read_err = |cause| ClientError::KeyRead {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let metadata = std::fs::metadata(path).map_err(read_err)?;
         check_private(path, &metadata)?;
@@ -73,15 +73,15 @@ impl PayerKey {
     /// overwritten: losing a funded key loses its balance.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), ClientError> {
         let path = path.as_ref();
-        let write_err = |source: std::io::Error| {
-            if source.kind() == std::io::ErrorKind::AlreadyExists {
+        let write_err = |cause: std::io::Error| {
+            if cause.kind() == std::io::ErrorKind::AlreadyExists {
                 ClientError::KeyExists {
                     path: path.to_path_buf(),
                 }
             } else {
                 ClientError::KeyWrite {
                     path: path.to_path_buf(),
-                    source,
+                    cause,
                 }
             }
         };

@@ -67,6 +67,7 @@ struct PayArgs {
     /// Print {status, body, receipt, paid, error} as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// The URL to request, e.g. http://127.0.0.1:10000/paid/quote.
     url: String,
 }
 
