@@ -1,1 +1,21 @@
+//! 402x Envoy filter: answers unpaid requests to priced routes with HTTP 402 and an
+//! x402 v2 challenge, checks payment proofs, and holds, captures or voids the money
+//! through the settlement service over gRPC.
+//!
+//! - [`config`]: the plugin JSON, parsed once and compiled into a validated form.
+//! - [`request`]: one pure state machine per request, `step(state, event) -> (state, effects)`.
+//! - [`dispatcher`]: every settlement callout, batched per RPC, on behalf of the root context.
+//! - [`plugin`]: the glue that feeds host callbacks to the state machine and applies effects.
+//! - [`host`]: the host as a trait, with a recording test double.
+//! - [`metrics`]: the counters exported to Envoy.
+//! - `abi` (wasm only): the proxy-wasm ABI exports and imports; the only `unsafe` code.
 
+pub mod config;
+pub mod dispatcher;
+pub mod host;
+pub mod metrics;
+pub mod plugin;
+pub mod request;
+
+#[cfg(target_arch = "wasm32")]
+mod abi;

@@ -1,0 +1,387 @@
+//! The plugin configuration: the JSON an operator writes into Envoy's
+//! `configuration` field, parsed once with serde and compiled into [`Config`], a
+//! validated form the request path can use without further checks.
+
+use serde::Deserialize;
+use thiserror::Error;
+use x402_proto::amount::{self, AmountError, MAX_DECIMALS};
+
+/// Largest route table accepted; matching is a linear scan in table order.
+pub const MAX_ROUTES: usize = 256;
+
+/// The plugin JSON as written. Only `settlement_cluster`, `pay_to` and `routes` are
+/// required; every other field has the documented default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub settlement_cluster: String,
+    #[serde(default = "default_settlement_timeout_ms")]
+    pub settlement_timeout_ms: u32,
+    #[serde(default = "default_network")]
+    pub network: String,
+    #[serde(default = "default_asset")]
+    pub asset: String,
+    #[serde(default = "default_asset_decimals")]
+    pub asset_decimals: u8,
+    pub pay_to: String,
+    #[serde(default = "default_max_timeout_seconds")]
+    pub max_timeout_seconds: u64,
+    #[serde(default = "default_hold_ttl_seconds")]
+    pub hold_ttl_seconds: u32,
+    #[serde(default = "default_clock_skew_seconds")]
+    pub clock_skew_seconds: u64,
+    #[serde(default = "default_capture_below_status")]
+    pub capture_below_status: u16,
+    #[serde(default)]
+    pub verify_signatures_in_filter: bool,
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub match_: RawMatch,
+    /// Decimal price in units of the asset, e.g. `"0.01"`.
+    pub price: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    /// Envoy route name (`xds.route_name`).
+    #[serde(default)]
+    pub route_name: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub path_exact: Option<String>,
+}
+
+fn default_settlement_timeout_ms() -> u32 {
+    2000
+}
+fn default_network() -> String {
+    "402x-local".to_owned()
+}
+fn default_asset() -> String {
+    "USD".to_owned()
+}
+fn default_asset_decimals() -> u8 {
+    6
+}
+fn default_max_timeout_seconds() -> u64 {
+    60
+}
+fn default_hold_ttl_seconds() -> u32 {
+    300
+}
+fn default_clock_skew_seconds() -> u64 {
+    30
+}
+fn default_capture_below_status() -> u16 {
+    500
+}
+
+/// Why a configuration is refused; every variant names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    #[error("invalid plugin configuration JSON: {0}")]
+    Json(String),
+    #[error("field `{field}` must not be empty")]
+    Empty { field: String },
+    #[error("field `{field}` is invalid: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("field `routes[{index}].price` ({price:?}) is not a valid price: {reason}")]
+    Price { index: usize, price: String, reason: AmountError },
+    #[error("field `routes[{index}].name`: duplicate route name {name:?}")]
+    DuplicateRoute { index: usize, name: String },
+    #[error("field `routes[{index}].match` has no criteria: set route_name, method, path_prefix or path_exact")]
+    EmptyMatch { index: usize },
+    #[error("field `routes[{index}].match` sets both path_prefix and path_exact")]
+    AmbiguousPath { index: usize },
+    #[error("field `routes` has more than {MAX_ROUTES} entries")]
+    TooManyRoutes,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Envoy cluster (HTTP/2) of the settlement service.
+    pub settlement_cluster: String,
+    pub settlement_timeout_ms: u32,
+    pub network: String,
+    pub asset: String,
+    pub asset_decimals: u8,
+    /// Merchant account every priced route pays.
+    pub pay_to: String,
+    /// Longest a proof may stay valid from now; also advertised in challenges.
+    pub max_timeout_seconds: u64,
+    pub hold_ttl_seconds: u32,
+    /// Tolerance for client clocks that run ahead of ours.
+    pub clock_skew_seconds: u64,
+    /// Upstream statuses below this are captured; the rest void the hold.
+    pub capture_below_status: u16,
+    pub verify_signatures_in_filter: bool,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub matcher: Matcher,
+    /// Price in atomic units.
+    pub price: u64,
+    /// The price as the operator wrote it, normalised (e.g. `"0.01"`).
+    pub price_decimal: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Any,
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matcher {
+    pub route_name: Option<String>,
+    /// Upper-case HTTP method.
+    pub method: Option<String>,
+    pub path: PathMatch,
+}
+
+/// What route matching looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteKey<'a> {
+    pub route_name: Option<&'a str>,
+    pub method: &'a str,
+    /// `:path` with the query string.
+    pub path: &'a str,
+}
+
+impl Matcher {
+    pub fn matches(&self, key: &RouteKey<'_>) -> bool {
+        if let Some(name) = &self.route_name {
+            if key.route_name != Some(name.as_str()) {
+                return false;
+            }
+        }
+        if let Some(method) = &self.method {
+            if !key.method.eq_ignore_ascii_case(method) {
+                return false;
+            }
+        }
+        let path = key.path.split(['?', '#']).next().unwrap_or_default();
+        match &self.path {
+            PathMatch::Any => true,
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::Exact(exact) => path == exact,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates the plugin JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
+        Config::try_from(raw)
+    }
+
+    /// The first route of the table that matches, in table order.
+    pub fn route_for(&self, key: &RouteKey<'_>) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matcher.matches(key))
+    }
+
+    pub fn route_named(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+fn check_text(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return Err(ConfigError::Empty { field: field.to_owned() });
+    }
+    if value.len() > x402_proto::wire::MAX_SHORT_FIELD {
+        return Err(invalid(field, "is too long"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "contains a control character"));
+    }
+    Ok(())
+}
+
+fn check_path(field: String, value: &str) -> Result<(), ConfigError> {
+    if !value.starts_with('/') {
+        return Err(invalid(field, "must start with '/'"));
+    }
+    if value.contains(['?', '#']) {
+        return Err(invalid(field, "matches the path only; it must not contain '?' or '#'"));
+    }
+    Ok(())
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
+        check_text("settlement_cluster", &raw.settlement_cluster)?;
+        check_text("network", &raw.network)?;
+        check_text("asset", &raw.asset)?;
+        check_text("pay_to", &raw.pay_to)?;
+        if raw.settlement_timeout_ms == 0 {
+            return Err(invalid("settlement_timeout_ms", "must be positive"));
+        }
+        if raw.asset_decimals > MAX_DECIMALS {
+            return Err(invalid("asset_decimals", format!("must be at most {MAX_DECIMALS}")));
+        }
+        if raw.max_timeout_seconds == 0 || raw.max_timeout_seconds > 86_400 {
+            return Err(invalid("max_timeout_seconds", "must be between 1 and 86400"));
+        }
+        if raw.hold_ttl_seconds == 0 {
+            return Err(invalid("hold_ttl_seconds", "must be positive"));
+        }
+        if raw.clock_skew_seconds > 3_600 {
+            return Err(invalid("clock_skew_seconds", "must be at most 3600"));
+        }
+        if !(100..=600).contains(&raw.capture_below_status) {
+            return Err(invalid("capture_below_status", "must be an HTTP status between 100 and 600"));
+        }
+        if raw.routes.len() > MAX_ROUTES {
+            return Err(ConfigError::TooManyRoutes);
+        }
+        let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
+        for (index, r) in raw.routes.into_iter().enumerate() {
+            check_text(&format!("routes[{index}].name"), &r.name)?;
+            if routes.iter().any(|seen| seen.name == r.name) {
+                return Err(ConfigError::DuplicateRoute { index, name: r.name });
+            }
+            let price = amount::parse_decimal(&r.price, raw.asset_decimals).map_err(|reason| ConfigError::Price {
+                index,
+                price: r.price.clone(),
+                reason,
+            })?;
+            let m = r.match_;
+            if m.route_name.is_none() && m.method.is_none() && m.path_prefix.is_none() && m.path_exact.is_none() {
+                return Err(ConfigError::EmptyMatch { index });
+            }
+            if let Some(name) = &m.route_name {
+                check_text(&format!("routes[{index}].match.route_name"), name)?;
+            }
+            if let Some(method) = &m.method {
+                let ok = !method.is_empty() && method.len() <= 32 && method.bytes().all(|b| b.is_ascii_alphabetic());
+                if !ok {
+                    return Err(invalid(format!("routes[{index}].match.method"), "must be an HTTP method such as GET"));
+                }
+            }
+            let path = match (m.path_prefix, m.path_exact) {
+                (Some(_), Some(_)) => return Err(ConfigError::AmbiguousPath { index }),
+                (Some(prefix), None) => {
+                    check_path(format!("routes[{index}].match.path_prefix"), &prefix)?;
+                    PathMatch::Prefix(prefix)
+                }
+                (None, Some(exact)) => {
+                    check_path(format!("routes[{index}].match.path_exact"), &exact)?;
+                    PathMatch::Exact(exact)
+                }
+                (None, None) => PathMatch::Any,
+            };
+            routes.push(Route {
+                name: r.name,
+                matcher: Matcher {
+                    route_name: m.route_name,
+                    method: m.method.map(|s| s.to_ascii_uppercase()),
+                    path,
+                },
+                price,
+                price_decimal: amount::format_decimal(price, raw.asset_decimals),
+                description: r.description,
+            });
+        }
+        Ok(Config {
+            settlement_cluster: raw.settlement_cluster,
+            settlement_timeout_ms: raw.settlement_timeout_ms,
+            network: raw.network,
+            asset: raw.asset,
+            asset_decimals: raw.asset_decimals,
+            pay_to: raw.pay_to,
+            max_timeout_seconds: raw.max_timeout_seconds,
+            hold_ttl_seconds: raw.hold_ttl_seconds,
+            clock_skew_seconds: raw.clock_skew_seconds,
+            capture_below_status: raw.capture_below_status,
+            verify_signatures_in_filter: raw.verify_signatures_in_filter,
+            routes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn minimal() -> serde_json::Value {
+        serde_json::json!({
+            "settlement_cluster": "settlement",
+            "pay_to": "merchant-demo",
+            "routes": [{"name": "quote", "match": {"path_prefix": "/paid"}, "price": "0.01"}]
+        })
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::from_json(minimal().to_string().as_bytes()).unwrap();
+        assert_eq!(c.settlement_timeout_ms, 2000);
+        assert_eq!(c.network, "402x-local");
+        assert_eq!(c.asset, "USD");
+        assert_eq!(c.asset_decimals, 6);
+        assert_eq!(c.max_timeout_seconds, 60);
+        assert_eq!(c.hold_ttl_seconds, 300);
+        assert_eq!(c.clock_skew_seconds, 30);
+        assert_eq!(c.capture_below_status, 500);
+        assert!(!c.verify_signatures_in_filter);
+        assert_eq!(c.routes[0].price, 10_000);
+        assert_eq!(c.routes[0].price_decimal, "0.01");
+    }
+
+    #[test]
+    fn first_matching_route_wins_and_query_is_ignored() {
+        let c = Config::from_json(
+            serde_json::json!({
+                "settlement_cluster": "s", "pay_to": "m",
+                "routes": [
+                    {"name": "report", "match": {"method": "post", "path_exact": "/paid/report"}, "price": "0.25"},
+                    {"name": "quote", "match": {"path_prefix": "/paid"}, "price": "0.01"},
+                    {"name": "named", "match": {"route_name": "named"}, "price": "0.02"}
+                ]
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let key = |route_name, method, path| RouteKey { route_name, method, path };
+        let name = |k: RouteKey<'_>| c.route_for(&k).map(|r| r.name.clone());
+        assert_eq!(name(key(None, "POST", "/paid/report?x=1")), Some("report".into()));
+        assert_eq!(name(key(None, "GET", "/paid/report")), Some("quote".into()));
+        assert_eq!(name(key(None, "GET", "/paidx")), Some("quote".into()));
+        assert_eq!(name(key(None, "GET", "/free")), None);
+        assert_eq!(name(key(Some("named"), "GET", "/named/x")), Some("named".into()));
+        assert_eq!(name(key(Some("other"), "GET", "/named/x")), None);
+    }
+
+    #[test]
+    fn empty_route_table_prices_nothing() {
+        let c = Config::from_json(br#"{"settlement_cluster":"s","pay_to":"m","routes":[]}"#).unwrap();
+        assert!(c.route_for(&RouteKey { route_name: None, method: "GET", path: "/paid" }).is_none());
+    }
+}

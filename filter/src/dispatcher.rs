@@ -1,0 +1,322 @@
+//! One dispatcher per plugin and Envoy worker: every settlement callout goes through
+//! it. Calls are made on behalf of the root context, so Envoy ties them to the
+//! plugin rather than to a request stream: a capture sent as its stream ends still
+//! arrives. Each RPC has at most one call in flight; work that arrives meanwhile is
+//! gathered and sent as one batch when the call returns. Captures and voids that
+//! fail are retried a few times with a growing delay; a hold that is never resolved
+//! expires in settlement, so giving up loses no money.
+
+use std::collections::{HashMap, VecDeque};
+
+use prost::Message;
+use x402_proto::settlement::v1::{
+    AuthorizeItem, AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, AuthorizeResult, CaptureItem, CaptureRequest,
+    CaptureResponse, ResolveOutcome, ResolveResult, VoidItem, VoidRequest, VoidResponse,
+};
+use x402_proto::wire::ErrorCode;
+
+use crate::host::{Host, LogLevel};
+use crate::metrics::{Metric, Metrics};
+use crate::request::AuthorizeAnswer;
+
+pub const SERVICE: &str = "x402.settlement.v1.DataPlane";
+/// Most items in one call.
+pub const MAX_BATCH: usize = 64;
+/// Sends of one capture or void before it is left to expire.
+pub const MAX_RESOLVE_ATTEMPTS: u32 = 4;
+/// Delay before the n-th resend of a capture or void: n times this.
+pub const RETRY_BACKOFF_NANOS: u64 = 500_000_000;
+/// gRPC status code OK.
+pub const GRPC_OK: u32 = 0;
+
+/// Which settlement call a callout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    Authorize,
+    Capture,
+    Void,
+}
+
+impl Rpc {
+    pub const fn method(self) -> &'static str {
+        match self {
+            Rpc::Authorize => "Authorize",
+            Rpc::Capture => "Capture",
+            Rpc::Void => "Void",
+        }
+    }
+}
+
+/// A request context waiting for its authorization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiter {
+    pub context_id: u32,
+    pub request_id: String,
+}
+
+/// An answer for a request context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub context_id: u32,
+    pub answer: AuthorizeAnswer,
+}
+
+#[derive(Debug, Clone)]
+struct Retryable<T> {
+    item: T,
+    /// Sends so far.
+    attempts: u32,
+    not_before_nanos: u64,
+}
+
+#[derive(Debug)]
+enum InFlight {
+    Authorize(Vec<Waiter>),
+    Capture(Vec<Retryable<CaptureItem>>),
+    Void(Vec<Retryable<VoidItem>>),
+}
+
+/// Where the dispatcher sends its calls.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub cluster: String,
+    pub timeout_ms: u32,
+    /// The root context calls are attributed to.
+    pub root_context: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Dispatcher {
+    authorize_queue: VecDeque<(Waiter, AuthorizeItem)>,
+    capture_queue: VecDeque<Retryable<CaptureItem>>,
+    void_queue: VecDeque<Retryable<VoidItem>>,
+    in_flight: HashMap<u32, InFlight>,
+}
+
+impl Dispatcher {
+    pub fn authorize(&mut self, context_id: u32, item: AuthorizeItem) {
+        let waiter = Waiter { context_id, request_id: item.request_id.clone() };
+        self.authorize_queue.push_back((waiter, item));
+    }
+
+    pub fn capture(&mut self, item: CaptureItem) {
+        self.capture_queue.push_back(Retryable { item, attempts: 0, not_before_nanos: 0 });
+    }
+
+    pub fn void(&mut self, item: VoidItem) {
+        self.void_queue.push_back(Retryable { item, attempts: 0, not_before_nanos: 0 });
+    }
+
+    /// Calls in flight, by RPC.
+    pub fn in_flight(&self, rpc: Rpc) -> usize {
+        self.in_flight
+            .values()
+            .filter(|f| {
+                matches!(
+                    (f, rpc),
+                    (InFlight::Authorize(_), Rpc::Authorize) | (InFlight::Capture(_), Rpc::Capture) | (InFlight::Void(_), Rpc::Void)
+                )
+            })
+            .count()
+    }
+
+    /// Work waiting to be sent: (authorizations, captures, voids).
+    pub fn queued(&self) -> (usize, usize, usize) {
+        (self.authorize_queue.len(), self.capture_queue.len(), self.void_queue.len())
+    }
+
+    /// Sends queued work on every RPC that has no call in flight. `current` is the
+    /// context the host is running, restored after each call. Returns answers for
+    /// authorizations whose call could not be started.
+    pub fn flush(&mut self, host: &mut dyn Host, target: &Target, current: u32, metrics: &Metrics) -> Vec<Delivery> {
+        let mut deliveries = Vec::new();
+        let now = host.now_nanos();
+        if self.in_flight(Rpc::Authorize) == 0 && !self.authorize_queue.is_empty() {
+            let n = self.authorize_queue.len().min(MAX_BATCH);
+            let (waiters, items): (Vec<Waiter>, Vec<AuthorizeItem>) = self.authorize_queue.drain(..n).unzip();
+            let message = AuthorizeRequest { items }.encode_to_vec();
+            match call(host, target, current, Rpc::Authorize, &message) {
+                Some(token) => {
+                    self.in_flight.insert(token, InFlight::Authorize(waiters));
+                }
+                None => {
+                    metrics.add(host, Metric::CalloutFailures, 1);
+                    deliveries.extend(waiters.into_iter().map(|w| Delivery { context_id: w.context_id, answer: AuthorizeAnswer::Unavailable }));
+                }
+            }
+        }
+        if self.in_flight(Rpc::Capture) == 0 {
+            let batch = take_due(&mut self.capture_queue, now);
+            if !batch.is_empty() {
+                let message = CaptureRequest { items: batch.iter().map(|r| r.item.clone()).collect() }.encode_to_vec();
+                match call(host, target, current, Rpc::Capture, &message) {
+                    Some(token) => {
+                        self.in_flight.insert(token, InFlight::Capture(batch));
+                    }
+                    None => {
+                        metrics.add(host, Metric::CalloutFailures, 1);
+                        requeue(host, &mut self.capture_queue, batch, now, metrics);
+                    }
+                }
+            }
+        }
+        if self.in_flight(Rpc::Void) == 0 {
+            let batch = take_due(&mut self.void_queue, now);
+            if !batch.is_empty() {
+                let message = VoidRequest { items: batch.iter().map(|r| r.item.clone()).collect() }.encode_to_vec();
+                match call(host, target, current, Rpc::Void, &message) {
+                    Some(token) => {
+                        self.in_flight.insert(token, InFlight::Void(batch));
+                    }
+                    None => {
+                        metrics.add(host, Metric::CalloutFailures, 1);
+                        requeue(host, &mut self.void_queue, batch, now, metrics);
+                    }
+                }
+            }
+        }
+        deliveries
+    }
+
+    /// Whether `token` is a call of this dispatcher.
+    pub fn owns(&self, token: u32) -> bool {
+        self.in_flight.contains_key(&token)
+    }
+
+    /// Handles the end of a call: `Ok(body)` on gRPC status OK, `Err(status)` otherwise.
+    /// Returns the answers for the request contexts that waited on it.
+    pub fn on_response(&mut self, host: &mut dyn Host, token: u32, result: Result<Vec<u8>, u32>, metrics: &Metrics) -> Vec<Delivery> {
+        let Some(flight) = self.in_flight.remove(&token) else {
+            return Vec::new();
+        };
+        let now = host.now_nanos();
+        if let Err(status) = &result {
+            metrics.add(host, Metric::CalloutFailures, 1);
+            host.log(LogLevel::Warn, &format!("settlement call failed with gRPC status {status}"));
+        }
+        match flight {
+            InFlight::Authorize(waiters) => {
+                let results = result.ok().and_then(|body| match AuthorizeResponse::decode(body.as_slice()) {
+                    Ok(r) => Some(r.results),
+                    Err(e) => {
+                        host.log(LogLevel::Error, &format!("undecodable AuthorizeResponse: {e}"));
+                        None
+                    }
+                });
+                waiters
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        let answer = match results.as_ref().and_then(|r| r.get(i)) {
+                            Some(result) if result.request_id == w.request_id => answer_for(host, result),
+                            Some(_) => {
+                                host.log(LogLevel::Error, "AuthorizeResponse results are out of order");
+                                AuthorizeAnswer::Unavailable
+                            }
+                            None => AuthorizeAnswer::Unavailable,
+                        };
+                        Delivery { context_id: w.context_id, answer }
+                    })
+                    .collect()
+            }
+            InFlight::Capture(batch) => {
+                match result.map(|body| CaptureResponse::decode(body.as_slice()).map(|r| r.results)) {
+                    Ok(Ok(results)) => record_resolutions(host, metrics, &results),
+                    _ => requeue(host, &mut self.capture_queue, batch, now, metrics),
+                }
+                Vec::new()
+            }
+            InFlight::Void(batch) => {
+                match result.map(|body| VoidResponse::decode(body.as_slice()).map(|r| r.results)) {
+                    Ok(Ok(results)) => record_resolutions(host, metrics, &results),
+                    _ => requeue(host, &mut self.void_queue, batch, now, metrics),
+                }
+                Vec::new()
+            }
+        }
+    }
+}
+
+fn call(host: &mut dyn Host, target: &Target, current: u32, rpc: Rpc, message: &[u8]) -> Option<u32> {
+    host.set_effective_context(target.root_context);
+    let result = host.grpc_call(&target.cluster, SERVICE, rpc.method(), message, target.timeout_ms);
+    host.set_effective_context(current);
+    match result {
+        Ok(token) => Some(token),
+        Err(_) => {
+            host.log(LogLevel::Warn, &format!("could not start settlement {} call on cluster {}", rpc.method(), target.cluster));
+            None
+        }
+    }
+}
+
+fn take_due<T>(queue: &mut VecDeque<Retryable<T>>, now: u64) -> Vec<Retryable<T>> {
+    let mut batch = Vec::new();
+    let mut rest = VecDeque::with_capacity(queue.len());
+    while let Some(r) = queue.pop_front() {
+        if batch.len() < MAX_BATCH && r.not_before_nanos <= now {
+            batch.push(r);
+        } else {
+            rest.push_back(r);
+        }
+    }
+    *queue = rest;
+    batch
+}
+
+fn requeue<T>(host: &mut dyn Host, queue: &mut VecDeque<Retryable<T>>, batch: Vec<Retryable<T>>, now: u64, metrics: &Metrics) {
+    for mut r in batch {
+        r.attempts += 1;
+        if r.attempts >= MAX_RESOLVE_ATTEMPTS {
+            metrics.add(host, Metric::ResolutionsDropped, 1);
+            host.log(LogLevel::Error, "giving up on a capture/void after retries; the hold will expire in settlement");
+            continue;
+        }
+        r.not_before_nanos = now.saturating_add(RETRY_BACKOFF_NANOS.saturating_mul(u64::from(r.attempts)));
+        queue.push_back(r);
+    }
+}
+
+fn record_resolutions(host: &mut dyn Host, metrics: &Metrics, results: &[ResolveResult]) {
+    for r in results {
+        match r.outcome() {
+            ResolveOutcome::Captured => {
+                metrics.add(host, Metric::Captures, 1);
+                metrics.add(host, Metric::RevenueAtomic, r.amount);
+            }
+            ResolveOutcome::Voided => metrics.add(host, Metric::Voids, 1),
+            other => host.log(
+                LogLevel::Warn,
+                &format!("settlement refused to resolve {}: {} {}", r.transaction_id, other.as_str_name(), r.message),
+            ),
+        }
+    }
+}
+
+/// What the filter does with one Authorize result.
+pub fn answer_for(host: &dyn Host, result: &AuthorizeResult) -> AuthorizeAnswer {
+    let refused = |code| AuthorizeAnswer::Refused(code);
+    match result.outcome() {
+        AuthorizeOutcome::Authorized if !result.transaction_id.is_empty() => AuthorizeAnswer::Authorized {
+            transaction: result.transaction_id.clone(),
+            held_amount: result.held_amount,
+        },
+        AuthorizeOutcome::InvalidSignature => refused(ErrorCode::InvalidSignature),
+        AuthorizeOutcome::UnknownKey => refused(ErrorCode::UnknownKey),
+        AuthorizeOutcome::KeyRevoked => refused(ErrorCode::KeyRevoked),
+        AuthorizeOutcome::InsufficientFunds => refused(ErrorCode::InsufficientFunds),
+        AuthorizeOutcome::NonceReused => refused(ErrorCode::NonceReused),
+        AuthorizeOutcome::Expired => refused(ErrorCode::Expired),
+        // The same request id came with other content: its proof is spent.
+        AuthorizeOutcome::IdempotencyConflict => refused(ErrorCode::NonceReused),
+        // The operator's side is wrong (unknown merchant, a hold above the proof,
+        // an answer without a transaction): fail closed without leaking details.
+        other => {
+            host.log(
+                LogLevel::Error,
+                &format!("settlement answered {} for request {}: {}", other.as_str_name(), result.request_id, result.message),
+            );
+            AuthorizeAnswer::Unavailable
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! What the filter needs from Envoy, as a trait: the real implementation sits over
+//! the proxy-wasm ABI ([`crate::abi`]), and [`FakeHost`] records calls for native
+//! tests. Every method acts on the host's *effective* context, which the caller
+//! selects with [`Host::set_effective_context`].
+
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// A gRPC callout could not even be started (unknown cluster, bad arguments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallFailed;
+
+pub trait Host {
+    fn request_header(&self, name: &str) -> Option<String>;
+    fn response_header(&self, name: &str) -> Option<String>;
+    fn remove_request_header(&mut self, name: &str);
+    /// Sets (replaces) a response header.
+    fn set_response_header(&mut self, name: &str, value: &str);
+    fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]);
+    /// Lets a paused request continue upstream.
+    fn resume_request(&mut self);
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Starts a unary gRPC call; returns its token.
+    fn grpc_call(&mut self, cluster: &str, service: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, CallFailed>;
+    /// Body of the gRPC response being delivered right now.
+    fn grpc_response(&self, size: usize) -> Option<Vec<u8>>;
+    fn set_effective_context(&mut self, context_id: u32) -> bool;
+    fn now_nanos(&self) -> u64;
+    fn random_bytes(&mut self, buf: &mut [u8]);
+    fn log(&self, level: LogLevel, message: &str);
+    fn define_counter(&mut self, name: &str) -> Option<u32>;
+    fn increment_counter(&mut self, id: u32, by: u64);
+}
+
+/// A recorded call on [`FakeHost`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    RemoveRequestHeader { context: u32, name: String },
+    SetResponseHeader { context: u32, name: String, value: String },
+    LocalReply { context: u32, status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    Resume { context: u32 },
+    Grpc { context: u32, token: u32, cluster: String, service: String, method: String, message: Vec<u8>, timeout_ms: u32 },
+}
+
+/// Test double: request headers per context, recorded calls, a settable clock.
+#[derive(Debug, Default)]
+pub struct FakeHost {
+    pub effective: u32,
+    pub headers: HashMap<u32, Vec<(String, String)>>,
+    pub response_headers: HashMap<u32, Vec<(String, String)>>,
+    pub properties: HashMap<(u32, String), Vec<u8>>,
+    pub calls: Vec<Call>,
+    pub now_nanos: u64,
+    pub next_token: u32,
+    /// When set, `grpc_call` fails to start.
+    pub fail_grpc: bool,
+    /// Body returned by `grpc_response`.
+    pub grpc_body: Vec<u8>,
+    pub counters: HashMap<String, u64>,
+    pub counter_names: Vec<String>,
+    pub logs: std::cell::RefCell<Vec<String>>,
+    pub random_counter: u8,
+}
+
+impl FakeHost {
+    pub fn grpc_calls(&self) -> Vec<&Call> {
+        self.calls.iter().filter(|c| matches!(c, Call::Grpc { .. })).collect()
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
+    }
+}
+
+impl Host for FakeHost {
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(&self.effective)?
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        self.response_headers
+            .get(&self.effective)?
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+
+    fn remove_request_header(&mut self, name: &str) {
+        if let Some(h) = self.headers.get_mut(&self.effective) {
+            h.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        }
+        self.calls.push(Call::RemoveRequestHeader { context: self.effective, name: name.to_owned() });
+    }
+
+    fn set_response_header(&mut self, name: &str, value: &str) {
+        self.calls.push(Call::SetResponseHeader { context: self.effective, name: name.to_owned(), value: value.to_owned() });
+    }
+
+    fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]) {
+        self.calls.push(Call::LocalReply { context: self.effective, status, headers: headers.to_vec(), body: body.to_vec() });
+    }
+
+    fn resume_request(&mut self) {
+        self.calls.push(Call::Resume { context: self.effective });
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.properties.get(&(self.effective, path.join("."))).cloned()
+    }
+
+    fn grpc_call(&mut self, cluster: &str, service: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, CallFailed> {
+        if self.fail_grpc {
+            return Err(CallFailed);
+        }
+        self.next_token += 1;
+        let token = self.next_token;
+        self.calls.push(Call::Grpc {
+            context: self.effective,
+            token,
+            cluster: cluster.to_owned(),
+            service: service.to_owned(),
+            method: method.to_owned(),
+            message: message.to_vec(),
+            timeout_ms,
+        });
+        Ok(token)
+    }
+
+    fn grpc_response(&self, _size: usize) -> Option<Vec<u8>> {
+        Some(self.grpc_body.clone())
+    }
+
+    fn set_effective_context(&mut self, context_id: u32) -> bool {
+        self.effective = context_id;
+        true
+    }
+
+    fn now_nanos(&self) -> u64 {
+        self.now_nanos
+    }
+
+    fn random_bytes(&mut self, buf: &mut [u8]) {
+        for b in buf.iter_mut() {
+            self.random_counter = self.random_counter.wrapping_add(1);
+            *b = self.random_counter;
+        }
+    }
+
+    fn log(&self, level: LogLevel, message: &str) {
+        self.logs.borrow_mut().push(format!("{level:?}: {message}"));
+    }
+
+    fn define_counter(&mut self, name: &str) -> Option<u32> {
+        self.counter_names.push(name.to_owned());
+        u32::try_from(self.counter_names.len() - 1).ok()
+    }
+
+    fn increment_counter(&mut self, id: u32, by: u64) {
+        if let Some(name) = self.counter_names.get(id as usize) {
+            *self.counters.entry(name.clone()).or_default() += by;
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The glue between the host callbacks and the pure parts: it keeps the per-VM
+//! state (plugins, i.e. root contexts, and request contexts), turns callbacks into
+//! [`Event`]s for [`request::step`], and applies the resulting [`Effect`]s in one
+//! place, [`Vm::apply`].
+
+use std::collections::HashMap;
+
+use x402_proto::wire::{HEADER_PAYMENT_SIGNATURE, HEADER_PAYMENT_SIGNATURE_ALIAS};
+
+use crate::config::Config;
+use crate::dispatcher::{Delivery, Dispatcher, Target};
+use crate::host::{Host, LogLevel};
+use crate::metrics::Metrics;
+use crate::request::{self, Effect, Event, RequestInfo, State};
+
+/// What a request callback tells Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue = 0,
+    Pause = 1,
+}
+
+/// How often the dispatcher wakes to resend captures and voids that failed.
+pub const TICK_PERIOD_MS: u32 = 500;
+/// Longest `x-request-id` reused in the settlement idempotency key.
+const MAX_REQUEST_ID: usize = 128;
+
+/// One configured plugin: the root context.
+#[derive(Debug)]
+pub struct Plugin {
+    pub config: Config,
+    pub dispatcher: Dispatcher,
+    pub metrics: Metrics,
+    pub target: Target,
+}
+
+#[derive(Debug)]
+struct RequestContext {
+    root_id: u32,
+    state: State,
+}
+
+/// Everything one wasm VM (one Envoy worker) keeps.
+#[derive(Debug, Default)]
+pub struct Vm {
+    plugins: HashMap<u32, Plugin>,
+    requests: HashMap<u32, RequestContext>,
+}
+
+impl Vm {
+    pub fn on_context_create(&mut self, context_id: u32, root_id: u32) {
+        if root_id != 0 {
+            self.requests.insert(context_id, RequestContext { root_id, state: State::New });
+        }
+    }
+
+    /// Compiles the plugin configuration; `false` makes Envoy refuse the plugin.
+    pub fn on_configure(&mut self, host: &mut dyn Host, root_id: u32, configuration: &[u8]) -> bool {
+        let config = match Config::from_json(configuration) {
+            Ok(c) => c,
+            Err(e) => {
+                host.log(LogLevel::Error, &format!("x402 filter: rejected configuration: {e}"));
+                return false;
+            }
+        };
+        let target = Target {
+            cluster: config.settlement_cluster.clone(),
+            timeout_ms: config.settlement_timeout_ms,
+            root_context: root_id,
+        };
+        let metrics = match self.plugins.remove(&root_id) {
+            Some(old) => old.metrics,
+            None => Metrics::define(host),
+        };
+        host.log(
+            LogLevel::Info,
+            &format!("x402 filter: configured {} priced route(s), paying {}", config.routes.len(), config.pay_to),
+        );
+        self.plugins.insert(root_id, Plugin { config, dispatcher: Dispatcher::default(), metrics, target });
+        true
+    }
+
+    pub fn plugin(&self, root_id: u32) -> Option<&Plugin> {
+        self.plugins.get(&root_id)
+    }
+
+    pub fn state(&self, context_id: u32) -> Option<&State> {
+        self.requests.get(&context_id).map(|r| &r.state)
+    }
+
+    pub fn on_request_headers(&mut self, host: &mut dyn Host, context_id: u32) -> Action {
+        let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
+            return Action::Continue;
+        };
+        let info = read_request(host);
+        self.advance(host, context_id, root_id, Event::RequestHeaders(info))
+    }
+
+    pub fn on_response_headers(&mut self, host: &mut dyn Host, context_id: u32, end_of_stream: bool) -> Action {
+        let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
+            return Action::Continue;
+        };
+        if !matches!(self.state(context_id), Some(State::Paid(_))) {
+            return Action::Continue;
+        }
+        let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok());
+        let event = Event::ResponseHeaders { status, end_of_stream, now_nanos: host.now_nanos() };
+        self.advance(host, context_id, root_id, event);
+        Action::Continue
+    }
+
+    /// Response body or trailers; `end_of_stream` marks a complete response.
+    pub fn on_response_data(&mut self, host: &mut dyn Host, context_id: u32, end_of_stream: bool) -> Action {
+        if end_of_stream && matches!(self.state(context_id), Some(State::Paid(_))) {
+            if let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) {
+                self.advance(host, context_id, root_id, Event::ResponseComplete);
+            }
+        }
+        Action::Continue
+    }
+
+    /// The stream is over (Envoy's access-log callback).
+    pub fn on_log(&mut self, host: &mut dyn Host, context_id: u32) {
+        if let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) {
+            self.advance(host, context_id, root_id, Event::StreamEnd);
+        }
+    }
+
+    pub fn on_delete(&mut self, host: &mut dyn Host, context_id: u32) {
+        if let Some(request) = self.requests.remove(&context_id) {
+            // A stream torn down without an access-log callback still releases its hold.
+            if matches!(request.state, State::Paid(_)) {
+                if let Some(plugin) = self.plugins.get_mut(&request.root_id) {
+                    let (_, effects) = request::step(&plugin.config, request.state, Event::StreamEnd);
+                    self.apply(host, context_id, request.root_id, effects);
+                    self.flush(host, request.root_id, request.root_id);
+                }
+            }
+        } else {
+            self.plugins.remove(&context_id);
+        }
+    }
+
+    pub fn on_tick(&mut self, host: &mut dyn Host, root_id: u32) {
+        self.flush(host, root_id, root_id);
+    }
+
+    /// A gRPC call ended: `Ok(body)` after `proxy_on_grpc_receive`, `Err(status)`
+    /// after `proxy_on_grpc_close` with a non-OK status.
+    pub fn on_grpc_result(&mut self, host: &mut dyn Host, token: u32, result: Result<Vec<u8>, u32>) {
+        let Some(root_id) = self.plugins.iter().find(|(_, p)| p.dispatcher.owns(token)).map(|(id, _)| *id) else {
+            return;
+        };
+        let deliveries = match self.plugins.get_mut(&root_id) {
+            Some(p) => p.dispatcher.on_response(host, token, result, &p.metrics),
+            None => return,
+        };
+        self.deliver(host, root_id, deliveries);
+        self.flush(host, root_id, root_id);
+    }
+
+    /// Steps one request and applies what it decided.
+    fn advance(&mut self, host: &mut dyn Host, context_id: u32, root_id: u32, event: Event) -> Action {
+        let Some(plugin) = self.plugins.get(&root_id) else {
+            return Action::Continue;
+        };
+        let Some(request) = self.requests.get_mut(&context_id) else {
+            return Action::Continue;
+        };
+        let state = std::mem::take(&mut request.state);
+        let (state, effects) = request::step(&plugin.config, state, event);
+        request.state = state;
+        let action = self.apply(host, context_id, root_id, effects);
+        self.flush(host, root_id, context_id);
+        action
+    }
+
+    fn flush(&mut self, host: &mut dyn Host, root_id: u32, current: u32) {
+        // Failed starts answer requests, whose replies may queue voids: a few rounds settle it.
+        for _ in 0..4 {
+            let deliveries = match self.plugins.get_mut(&root_id) {
+                Some(p) => p.dispatcher.flush(host, &p.target, current, &p.metrics),
+                None => return,
+            };
+            if deliveries.is_empty() {
+                return;
+            }
+            self.deliver(host, root_id, deliveries);
+            host.set_effective_context(current);
+        }
+    }
+
+    /// Hands authorization answers to their request contexts, or voids the hold of a
+    /// request that is gone.
+    fn deliver(&mut self, host: &mut dyn Host, root_id: u32, deliveries: Vec<Delivery>) {
+        for d in deliveries {
+            let Some(plugin) = self.plugins.get(&root_id) else {
+                return;
+            };
+            let alive = self.requests.contains_key(&d.context_id) && host.set_effective_context(d.context_id);
+            let event = Event::AuthorizeAnswer { answer: d.answer, now_nanos: host.now_nanos() };
+            if alive {
+                if let Some(request) = self.requests.get_mut(&d.context_id) {
+                    let state = std::mem::take(&mut request.state);
+                    let (state, effects) = request::step(&plugin.config, state, event);
+                    request.state = state;
+                    self.apply(host, d.context_id, root_id, effects);
+                }
+            } else {
+                let (_, effects) = request::step(&plugin.config, State::Abandoned, event);
+                self.apply(host, d.context_id, root_id, effects);
+            }
+            host.set_effective_context(root_id);
+        }
+    }
+
+    /// The one place where decisions become host calls and the Action for Envoy.
+    fn apply(&mut self, host: &mut dyn Host, context_id: u32, root_id: u32, effects: Vec<Effect>) -> Action {
+        let Some(plugin) = self.plugins.get_mut(&root_id) else {
+            return Action::Continue;
+        };
+        let mut action = Action::Continue;
+        for effect in effects {
+            match effect {
+                Effect::Continue => action = Action::Continue,
+                Effect::Pause => action = Action::Pause,
+                Effect::Resume => host.resume_request(),
+                Effect::RemoveRequestHeader(name) => host.remove_request_header(name),
+                Effect::Reply { status, headers, body } => {
+                    host.send_local_reply(status, &headers, &body);
+                    action = Action::Pause;
+                }
+                Effect::Authorize(item) => plugin.dispatcher.authorize(context_id, item),
+                Effect::SetResponseHeader(name, value) => host.set_response_header(name, &value),
+                Effect::Capture(item) => plugin.dispatcher.capture(item),
+                Effect::Void(item) => plugin.dispatcher.void(item),
+                Effect::Count(metric, by) => plugin.metrics.add(host, metric, by),
+            }
+        }
+        action
+    }
+}
+
+/// Reads what the state machine needs from the request headers.
+fn read_request(host: &mut dyn Host) -> RequestInfo {
+    let authority = host.request_header(":authority").or_else(|| host.request_header("host")).unwrap_or_default();
+    let payment = host
+        .request_header(HEADER_PAYMENT_SIGNATURE)
+        .or_else(|| host.request_header(HEADER_PAYMENT_SIGNATURE_ALIAS));
+    let route_name = host
+        .property(&["xds", "route_name"])
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|s| !s.is_empty());
+    let envoy_id = host
+        .request_header("x-request-id")
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID && !id.contains(char::is_control));
+    // The random part makes the key unique to this request even when a client sends
+    // its own x-request-id: a replayed proof must meet the nonce check, never an
+    // idempotent replay of an earlier authorization.
+    let mut random = [0u8; 12];
+    host.random_bytes(&mut random);
+    let request_id = match envoy_id {
+        Some(id) => format!("{id}.{}", hex::encode(random)),
+        None => hex::encode(random),
+    };
+    let header = |name: &str| host.request_header(name).unwrap_or_default();
+    RequestInfo {
+        scheme: header(":scheme"),
+        method: header(":method"),
+        authority,
+        path: header(":path"),
+        route_name,
+        payment,
+        request_id,
+        now_secs: host.now_nanos() / 1_000_000_000,
+    }
+}

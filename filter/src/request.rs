@@ -1,0 +1,351 @@
+//! The life of one HTTP request as a pure state machine:
+//! `step(config, state, event) -> (state, effects)`. No host calls happen here; the
+//! glue in [`crate::plugin`] feeds events in and applies the effects.
+//!
+//! ```text
+//! New --headers, unpriced--> Passthrough
+//! New --headers, bad/missing proof--> Replied (400 / 402)
+//! New --headers, proof passes the stateless checks--> Authorizing (Pause + Authorize)
+//! Authorizing --AUTHORIZED--> Paid (Resume)      --refused/unavailable--> Replied (402 / 503)
+//! Paid --response headers--> Paid (+payment-response) --stream end--> Finished (Capture / Void)
+//! Authorizing --stream end--> Abandoned --AUTHORIZED--> Finished (Void)
+//! ```
+
+use x402_proto::settlement::v1::{AuthorizeItem, CaptureItem, PaymentProof, VoidItem};
+use x402_proto::signing::resource_string;
+use x402_proto::wire::{
+    self, ErrorBody, ErrorCode, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse, HEADER_PAYMENT_REQUIRED,
+    HEADER_PAYMENT_RESPONSE, HEADER_PAYMENT_SIGNATURE, HEADER_PAYMENT_SIGNATURE_ALIAS,
+};
+
+use crate::config::{Config, Route, RouteKey};
+use crate::metrics::Metric;
+
+/// What the filter knows about a request when its headers arrive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// `:scheme`, for the challenge's resource URL.
+    pub scheme: String,
+    pub method: String,
+    /// `:authority` exactly as received.
+    pub authority: String,
+    /// `:path` including the query string.
+    pub path: String,
+    /// Envoy's `xds.route_name`, when the route has one.
+    pub route_name: Option<String>,
+    /// The `payment-signature` (or `x-402-payment`) header.
+    pub payment: Option<String>,
+    /// Idempotency key for settlement, unique to this request.
+    pub request_id: String,
+    pub now_secs: u64,
+}
+
+/// Settlement's verdict on one authorization, as the filter acts on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthorizeAnswer {
+    Authorized { transaction: String, held_amount: u64 },
+    /// A payable problem: answer 402 with this code and a fresh challenge.
+    Refused(ErrorCode),
+    /// No usable answer (transport failure, timeout, unexpected outcome): 503.
+    Unavailable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    RequestHeaders(RequestInfo),
+    AuthorizeAnswer { answer: AuthorizeAnswer, now_nanos: u64 },
+    ResponseHeaders { status: Option<u16>, end_of_stream: bool, now_nanos: u64 },
+    /// The last byte of the response (body or trailers) passed the filter.
+    ResponseComplete,
+    /// The stream is over (access-log time): resolve whatever is held.
+    StreamEnd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Let the request headers through now.
+    Continue,
+    /// Hold the request headers until a later `Resume` or `Reply`.
+    Pause,
+    /// Release a paused request.
+    Resume,
+    RemoveRequestHeader(&'static str),
+    Reply { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    Authorize(AuthorizeItem),
+    SetResponseHeader(&'static str, String),
+    Capture(CaptureItem),
+    Void(VoidItem),
+    Count(Metric, u64),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum State {
+    #[default]
+    New,
+    /// Unpriced route: nothing to do.
+    Passthrough,
+    /// A local reply was sent; the response the filter sees next is its own.
+    Replied,
+    Authorizing(Pending),
+    /// The stream ended before settlement answered; an eventual hold is voided.
+    Abandoned,
+    Paid(Paid),
+    Finished,
+}
+
+/// A request waiting for settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub route: String,
+    pub price: u64,
+    pub payer: String,
+    /// Kept to answer a refusal with a fresh challenge.
+    pub challenge: ChallengeInput,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChallengeInput {
+    pub scheme: String,
+    pub authority: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paid {
+    pub transaction: String,
+    pub price: u64,
+    pub held_amount: u64,
+    pub payer: String,
+    pub resumed_at_nanos: u64,
+    pub status: Option<u16>,
+    pub upstream_micros: u64,
+    pub complete: bool,
+}
+
+/// Advances one request by one event.
+pub fn step(config: &Config, state: State, event: Event) -> (State, Vec<Effect>) {
+    match (state, event) {
+        (State::New, Event::RequestHeaders(info)) => on_request_headers(config, info),
+        (State::Authorizing(p), Event::AuthorizeAnswer { answer, now_nanos }) => on_answer(config, p, answer, now_nanos),
+        (State::Abandoned, Event::AuthorizeAnswer { answer, .. }) => match answer {
+            AuthorizeAnswer::Authorized { transaction, .. } => (State::Finished, vec![void(transaction, "abandoned")]),
+            _ => (State::Finished, vec![]),
+        },
+        (State::Authorizing(_), Event::StreamEnd) => (State::Abandoned, vec![]),
+        (State::Paid(mut paid), Event::ResponseHeaders { status, end_of_stream, now_nanos }) => {
+            paid.status = status;
+            paid.complete = end_of_stream;
+            paid.upstream_micros = now_nanos.saturating_sub(paid.resumed_at_nanos) / 1_000;
+            let receipt = SettleResponse {
+                success: true,
+                transaction: paid.transaction.clone(),
+                network: config.network.clone(),
+                payer: paid.payer.clone(),
+                amount: paid.held_amount.to_string(),
+                error_reason: None,
+            };
+            let effects = vec![Effect::SetResponseHeader(HEADER_PAYMENT_RESPONSE, wire::encode_header(&receipt))];
+            (State::Paid(paid), effects)
+        }
+        (State::Paid(mut paid), Event::ResponseComplete) => {
+            paid.complete = paid.status.is_some();
+            (State::Paid(paid), vec![])
+        }
+        (State::Paid(paid), Event::StreamEnd) => (State::Finished, resolve(config, &paid)),
+        (state, _) => (state, vec![]),
+    }
+}
+
+fn void(transaction: String, reason: &str) -> Effect {
+    Effect::Void(VoidItem { transaction_id: transaction, reason: reason.to_owned() })
+}
+
+/// Capture when the upstream answered completely below `capture_below_status`;
+/// otherwise release the hold.
+fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
+    let transaction = paid.transaction.clone();
+    match paid.status {
+        Some(status) if paid.complete && status < config.capture_below_status => {
+            let amount = paid.price.min(paid.held_amount);
+            vec![Effect::Capture(CaptureItem {
+                transaction_id: transaction,
+                amount,
+                upstream_micros: paid.upstream_micros,
+                http_status: u32::from(status),
+            })]
+        }
+        Some(status) if status >= config.capture_below_status => {
+            let reason = if status >= 500 { "upstream_5xx" } else { "upstream_error_status" };
+            vec![void(transaction, reason)]
+        }
+        Some(_) => vec![void(transaction, "incomplete_response")],
+        None => vec![void(transaction, "upstream_reset")],
+    }
+}
+
+fn on_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>) {
+    let key = RouteKey { route_name: info.route_name.as_deref(), method: &info.method, path: &info.path };
+    let Some(route) = config.route_for(&key) else {
+        return (State::Passthrough, vec![Effect::Count(Metric::Unpriced, 1), Effect::Continue]);
+    };
+    let challenge = ChallengeInput { scheme: info.scheme.clone(), authority: info.authority.clone(), path: info.path.clone() };
+    let Some(header) = info.payment.as_deref() else {
+        return replied(vec![challenge_reply(config, route, &challenge, ErrorCode::PaymentRequired), Effect::Count(Metric::Challenged, 1)]);
+    };
+    let payment = match wire::decode_payment(header) {
+        Ok(p) => p,
+        Err(e) => return replied(vec![error_reply(ErrorCode::MalformedPayment, &e.to_string()), Effect::Count(Metric::Rejected, 1)]),
+    };
+    if let Err(code) = check_payment(config, route, &info, &payment) {
+        return replied(vec![challenge_reply(config, route, &challenge, code), Effect::Count(Metric::Rejected, 1)]);
+    }
+    let p = payment.payload;
+    let item = AuthorizeItem {
+        request_id: info.request_id,
+        proof: Some(PaymentProof {
+            scheme: p.accepted.scheme,
+            network: p.accepted.network,
+            asset: p.accepted.asset,
+            amount: p.accepted.amount,
+            pay_to: p.accepted.pay_to,
+            resource: p.payload.resource,
+            nonce: p.payload.nonce,
+            valid_before: p.payload.valid_before,
+            payer: p.payload.payer.clone(),
+            signature: p.payload.signature,
+        }),
+        hold_amount: route.price,
+        route: route.name.clone(),
+        hold_ttl_seconds: config.hold_ttl_seconds,
+    };
+    let pending = Pending { route: route.name.clone(), price: route.price, payer: p.payload.payer, challenge };
+    (State::Authorizing(pending), vec![Effect::Pause, Effect::Authorize(item)])
+}
+
+fn replied(effects: Vec<Effect>) -> (State, Vec<Effect>) {
+    (State::Replied, effects)
+}
+
+/// The stateless checks, in a fixed order, so a mismatched proof never costs a callout.
+pub fn check_payment(config: &Config, route: &Route, info: &RequestInfo, payment: &wire::CheckedPayment) -> Result<(), ErrorCode> {
+    let accepted = &payment.payload.accepted;
+    if accepted.scheme != "exact" {
+        return Err(ErrorCode::WrongScheme);
+    }
+    if accepted.network != config.network {
+        return Err(ErrorCode::WrongNetwork);
+    }
+    if accepted.asset != config.asset {
+        return Err(ErrorCode::WrongAsset);
+    }
+    if accepted.pay_to != config.pay_to {
+        return Err(ErrorCode::WrongPayTo);
+    }
+    if payment.amount < route.price {
+        return Err(ErrorCode::AmountBelowPrice);
+    }
+    if payment.payload.payload.resource != resource_string(&info.method, &info.authority, &info.path) {
+        return Err(ErrorCode::WrongResource);
+    }
+    if payment.valid_before <= info.now_secs {
+        return Err(ErrorCode::Expired);
+    }
+    let latest = info.now_secs.saturating_add(config.max_timeout_seconds).saturating_add(config.clock_skew_seconds);
+    if payment.valid_before > latest {
+        return Err(ErrorCode::ValidityTooLong);
+    }
+    if config.verify_signatures_in_filter {
+        let p = &payment.payload.payload;
+        if x402_proto::signing::verify_hex(&p.payer, &p.signature, &payment.signed_fields()).is_err() {
+            return Err(ErrorCode::InvalidSignature);
+        }
+    }
+    Ok(())
+}
+
+fn on_answer(config: &Config, pending: Pending, answer: AuthorizeAnswer, now_nanos: u64) -> (State, Vec<Effect>) {
+    match answer {
+        AuthorizeAnswer::Authorized { transaction, held_amount } => {
+            let paid = Paid {
+                transaction,
+                price: pending.price,
+                held_amount,
+                payer: pending.payer,
+                resumed_at_nanos: now_nanos,
+                status: None,
+                upstream_micros: 0,
+                complete: false,
+            };
+            let effects = vec![
+                Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE),
+                Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE_ALIAS),
+                Effect::Count(Metric::Paid, 1),
+                Effect::Resume,
+            ];
+            (State::Paid(paid), effects)
+        }
+        AuthorizeAnswer::Refused(code) => {
+            let Some(route) = config.route_named(&pending.route) else {
+                return replied(vec![unavailable_reply(), Effect::Count(Metric::Unavailable, 1)]);
+            };
+            replied(vec![challenge_reply(config, route, &pending.challenge, code), Effect::Count(Metric::Rejected, 1)])
+        }
+        AuthorizeAnswer::Unavailable => replied(vec![unavailable_reply(), Effect::Count(Metric::Unavailable, 1)]),
+    }
+}
+
+/// The x402 challenge for `route`.
+pub fn challenge(config: &Config, route: &Route, input: &ChallengeInput, code: ErrorCode) -> PaymentRequired {
+    let mut extra = serde_json::Map::new();
+    extra.insert("decimals".into(), serde_json::Value::from(config.asset_decimals));
+    extra.insert("name".into(), serde_json::Value::from(config.asset.clone()));
+    let scheme = if input.scheme.is_empty() { "http" } else { input.scheme.as_str() };
+    PaymentRequired {
+        x402_version: x402_proto::X402_VERSION,
+        error: Some(code.as_str().to_owned()),
+        resource: ResourceInfo {
+            url: format!("{scheme}://{}{}", input.authority, input.path),
+            description: route.description.clone(),
+            mime_type: String::new(),
+        },
+        accepts: vec![PaymentRequirements {
+            scheme: "exact".to_owned(),
+            network: config.network.clone(),
+            amount: route.price.to_string(),
+            asset: config.asset.clone(),
+            pay_to: config.pay_to.clone(),
+            max_timeout_seconds: config.max_timeout_seconds,
+            extra,
+        }],
+        price: Some(route.price_decimal.clone()),
+        payment_address: Some(config.pay_to.clone()),
+    }
+}
+
+fn json_headers() -> Vec<(String, String)> {
+    vec![("content-type".to_owned(), "application/json".to_owned()), ("cache-control".to_owned(), "no-store".to_owned())]
+}
+
+fn challenge_reply(config: &Config, route: &Route, input: &ChallengeInput, code: ErrorCode) -> Effect {
+    let body = challenge(config, route, input, code);
+    let mut headers = json_headers();
+    headers.push((HEADER_PAYMENT_REQUIRED.to_owned(), wire::encode_header(&body)));
+    Effect::Reply {
+        status: code.http_status(),
+        headers,
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+    }
+}
+
+fn error_reply(code: ErrorCode, message: &str) -> Effect {
+    let body = ErrorBody { error: code.as_str().to_owned(), message: message.to_owned() };
+    Effect::Reply {
+        status: code.http_status(),
+        headers: json_headers(),
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+    }
+}
+
+fn unavailable_reply() -> Effect {
+    error_reply(ErrorCode::SettlementUnavailable, "payment settlement is temporarily unavailable; retry later")
+}
