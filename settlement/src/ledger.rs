@@ -1,0 +1,580 @@
+//! Money movements, each in one Postgres transaction: holds, captures, voids,
+//! expiry and deposits.
+//!
+//! Every operation locks the balance rows it changes in sorted `(account, asset)`
+//! order, so two operations never wait on each other in a cycle; serialization
+//! failures and deadlocks (which Postgres may still report) run the whole
+//! transaction again, a bounded number of times. The database, not this code, has
+//! the last word on the invariants: a payer's CHECK refuses overdrafts, a partial
+//! unique index refuses a second resolution of a hold or a reused nonce.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use x402_proto::settlement::v1::{AuthorizeOutcome, AuthorizeResult, ResolveOutcome, ResolveResult};
+
+use crate::error::{constraint, is_retryable, sqlstate, LedgerError};
+use crate::verify::{refused, unix_now, CheckedAuthorize};
+
+/// Attempts of one operation before a serialization failure or deadlock is
+/// reported as unavailable.
+const MAX_ATTEMPTS: u32 = 6;
+
+/// The account every deposit is debited from.
+pub const SYSTEM_CREDIT_ACCOUNT: &str = "system:credit";
+
+/// Why one attempt of an operation stopped.
+enum Attempt {
+    /// Run the whole transaction again.
+    Retry(sqlx::Error),
+    Fail(LedgerError),
+}
+
+impl From<sqlx::Error> for Attempt {
+    fn from(err: sqlx::Error) -> Self {
+        if is_retryable(&err) {
+            Attempt::Retry(err)
+        } else {
+            Attempt::Fail(err.into())
+        }
+    }
+}
+
+impl From<LedgerError> for Attempt {
+    fn from(err: LedgerError) -> Self {
+        Attempt::Fail(err)
+    }
+}
+
+async fn retrying<T, F, Fut>(mut op: F) -> Result<T, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Attempt>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(Attempt::Fail(e)) => return Err(e),
+            Err(Attempt::Retry(e)) => {
+                attempt += 1;
+                if attempt >= MAX_ATTEMPTS {
+                    return Err(LedgerError::Unavailable(e));
+                }
+                tracing::debug!(attempt, error = %e, "retrying ledger transaction");
+                tokio::time::sleep(Duration::from_millis(2u64 << attempt)).await;
+            }
+        }
+    }
+}
+
+/// Signed changes to the four counters of one balance row.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Delta {
+    debits_pending: i64,
+    debits_posted: i64,
+    credits_pending: i64,
+    credits_posted: i64,
+}
+
+impl Delta {
+    fn add(&mut self, o: Delta) {
+        self.debits_pending += o.debits_pending;
+        self.debits_posted += o.debits_posted;
+        self.credits_pending += o.credits_pending;
+        self.credits_posted += o.credits_posted;
+    }
+}
+
+/// Balance changes of one transaction, applied in sorted key order.
+#[derive(Debug, Default)]
+struct Moves(BTreeMap<(String, String), Delta>);
+
+impl Moves {
+    fn push(&mut self, account: &str, asset: &str, delta: Delta) {
+        self.0
+            .entry((account.to_owned(), asset.to_owned()))
+            .or_default()
+            .add(delta);
+    }
+
+    /// Applies every change; returns the accounts whose balance row is missing.
+    async fn apply(&self, tx: &mut Transaction<'_, Postgres>) -> Result<Vec<String>, sqlx::Error> {
+        let mut missing = Vec::new();
+        for ((account, asset), d) in &self.0 {
+            let done = sqlx::query(
+                "UPDATE balances SET debits_pending = debits_pending + $3, debits_posted = debits_posted + $4, \
+                 credits_pending = credits_pending + $5, credits_posted = credits_posted + $6 \
+                 WHERE account_id = $1 AND asset = $2",
+            )
+            .bind(account)
+            .bind(asset)
+            .bind(d.debits_pending)
+            .bind(d.debits_posted)
+            .bind(d.credits_pending)
+            .bind(d.credits_posted)
+            .execute(&mut **tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                missing.push(account.clone());
+            }
+        }
+        Ok(missing)
+    }
+}
+
+/// Creates the balance row of `(account, asset)` if it does not exist yet; payers
+/// get the overdraft guard.
+async fn ensure_balance(tx: &mut Transaction<'_, Postgres>, account: &str, asset: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \
+         SELECT id, $2, kind = 'payer' FROM accounts WHERE id = $1 \
+         ON CONFLICT (account_id, asset) DO NOTHING",
+    )
+    .bind(account)
+    .bind(asset)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn to_i64(v: u64) -> Result<i64, LedgerError> {
+    i64::try_from(v).map_err(|_| LedgerError::InvalidArgument("amount is too large".into()))
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// What a resolution of a hold does.
+#[derive(Debug, Clone)]
+pub enum Resolution {
+    /// Post `amount` (at most the hold) to the merchant; the rest returns to the payer.
+    Capture { amount: u64, http_status: u32, upstream_micros: u64 },
+    /// Release the hold in full.
+    Void { reason: String },
+}
+
+/// A hold as stored.
+struct Hold {
+    payer: String,
+    merchant: String,
+    asset: String,
+    amount: i64,
+}
+
+/// Handle on the ledger tables.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pool: PgPool,
+}
+
+impl Ledger {
+    pub fn new(pool: PgPool) -> Self {
+        Ledger { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Places a hold for a checked authorize item, or says why not. The outcome
+    /// order: idempotent replay, merchant, key known, key active, signature,
+    /// expiry, hold within the authorized amount, nonce, funds.
+    #[tracing::instrument(skip(self, item), fields(request_id = %item.request_id))]
+    pub async fn authorize_hold(&self, item: &CheckedAuthorize) -> Result<AuthorizeResult, LedgerError> {
+        retrying(|| self.try_authorize_hold(item)).await
+    }
+
+    async fn try_authorize_hold(&self, item: &CheckedAuthorize) -> Result<AuthorizeResult, Attempt> {
+        let no = |outcome: AuthorizeOutcome, m: &str| Ok(refused(&item.request_id, outcome, m));
+        let accepted = &item.payload.accepted;
+        let auth = &item.payload.payload;
+        let mut tx = self.pool.begin().await?;
+
+        if let Some(row) = sqlx::query(
+            "SELECT id, request_hash, amount, debit_account FROM transfers WHERE request_id = $1 AND kind = 'hold'",
+        )
+        .bind(&item.request_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        {
+            let hash: String = row.try_get("request_hash")?;
+            if hash != item.request_hash {
+                return no(
+                    AuthorizeOutcome::IdempotencyConflict,
+                    "request_id was already used for a different request",
+                );
+            }
+            return Ok(AuthorizeResult {
+                request_id: item.request_id.clone(),
+                outcome: AuthorizeOutcome::Authorized as i32,
+                transaction_id: row.try_get("id")?,
+                held_amount: to_u64(row.try_get("amount")?),
+                payer_account: row.try_get("debit_account")?,
+                message: String::new(),
+            });
+        }
+
+        let merchant_kind: Option<String> = sqlx::query_scalar("SELECT kind FROM accounts WHERE id = $1")
+            .bind(&accepted.pay_to)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if merchant_kind.as_deref() != Some("merchant") {
+            return no(AuthorizeOutcome::UnknownMerchant, "payTo is not a merchant account");
+        }
+
+        // FOR SHARE: a revocation that commits before this hold does stops it.
+        let key = sqlx::query("SELECT account_id, revoked_at IS NOT NULL AS revoked FROM payer_keys WHERE public_key = $1 FOR SHARE")
+            .bind(&auth.payer)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(key) = key else {
+            return no(AuthorizeOutcome::UnknownKey, "payer key is not registered");
+        };
+        let payer_account: String = key.try_get("account_id")?;
+        if key.try_get::<bool, _>("revoked")? {
+            return no(AuthorizeOutcome::KeyRevoked, "payer key was revoked");
+        }
+        if !item.signature_valid {
+            return no(AuthorizeOutcome::InvalidSignature, "signature does not match the payment");
+        }
+        if item.valid_before <= unix_now() {
+            return no(AuthorizeOutcome::Expired, "payment proof has expired");
+        }
+        if item.hold_amount > item.amount_authorized {
+            return no(AuthorizeOutcome::InvalidRequest, "hold amount exceeds the authorized amount");
+        }
+
+        let nonce_used: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM transfers WHERE kind = 'hold' AND debit_account = $1 AND nonce = $2")
+                .bind(&payer_account)
+                .bind(&auth.nonce)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if nonce_used.is_some() {
+            return no(AuthorizeOutcome::NonceReused, "nonce was already used");
+        }
+
+        let amount = to_i64(item.hold_amount)?;
+        ensure_balance(&mut tx, &accepted.pay_to, &accepted.asset).await?;
+        let mut moves = Moves::default();
+        moves.push(&payer_account, &accepted.asset, Delta { debits_pending: amount, ..Delta::default() });
+        moves.push(&accepted.pay_to, &accepted.asset, Delta { credits_pending: amount, ..Delta::default() });
+        match moves.apply(&mut tx).await {
+            Ok(missing) if missing.is_empty() => {}
+            Ok(_) => return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds"),
+            Err(e) if is_overdraft(&e) => return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds"),
+            Err(e) => return Err(e.into()),
+        }
+
+        let inserted = sqlx::query_scalar::<_, String>(
+            "WITH hold AS ( \
+               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, request_id, request_hash, \
+                 payer_key, nonce, route, resource, expires_at, amount_authorized) \
+               VALUES ('hold', $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11 * interval '1 second', $12) \
+               RETURNING id, expires_at) \
+             INSERT INTO open_holds (hold_id, expires_at) SELECT id, expires_at FROM hold RETURNING hold_id",
+        )
+        .bind(&payer_account)
+        .bind(&accepted.pay_to)
+        .bind(&accepted.asset)
+        .bind(amount)
+        .bind(&item.request_id)
+        .bind(&item.request_hash)
+        .bind(&auth.payer)
+        .bind(&auth.nonce)
+        .bind(&item.route)
+        .bind(&auth.resource)
+        .bind(i32::try_from(item.hold_ttl_seconds).unwrap_or(i32::MAX))
+        .bind(to_i64(item.amount_authorized)?)
+        .fetch_one(&mut *tx)
+        .await;
+        let transaction_id = match inserted {
+            Ok(id) => id,
+            Err(e) if constraint(&e) == Some("transfers_payer_nonce") => {
+                return no(AuthorizeOutcome::NonceReused, "nonce was already used");
+            }
+            // A concurrent call with the same request_id won: the next attempt replays it.
+            Err(e) if constraint(&e) == Some("transfers_request_id_key") => return Err(Attempt::Retry(e)),
+            Err(e) => return Err(e.into()),
+        };
+        tx.commit().await?;
+        tracing::debug!(%transaction_id, amount, "hold placed");
+        Ok(AuthorizeResult {
+            request_id: item.request_id.clone(),
+            outcome: AuthorizeOutcome::Authorized as i32,
+            transaction_id,
+            held_amount: item.hold_amount,
+            payer_account,
+            message: String::new(),
+        })
+    }
+
+    /// Captures or voids a hold. Repeating the resolution a hold already has returns
+    /// the same outcome; any other resolution of a resolved hold is ALREADY_RESOLVED.
+    #[tracing::instrument(skip(self))]
+    pub async fn resolve(&self, transaction_id: &str, resolution: &Resolution) -> Result<ResolveResult, LedgerError> {
+        retrying(|| self.try_resolve(transaction_id, resolution)).await
+    }
+
+    async fn try_resolve(&self, transaction_id: &str, resolution: &Resolution) -> Result<ResolveResult, Attempt> {
+        let result = |outcome: ResolveOutcome, amount: u64, message: &str| ResolveResult {
+            transaction_id: transaction_id.to_owned(),
+            outcome: outcome as i32,
+            amount,
+            message: message.to_owned(),
+        };
+        let mut tx = self.pool.begin().await?;
+        let Some(hold) = self.find_hold(&mut tx, transaction_id).await? else {
+            return Ok(result(ResolveOutcome::NotFound, 0, "no such hold"));
+        };
+        let hold_amount = to_u64(hold.amount);
+        let (kind, posted) = match resolution {
+            Resolution::Capture { amount, .. } => {
+                if *amount > hold_amount {
+                    return Ok(result(ResolveOutcome::ExceedsHold, hold_amount, "capture amount exceeds the hold"));
+                }
+                ("capture", *amount)
+            }
+            Resolution::Void { .. } => ("void", hold_amount),
+        };
+
+        // Deleting the open-hold row is the lock every resolution (and the sweeper)
+        // takes: whoever deletes it resolves the hold; the others see the result.
+        let open: Option<String> = sqlx::query_scalar("DELETE FROM open_holds WHERE hold_id = $1 RETURNING hold_id")
+            .bind(transaction_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if open.is_none() {
+            let prior = sqlx::query(
+                "SELECT kind, amount FROM transfers WHERE pending_id = $1 AND kind IN ('capture', 'void', 'expire')",
+            )
+            .bind(transaction_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(prior) = prior else {
+                return Err(LedgerError::FailedPrecondition("hold is neither open nor resolved".into()).into());
+            };
+            let prior_kind: String = prior.try_get("kind")?;
+            let prior_amount = to_u64(prior.try_get("amount")?);
+            return Ok(match (prior_kind.as_str(), resolution) {
+                ("capture", Resolution::Capture { amount, .. }) if *amount == prior_amount => {
+                    result(ResolveOutcome::Captured, prior_amount, "")
+                }
+                ("void", Resolution::Void { .. }) => result(ResolveOutcome::Voided, prior_amount, ""),
+                (k, _) => result(
+                    ResolveOutcome::AlreadyResolved,
+                    prior_amount,
+                    match k {
+                        "capture" => "hold was already captured",
+                        "void" => "hold was already voided",
+                        _ => "hold has expired",
+                    },
+                ),
+            });
+        }
+
+        let posted_i64 = to_i64(posted)?;
+        let mut moves = Moves::default();
+        match resolution {
+            Resolution::Capture { .. } => {
+                moves.push(&hold.payer, &hold.asset, Delta { debits_pending: -hold.amount, debits_posted: posted_i64, ..Delta::default() });
+                moves.push(&hold.merchant, &hold.asset, Delta { credits_pending: -hold.amount, credits_posted: posted_i64, ..Delta::default() });
+            }
+            Resolution::Void { .. } => {
+                moves.push(&hold.payer, &hold.asset, Delta { debits_pending: -hold.amount, ..Delta::default() });
+                moves.push(&hold.merchant, &hold.asset, Delta { credits_pending: -hold.amount, ..Delta::default() });
+            }
+        }
+        let missing = moves.apply(&mut tx).await?;
+        if !missing.is_empty() {
+            return Err(LedgerError::FailedPrecondition("balance of a held account is missing".into()).into());
+        }
+        let (reason, http_status, upstream_micros) = match resolution {
+            Resolution::Capture { http_status, upstream_micros, .. } => (
+                None,
+                Some(i32::try_from(*http_status).unwrap_or(i32::MAX)),
+                Some(i64::try_from(*upstream_micros).unwrap_or(i64::MAX)),
+            ),
+            Resolution::Void { reason } => (Some(reason.as_str()), None, None),
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
+               reason, http_status, upstream_micros) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(kind)
+        .bind(&hold.payer)
+        .bind(&hold.merchant)
+        .bind(&hold.asset)
+        .bind(posted_i64)
+        .bind(transaction_id)
+        .bind(hold.amount)
+        .bind(reason)
+        .bind(http_status)
+        .bind(upstream_micros)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if constraint(&e) == Some("transfers_one_resolution") => return Err(Attempt::Retry(e)),
+            Err(e) => return Err(e.into()),
+        }
+        tx.commit().await?;
+        let outcome = if kind == "capture" { ResolveOutcome::Captured } else { ResolveOutcome::Voided };
+        Ok(result(outcome, posted, ""))
+    }
+
+    async fn find_hold(&self, tx: &mut Transaction<'_, Postgres>, transaction_id: &str) -> Result<Option<Hold>, sqlx::Error> {
+        let row = sqlx::query("SELECT debit_account, credit_account, asset, amount FROM transfers WHERE id = $1 AND kind = 'hold'")
+            .bind(transaction_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        row.map(|r| {
+            Ok(Hold {
+                payer: r.try_get("debit_account")?,
+                merchant: r.try_get("credit_account")?,
+                asset: r.try_get("asset")?,
+                amount: r.try_get("amount")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Expires up to `limit` holds past their `expires_at` in one transaction;
+    /// returns how many. Holds another transaction is resolving are skipped, not
+    /// waited for.
+    pub async fn expire_due_holds(&self, limit: i64) -> Result<usize, LedgerError> {
+        retrying(|| self.try_expire_due_holds(limit)).await
+    }
+
+    async fn try_expire_due_holds(&self, limit: i64) -> Result<usize, Attempt> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "WITH due AS ( \
+               SELECT hold_id FROM open_holds WHERE expires_at <= now() \
+               ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
+             gone AS (DELETE FROM open_holds o USING due WHERE o.hold_id = due.hold_id RETURNING o.hold_id) \
+             SELECT t.id, t.debit_account, t.credit_account, t.asset, t.amount \
+             FROM transfers t JOIN gone ON gone.hold_id = t.id",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut moves = Moves::default();
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let amount: i64 = r.try_get("amount")?;
+            let payer: String = r.try_get("debit_account")?;
+            let merchant: String = r.try_get("credit_account")?;
+            let asset: String = r.try_get("asset")?;
+            moves.push(&payer, &asset, Delta { debits_pending: -amount, ..Delta::default() });
+            moves.push(&merchant, &asset, Delta { credits_pending: -amount, ..Delta::default() });
+            ids.push(r.try_get::<String, _>("id")?);
+        }
+        moves.apply(&mut tx).await?;
+        sqlx::query(
+            "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, reason) \
+             SELECT 'expire', debit_account, credit_account, asset, amount, id, amount, 'hold_ttl' \
+             FROM transfers WHERE id = ANY($1) AND kind = 'hold'",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(expired = ids.len(), "expired holds");
+        Ok(ids.len())
+    }
+
+    /// Credits a payer account from `system:credit`. Same idempotency key + same
+    /// request returns the first deposit; with another request it is refused.
+    #[tracing::instrument(skip(self))]
+    pub async fn deposit(&self, account: &str, asset: &str, amount: u64, idempotency_key: &str) -> Result<String, LedgerError> {
+        if amount == 0 {
+            return Err(LedgerError::InvalidArgument("amount must be positive".into()));
+        }
+        let amount = to_i64(amount)?;
+        crate::accounts::check_asset(asset)?;
+        if idempotency_key.len() > crate::verify::MAX_ID_LEN {
+            return Err(LedgerError::InvalidArgument("idempotency_key is too long".into()));
+        }
+        let hash = {
+            use sha2::{Digest, Sha256};
+            hex::encode(Sha256::digest(format!("account={account}\nasset={asset}\namount={amount}\n")))
+        };
+        retrying(|| self.try_deposit(account, asset, amount, idempotency_key, &hash)).await
+    }
+
+    async fn try_deposit(&self, account: &str, asset: &str, amount: i64, key: &str, hash: &str) -> Result<String, Attempt> {
+        let mut tx = self.pool.begin().await?;
+        if !key.is_empty() {
+            if let Some(row) = sqlx::query("SELECT id, request_hash FROM transfers WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?
+            {
+                let prior: String = row.try_get("request_hash")?;
+                if prior != hash {
+                    return Err(LedgerError::AlreadyExists("idempotency_key was already used for a different deposit".into()).into());
+                }
+                return Ok(row.try_get("id")?);
+            }
+        }
+        let kind: Option<String> = sqlx::query_scalar("SELECT kind FROM accounts WHERE id = $1")
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match kind.as_deref() {
+            None => return Err(LedgerError::NotFound(format!("account {account} does not exist")).into()),
+            Some("payer") => {}
+            Some(_) => return Err(LedgerError::FailedPrecondition("deposits go to payer accounts".into()).into()),
+        }
+        ensure_balance(&mut tx, account, asset).await?;
+        ensure_balance(&mut tx, SYSTEM_CREDIT_ACCOUNT, asset).await?;
+        let mut moves = Moves::default();
+        moves.push(SYSTEM_CREDIT_ACCOUNT, asset, Delta { debits_posted: amount, ..Delta::default() });
+        moves.push(account, asset, Delta { credits_posted: amount, ..Delta::default() });
+        match moves.apply(&mut tx).await {
+            Ok(_) => {}
+            Err(e) if sqlstate(&e).as_deref() == Some("22003") => {
+                return Err(LedgerError::InvalidArgument("deposit would overflow the balance".into()).into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let inserted = sqlx::query_scalar::<_, String>(
+            "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, idempotency_key, request_hash) \
+             VALUES ('deposit', $1, $2, $3, $4, NULLIF($5, ''), $6) RETURNING id",
+        )
+        .bind(SYSTEM_CREDIT_ACCOUNT)
+        .bind(account)
+        .bind(asset)
+        .bind(amount)
+        .bind(key)
+        .bind(hash)
+        .fetch_one(&mut *tx)
+        .await;
+        let id = match inserted {
+            Ok(id) => id,
+            // A concurrent deposit with the same key won: the next attempt replays it.
+            Err(e) if constraint(&e) == Some("transfers_idempotency_key_key") => return Err(Attempt::Retry(e)),
+            Err(e) => return Err(e.into()),
+        };
+        tx.commit().await?;
+        Ok(id)
+    }
+}
+
+/// The payer's overdraft CHECK (or a counter overflowing) refused a debit.
+fn is_overdraft(err: &sqlx::Error) -> bool {
+    match sqlstate(err).as_deref() {
+        Some("23514") => constraint(err) == Some("balances_debits_within_credits"),
+        Some("22003") => true,
+        _ => false,
+    }
+}

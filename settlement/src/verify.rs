@@ -1,0 +1,220 @@
+//! Checks of an authorize item that need no database: syntax (the same rules the
+//! filter and clients apply, from `x402_proto::wire`), the ed25519 signature
+//! (natively, before any row is touched) and the request hash that makes
+//! `request_id` an idempotency key.
+
+use sha2::{Digest, Sha256};
+use x402_proto::settlement::v1::{AuthorizeItem, AuthorizeOutcome, AuthorizeResult};
+use x402_proto::signing::{verify_hex, SignedFields};
+use x402_proto::wire::{check_payment, PaymentAuthorization, PaymentPayload, PaymentRequirements};
+
+/// Longest accepted request id and route name.
+pub const MAX_ID_LEN: usize = 256;
+/// Hold lifetime when the caller sends 0, and the longest one accepted.
+pub const DEFAULT_HOLD_TTL_SECONDS: u32 = 300;
+pub const MAX_HOLD_TTL_SECONDS: u32 = 7 * 24 * 3600;
+
+/// An authorize item whose syntax is valid, with its signature already checked.
+#[derive(Debug, Clone)]
+pub struct CheckedAuthorize {
+    pub request_id: String,
+    /// The proof as the client signed it (scheme, network, ..., signature).
+    pub payload: PaymentPayload,
+    /// `proof.amount`, the most the payer authorized.
+    pub amount_authorized: u64,
+    pub valid_before: u64,
+    pub hold_amount: u64,
+    pub route: String,
+    pub hold_ttl_seconds: u32,
+    /// Whether the signature verified; reported only after the key checks, so the
+    /// outcomes follow the documented order.
+    pub signature_valid: bool,
+    /// Hex sha256 of everything the request asked for: the same `request_id` with
+    /// another hash is an idempotency conflict.
+    pub request_hash: String,
+}
+
+/// The outcome for an item that fails before the ledger is consulted.
+pub fn refused(request_id: &str, outcome: AuthorizeOutcome, message: impl Into<String>) -> AuthorizeResult {
+    AuthorizeResult {
+        request_id: request_id.to_owned(),
+        outcome: outcome as i32,
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+/// Syntax and signature checks of one item.
+pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, AuthorizeResult> {
+    let invalid = |m: String| refused(&item.request_id, AuthorizeOutcome::InvalidRequest, m);
+    if item.request_id.is_empty() || item.request_id.len() > MAX_ID_LEN || item.request_id.chars().any(char::is_control) {
+        return Err(invalid(format!("request_id must be 1-{MAX_ID_LEN} characters without control characters")));
+    }
+    if item.route.len() > MAX_ID_LEN || item.route.chars().any(char::is_control) {
+        return Err(invalid(format!("route must be at most {MAX_ID_LEN} characters without control characters")));
+    }
+    let Some(proof) = item.proof.as_ref() else {
+        return Err(invalid("proof is missing".into()));
+    };
+    let payload = PaymentPayload {
+        x402_version: x402_proto::X402_VERSION,
+        accepted: PaymentRequirements {
+            scheme: proof.scheme.clone(),
+            network: proof.network.clone(),
+            amount: proof.amount.clone(),
+            asset: proof.asset.clone(),
+            pay_to: proof.pay_to.clone(),
+            max_timeout_seconds: 0,
+            extra: serde_json::Map::new(),
+        },
+        payload: PaymentAuthorization {
+            payer: proof.payer.clone(),
+            nonce: proof.nonce.clone(),
+            valid_before: proof.valid_before.clone(),
+            resource: proof.resource.clone(),
+            signature: proof.signature.clone(),
+        },
+    };
+    let checked = check_payment(payload).map_err(|e| invalid(e.to_string()))?;
+    let hold_ttl_seconds = match item.hold_ttl_seconds {
+        0 => DEFAULT_HOLD_TTL_SECONDS,
+        t if t > MAX_HOLD_TTL_SECONDS => return Err(invalid(format!("hold_ttl_seconds must be at most {MAX_HOLD_TTL_SECONDS}"))),
+        t => t,
+    };
+    if item.hold_amount > x402_proto::amount::MAX_ATOMIC {
+        return Err(invalid("hold_amount is too large".into()));
+    }
+    let fields = checked.signed_fields();
+    let signature_valid = verify_signature(&checked.payload.payload.payer, &checked.payload.payload.signature, &fields);
+    let request_hash = request_hash(&fields, &checked.payload.payload, item.hold_amount, &item.route);
+    Ok(CheckedAuthorize {
+        request_id: item.request_id.clone(),
+        amount_authorized: checked.amount,
+        valid_before: checked.valid_before,
+        payload: checked.payload,
+        hold_amount: item.hold_amount,
+        route: item.route.clone(),
+        hold_ttl_seconds,
+        signature_valid,
+        request_hash,
+    })
+}
+
+/// The one signature check settlement applies: ed25519 `verify_strict` over the
+/// canonical bytes of `x402_proto::signing`.
+pub fn verify_signature(payer_hex: &str, signature_hex: &str, fields: &SignedFields<'_>) -> bool {
+    verify_hex(payer_hex, signature_hex, fields).is_ok()
+}
+
+fn request_hash(fields: &SignedFields<'_>, auth: &PaymentAuthorization, hold_amount: u64, route: &str) -> String {
+    let mut h = Sha256::new();
+    // The canonical bytes are injective over the signed fields; the rest is appended
+    // as more `name=value\n` lines, none of which can contain a line break.
+    if let Ok(bytes) = fields.canonical_bytes() {
+        h.update(bytes);
+    }
+    for (name, value) in [
+        ("payer", auth.payer.as_str()),
+        ("signature", auth.signature.as_str()),
+        ("holdAmount", hold_amount.to_string().as_str()),
+        ("route", route),
+    ] {
+        h.update(name.as_bytes());
+        h.update(b"=");
+        h.update(value.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// Current unix time in seconds (0 if the clock is before 1970).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use x402_proto::settlement::v1::PaymentProof;
+
+    fn item_from_vector(v: &x402_proto::vectors::Vector) -> AuthorizeItem {
+        let p = &v.payload;
+        AuthorizeItem {
+            request_id: format!("req-{}", v.name),
+            proof: Some(PaymentProof {
+                scheme: p.accepted.scheme.clone(),
+                network: p.accepted.network.clone(),
+                asset: p.accepted.asset.clone(),
+                amount: p.accepted.amount.clone(),
+                pay_to: p.accepted.pay_to.clone(),
+                resource: p.payload.resource.clone(),
+                nonce: p.payload.nonce.clone(),
+                valid_before: p.payload.valid_before.clone(),
+                payer: p.payload.payer.clone(),
+                signature: p.payload.signature.clone(),
+            }),
+            hold_amount: 1,
+            route: "r".into(),
+            hold_ttl_seconds: 0,
+        }
+    }
+
+    #[test]
+    fn every_published_vector_verifies_and_a_changed_byte_does_not() {
+        let vectors = x402_proto::vectors::vectors().unwrap();
+        assert!(vectors.len() >= 5);
+        for v in &vectors {
+            let item = item_from_vector(v);
+            let checked = check_authorize(&item).unwrap();
+            assert!(checked.signature_valid, "{}", v.name);
+            assert_eq!(checked.hold_ttl_seconds, DEFAULT_HOLD_TTL_SECONDS);
+
+            let mut tampered = item.clone();
+            let proof = tampered.proof.as_mut().unwrap();
+            // Flip one hex digit of the signature, then one character of the resource.
+            let first = if proof.signature.starts_with('0') { "1" } else { "0" };
+            proof.signature.replace_range(0..1, first);
+            assert!(!check_authorize(&tampered).unwrap().signature_valid, "{}", v.name);
+
+            let mut tampered = item.clone();
+            tampered.proof.as_mut().unwrap().resource.push('x');
+            assert!(!check_authorize(&tampered).unwrap().signature_valid, "{}", v.name);
+        }
+    }
+
+    #[test]
+    fn request_hash_covers_what_was_asked() {
+        let v = &x402_proto::vectors::vectors().unwrap()[0];
+        let base = check_authorize(&item_from_vector(v)).unwrap().request_hash;
+        let mut other = item_from_vector(v);
+        other.hold_amount = 2;
+        assert_ne!(check_authorize(&other).unwrap().request_hash, base);
+        let mut other = item_from_vector(v);
+        other.route = "s".into();
+        assert_ne!(check_authorize(&other).unwrap().request_hash, base);
+        assert_eq!(check_authorize(&item_from_vector(v)).unwrap().request_hash, base);
+    }
+
+    #[test]
+    fn malformed_items_are_invalid_requests() {
+        let v = &x402_proto::vectors::vectors().unwrap()[0];
+        let mut missing = item_from_vector(v);
+        missing.proof = None;
+        let mut no_id = item_from_vector(v);
+        no_id.request_id.clear();
+        let mut bad_amount = item_from_vector(v);
+        bad_amount.proof.as_mut().unwrap().amount = "1.5".into();
+        let mut short_nonce = item_from_vector(v);
+        short_nonce.proof.as_mut().unwrap().nonce = "00ff".into();
+        let mut long_ttl = item_from_vector(v);
+        long_ttl.hold_ttl_seconds = MAX_HOLD_TTL_SECONDS + 1;
+        for item in [missing, no_id, bad_amount, short_nonce, long_ttl] {
+            let err = check_authorize(&item).unwrap_err();
+            assert_eq!(err.outcome, AuthorizeOutcome::InvalidRequest as i32, "{item:?}");
+            assert!(!err.message.is_empty());
+        }
+    }
+}
