@@ -100,8 +100,16 @@ impl Envoy {
         let template_path = paths::envoy_template()?;
         let template = std::fs::read_to_string(&template_path)
             .with_context(|| format!("reading {}", template_path.display()))?;
-        let listen_port = if options.listen_port == 0 { free_port()? } else { options.listen_port };
-        let admin_port = if options.admin_port == 0 { free_port()? } else { options.admin_port };
+        let listen_port = if options.listen_port == 0 {
+            free_port()?
+        } else {
+            options.listen_port
+        };
+        let admin_port = if options.admin_port == 0 {
+            free_port()?
+        } else {
+            options.admin_port
+        };
         let config = render_template(
             &template,
             listen_port,
@@ -128,28 +136,47 @@ impl Envoy {
             .arg("--log-path")
             .arg(&log);
         let child = ChildGuard::spawn("envoy", cmd, &log)?;
-        let mut envoy = Envoy { child, listen_port, admin_port, config_path, _dir: dir };
+        let mut envoy = Envoy {
+            child,
+            listen_port,
+            admin_port,
+            config_path,
+            _dir: dir,
+        };
         envoy.wait_ready().await?;
         Ok(envoy)
     }
 
     async fn wait_ready(&mut self) -> Result<()> {
-        let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build()?;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()?;
         let ready_url = format!("http://127.0.0.1:{}/ready", self.admin_port);
         let start = Instant::now();
         loop {
             if let Some(why) = self.child.exited() {
-                bail!("{why} before it was ready; log:\n{}", self.child.log_tail(60));
+                bail!(
+                    "{why} before it was ready; log:\n{}",
+                    self.child.log_tail(60)
+                );
             }
             let live = match client.get(&ready_url).send().await {
                 Ok(response) => response.status().is_success(),
                 Err(_) => false,
             };
-            if live && tokio::net::TcpStream::connect(("127.0.0.1", self.listen_port)).await.is_ok() {
+            if live
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.listen_port))
+                    .await
+                    .is_ok()
+            {
                 return Ok(());
             }
             if start.elapsed() > READY_LIMIT {
-                bail!("Envoy was not ready within {READY_LIMIT:?}; log:\n{}", self.child.log_tail(60));
+                bail!(
+                    "Envoy was not ready within {READY_LIMIT:?}; log:\n{}",
+                    self.child.log_tail(60)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -199,8 +226,20 @@ mod tests {
     #[test]
     fn rendering_fills_every_placeholder_and_escapes_quotes() {
         let template = "port: ${LISTEN_PORT}/${ADMIN_PORT}/${UPSTREAM_PORT}/${SETTLEMENT_PORT}\nwasm: ${WASM_PATH}\ncfg: '${FILTER_CONFIG}'\n";
-        let out = render_template(template, 1, 2, 3, 4, Path::new("/x/f.wasm"), r#"{"description": "it's"}"#).unwrap();
-        assert_eq!(out, "port: 1/2/3/4\nwasm: /x/f.wasm\ncfg: '{\"description\":\"it''s\"}'\n");
+        let out = render_template(
+            template,
+            1,
+            2,
+            3,
+            4,
+            Path::new("/x/f.wasm"),
+            r#"{"description": "it's"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "port: 1/2/3/4\nwasm: /x/f.wasm\ncfg: '{\"description\":\"it''s\"}'\n"
+        );
     }
 
     #[test]

@@ -46,7 +46,10 @@ fn existing(path: PathBuf, what: &str, var: &str) -> Result<PathBuf> {
 /// The settlement binary: `X402_SETTLEMENT_BIN`, default `<target>/debug/x402-settlement`.
 pub fn settlement_bin() -> Result<PathBuf> {
     existing(
-        from_env_or("X402_SETTLEMENT_BIN", target_dir().join("debug").join("x402-settlement")),
+        from_env_or(
+            "X402_SETTLEMENT_BIN",
+            target_dir().join("debug").join("x402-settlement"),
+        ),
         "settlement binary",
         "X402_SETTLEMENT_BIN",
     )
@@ -55,7 +58,10 @@ pub fn settlement_bin() -> Result<PathBuf> {
 /// The Envoy binary: `X402_ENVOY`, default `<workspace>/.venv/bin/envoy`.
 pub fn envoy_bin() -> Result<PathBuf> {
     existing(
-        from_env_or("X402_ENVOY", workspace_root().join(".venv").join("bin").join("envoy")),
+        from_env_or(
+            "X402_ENVOY",
+            workspace_root().join(".venv").join("bin").join("envoy"),
+        ),
         "Envoy",
         "X402_ENVOY",
     )
@@ -67,7 +73,10 @@ pub fn filter_wasm() -> Result<PathBuf> {
     existing(
         from_env_or(
             "X402_FILTER_WASM",
-            target_dir().join("wasm32-wasip1").join("wasm").join("x402_filter.wasm"),
+            target_dir()
+                .join("wasm32-wasip1")
+                .join("wasm")
+                .join("x402_filter.wasm"),
         ),
         "filter wasm module",
         "X402_FILTER_WASM",

@@ -28,7 +28,8 @@ impl ScratchDir {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         if path.exists() {
-            std::fs::remove_dir_all(&path).with_context(|| format!("clearing {}", path.display()))?;
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("clearing {}", path.display()))?;
         }
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(ScratchDir { path })
@@ -63,9 +64,17 @@ impl ChildGuard {
             .open(log)
             .with_context(|| format!("opening log {}", log.display()))?;
         let err = out.try_clone()?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::from(out)).stderr(Stdio::from(err));
-        let child = cmd.spawn().with_context(|| format!("starting {name} ({cmd:?})"))?;
-        Ok(ChildGuard { name: name.to_string(), child, log: log.to_path_buf() })
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({cmd:?})"))?;
+        Ok(ChildGuard {
+            name: name.to_string(),
+            child,
+            log: log.to_path_buf(),
+        })
     }
 
     pub fn id(&self) -> u32 {
@@ -126,7 +135,9 @@ impl Drop for ChildGuard {
 
 /// The last `lines` lines of a text file ("" when it cannot be read).
 pub fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use tonic::transport::{Channel, Endpoint};
 use x402_proto::settlement::v1::operator_client::OperatorClient;
 use x402_proto::settlement::v1::{
-    AccountKind, AddKeyRequest, Balance, CreateAccountRequest, DepositRequest, GetAccountRequest, GetBalanceRequest,
-    GetPaymentRequest, ListPaymentsRequest, Payment, RevokeKeyRequest,
+    AccountKind, AddKeyRequest, Balance, CreateAccountRequest, DepositRequest, GetAccountRequest,
+    GetBalanceRequest, GetPaymentRequest, ListPaymentsRequest, Payment, RevokeKeyRequest,
 };
 
 use crate::paths;
@@ -40,7 +40,11 @@ impl Settlement {
     }
 
     /// Like [`Settlement::start`], on `port` when given and with extra `serve` flags.
-    pub async fn start_with(database_url: &str, port: Option<u16>, extra_args: &[&str]) -> Result<Settlement> {
+    pub async fn start_with(
+        database_url: &str,
+        port: Option<u16>,
+        extra_args: &[&str],
+    ) -> Result<Settlement> {
         let port = match port {
             Some(p) => p,
             None => free_port()?,
@@ -67,7 +71,10 @@ impl Settlement {
             .args(&self.extra_args)
             .env_remove("DATABASE_URL")
             .env_remove("X402_LISTEN")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
         let log = self.dir.path().join("settlement.log");
         self.child = Some(ChildGuard::spawn("x402-settlement", cmd, &log)?);
         self.wait_ready().await
@@ -82,17 +89,27 @@ impl Settlement {
                 }
             }
             if let Ok(mut client) = self.operator().await {
-                let probe = client.get_account(GetAccountRequest { account_id: "readiness-probe".into() }).await;
+                let probe = client
+                    .get_account(GetAccountRequest {
+                        account_id: "readiness-probe".into(),
+                    })
+                    .await;
                 match probe {
                     Ok(_) => return Ok(()),
-                    Err(status) if status.code() != tonic::Code::Unavailable && status.code() != tonic::Code::Unknown => {
+                    Err(status)
+                        if status.code() != tonic::Code::Unavailable
+                            && status.code() != tonic::Code::Unknown =>
+                    {
                         return Ok(())
                     }
                     Err(_) => {}
                 }
             }
             if start.elapsed() > READY_LIMIT {
-                bail!("settlement did not answer gRPC within {READY_LIMIT:?}; log:\n{}", self.log_tail(40));
+                bail!(
+                    "settlement did not answer gRPC within {READY_LIMIT:?}; log:\n{}",
+                    self.log_tail(40)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -169,7 +186,10 @@ impl Settlement {
     pub async fn create_account(&self, account_id: &str, kind: AccountKind) -> Result<()> {
         self.operator()
             .await?
-            .create_account(CreateAccountRequest { account_id: account_id.into(), kind: kind.into() })
+            .create_account(CreateAccountRequest {
+                account_id: account_id.into(),
+                kind: kind.into(),
+            })
             .await
             .with_context(|| format!("creating account {account_id}"))?;
         Ok(())
@@ -178,7 +198,10 @@ impl Settlement {
     pub async fn add_key(&self, account_id: &str, public_key_hex: &str) -> Result<()> {
         self.operator()
             .await?
-            .add_key(AddKeyRequest { account_id: account_id.into(), public_key: public_key_hex.into() })
+            .add_key(AddKeyRequest {
+                account_id: account_id.into(),
+                public_key: public_key_hex.into(),
+            })
             .await
             .with_context(|| format!("adding a key to {account_id}"))?;
         Ok(())
@@ -187,7 +210,9 @@ impl Settlement {
     pub async fn revoke_key(&self, public_key_hex: &str) -> Result<()> {
         self.operator()
             .await?
-            .revoke_key(RevokeKeyRequest { public_key: public_key_hex.into() })
+            .revoke_key(RevokeKeyRequest {
+                public_key: public_key_hex.into(),
+            })
             .await
             .context("revoking a key")?;
         Ok(())
@@ -207,14 +232,19 @@ impl Settlement {
             .await
             .with_context(|| format!("depositing {amount} {asset} to {account_id}"))?
             .into_inner();
-        response.balance.context("deposit answered without a balance")
+        response
+            .balance
+            .context("deposit answered without a balance")
     }
 
     pub async fn balance(&self, account_id: &str, asset: &str) -> Result<Balance> {
         Ok(self
             .operator()
             .await?
-            .get_balance(GetBalanceRequest { account_id: account_id.into(), asset: asset.into() })
+            .get_balance(GetBalanceRequest {
+                account_id: account_id.into(),
+                asset: asset.into(),
+            })
             .await
             .with_context(|| format!("balance of {account_id}"))?
             .into_inner())
@@ -224,7 +254,9 @@ impl Settlement {
         Ok(self
             .operator()
             .await?
-            .get_payment(GetPaymentRequest { transaction_id: transaction_id.into() })
+            .get_payment(GetPaymentRequest {
+                transaction_id: transaction_id.into(),
+            })
             .await
             .with_context(|| format!("payment {transaction_id}"))?
             .into_inner())

@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, Url};
-use x402_client::wire::{encode_header, ErrorBody, PaymentPayload, PaymentRequired, PaymentRequirements};
-use x402_client::{parse_challenge, resource_for, sign_payment, Budget, Client, PaidResponse, PayerKey};
+use x402_client::wire::{
+    encode_header, ErrorBody, PaymentPayload, PaymentRequired, PaymentRequirements,
+};
+use x402_client::{
+    parse_challenge, resource_for, sign_payment, Budget, Client, PaidResponse, PayerKey,
+};
 use x402_proto::settlement::v1::AccountKind;
 
 use crate::envoy::{Envoy, EnvoyOptions};
@@ -72,7 +76,9 @@ extern "C" fn stop_shared_postgres() {
 pub fn fresh_database() -> Result<String> {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let cell = POSTGRES.get_or_init(|| Mutex::new(None));
-    let mut guard = cell.lock().map_err(|_| anyhow!("the shared PostgreSQL lock is poisoned"))?;
+    let mut guard = cell
+        .lock()
+        .map_err(|_| anyhow!("the shared PostgreSQL lock is poisoned"))?;
     if guard.is_none() {
         *guard = Some(TestPostgres::start().context("starting the tests' PostgreSQL")?);
         // Statics are never dropped: stop the cluster when the test binary exits.
@@ -82,7 +88,11 @@ pub fn fresh_database() -> Result<String> {
         }
     }
     let pg = guard.as_ref().context("PostgreSQL is not running")?;
-    let name = format!("x402_e2e_{}_{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "x402_e2e_{}_{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
     pg.create_database(&name)
 }
 
@@ -109,15 +119,28 @@ impl Stack {
     pub async fn start(filter_config: &str) -> Result<Stack> {
         let database_url = fresh_database()?;
         let settlement = Settlement::start(&database_url).await?;
-        settlement.create_account(MERCHANT, AccountKind::Merchant).await?;
+        settlement
+            .create_account(MERCHANT, AccountKind::Merchant)
+            .await?;
         let upstream = Upstream::start()?;
-        let envoy = Envoy::start(EnvoyOptions::new(upstream.port(), settlement.port(), filter_config)).await?;
+        let envoy = Envoy::start(EnvoyOptions::new(
+            upstream.port(),
+            settlement.port(),
+            filter_config,
+        ))
+        .await?;
         let http = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(60))
             .build()?;
-        Ok(Stack { envoy, settlement, upstream, http, payer_seq: AtomicU32::new(0) })
+        Ok(Stack {
+            envoy,
+            settlement,
+            upstream,
+            http,
+            payer_seq: AtomicU32::new(0),
+        })
     }
 
     /// [`Stack::start`] with [`default_filter_config`].
@@ -137,9 +160,13 @@ impl Stack {
     /// A new payer account with a fresh registered key and `funds` atomic USD.
     pub async fn new_payer(&self, funds: u64) -> Result<(String, PayerKey)> {
         let account = format!("payer-{}", self.payer_seq.fetch_add(1, Ordering::Relaxed));
-        self.settlement.create_account(&account, AccountKind::Payer).await?;
+        self.settlement
+            .create_account(&account, AccountKind::Payer)
+            .await?;
         let key = PayerKey::generate();
-        self.settlement.add_key(&account, &key.public_key_hex()).await?;
+        self.settlement
+            .add_key(&account, &key.public_key_hex())
+            .await?;
         if funds > 0 {
             self.settlement.deposit(&account, ASSET, funds).await?;
         }
@@ -157,7 +184,10 @@ impl Stack {
         let start = Instant::now();
         loop {
             let balance = self.settlement.balance(account, ASSET).await?;
-            if balance.available == expected && balance.debits_pending == 0 && balance.credits_pending == 0 {
+            if balance.available == expected
+                && balance.debits_pending == 0
+                && balance.credits_pending == 0
+            {
                 return Ok(());
             }
             if start.elapsed() > Duration::from_secs(30) {
@@ -169,12 +199,19 @@ impl Stack {
 
     /// A paying client for `key` with no budget limit.
     pub fn client(&self, key: &PayerKey) -> Result<Client> {
-        Ok(Client::with_http(self.http.clone(), key.clone(), Budget::unlimited()))
+        Ok(Client::with_http(
+            self.http.clone(),
+            key.clone(),
+            Budget::unlimited(),
+        ))
     }
 
     /// GET `path` through Envoy, paying on a 402.
     pub async fn pay_get(&self, key: &PayerKey, path: &str) -> Result<PaidResponse> {
-        Ok(self.client(key)?.request(Method::GET, self.parsed_url(path)?, HeaderMap::new(), None).await?)
+        Ok(self
+            .client(key)?
+            .request(Method::GET, self.parsed_url(path)?, HeaderMap::new(), None)
+            .await?)
     }
 
     /// The requirements the default config offers for `price`.
@@ -194,7 +231,13 @@ impl Stack {
     }
 
     /// A valid proof for `method path` at `price`, signed by `key`, valid for 30 s.
-    pub fn signed_proof(&self, key: &PayerKey, method: &str, path: &str, price: u64) -> Result<PaymentPayload> {
+    pub fn signed_proof(
+        &self,
+        key: &PayerKey,
+        method: &str,
+        path: &str,
+        price: u64,
+    ) -> Result<PaymentPayload> {
         let resource = resource_for(method, &self.parsed_url(path)?)?;
         Ok(sign_payment(
             key,
@@ -212,8 +255,14 @@ impl Stack {
     }
 
     /// Sends `method path` through Envoy with `payment` as the `PAYMENT-SIGNATURE` header.
-    pub async fn send_with_payment(&self, method: &str, path: &str, payment: &PaymentPayload) -> Result<Answer> {
-        self.send_with_header(method, path, &encode_header(payment)).await
+    pub async fn send_with_payment(
+        &self,
+        method: &str,
+        path: &str,
+        payment: &PaymentPayload,
+    ) -> Result<Answer> {
+        self.send_with_header(method, path, &encode_header(payment))
+            .await
     }
 
     /// Sends `method path` with a raw `PAYMENT-SIGNATURE` header value.
@@ -251,7 +300,11 @@ impl Answer {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response.bytes().await?.to_vec();
-        Ok(Answer { status, headers, body })
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// The 402 challenge, parsed as a client would.
@@ -265,7 +318,9 @@ impl Answer {
         if let Some(challenge) = self.challenge() {
             return challenge.error;
         }
-        serde_json::from_slice::<ErrorBody>(&self.body).ok().map(|e| e.error)
+        serde_json::from_slice::<ErrorBody>(&self.body)
+            .ok()
+            .map(|e| e.error)
     }
 
     pub fn json(&self) -> Option<serde_json::Value> {

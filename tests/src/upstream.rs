@@ -50,7 +50,10 @@ impl Served {
     pub fn count_path_prefix(&self, prefix: &str) -> usize {
         self.requests()
             .iter()
-            .filter(|line| line.split_once(' ').is_some_and(|(_, target)| target.starts_with(prefix)))
+            .filter(|line| {
+                line.split_once(' ')
+                    .is_some_and(|(_, target)| target.starts_with(prefix))
+            })
             .count()
     }
 
@@ -63,29 +66,47 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     response
 }
 
-async fn answer(request: Request<Incoming>, served: Arc<Served>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    request: Request<Incoming>,
+    served: Arc<Served>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
-    let target = request.uri().path_and_query().map(|pq| pq.as_str().to_string()).unwrap_or_else(|| path.clone());
+    let target = request
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
     let payment_header_seen = request.headers().contains_key(HEADER_PAYMENT_SIGNATURE)
-        || request.headers().contains_key(HEADER_PAYMENT_SIGNATURE_ALIAS);
+        || request
+            .headers()
+            .contains_key(HEADER_PAYMENT_SIGNATURE_ALIAS);
     let body_bytes = match request.into_body().collect().await {
         Ok(body) => body.to_bytes().len(),
         Err(_) => 0,
     };
     served.record(format!("{method} {target}"));
     if let Some(code) = path.strip_prefix("/status/") {
-        let status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok());
+        let status = code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok());
         return Ok(match status {
-            Some(status) => json_response(status, &serde_json::json!({ "status": status.as_u16() })),
-            None => json_response(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": "bad status code" })),
+            Some(status) => {
+                json_response(status, &serde_json::json!({ "status": status.as_u16() }))
+            }
+            None => json_response(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "error": "bad status code" }),
+            ),
         });
     }
     Ok(json_response(
@@ -117,7 +138,9 @@ pub async fn serve(listener: TcpListener, served: Arc<Served>, shutdown: impl Fu
         let served = served.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| answer(request, served.clone()));
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
@@ -134,7 +157,8 @@ pub struct Upstream {
 impl Upstream {
     /// Starts on a free port of 127.0.0.1.
     pub fn start() -> Result<Upstream> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the upstream")?;
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("binding the upstream")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -150,12 +174,19 @@ impl Upstream {
             let _guard = runtime.enter();
             TcpListener::from_std(listener)?
         };
-        let thread = std::thread::Builder::new().name("x402-upstream".into()).spawn(move || {
-            runtime.block_on(serve(listener, for_server, async move {
-                let _ = rx.await;
-            }));
-        })?;
-        Ok(Upstream { addr, served, shutdown: Some(tx), thread: Some(thread) })
+        let thread = std::thread::Builder::new()
+            .name("x402-upstream".into())
+            .spawn(move || {
+                runtime.block_on(serve(listener, for_server, async move {
+                    let _ = rx.await;
+                }));
+            })?;
+        Ok(Upstream {
+            addr,
+            served,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -204,8 +235,24 @@ mod tests {
         assert_eq!(json["body_bytes"], 5);
         assert_eq!(json["payment_header_seen"], true);
 
-        assert_eq!(http.get(format!("{base}/status/503")).send().await.unwrap().status().as_u16(), 503);
-        assert_eq!(http.get(format!("{base}/status/abc")).send().await.unwrap().status().as_u16(), 400);
+        assert_eq!(
+            http.get(format!("{base}/status/503"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            503
+        );
+        assert_eq!(
+            http.get(format!("{base}/status/abc"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            400
+        );
 
         assert_eq!(upstream.served().total(), 3);
         assert_eq!(upstream.served().count_path_prefix("/status/"), 2);

@@ -26,13 +26,37 @@ async fn every_tampered_signed_field_is_refused_with_its_code() {
     let other_pub = other_key.public_key_hex();
     let stranger_pub = unregistered.public_key_hex();
     let cases: Vec<(&str, Tamper, &str)> = vec![
-        ("scheme", Box::new(|p| p.accepted.scheme = "upto".into()), "wrong_scheme"),
-        ("network", Box::new(|p| p.accepted.network = "402x-elsewhere".into()), "wrong_network"),
-        ("asset", Box::new(|p| p.accepted.asset = "EUR".into()), "wrong_asset"),
-        ("amount lowered", Box::new(|p| p.accepted.amount = (PAID_PRICE - 1).to_string()), "amount_below_price"),
+        (
+            "scheme",
+            Box::new(|p| p.accepted.scheme = "upto".into()),
+            "wrong_scheme",
+        ),
+        (
+            "network",
+            Box::new(|p| p.accepted.network = "402x-elsewhere".into()),
+            "wrong_network",
+        ),
+        (
+            "asset",
+            Box::new(|p| p.accepted.asset = "EUR".into()),
+            "wrong_asset",
+        ),
+        (
+            "amount lowered",
+            Box::new(|p| p.accepted.amount = (PAID_PRICE - 1).to_string()),
+            "amount_below_price",
+        ),
         // A larger amount passes the price check, so only the signature catches it.
-        ("amount raised", Box::new(|p| p.accepted.amount = (PAID_PRICE * 2).to_string()), "invalid_signature"),
-        ("payTo", Box::new(|p| p.accepted.pay_to = "merchant-other".into()), "wrong_pay_to"),
+        (
+            "amount raised",
+            Box::new(|p| p.accepted.amount = (PAID_PRICE * 2).to_string()),
+            "invalid_signature",
+        ),
+        (
+            "payTo",
+            Box::new(|p| p.accepted.pay_to = "merchant-other".into()),
+            "wrong_pay_to",
+        ),
         (
             "resource",
             Box::new(move |p| p.payload.resource = format!("GET {authority}/paid/other")),
@@ -40,12 +64,24 @@ async fn every_tampered_signed_field_is_refused_with_its_code() {
         ),
         (
             "nonce",
-            Box::new(|p| p.payload.nonce.replace_range(0..2, if p.payload.nonce.starts_with("00") { "01" } else { "00" })),
+            Box::new(|p| {
+                p.payload.nonce.replace_range(
+                    0..2,
+                    if p.payload.nonce.starts_with("00") {
+                        "01"
+                    } else {
+                        "00"
+                    },
+                )
+            }),
             "invalid_signature",
         ),
         (
             "validBefore slightly later",
-            Box::new(|p| p.payload.valid_before = (p.payload.valid_before.parse::<u64>().unwrap() + 1).to_string()),
+            Box::new(|p| {
+                p.payload.valid_before =
+                    (p.payload.valid_before.parse::<u64>().unwrap() + 1).to_string()
+            }),
             "invalid_signature",
         ),
         (
@@ -53,8 +89,16 @@ async fn every_tampered_signed_field_is_refused_with_its_code() {
             Box::new(|p| p.payload.valid_before = (unix_now() + 100_000).to_string()),
             "validity_too_long",
         ),
-        ("payer swapped to another payer's key", Box::new(move |p| p.payload.payer = other_pub.clone()), "invalid_signature"),
-        ("payer swapped to an unknown key", Box::new(move |p| p.payload.payer = stranger_pub.clone()), "unknown_key"),
+        (
+            "payer swapped to another payer's key",
+            Box::new(move |p| p.payload.payer = other_pub.clone()),
+            "invalid_signature",
+        ),
+        (
+            "payer swapped to an unknown key",
+            Box::new(move |p| p.payload.payer = stranger_pub.clone()),
+            "unknown_key",
+        ),
     ];
 
     let mut failures = Vec::new();
@@ -63,31 +107,69 @@ async fn every_tampered_signed_field_is_refused_with_its_code() {
         tamper(&mut proof);
         let answer = stack.send_with_payment("GET", PATH, &proof).await.unwrap();
         if answer.status != 402 || answer.error_code().as_deref() != Some(*expected) {
-            failures.push(format!("{what}: expected 402 {expected}, got {} {}", answer.status, answer.body_text()));
+            failures.push(format!(
+                "{what}: expected 402 {expected}, got {} {}",
+                answer.status,
+                answer.body_text()
+            ));
         }
     }
-    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), stack.logs());
+    assert!(
+        failures.is_empty(),
+        "{}\n{}",
+        failures.join("\n"),
+        stack.logs()
+    );
 
     // A correctly signed proof for another resource is refused too.
-    let elsewhere = stack.signed_proof(&key, "GET", "/paid/other", PAID_PRICE).unwrap();
-    let answer = stack.send_with_payment("GET", PATH, &elsewhere).await.unwrap();
-    assert_eq!((answer.status, answer.error_code().as_deref()), (402, Some("wrong_resource")));
+    let elsewhere = stack
+        .signed_proof(&key, "GET", "/paid/other", PAID_PRICE)
+        .unwrap();
+    let answer = stack
+        .send_with_payment("GET", PATH, &elsewhere)
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.error_code().as_deref()),
+        (402, Some("wrong_resource"))
+    );
     // ... and one for the same path with another method.
     let post = stack.signed_proof(&key, "POST", PATH, PAID_PRICE).unwrap();
     let answer = stack.send_with_payment("GET", PATH, &post).await.unwrap();
-    assert_eq!((answer.status, answer.error_code().as_deref()), (402, Some("wrong_resource")));
+    assert_eq!(
+        (answer.status, answer.error_code().as_deref()),
+        (402, Some("wrong_resource"))
+    );
 
-    assert_eq!(stack.upstream.served().total(), 0, "a refused proof reached the upstream");
-    stack.wait_for_settled_balance(&payer, funds as i64).await.unwrap();
-    stack.wait_for_settled_balance(&other_payer, funds as i64).await.unwrap();
+    assert_eq!(
+        stack.upstream.served().total(),
+        0,
+        "a refused proof reached the upstream"
+    );
+    stack
+        .wait_for_settled_balance(&payer, funds as i64)
+        .await
+        .unwrap();
+    stack
+        .wait_for_settled_balance(&other_payer, funds as i64)
+        .await
+        .unwrap();
     stack.wait_for_settled_balance(MERCHANT, 0).await.unwrap();
-    assert!(stack.settlement.payments_of(&payer).await.unwrap().is_empty());
+    assert!(stack
+        .settlement
+        .payments_of(&payer)
+        .await
+        .unwrap()
+        .is_empty());
 
     // The untampered proof still pays: the refusals above burned nothing it needs.
     let good = stack.signed_proof(&key, "GET", PATH, PAID_PRICE).unwrap();
     let answer = stack.send_with_payment("GET", PATH, &good).await.unwrap();
     assert_eq!(answer.status, 200, "{}", answer.body_text());
-    stack.wait_for_settled_balance(&payer, (funds - PAID_PRICE) as i64).await.unwrap();
+    stack
+        .wait_for_settled_balance(&payer, (funds - PAID_PRICE) as i64)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,8 +188,16 @@ async fn expired_unknown_and_revoked_payers_are_refused() {
         unix_now() - 600,
     )
     .unwrap();
-    let answer = stack.send_with_payment("GET", PATH, &expired).await.unwrap();
-    assert_eq!((answer.status, answer.error_code().as_deref()), (402, Some("expired")), "{}", answer.body_text());
+    let answer = stack
+        .send_with_payment("GET", PATH, &expired)
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.error_code().as_deref()),
+        (402, Some("expired")),
+        "{}",
+        answer.body_text()
+    );
 
     // A key no payer registered.
     let stranger = PayerKey::generate();
@@ -118,15 +208,34 @@ async fn expired_unknown_and_revoked_payers_are_refused() {
     // A revoked key stops paying from the next request on.
     let (revoked_payer, revoked_key) = stack.new_payer(funds).await.unwrap();
     let before = stack.pay_get(&revoked_key, PATH).await.unwrap();
-    assert_eq!(before.status.as_u16(), 200, "{}", String::from_utf8_lossy(&before.body));
-    stack.settlement.revoke_key(&revoked_key.public_key_hex()).await.unwrap();
+    assert_eq!(
+        before.status.as_u16(),
+        200,
+        "{}",
+        String::from_utf8_lossy(&before.body)
+    );
+    stack
+        .settlement
+        .revoke_key(&revoked_key.public_key_hex())
+        .await
+        .unwrap();
     let after = stack.pay_get(&revoked_key, PATH).await.unwrap();
     assert_eq!(after.status.as_u16(), 402);
     assert_eq!(after.error_code().as_deref(), Some("key_revoked"));
 
-    assert_eq!(stack.upstream.served().total(), 1, "only the request paid before revocation was served");
-    stack.wait_for_settled_balance(&payer, funds as i64).await.unwrap();
-    stack.wait_for_settled_balance(&revoked_payer, (funds - PAID_PRICE) as i64).await.unwrap();
+    assert_eq!(
+        stack.upstream.served().total(),
+        1,
+        "only the request paid before revocation was served"
+    );
+    stack
+        .wait_for_settled_balance(&payer, funds as i64)
+        .await
+        .unwrap();
+    stack
+        .wait_for_settled_balance(&revoked_payer, (funds - PAID_PRICE) as i64)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,7 +256,10 @@ async fn malformed_payment_headers_are_answered_400() {
 
     let cases = [
         ("not base64", "%%% this is not base64 %%%".to_string()),
-        ("base64 of something that is not JSON", STANDARD.encode("definitely { not json")),
+        (
+            "base64 of something that is not JSON",
+            STANDARD.encode("definitely { not json"),
+        ),
         ("wrong x402Version", encode_header(&wrong_version)),
         ("negative amount", encode_header(&negative)),
         ("fractional amount", encode_header(&fractional)),
@@ -158,12 +270,23 @@ async fn malformed_payment_headers_are_answered_400() {
         let answer = stack.send_with_header("GET", PATH, header).await.unwrap();
         let body: Option<x402_proto::wire::ErrorBody> = serde_json::from_slice(&answer.body).ok();
         let ok = answer.status == 400
-            && body.as_ref().is_some_and(|b| b.error == "malformed_payment" && !b.message.is_empty());
+            && body
+                .as_ref()
+                .is_some_and(|b| b.error == "malformed_payment" && !b.message.is_empty());
         if !ok {
-            failures.push(format!("{what}: expected 400 malformed_payment, got {} {}", answer.status, answer.body_text()));
+            failures.push(format!(
+                "{what}: expected 400 malformed_payment, got {} {}",
+                answer.status,
+                answer.body_text()
+            ));
         }
     }
-    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), stack.logs());
+    assert!(
+        failures.is_empty(),
+        "{}\n{}",
+        failures.join("\n"),
+        stack.logs()
+    );
 
     // The alias header is read the same way.
     let alias = stack
@@ -176,5 +299,8 @@ async fn malformed_payment_headers_are_answered_400() {
     assert_eq!(alias.status().as_u16(), 400);
 
     assert_eq!(stack.upstream.served().total(), 0);
-    stack.wait_for_settled_balance(&payer, funds as i64).await.unwrap();
+    stack
+        .wait_for_settled_balance(&payer, funds as i64)
+        .await
+        .unwrap();
 }

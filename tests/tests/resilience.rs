@@ -17,13 +17,30 @@ async fn settlement_down_fails_closed_with_503_and_recovers_without_restarting_e
 
     stack.settlement.stop();
     let down = stack.pay_get(&key, "/paid/quote").await.unwrap();
-    assert_eq!(down.status.as_u16(), 503, "{}", String::from_utf8_lossy(&down.body));
-    let body: x402_proto::wire::ErrorBody = serde_json::from_slice(&down.body).expect("a JSON error body");
+    assert_eq!(
+        down.status.as_u16(),
+        503,
+        "{}",
+        String::from_utf8_lossy(&down.body)
+    );
+    let body: x402_proto::wire::ErrorBody =
+        serde_json::from_slice(&down.body).expect("a JSON error body");
     assert_eq!(body.error, "settlement_unavailable");
     assert!(down.receipt.is_none());
-    assert_eq!(stack.upstream.served().total(), 0, "fails closed: nothing reaches the upstream");
+    assert_eq!(
+        stack.upstream.served().total(),
+        0,
+        "fails closed: nothing reaches the upstream"
+    );
     // Challenges need no settlement: unpaid requests are still answered 402.
-    assert_eq!(stack.send_unpaid("GET", "/paid/quote").await.unwrap().status, 402);
+    assert_eq!(
+        stack
+            .send_unpaid("GET", "/paid/quote")
+            .await
+            .unwrap()
+            .status,
+        402
+    );
 
     stack.settlement.restart().await.unwrap();
     assert!(stack.envoy.exited().is_none());
@@ -34,12 +51,26 @@ async fn settlement_down_fails_closed_with_503_and_recovers_without_restarting_e
         if response.status.as_u16() == 200 || start.elapsed() > Duration::from_secs(30) {
             break response;
         }
-        assert_eq!(response.status.as_u16(), 503, "{}", String::from_utf8_lossy(&response.body));
+        assert_eq!(
+            response.status.as_u16(),
+            503,
+            "{}",
+            String::from_utf8_lossy(&response.body)
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    assert_eq!(paid.status.as_u16(), 200, "{}\n{}", String::from_utf8_lossy(&paid.body), stack.logs());
+    assert_eq!(
+        paid.status.as_u16(),
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&paid.body),
+        stack.logs()
+    );
     assert!(paid.receipt.is_some());
-    stack.wait_for_settled_balance(&payer, (funds - PAID_PRICE) as i64).await.unwrap();
+    stack
+        .wait_for_settled_balance(&payer, (funds - PAID_PRICE) as i64)
+        .await
+        .unwrap();
     assert_eq!(stack.upstream.served().total(), 1);
 }
 
@@ -90,11 +121,21 @@ async fn concurrent_payments_never_overdraw_a_payer() {
     done.store(true, Ordering::Relaxed);
     let lowest = watcher.await.unwrap();
 
-    assert!(other.is_empty(), "unexpected answers: {other:?}\n{}", stack.logs());
+    assert!(
+        other.is_empty(),
+        "unexpected answers: {other:?}\n{}",
+        stack.logs()
+    );
     assert_eq!(paid, AFFORDABLE);
     assert_eq!(refused, ATTEMPTS as u64 - AFFORDABLE);
     assert!(lowest >= 0, "available balance went negative: {lowest}");
     stack.wait_for_settled_balance(&payer, 0).await.unwrap();
-    stack.wait_for_settled_balance(MERCHANT, (AFFORDABLE * PAID_PRICE) as i64).await.unwrap();
-    assert_eq!(stack.upstream.served().count_path_prefix("/paid/quote"), AFFORDABLE as usize);
+    stack
+        .wait_for_settled_balance(MERCHANT, (AFFORDABLE * PAID_PRICE) as i64)
+        .await
+        .unwrap();
+    assert_eq!(
+        stack.upstream.served().count_path_prefix("/paid/quote"),
+        AFFORDABLE as usize
+    );
 }

@@ -9,7 +9,9 @@ use clap::Parser;
 use x402_e2e::upstream::{serve, Served};
 
 #[derive(Parser)]
-#[command(about = "Demo HTTP upstream for 402x: /paid/*, /free/* echo as JSON; /status/NNN answers NNN")]
+#[command(
+    about = "Demo HTTP upstream for 402x: /paid/*, /free/* echo as JSON; /status/NNN answers NNN"
+)]
 struct Args {
     /// Address to listen on (loopback only by default).
     #[arg(long, env = "X402_UPSTREAM_LISTEN", default_value = "127.0.0.1:8080")]
@@ -22,7 +24,10 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    eprintln!("demo upstream listening on http://{}", listener.local_addr()?);
+    eprintln!(
+        "demo upstream listening on http://{}",
+        listener.local_addr()?
+    );
     serve(listener, Arc::new(Served::default()), shutdown_signal()).await;
     Ok(())
 }

@@ -23,7 +23,10 @@ const DEMO_FUNDS: u64 = 10_000_000;
 
 fn port_from_env(var: &str, default: u16) -> Result<u16> {
     match std::env::var(var) {
-        Ok(value) => value.trim().parse().with_context(|| format!("{var} must be a port number, got {value:?}")),
+        Ok(value) => value
+            .trim()
+            .parse()
+            .with_context(|| format!("{var} must be a port number, got {value:?}")),
         Err(_) => Ok(default),
     }
 }
@@ -46,15 +49,26 @@ struct DemoConfig {
 }
 
 fn read_demo_config() -> Result<DemoConfig> {
-    let path = paths::workspace_root().join("envoy").join("demo-filter.json");
-    let json = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&json).with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let pay_to = value["pay_to"].as_str().context("demo-filter.json has no pay_to")?.to_string();
+    let path = paths::workspace_root()
+        .join("envoy")
+        .join("demo-filter.json");
+    let json =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&json)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let pay_to = value["pay_to"]
+        .as_str()
+        .context("demo-filter.json has no pay_to")?
+        .to_string();
     let asset = value["asset"].as_str().unwrap_or("USD").to_string();
     let decimals = value["asset_decimals"].as_u64().unwrap_or(6);
     let decimals = u8::try_from(decimals).context("asset_decimals is out of range")?;
-    Ok(DemoConfig { json, pay_to, asset, decimals })
+    Ok(DemoConfig {
+        json,
+        pay_to,
+        asset,
+        decimals,
+    })
 }
 
 /// The demo payer's key: reused from `.run/payer.key` when present, else created there.
@@ -66,13 +80,18 @@ fn demo_key(run_dir: &Path) -> Result<(PayerKey, PathBuf)> {
         return Ok((key, path));
     }
     let key = PayerKey::generate();
-    key.save(&path).with_context(|| format!("saving {}", path.display()))?;
+    key.save(&path)
+        .with_context(|| format!("saving {}", path.display()))?;
     Ok((key, path))
 }
 
 async fn seed(settlement: &Settlement, config: &DemoConfig, key: &PayerKey) -> Result<i64> {
-    settlement.create_account(&config.pay_to, AccountKind::Merchant).await?;
-    settlement.create_account(DEMO_PAYER, AccountKind::Payer).await?;
+    settlement
+        .create_account(&config.pay_to, AccountKind::Merchant)
+        .await?;
+    settlement
+        .create_account(DEMO_PAYER, AccountKind::Payer)
+        .await?;
     let pubkey = key.public_key_hex();
     if let Err(e) = settlement.add_key(DEMO_PAYER, &pubkey).await {
         // With a reused DATABASE_URL the key may be registered already; anything else is fatal.
@@ -83,13 +102,21 @@ async fn seed(settlement: &Settlement, config: &DemoConfig, key: &PayerKey) -> R
             return Err(e);
         }
     }
-    let available = settlement.balance(DEMO_PAYER, &config.asset).await?.available;
+    let available = settlement
+        .balance(DEMO_PAYER, &config.asset)
+        .await?
+        .available;
     let target = i64::try_from(DEMO_FUNDS)?;
     if available < target {
         let top_up = u64::try_from(target - available)?;
-        settlement.deposit(DEMO_PAYER, &config.asset, top_up).await?;
+        settlement
+            .deposit(DEMO_PAYER, &config.asset, top_up)
+            .await?;
     }
-    Ok(settlement.balance(DEMO_PAYER, &config.asset).await?.available)
+    Ok(settlement
+        .balance(DEMO_PAYER, &config.asset)
+        .await?
+        .available)
 }
 
 async fn shutdown_signal() {
@@ -147,7 +174,10 @@ async fn main() -> Result<()> {
     let base = format!("http://127.0.0.1:{listen_port}");
     println!();
     println!("402x is running:");
-    println!("  Envoy + filter   {base}  (admin http://127.0.0.1:{})", envoy.admin_port());
+    println!(
+        "  Envoy + filter   {base}  (admin http://127.0.0.1:{})",
+        envoy.admin_port()
+    );
     println!("  settlement gRPC  {}", settlement.url());
     println!("  demo upstream    http://127.0.0.1:{}", upstream.port());
     println!("  database         {database_url}");
@@ -163,7 +193,10 @@ async fn main() -> Result<()> {
     println!("An unpaid request is answered 402 with a challenge:");
     println!("  curl -i {base}/paid/quote");
     println!("Pay for it:");
-    println!("  {} pay --key {key_shown} {base}/paid/quote", display_path(&x402));
+    println!(
+        "  {} pay --key {key_shown} {base}/paid/quote",
+        display_path(&x402)
+    );
     println!("Operator view:");
     println!(
         "  {} balance --account {DEMO_PAYER} --asset {} --server {}",
