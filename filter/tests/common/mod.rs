@@ -1,0 +1,39 @@
+//! Shared by the integration tests: the fixture table and paths.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Every invalid fixture and the field its error must name.
+pub const INVALID: &[(&str, &str)] = &[
+    ("unknown_field", "settlment_timeout_ms"),
+    ("unknown_match_field", "patth_prefix"),
+    ("price_too_precise", "routes[0].price"),
+    ("price_negative", "routes[0].price"),
+    ("price_not_a_number", "routes[0].price"),
+    ("missing_settlement_cluster", "settlement_cluster"),
+    ("missing_pay_to", "pay_to"),
+    ("empty_pay_to", "pay_to"),
+    ("duplicate_route_name", "routes[1].name"),
+    ("route_without_match", "routes[0].match"),
+    ("route_with_two_paths", "routes[0].match"),
+    ("capture_below_status_zero", "capture_below_status"),
+];
+
+pub const VALID: &[&str] = &["minimal", "no_routes", "full"];
+
+pub fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn workspace_dir() -> PathBuf {
+    crate_dir().parent().map(PathBuf::from).unwrap_or_else(crate_dir)
+}
+
+pub fn fixture(kind: &str, name: &str) -> PathBuf {
+    crate_dir().join("tests/fixtures").join(kind).join(format!("{name}.json"))
+}
+
+pub fn read_fixture(kind: &str, name: &str) -> String {
+    let path = fixture(kind, name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}

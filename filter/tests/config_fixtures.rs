@@ -1,0 +1,67 @@
+//! Every invalid configuration fixture is refused with an error naming its field;
+//! every valid one compiles.
+
+mod common;
+
+use common::{read_fixture, INVALID, VALID};
+use x402_filter::config::Config;
+
+fn refused(name: &str) {
+    let field = INVALID.iter().find(|(n, _)| *n == name).map(|(_, f)| *f).unwrap_or_else(|| panic!("{name} is not in the table"));
+    let err = Config::from_json(read_fixture("invalid", name).as_bytes()).expect_err(name);
+    assert!(err.to_string().contains(field), "{name}: error {err:?} does not name `{field}`");
+}
+
+macro_rules! invalid_fixture_tests {
+    ($($name:ident),* $(,)?) => {
+        $( #[test] fn $name() { refused(stringify!($name)); } )*
+
+        #[test]
+        fn every_invalid_fixture_has_a_test() {
+            let tested = [$(stringify!($name)),*];
+            let dir = common::crate_dir().join("tests/fixtures/invalid");
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+                assert!(tested.contains(&stem.as_str()), "fixture {stem} has no test");
+            }
+            assert_eq!(tested.len(), INVALID.len());
+        }
+    };
+}
+
+invalid_fixture_tests!(
+    unknown_field,
+    unknown_match_field,
+    price_too_precise,
+    price_negative,
+    price_not_a_number,
+    missing_settlement_cluster,
+    missing_pay_to,
+    empty_pay_to,
+    duplicate_route_name,
+    route_without_match,
+    route_with_two_paths,
+    capture_below_status_zero,
+);
+
+#[test]
+fn valid_fixtures_compile() {
+    for name in VALID {
+        let c = Config::from_json(read_fixture("valid", name).as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(c.pay_to, "merchant-demo", "{name}");
+    }
+    let full = Config::from_json(read_fixture("valid", "full").as_bytes()).unwrap();
+    assert!(full.verify_signatures_in_filter);
+    assert_eq!(full.routes.iter().map(|r| r.price).collect::<Vec<_>>(), vec![10_000, 20_000, 1_000_000]);
+}
+
+#[test]
+fn shipped_demo_config_compiles_with_report_before_quote() {
+    let demo = std::fs::read(common::workspace_dir().join("envoy/demo-filter.json")).unwrap();
+    let c = Config::from_json(&demo).unwrap();
+    let names: Vec<_> = c.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["report", "quote"]);
+    assert_eq!(c.route_named("report").unwrap().price, 250_000);
+    assert_eq!(c.route_named("quote").unwrap().price, 10_000);
+}
