@@ -28,11 +28,34 @@ extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
-    fn proxy_get_buffer_bytes(buffer_type: u32, start: usize, max_size: usize, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
-    fn proxy_get_header_map_value(map_type: u32, key_data: *const u8, key_size: usize, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
-    fn proxy_replace_header_map_value(map_type: u32, key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
-    fn proxy_get_property(path_data: *const u8, path_size: usize, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         details_data: *const u8,
@@ -60,7 +83,12 @@ extern "C" {
         return_token: *mut u32,
     ) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
-    fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
 }
 
@@ -118,7 +146,9 @@ impl AbiHost {
         let mut data = null_mut();
         let mut size = 0;
         // SAFETY: key pointer/length describe a live str; out-pointers are valid locals.
-        let status = unsafe { proxy_get_header_map_value(map_type, name.as_ptr(), name.len(), &mut data, &mut size) };
+        let status = unsafe {
+            proxy_get_header_map_value(map_type, name.as_ptr(), name.len(), &mut data, &mut size)
+        };
         if status != STATUS_OK {
             return None;
         }
@@ -143,7 +173,15 @@ impl Host for AbiHost {
 
     fn set_response_header(&mut self, name: &str, value: &str) {
         // SAFETY: pointers/lengths of live strs.
-        unsafe { proxy_replace_header_map_value(MAP_RESPONSE_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+        unsafe {
+            proxy_replace_header_map_value(
+                MAP_RESPONSE_HEADERS,
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            )
+        };
     }
 
     fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]) {
@@ -174,14 +212,22 @@ impl Host for AbiHost {
         let mut data = null_mut();
         let mut size = 0;
         // SAFETY: path pointer/length of a live String; out-pointers are valid locals.
-        let status = unsafe { proxy_get_property(joined.as_ptr(), joined.len(), &mut data, &mut size) };
+        let status =
+            unsafe { proxy_get_property(joined.as_ptr(), joined.len(), &mut data, &mut size) };
         if status != STATUS_OK {
             return None;
         }
         take_host_buffer(data, size)
     }
 
-    fn grpc_call(&mut self, cluster: &str, service: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, CallFailed> {
+    fn grpc_call(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u32,
+    ) -> Result<u32, CallFailed> {
         let metadata = serialize_pairs(&[]);
         let mut token = 0u32;
         // SAFETY: every pointer/length pair describes a live buffer; `token` is a valid local.
@@ -195,7 +241,11 @@ impl Host for AbiHost {
                 method.len(),
                 metadata.as_ptr(),
                 metadata.len(),
-                if message.is_empty() { null() } else { message.as_ptr() },
+                if message.is_empty() {
+                    null()
+                } else {
+                    message.as_ptr()
+                },
                 message.len(),
                 timeout_ms,
                 &mut token,
@@ -212,7 +262,8 @@ impl Host for AbiHost {
         let mut data = null_mut();
         let mut len = 0;
         // SAFETY: out-pointers are valid locals.
-        let status = unsafe { proxy_get_buffer_bytes(BUFFER_GRPC_RECEIVE, 0, size, &mut data, &mut len) };
+        let status =
+            unsafe { proxy_get_buffer_bytes(BUFFER_GRPC_RECEIVE, 0, size, &mut data, &mut len) };
         if status != STATUS_OK {
             return None;
         }
@@ -257,7 +308,8 @@ impl Host for AbiHost {
     fn define_counter(&mut self, name: &str) -> Option<u32> {
         let mut id = 0u32;
         // SAFETY: pointer/length of a live str; `id` is a valid local.
-        let status = unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) };
+        let status =
+            unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) };
         (status == STATUS_OK).then_some(id)
     }
 
@@ -268,10 +320,13 @@ impl Host for AbiHost {
     }
 }
 
+/// A gRPC token and its outcome, as [`Vm::on_grpc_result`] takes them.
+type ParkedResult = (u32, Result<Vec<u8>, u32>);
+
 thread_local! {
     static VM: RefCell<Vm> = RefCell::new(Vm::default());
     /// gRPC results that arrived while the VM was busy (re-entrant callbacks).
-    static PARKED: RefCell<Vec<(u32, Result<Vec<u8>, u32>)>> = const { RefCell::new(Vec::new()) };
+    static PARKED: RefCell<Vec<ParkedResult>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on the VM, then any gRPC results parked meanwhile. Returns `busy` when
@@ -284,7 +339,11 @@ fn with_vm<R>(busy: R, f: impl FnOnce(&mut Vm, &mut AbiHost) -> R) -> R {
         let mut host = AbiHost;
         let result = f(&mut vm, &mut host);
         for _ in 0..64 {
-            let parked = PARKED.with(|p| p.try_borrow_mut().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default());
+            let parked = PARKED.with(|p| {
+                p.try_borrow_mut()
+                    .map(|mut p| std::mem::take(&mut *p))
+                    .unwrap_or_default()
+            });
             if parked.is_empty() {
                 break;
             }
@@ -325,7 +384,9 @@ pub extern "C" fn proxy_abi_version_0_2_1() {}
 
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32) {
-    with_vm((), |vm, _| vm.on_context_create(context_id, root_context_id));
+    with_vm((), |vm, _| {
+        vm.on_context_create(context_id, root_context_id)
+    });
 }
 
 #[no_mangle]
@@ -338,9 +399,23 @@ pub extern "C" fn proxy_on_configure(root_context_id: u32, configuration_size: u
     let mut data = null_mut();
     let mut size = 0;
     // SAFETY: out-pointers are valid locals.
-    let status = unsafe { proxy_get_buffer_bytes(BUFFER_PLUGIN_CONFIGURATION, 0, configuration_size, &mut data, &mut size) };
-    let configuration = if status == STATUS_OK { take_host_buffer(data, size).unwrap_or_default() } else { Vec::new() };
-    let ok = with_vm(false, |vm, host| vm.on_configure(host, root_context_id, &configuration));
+    let status = unsafe {
+        proxy_get_buffer_bytes(
+            BUFFER_PLUGIN_CONFIGURATION,
+            0,
+            configuration_size,
+            &mut data,
+            &mut size,
+        )
+    };
+    let configuration = if status == STATUS_OK {
+        take_host_buffer(data, size).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let ok = with_vm(false, |vm, host| {
+        vm.on_configure(host, root_context_id, &configuration)
+    });
     if ok {
         // SAFETY: no pointers involved.
         unsafe { proxy_set_tick_period_milliseconds(TICK_PERIOD_MS) };
@@ -354,28 +429,52 @@ pub extern "C" fn proxy_on_tick(root_context_id: u32) {
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_request_headers(context_id: u32, _num_headers: usize, _end_of_stream: u32) -> u32 {
-    action(with_vm(Action::Continue, |vm, host| vm.on_request_headers(host, context_id)))
+pub extern "C" fn proxy_on_request_headers(
+    context_id: u32,
+    _num_headers: usize,
+    _end_of_stream: u32,
+) -> u32 {
+    action(with_vm(Action::Continue, |vm, host| {
+        vm.on_request_headers(host, context_id)
+    }))
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_request_body(_context_id: u32, _body_size: usize, _end_of_stream: u32) -> u32 {
+pub extern "C" fn proxy_on_request_body(
+    _context_id: u32,
+    _body_size: usize,
+    _end_of_stream: u32,
+) -> u32 {
     action(Action::Continue)
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_response_headers(context_id: u32, _num_headers: usize, end_of_stream: u32) -> u32 {
-    action(with_vm(Action::Continue, |vm, host| vm.on_response_headers(host, context_id, end_of_stream != 0)))
+pub extern "C" fn proxy_on_response_headers(
+    context_id: u32,
+    _num_headers: usize,
+    end_of_stream: u32,
+) -> u32 {
+    action(with_vm(Action::Continue, |vm, host| {
+        vm.on_response_headers(host, context_id, end_of_stream != 0)
+    }))
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_response_body(context_id: u32, _body_size: usize, end_of_stream: u32) -> u32 {
-    action(with_vm(Action::Continue, |vm, host| vm.on_response_data(host, context_id, end_of_stream != 0)))
+pub extern "C" fn proxy_on_response_body(
+    context_id: u32,
+    _body_size: usize,
+    end_of_stream: u32,
+) -> u32 {
+    action(with_vm(Action::Continue, |vm, host| {
+        vm.on_response_data(host, context_id, end_of_stream != 0)
+    }))
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_response_trailers(context_id: u32, _num_trailers: usize) -> u32 {
-    action(with_vm(Action::Continue, |vm, host| vm.on_response_data(host, context_id, true)))
+    action(with_vm(Action::Continue, |vm, host| {
+        vm.on_response_data(host, context_id, true)
+    }))
 }
 
 #[no_mangle]
@@ -394,10 +493,20 @@ pub extern "C" fn proxy_on_delete(context_id: u32) {
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_grpc_receive_initial_metadata(_context_id: u32, _token: u32, _headers: u32) {}
+pub extern "C" fn proxy_on_grpc_receive_initial_metadata(
+    _context_id: u32,
+    _token: u32,
+    _headers: u32,
+) {
+}
 
 #[no_mangle]
-pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(_context_id: u32, _token: u32, _trailers: u32) {}
+pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(
+    _context_id: u32,
+    _token: u32,
+    _trailers: u32,
+) {
+}
 
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_receive(_context_id: u32, token: u32, response_size: usize) {
@@ -410,6 +519,10 @@ pub extern "C" fn proxy_on_grpc_receive(_context_id: u32, token: u32, response_s
 pub extern "C" fn proxy_on_grpc_close(_context_id: u32, token: u32, status_code: u32) {
     // After a received message the call is already settled and this is a no-op; a
     // close without a message fails the call (an OK status then counts as UNKNOWN).
-    let status = if status_code == crate::dispatcher::GRPC_OK { GRPC_UNKNOWN } else { status_code };
+    let status = if status_code == crate::dispatcher::GRPC_OK {
+        GRPC_UNKNOWN
+    } else {
+        status_code
+    };
     on_grpc_result(token, Err(status));
 }

@@ -98,7 +98,11 @@ pub enum ConfigError {
     #[error("field `{field}` is invalid: {reason}")]
     Invalid { field: String, reason: String },
     #[error("field `routes[{index}].price` ({price:?}) is not a valid price: {reason}")]
-    Price { index: usize, price: String, reason: AmountError },
+    Price {
+        index: usize,
+        price: String,
+        reason: AmountError,
+    },
     #[error("field `routes[{index}].name`: duplicate route name {name:?}")]
     DuplicateRoute { index: usize, name: String },
     #[error("field `routes[{index}].match` has no criteria: set route_name, method, path_prefix or path_exact")]
@@ -110,7 +114,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// The validated configuration.
@@ -194,7 +201,8 @@ impl Matcher {
 impl Config {
     /// Parses and validates the plugin JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let raw: RawConfig =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
         Config::try_from(raw)
     }
 
@@ -210,7 +218,9 @@ impl Config {
 
 fn check_text(field: &str, value: &str) -> Result<(), ConfigError> {
     if value.is_empty() {
-        return Err(ConfigError::Empty { field: field.to_owned() });
+        return Err(ConfigError::Empty {
+            field: field.to_owned(),
+        });
     }
     if value.len() > x402_proto::wire::MAX_SHORT_FIELD {
         return Err(invalid(field, "is too long"));
@@ -226,7 +236,10 @@ fn check_path(field: String, value: &str) -> Result<(), ConfigError> {
         return Err(invalid(field, "must start with '/'"));
     }
     if value.contains(['?', '#']) {
-        return Err(invalid(field, "matches the path only; it must not contain '?' or '#'"));
+        return Err(invalid(
+            field,
+            "matches the path only; it must not contain '?' or '#'",
+        ));
     }
     Ok(())
 }
@@ -243,10 +256,16 @@ impl TryFrom<RawConfig> for Config {
             return Err(invalid("settlement_timeout_ms", "must be positive"));
         }
         if raw.asset_decimals > MAX_DECIMALS {
-            return Err(invalid("asset_decimals", format!("must be at most {MAX_DECIMALS}")));
+            return Err(invalid(
+                "asset_decimals",
+                format!("must be at most {MAX_DECIMALS}"),
+            ));
         }
         if raw.max_timeout_seconds == 0 || raw.max_timeout_seconds > 86_400 {
-            return Err(invalid("max_timeout_seconds", "must be between 1 and 86400"));
+            return Err(invalid(
+                "max_timeout_seconds",
+                "must be between 1 and 86400",
+            ));
         }
         if raw.hold_ttl_seconds == 0 {
             return Err(invalid("hold_ttl_seconds", "must be positive"));
@@ -255,7 +274,10 @@ impl TryFrom<RawConfig> for Config {
             return Err(invalid("clock_skew_seconds", "must be at most 3600"));
         }
         if !(100..=600).contains(&raw.capture_below_status) {
-            return Err(invalid("capture_below_status", "must be an HTTP status between 100 and 600"));
+            return Err(invalid(
+                "capture_below_status",
+                "must be an HTTP status between 100 and 600",
+            ));
         }
         if raw.routes.len() > MAX_ROUTES {
             return Err(ConfigError::TooManyRoutes);
@@ -264,24 +286,38 @@ impl TryFrom<RawConfig> for Config {
         for (index, r) in raw.routes.into_iter().enumerate() {
             check_text(&format!("routes[{index}].name"), &r.name)?;
             if routes.iter().any(|seen| seen.name == r.name) {
-                return Err(ConfigError::DuplicateRoute { index, name: r.name });
+                return Err(ConfigError::DuplicateRoute {
+                    index,
+                    name: r.name,
+                });
             }
-            let price = amount::parse_decimal(&r.price, raw.asset_decimals).map_err(|reason| ConfigError::Price {
-                index,
-                price: r.price.clone(),
-                reason,
+            let price = amount::parse_decimal(&r.price, raw.asset_decimals).map_err(|reason| {
+                ConfigError::Price {
+                    index,
+                    price: r.price.clone(),
+                    reason,
+                }
             })?;
             let m = r.match_;
-            if m.route_name.is_none() && m.method.is_none() && m.path_prefix.is_none() && m.path_exact.is_none() {
+            if m.route_name.is_none()
+                && m.method.is_none()
+                && m.path_prefix.is_none()
+                && m.path_exact.is_none()
+            {
                 return Err(ConfigError::EmptyMatch { index });
             }
             if let Some(name) = &m.route_name {
                 check_text(&format!("routes[{index}].match.route_name"), name)?;
             }
             if let Some(method) = &m.method {
-                let ok = !method.is_empty() && method.len() <= 32 && method.bytes().all(|b| b.is_ascii_alphabetic());
+                let ok = !method.is_empty()
+                    && method.len() <= 32
+                    && method.bytes().all(|b| b.is_ascii_alphabetic());
                 if !ok {
-                    return Err(invalid(format!("routes[{index}].match.method"), "must be an HTTP method such as GET"));
+                    return Err(invalid(
+                        format!("routes[{index}].match.method"),
+                        "must be an HTTP method such as GET",
+                    ));
                 }
             }
             let path = match (m.path_prefix, m.path_exact) {
@@ -369,19 +405,36 @@ mod tests {
             .as_bytes(),
         )
         .unwrap();
-        let key = |route_name, method, path| RouteKey { route_name, method, path };
+        let key = |route_name, method, path| RouteKey {
+            route_name,
+            method,
+            path,
+        };
         let name = |k: RouteKey<'_>| c.route_for(&k).map(|r| r.name.clone());
-        assert_eq!(name(key(None, "POST", "/paid/report?x=1")), Some("report".into()));
+        assert_eq!(
+            name(key(None, "POST", "/paid/report?x=1")),
+            Some("report".into())
+        );
         assert_eq!(name(key(None, "GET", "/paid/report")), Some("quote".into()));
         assert_eq!(name(key(None, "GET", "/paidx")), Some("quote".into()));
         assert_eq!(name(key(None, "GET", "/free")), None);
-        assert_eq!(name(key(Some("named"), "GET", "/named/x")), Some("named".into()));
+        assert_eq!(
+            name(key(Some("named"), "GET", "/named/x")),
+            Some("named".into())
+        );
         assert_eq!(name(key(Some("other"), "GET", "/named/x")), None);
     }
 
     #[test]
     fn empty_route_table_prices_nothing() {
-        let c = Config::from_json(br#"{"settlement_cluster":"s","pay_to":"m","routes":[]}"#).unwrap();
-        assert!(c.route_for(&RouteKey { route_name: None, method: "GET", path: "/paid" }).is_none());
+        let c =
+            Config::from_json(br#"{"settlement_cluster":"s","pay_to":"m","routes":[]}"#).unwrap();
+        assert!(c
+            .route_for(&RouteKey {
+                route_name: None,
+                method: "GET",
+                path: "/paid"
+            })
+            .is_none());
     }
 }

@@ -10,8 +10,9 @@ use std::collections::{HashMap, VecDeque};
 
 use prost::Message;
 use x402_proto::settlement::v1::{
-    AuthorizeItem, AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, AuthorizeResult, CaptureItem, CaptureRequest,
-    CaptureResponse, ResolveOutcome, ResolveResult, VoidItem, VoidRequest, VoidResponse,
+    AuthorizeItem, AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, AuthorizeResult,
+    CaptureItem, CaptureRequest, CaptureResponse, ResolveOutcome, ResolveResult, VoidItem,
+    VoidRequest, VoidResponse,
 };
 use x402_proto::wire::ErrorCode;
 
@@ -95,16 +96,27 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn authorize(&mut self, context_id: u32, item: AuthorizeItem) {
-        let waiter = Waiter { context_id, request_id: item.request_id.clone() };
+        let waiter = Waiter {
+            context_id,
+            request_id: item.request_id.clone(),
+        };
         self.authorize_queue.push_back((waiter, item));
     }
 
     pub fn capture(&mut self, item: CaptureItem) {
-        self.capture_queue.push_back(Retryable { item, attempts: 0, not_before_nanos: 0 });
+        self.capture_queue.push_back(Retryable {
+            item,
+            attempts: 0,
+            not_before_nanos: 0,
+        });
     }
 
     pub fn void(&mut self, item: VoidItem) {
-        self.void_queue.push_back(Retryable { item, attempts: 0, not_before_nanos: 0 });
+        self.void_queue.push_back(Retryable {
+            item,
+            attempts: 0,
+            not_before_nanos: 0,
+        });
     }
 
     /// Calls in flight, by RPC.
@@ -114,7 +126,9 @@ impl Dispatcher {
             .filter(|f| {
                 matches!(
                     (f, rpc),
-                    (InFlight::Authorize(_), Rpc::Authorize) | (InFlight::Capture(_), Rpc::Capture) | (InFlight::Void(_), Rpc::Void)
+                    (InFlight::Authorize(_), Rpc::Authorize)
+                        | (InFlight::Capture(_), Rpc::Capture)
+                        | (InFlight::Void(_), Rpc::Void)
                 )
             })
             .count()
@@ -122,18 +136,29 @@ impl Dispatcher {
 
     /// Work waiting to be sent: (authorizations, captures, voids).
     pub fn queued(&self) -> (usize, usize, usize) {
-        (self.authorize_queue.len(), self.capture_queue.len(), self.void_queue.len())
+        (
+            self.authorize_queue.len(),
+            self.capture_queue.len(),
+            self.void_queue.len(),
+        )
     }
 
     /// Sends queued work on every RPC that has no call in flight. `current` is the
     /// context the host is running, restored after each call. Returns answers for
     /// authorizations whose call could not be started.
-    pub fn flush(&mut self, host: &mut dyn Host, target: &Target, current: u32, metrics: &Metrics) -> Vec<Delivery> {
+    pub fn flush(
+        &mut self,
+        host: &mut dyn Host,
+        target: &Target,
+        current: u32,
+        metrics: &Metrics,
+    ) -> Vec<Delivery> {
         let mut deliveries = Vec::new();
         let now = host.now_nanos();
         if self.in_flight(Rpc::Authorize) == 0 && !self.authorize_queue.is_empty() {
             let n = self.authorize_queue.len().min(MAX_BATCH);
-            let (waiters, items): (Vec<Waiter>, Vec<AuthorizeItem>) = self.authorize_queue.drain(..n).unzip();
+            let (waiters, items): (Vec<Waiter>, Vec<AuthorizeItem>) =
+                self.authorize_queue.drain(..n).unzip();
             let message = AuthorizeRequest { items }.encode_to_vec();
             match call(host, target, current, Rpc::Authorize, &message) {
                 Some(token) => {
@@ -141,14 +166,20 @@ impl Dispatcher {
                 }
                 None => {
                     metrics.add(host, Metric::CalloutFailures, 1);
-                    deliveries.extend(waiters.into_iter().map(|w| Delivery { context_id: w.context_id, answer: AuthorizeAnswer::Unavailable }));
+                    deliveries.extend(waiters.into_iter().map(|w| Delivery {
+                        context_id: w.context_id,
+                        answer: AuthorizeAnswer::Unavailable,
+                    }));
                 }
             }
         }
         if self.in_flight(Rpc::Capture) == 0 {
             let batch = take_due(&mut self.capture_queue, now);
             if !batch.is_empty() {
-                let message = CaptureRequest { items: batch.iter().map(|r| r.item.clone()).collect() }.encode_to_vec();
+                let message = CaptureRequest {
+                    items: batch.iter().map(|r| r.item.clone()).collect(),
+                }
+                .encode_to_vec();
                 match call(host, target, current, Rpc::Capture, &message) {
                     Some(token) => {
                         self.in_flight.insert(token, InFlight::Capture(batch));
@@ -163,7 +194,10 @@ impl Dispatcher {
         if self.in_flight(Rpc::Void) == 0 {
             let batch = take_due(&mut self.void_queue, now);
             if !batch.is_empty() {
-                let message = VoidRequest { items: batch.iter().map(|r| r.item.clone()).collect() }.encode_to_vec();
+                let message = VoidRequest {
+                    items: batch.iter().map(|r| r.item.clone()).collect(),
+                }
+                .encode_to_vec();
                 match call(host, target, current, Rpc::Void, &message) {
                     Some(token) => {
                         self.in_flight.insert(token, InFlight::Void(batch));
@@ -185,42 +219,66 @@ impl Dispatcher {
 
     /// Handles the end of a call: `Ok(body)` on gRPC status OK, `Err(status)` otherwise.
     /// Returns the answers for the request contexts that waited on it.
-    pub fn on_response(&mut self, host: &mut dyn Host, token: u32, result: Result<Vec<u8>, u32>, metrics: &Metrics) -> Vec<Delivery> {
+    pub fn on_response(
+        &mut self,
+        host: &mut dyn Host,
+        token: u32,
+        result: Result<Vec<u8>, u32>,
+        metrics: &Metrics,
+    ) -> Vec<Delivery> {
         let Some(flight) = self.in_flight.remove(&token) else {
             return Vec::new();
         };
         let now = host.now_nanos();
         if let Err(status) = &result {
             metrics.add(host, Metric::CalloutFailures, 1);
-            host.log(LogLevel::Warn, &format!("settlement call failed with gRPC status {status}"));
+            host.log(
+                LogLevel::Warn,
+                &format!("settlement call failed with gRPC status {status}"),
+            );
         }
         match flight {
             InFlight::Authorize(waiters) => {
-                let results = result.ok().and_then(|body| match AuthorizeResponse::decode(body.as_slice()) {
-                    Ok(r) => Some(r.results),
-                    Err(e) => {
-                        host.log(LogLevel::Error, &format!("undecodable AuthorizeResponse: {e}"));
-                        None
-                    }
-                });
+                let results =
+                    result
+                        .ok()
+                        .and_then(|body| match AuthorizeResponse::decode(body.as_slice()) {
+                            Ok(r) => Some(r.results),
+                            Err(e) => {
+                                host.log(
+                                    LogLevel::Error,
+                                    &format!("undecodable AuthorizeResponse: {e}"),
+                                );
+                                None
+                            }
+                        });
                 waiters
                     .into_iter()
                     .enumerate()
                     .map(|(i, w)| {
                         let answer = match results.as_ref().and_then(|r| r.get(i)) {
-                            Some(result) if result.request_id == w.request_id => answer_for(host, result),
+                            Some(result) if result.request_id == w.request_id => {
+                                answer_for(host, result)
+                            }
                             Some(_) => {
-                                host.log(LogLevel::Error, "AuthorizeResponse results are out of order");
+                                host.log(
+                                    LogLevel::Error,
+                                    "AuthorizeResponse results are out of order",
+                                );
                                 AuthorizeAnswer::Unavailable
                             }
                             None => AuthorizeAnswer::Unavailable,
                         };
-                        Delivery { context_id: w.context_id, answer }
+                        Delivery {
+                            context_id: w.context_id,
+                            answer,
+                        }
                     })
                     .collect()
             }
             InFlight::Capture(batch) => {
-                match result.map(|body| CaptureResponse::decode(body.as_slice()).map(|r| r.results)) {
+                match result.map(|body| CaptureResponse::decode(body.as_slice()).map(|r| r.results))
+                {
                     Ok(Ok(results)) => record_resolutions(host, metrics, &results),
                     _ => requeue(host, &mut self.capture_queue, batch, now, metrics),
                 }
@@ -237,14 +295,33 @@ impl Dispatcher {
     }
 }
 
-fn call(host: &mut dyn Host, target: &Target, current: u32, rpc: Rpc, message: &[u8]) -> Option<u32> {
+fn call(
+    host: &mut dyn Host,
+    target: &Target,
+    current: u32,
+    rpc: Rpc,
+    message: &[u8],
+) -> Option<u32> {
     host.set_effective_context(target.root_context);
-    let result = host.grpc_call(&target.cluster, SERVICE, rpc.method(), message, target.timeout_ms);
+    let result = host.grpc_call(
+        &target.cluster,
+        SERVICE,
+        rpc.method(),
+        message,
+        target.timeout_ms,
+    );
     host.set_effective_context(current);
     match result {
         Ok(token) => Some(token),
         Err(_) => {
-            host.log(LogLevel::Warn, &format!("could not start settlement {} call on cluster {}", rpc.method(), target.cluster));
+            host.log(
+                LogLevel::Warn,
+                &format!(
+                    "could not start settlement {} call on cluster {}",
+                    rpc.method(),
+                    target.cluster
+                ),
+            );
             None
         }
     }
@@ -264,15 +341,25 @@ fn take_due<T>(queue: &mut VecDeque<Retryable<T>>, now: u64) -> Vec<Retryable<T>
     batch
 }
 
-fn requeue<T>(host: &mut dyn Host, queue: &mut VecDeque<Retryable<T>>, batch: Vec<Retryable<T>>, now: u64, metrics: &Metrics) {
+fn requeue<T>(
+    host: &mut dyn Host,
+    queue: &mut VecDeque<Retryable<T>>,
+    batch: Vec<Retryable<T>>,
+    now: u64,
+    metrics: &Metrics,
+) {
     for mut r in batch {
         r.attempts += 1;
         if r.attempts >= MAX_RESOLVE_ATTEMPTS {
             metrics.add(host, Metric::ResolutionsDropped, 1);
-            host.log(LogLevel::Error, "giving up on a capture/void after retries; the hold will expire in settlement");
+            host.log(
+                LogLevel::Error,
+                "giving up on a capture/void after retries; the hold will expire in settlement",
+            );
             continue;
         }
-        r.not_before_nanos = now.saturating_add(RETRY_BACKOFF_NANOS.saturating_mul(u64::from(r.attempts)));
+        r.not_before_nanos =
+            now.saturating_add(RETRY_BACKOFF_NANOS.saturating_mul(u64::from(r.attempts)));
         queue.push_back(r);
     }
 }
@@ -287,7 +374,12 @@ fn record_resolutions(host: &mut dyn Host, metrics: &Metrics, results: &[Resolve
             ResolveOutcome::Voided => metrics.add(host, Metric::Voids, 1),
             other => host.log(
                 LogLevel::Warn,
-                &format!("settlement refused to resolve {}: {} {}", r.transaction_id, other.as_str_name(), r.message),
+                &format!(
+                    "settlement refused to resolve {}: {} {}",
+                    r.transaction_id,
+                    other.as_str_name(),
+                    r.message
+                ),
             ),
         }
     }
@@ -297,10 +389,12 @@ fn record_resolutions(host: &mut dyn Host, metrics: &Metrics, results: &[Resolve
 pub fn answer_for(host: &dyn Host, result: &AuthorizeResult) -> AuthorizeAnswer {
     let refused = |code| AuthorizeAnswer::Refused(code);
     match result.outcome() {
-        AuthorizeOutcome::Authorized if !result.transaction_id.is_empty() => AuthorizeAnswer::Authorized {
-            transaction: result.transaction_id.clone(),
-            held_amount: result.held_amount,
-        },
+        AuthorizeOutcome::Authorized if !result.transaction_id.is_empty() => {
+            AuthorizeAnswer::Authorized {
+                transaction: result.transaction_id.clone(),
+                held_amount: result.held_amount,
+            }
+        }
         AuthorizeOutcome::InvalidSignature => refused(ErrorCode::InvalidSignature),
         AuthorizeOutcome::UnknownKey => refused(ErrorCode::UnknownKey),
         AuthorizeOutcome::KeyRevoked => refused(ErrorCode::KeyRevoked),
@@ -314,7 +408,12 @@ pub fn answer_for(host: &dyn Host, result: &AuthorizeResult) -> AuthorizeAnswer 
         other => {
             host.log(
                 LogLevel::Error,
-                &format!("settlement answered {} for request {}: {}", other.as_str_name(), result.request_id, result.message),
+                &format!(
+                    "settlement answered {} for request {}: {}",
+                    other.as_str_name(),
+                    result.request_id,
+                    result.message
+                ),
             );
             AuthorizeAnswer::Unavailable
         }

@@ -28,7 +28,14 @@ pub trait Host {
     fn resume_request(&mut self);
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// Starts a unary gRPC call; returns its token.
-    fn grpc_call(&mut self, cluster: &str, service: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, CallFailed>;
+    fn grpc_call(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u32,
+    ) -> Result<u32, CallFailed>;
     /// Body of the gRPC response being delivered right now.
     fn grpc_response(&self, size: usize) -> Option<Vec<u8>>;
     fn set_effective_context(&mut self, context_id: u32) -> bool;
@@ -42,11 +49,33 @@ pub trait Host {
 /// A recorded call on [`FakeHost`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    RemoveRequestHeader { context: u32, name: String },
-    SetResponseHeader { context: u32, name: String, value: String },
-    LocalReply { context: u32, status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
-    Resume { context: u32 },
-    Grpc { context: u32, token: u32, cluster: String, service: String, method: String, message: Vec<u8>, timeout_ms: u32 },
+    RemoveRequestHeader {
+        context: u32,
+        name: String,
+    },
+    SetResponseHeader {
+        context: u32,
+        name: String,
+        value: String,
+    },
+    LocalReply {
+        context: u32,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    Resume {
+        context: u32,
+    },
+    Grpc {
+        context: u32,
+        token: u32,
+        cluster: String,
+        service: String,
+        method: String,
+        message: Vec<u8>,
+        timeout_ms: u32,
+    },
 }
 
 /// Test double: request headers per context, recorded calls, a settable clock.
@@ -71,7 +100,10 @@ pub struct FakeHost {
 
 impl FakeHost {
     pub fn grpc_calls(&self) -> Vec<&Call> {
-        self.calls.iter().filter(|c| matches!(c, Call::Grpc { .. })).collect()
+        self.calls
+            .iter()
+            .filter(|c| matches!(c, Call::Grpc { .. }))
+            .collect()
     }
 
     pub fn counter(&self, name: &str) -> u64 {
@@ -100,26 +132,49 @@ impl Host for FakeHost {
         if let Some(h) = self.headers.get_mut(&self.effective) {
             h.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         }
-        self.calls.push(Call::RemoveRequestHeader { context: self.effective, name: name.to_owned() });
+        self.calls.push(Call::RemoveRequestHeader {
+            context: self.effective,
+            name: name.to_owned(),
+        });
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {
-        self.calls.push(Call::SetResponseHeader { context: self.effective, name: name.to_owned(), value: value.to_owned() });
+        self.calls.push(Call::SetResponseHeader {
+            context: self.effective,
+            name: name.to_owned(),
+            value: value.to_owned(),
+        });
     }
 
     fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]) {
-        self.calls.push(Call::LocalReply { context: self.effective, status, headers: headers.to_vec(), body: body.to_vec() });
+        self.calls.push(Call::LocalReply {
+            context: self.effective,
+            status,
+            headers: headers.to_vec(),
+            body: body.to_vec(),
+        });
     }
 
     fn resume_request(&mut self) {
-        self.calls.push(Call::Resume { context: self.effective });
+        self.calls.push(Call::Resume {
+            context: self.effective,
+        });
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.properties.get(&(self.effective, path.join("."))).cloned()
+        self.properties
+            .get(&(self.effective, path.join(".")))
+            .cloned()
     }
 
-    fn grpc_call(&mut self, cluster: &str, service: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, CallFailed> {
+    fn grpc_call(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u32,
+    ) -> Result<u32, CallFailed> {
         if self.fail_grpc {
             return Err(CallFailed);
         }

@@ -63,7 +63,12 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn define(host: &mut dyn Host) -> Metrics {
-        Metrics { ids: Metric::ALL.iter().map(|m| host.define_counter(m.name())).collect() }
+        Metrics {
+            ids: Metric::ALL
+                .iter()
+                .map(|m| host.define_counter(m.name()))
+                .collect(),
+        }
     }
 
     pub fn add(&self, host: &mut dyn Host, metric: Metric, by: u64) {

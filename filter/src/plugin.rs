@@ -50,16 +50,30 @@ pub struct Vm {
 impl Vm {
     pub fn on_context_create(&mut self, context_id: u32, root_id: u32) {
         if root_id != 0 {
-            self.requests.insert(context_id, RequestContext { root_id, state: State::New });
+            self.requests.insert(
+                context_id,
+                RequestContext {
+                    root_id,
+                    state: State::New,
+                },
+            );
         }
     }
 
     /// Compiles the plugin configuration; `false` makes Envoy refuse the plugin.
-    pub fn on_configure(&mut self, host: &mut dyn Host, root_id: u32, configuration: &[u8]) -> bool {
+    pub fn on_configure(
+        &mut self,
+        host: &mut dyn Host,
+        root_id: u32,
+        configuration: &[u8],
+    ) -> bool {
         let config = match Config::from_json(configuration) {
             Ok(c) => c,
             Err(e) => {
-                host.log(LogLevel::Error, &format!("x402 filter: rejected configuration: {e}"));
+                host.log(
+                    LogLevel::Error,
+                    &format!("x402 filter: rejected configuration: {e}"),
+                );
                 return false;
             }
         };
@@ -74,9 +88,21 @@ impl Vm {
         };
         host.log(
             LogLevel::Info,
-            &format!("x402 filter: configured {} priced route(s), paying {}", config.routes.len(), config.pay_to),
+            &format!(
+                "x402 filter: configured {} priced route(s), paying {}",
+                config.routes.len(),
+                config.pay_to
+            ),
         );
-        self.plugins.insert(root_id, Plugin { config, dispatcher: Dispatcher::default(), metrics, target });
+        self.plugins.insert(
+            root_id,
+            Plugin {
+                config,
+                dispatcher: Dispatcher::default(),
+                metrics,
+                target,
+            },
+        );
         true
     }
 
@@ -96,21 +122,37 @@ impl Vm {
         self.advance(host, context_id, root_id, Event::RequestHeaders(info))
     }
 
-    pub fn on_response_headers(&mut self, host: &mut dyn Host, context_id: u32, end_of_stream: bool) -> Action {
+    pub fn on_response_headers(
+        &mut self,
+        host: &mut dyn Host,
+        context_id: u32,
+        end_of_stream: bool,
+    ) -> Action {
         let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
             return Action::Continue;
         };
         if !matches!(self.state(context_id), Some(State::Paid(_))) {
             return Action::Continue;
         }
-        let status = host.response_header(":status").and_then(|s| s.parse::<u16>().ok());
-        let event = Event::ResponseHeaders { status, end_of_stream, now_nanos: host.now_nanos() };
+        let status = host
+            .response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok());
+        let event = Event::ResponseHeaders {
+            status,
+            end_of_stream,
+            now_nanos: host.now_nanos(),
+        };
         self.advance(host, context_id, root_id, event);
         Action::Continue
     }
 
     /// Response body or trailers; `end_of_stream` marks a complete response.
-    pub fn on_response_data(&mut self, host: &mut dyn Host, context_id: u32, end_of_stream: bool) -> Action {
+    pub fn on_response_data(
+        &mut self,
+        host: &mut dyn Host,
+        context_id: u32,
+        end_of_stream: bool,
+    ) -> Action {
         if end_of_stream && matches!(self.state(context_id), Some(State::Paid(_))) {
             if let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) {
                 self.advance(host, context_id, root_id, Event::ResponseComplete);
@@ -131,7 +173,8 @@ impl Vm {
             // A stream torn down without an access-log callback still releases its hold.
             if matches!(request.state, State::Paid(_)) {
                 if let Some(plugin) = self.plugins.get_mut(&request.root_id) {
-                    let (_, effects) = request::step(&plugin.config, request.state, Event::StreamEnd);
+                    let (_, effects) =
+                        request::step(&plugin.config, request.state, Event::StreamEnd);
                     self.apply(host, context_id, request.root_id, effects);
                     self.flush(host, request.root_id, request.root_id);
                 }
@@ -147,8 +190,18 @@ impl Vm {
 
     /// A gRPC call ended: `Ok(body)` after `proxy_on_grpc_receive`, `Err(status)`
     /// after `proxy_on_grpc_close` with a non-OK status.
-    pub fn on_grpc_result(&mut self, host: &mut dyn Host, token: u32, result: Result<Vec<u8>, u32>) {
-        let Some(root_id) = self.plugins.iter().find(|(_, p)| p.dispatcher.owns(token)).map(|(id, _)| *id) else {
+    pub fn on_grpc_result(
+        &mut self,
+        host: &mut dyn Host,
+        token: u32,
+        result: Result<Vec<u8>, u32>,
+    ) {
+        let Some(root_id) = self
+            .plugins
+            .iter()
+            .find(|(_, p)| p.dispatcher.owns(token))
+            .map(|(id, _)| *id)
+        else {
             return;
         };
         let deliveries = match self.plugins.get_mut(&root_id) {
@@ -160,7 +213,13 @@ impl Vm {
     }
 
     /// Steps one request and applies what it decided.
-    fn advance(&mut self, host: &mut dyn Host, context_id: u32, root_id: u32, event: Event) -> Action {
+    fn advance(
+        &mut self,
+        host: &mut dyn Host,
+        context_id: u32,
+        root_id: u32,
+        event: Event,
+    ) -> Action {
         let Some(plugin) = self.plugins.get(&root_id) else {
             return Action::Continue;
         };
@@ -197,8 +256,12 @@ impl Vm {
             let Some(plugin) = self.plugins.get(&root_id) else {
                 return;
             };
-            let alive = self.requests.contains_key(&d.context_id) && host.set_effective_context(d.context_id);
-            let event = Event::AuthorizeAnswer { answer: d.answer, now_nanos: host.now_nanos() };
+            let alive = self.requests.contains_key(&d.context_id)
+                && host.set_effective_context(d.context_id);
+            let event = Event::AuthorizeAnswer {
+                answer: d.answer,
+                now_nanos: host.now_nanos(),
+            };
             if alive {
                 if let Some(request) = self.requests.get_mut(&d.context_id) {
                     let state = std::mem::take(&mut request.state);
@@ -215,7 +278,13 @@ impl Vm {
     }
 
     /// The one place where decisions become host calls and the Action for Envoy.
-    fn apply(&mut self, host: &mut dyn Host, context_id: u32, root_id: u32, effects: Vec<Effect>) -> Action {
+    fn apply(
+        &mut self,
+        host: &mut dyn Host,
+        context_id: u32,
+        root_id: u32,
+        effects: Vec<Effect>,
+    ) -> Action {
         let Some(plugin) = self.plugins.get_mut(&root_id) else {
             return Action::Continue;
         };
@@ -226,11 +295,15 @@ impl Vm {
                 Effect::Pause => action = Action::Pause,
                 Effect::Resume => host.resume_request(),
                 Effect::RemoveRequestHeader(name) => host.remove_request_header(name),
-                Effect::Reply { status, headers, body } => {
+                Effect::Reply {
+                    status,
+                    headers,
+                    body,
+                } => {
                     host.send_local_reply(status, &headers, &body);
                     action = Action::Pause;
                 }
-                Effect::Authorize(item) => plugin.dispatcher.authorize(context_id, item),
+                Effect::Authorize(item) => plugin.dispatcher.authorize(context_id, *item),
                 Effect::SetResponseHeader(name, value) => host.set_response_header(name, &value),
                 Effect::Capture(item) => plugin.dispatcher.capture(item),
                 Effect::Void(item) => plugin.dispatcher.void(item),
@@ -243,7 +316,10 @@ impl Vm {
 
 /// Reads what the state machine needs from the request headers.
 fn read_request(host: &mut dyn Host) -> RequestInfo {
-    let authority = host.request_header(":authority").or_else(|| host.request_header("host")).unwrap_or_default();
+    let authority = host
+        .request_header(":authority")
+        .or_else(|| host.request_header("host"))
+        .unwrap_or_default();
     let payment = host
         .request_header(HEADER_PAYMENT_SIGNATURE)
         .or_else(|| host.request_header(HEADER_PAYMENT_SIGNATURE_ALIAS));
@@ -251,9 +327,9 @@ fn read_request(host: &mut dyn Host) -> RequestInfo {
         .property(&["xds", "route_name"])
         .and_then(|b| String::from_utf8(b).ok())
         .filter(|s| !s.is_empty());
-    let envoy_id = host
-        .request_header("x-request-id")
-        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID && !id.contains(char::is_control));
+    let envoy_id = host.request_header("x-request-id").filter(|id| {
+        !id.is_empty() && id.len() <= MAX_REQUEST_ID && !id.contains(char::is_control)
+    });
     // The random part makes the key unique to this request even when a client sends
     // its own x-request-id: a replayed proof must meet the nonce check, never an
     // idempotent replay of an earlier authorization.

@@ -14,8 +14,9 @@
 use x402_proto::settlement::v1::{AuthorizeItem, CaptureItem, PaymentProof, VoidItem};
 use x402_proto::signing::resource_string;
 use x402_proto::wire::{
-    self, ErrorBody, ErrorCode, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse, HEADER_PAYMENT_REQUIRED,
-    HEADER_PAYMENT_RESPONSE, HEADER_PAYMENT_SIGNATURE, HEADER_PAYMENT_SIGNATURE_ALIAS,
+    self, ErrorBody, ErrorCode, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse,
+    HEADER_PAYMENT_REQUIRED, HEADER_PAYMENT_RESPONSE, HEADER_PAYMENT_SIGNATURE,
+    HEADER_PAYMENT_SIGNATURE_ALIAS,
 };
 
 use crate::config::{Config, Route, RouteKey};
@@ -43,7 +44,10 @@ pub struct RequestInfo {
 /// Settlement's verdict on one authorization, as the filter acts on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthorizeAnswer {
-    Authorized { transaction: String, held_amount: u64 },
+    Authorized {
+        transaction: String,
+        held_amount: u64,
+    },
     /// A payable problem: answer 402 with this code and a fresh challenge.
     Refused(ErrorCode),
     /// No usable answer (transport failure, timeout, unexpected outcome): 503.
@@ -53,8 +57,15 @@ pub enum AuthorizeAnswer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     RequestHeaders(RequestInfo),
-    AuthorizeAnswer { answer: AuthorizeAnswer, now_nanos: u64 },
-    ResponseHeaders { status: Option<u16>, end_of_stream: bool, now_nanos: u64 },
+    AuthorizeAnswer {
+        answer: AuthorizeAnswer,
+        now_nanos: u64,
+    },
+    ResponseHeaders {
+        status: Option<u16>,
+        end_of_stream: bool,
+        now_nanos: u64,
+    },
     /// The last byte of the response (body or trailers) passed the filter.
     ResponseComplete,
     /// The stream is over (access-log time): resolve whatever is held.
@@ -70,8 +81,12 @@ pub enum Effect {
     /// Release a paused request.
     Resume,
     RemoveRequestHeader(&'static str),
-    Reply { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
-    Authorize(AuthorizeItem),
+    Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    Authorize(Box<AuthorizeItem>),
     SetResponseHeader(&'static str, String),
     Capture(CaptureItem),
     Void(VoidItem),
@@ -126,13 +141,24 @@ pub struct Paid {
 pub fn step(config: &Config, state: State, event: Event) -> (State, Vec<Effect>) {
     match (state, event) {
         (State::New, Event::RequestHeaders(info)) => on_request_headers(config, info),
-        (State::Authorizing(p), Event::AuthorizeAnswer { answer, now_nanos }) => on_answer(config, p, answer, now_nanos),
+        (State::Authorizing(p), Event::AuthorizeAnswer { answer, now_nanos }) => {
+            on_answer(config, p, answer, now_nanos)
+        }
         (State::Abandoned, Event::AuthorizeAnswer { answer, .. }) => match answer {
-            AuthorizeAnswer::Authorized { transaction, .. } => (State::Finished, vec![void(transaction, "abandoned")]),
+            AuthorizeAnswer::Authorized { transaction, .. } => {
+                (State::Finished, vec![void(transaction, "abandoned")])
+            }
             _ => (State::Finished, vec![]),
         },
         (State::Authorizing(_), Event::StreamEnd) => (State::Abandoned, vec![]),
-        (State::Paid(mut paid), Event::ResponseHeaders { status, end_of_stream, now_nanos }) => {
+        (
+            State::Paid(mut paid),
+            Event::ResponseHeaders {
+                status,
+                end_of_stream,
+                now_nanos,
+            },
+        ) => {
             paid.status = status;
             paid.complete = end_of_stream;
             paid.upstream_micros = now_nanos.saturating_sub(paid.resumed_at_nanos) / 1_000;
@@ -144,7 +170,10 @@ pub fn step(config: &Config, state: State, event: Event) -> (State, Vec<Effect>)
                 amount: paid.held_amount.to_string(),
                 error_reason: None,
             };
-            let effects = vec![Effect::SetResponseHeader(HEADER_PAYMENT_RESPONSE, wire::encode_header(&receipt))];
+            let effects = vec![Effect::SetResponseHeader(
+                HEADER_PAYMENT_RESPONSE,
+                wire::encode_header(&receipt),
+            )];
             (State::Paid(paid), effects)
         }
         (State::Paid(mut paid), Event::ResponseComplete) => {
@@ -157,7 +186,10 @@ pub fn step(config: &Config, state: State, event: Event) -> (State, Vec<Effect>)
 }
 
 fn void(transaction: String, reason: &str) -> Effect {
-    Effect::Void(VoidItem { transaction_id: transaction, reason: reason.to_owned() })
+    Effect::Void(VoidItem {
+        transaction_id: transaction,
+        reason: reason.to_owned(),
+    })
 }
 
 /// Capture when the upstream answered completely below `capture_below_status`;
@@ -175,7 +207,11 @@ fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
             })]
         }
         Some(status) if status >= config.capture_below_status => {
-            let reason = if status >= 500 { "upstream_5xx" } else { "upstream_error_status" };
+            let reason = if status >= 500 {
+                "upstream_5xx"
+            } else {
+                "upstream_error_status"
+            };
             vec![void(transaction, reason)]
         }
         Some(_) => vec![void(transaction, "incomplete_response")],
@@ -184,20 +220,42 @@ fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
 }
 
 fn on_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>) {
-    let key = RouteKey { route_name: info.route_name.as_deref(), method: &info.method, path: &info.path };
-    let Some(route) = config.route_for(&key) else {
-        return (State::Passthrough, vec![Effect::Count(Metric::Unpriced, 1), Effect::Continue]);
+    let key = RouteKey {
+        route_name: info.route_name.as_deref(),
+        method: &info.method,
+        path: &info.path,
     };
-    let challenge = ChallengeInput { scheme: info.scheme.clone(), authority: info.authority.clone(), path: info.path.clone() };
+    let Some(route) = config.route_for(&key) else {
+        return (
+            State::Passthrough,
+            vec![Effect::Count(Metric::Unpriced, 1), Effect::Continue],
+        );
+    };
+    let challenge = ChallengeInput {
+        scheme: info.scheme.clone(),
+        authority: info.authority.clone(),
+        path: info.path.clone(),
+    };
     let Some(header) = info.payment.as_deref() else {
-        return replied(vec![challenge_reply(config, route, &challenge, ErrorCode::PaymentRequired), Effect::Count(Metric::Challenged, 1)]);
+        return replied(vec![
+            challenge_reply(config, route, &challenge, ErrorCode::PaymentRequired),
+            Effect::Count(Metric::Challenged, 1),
+        ]);
     };
     let payment = match wire::decode_payment(header) {
         Ok(p) => p,
-        Err(e) => return replied(vec![error_reply(ErrorCode::MalformedPayment, &e.to_string()), Effect::Count(Metric::Rejected, 1)]),
+        Err(e) => {
+            return replied(vec![
+                error_reply(ErrorCode::MalformedPayment, &e.to_string()),
+                Effect::Count(Metric::Rejected, 1),
+            ])
+        }
     };
     if let Err(code) = check_payment(config, route, &info, &payment) {
-        return replied(vec![challenge_reply(config, route, &challenge, code), Effect::Count(Metric::Rejected, 1)]);
+        return replied(vec![
+            challenge_reply(config, route, &challenge, code),
+            Effect::Count(Metric::Rejected, 1),
+        ]);
     }
     let p = payment.payload;
     let item = AuthorizeItem {
@@ -218,8 +276,16 @@ fn on_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>
         route: route.name.clone(),
         hold_ttl_seconds: config.hold_ttl_seconds,
     };
-    let pending = Pending { route: route.name.clone(), price: route.price, payer: p.payload.payer, challenge };
-    (State::Authorizing(pending), vec![Effect::Pause, Effect::Authorize(item)])
+    let pending = Pending {
+        route: route.name.clone(),
+        price: route.price,
+        payer: p.payload.payer,
+        challenge,
+    };
+    (
+        State::Authorizing(pending),
+        vec![Effect::Pause, Effect::Authorize(Box::new(item))],
+    )
 }
 
 fn replied(effects: Vec<Effect>) -> (State, Vec<Effect>) {
@@ -227,7 +293,12 @@ fn replied(effects: Vec<Effect>) -> (State, Vec<Effect>) {
 }
 
 /// The stateless checks, in a fixed order, so a mismatched proof never costs a callout.
-pub fn check_payment(config: &Config, route: &Route, info: &RequestInfo, payment: &wire::CheckedPayment) -> Result<(), ErrorCode> {
+pub fn check_payment(
+    config: &Config,
+    route: &Route,
+    info: &RequestInfo,
+    payment: &wire::CheckedPayment,
+) -> Result<(), ErrorCode> {
     let accepted = &payment.payload.accepted;
     if accepted.scheme != "exact" {
         return Err(ErrorCode::WrongScheme);
@@ -244,28 +315,43 @@ pub fn check_payment(config: &Config, route: &Route, info: &RequestInfo, payment
     if payment.amount < route.price {
         return Err(ErrorCode::AmountBelowPrice);
     }
-    if payment.payload.payload.resource != resource_string(&info.method, &info.authority, &info.path) {
+    if payment.payload.payload.resource
+        != resource_string(&info.method, &info.authority, &info.path)
+    {
         return Err(ErrorCode::WrongResource);
     }
     if payment.valid_before <= info.now_secs {
         return Err(ErrorCode::Expired);
     }
-    let latest = info.now_secs.saturating_add(config.max_timeout_seconds).saturating_add(config.clock_skew_seconds);
+    let latest = info
+        .now_secs
+        .saturating_add(config.max_timeout_seconds)
+        .saturating_add(config.clock_skew_seconds);
     if payment.valid_before > latest {
         return Err(ErrorCode::ValidityTooLong);
     }
     if config.verify_signatures_in_filter {
         let p = &payment.payload.payload;
-        if x402_proto::signing::verify_hex(&p.payer, &p.signature, &payment.signed_fields()).is_err() {
+        if x402_proto::signing::verify_hex(&p.payer, &p.signature, &payment.signed_fields())
+            .is_err()
+        {
             return Err(ErrorCode::InvalidSignature);
         }
     }
     Ok(())
 }
 
-fn on_answer(config: &Config, pending: Pending, answer: AuthorizeAnswer, now_nanos: u64) -> (State, Vec<Effect>) {
+fn on_answer(
+    config: &Config,
+    pending: Pending,
+    answer: AuthorizeAnswer,
+    now_nanos: u64,
+) -> (State, Vec<Effect>) {
     match answer {
-        AuthorizeAnswer::Authorized { transaction, held_amount } => {
+        AuthorizeAnswer::Authorized {
+            transaction,
+            held_amount,
+        } => {
             let paid = Paid {
                 transaction,
                 price: pending.price,
@@ -286,20 +372,41 @@ fn on_answer(config: &Config, pending: Pending, answer: AuthorizeAnswer, now_nan
         }
         AuthorizeAnswer::Refused(code) => {
             let Some(route) = config.route_named(&pending.route) else {
-                return replied(vec![unavailable_reply(), Effect::Count(Metric::Unavailable, 1)]);
+                return replied(vec![
+                    unavailable_reply(),
+                    Effect::Count(Metric::Unavailable, 1),
+                ]);
             };
-            replied(vec![challenge_reply(config, route, &pending.challenge, code), Effect::Count(Metric::Rejected, 1)])
+            replied(vec![
+                challenge_reply(config, route, &pending.challenge, code),
+                Effect::Count(Metric::Rejected, 1),
+            ])
         }
-        AuthorizeAnswer::Unavailable => replied(vec![unavailable_reply(), Effect::Count(Metric::Unavailable, 1)]),
+        AuthorizeAnswer::Unavailable => replied(vec![
+            unavailable_reply(),
+            Effect::Count(Metric::Unavailable, 1),
+        ]),
     }
 }
 
 /// The x402 challenge for `route`.
-pub fn challenge(config: &Config, route: &Route, input: &ChallengeInput, code: ErrorCode) -> PaymentRequired {
+pub fn challenge(
+    config: &Config,
+    route: &Route,
+    input: &ChallengeInput,
+    code: ErrorCode,
+) -> PaymentRequired {
     let mut extra = serde_json::Map::new();
-    extra.insert("decimals".into(), serde_json::Value::from(config.asset_decimals));
+    extra.insert(
+        "decimals".into(),
+        serde_json::Value::from(config.asset_decimals),
+    );
     extra.insert("name".into(), serde_json::Value::from(config.asset.clone()));
-    let scheme = if input.scheme.is_empty() { "http" } else { input.scheme.as_str() };
+    let scheme = if input.scheme.is_empty() {
+        "http"
+    } else {
+        input.scheme.as_str()
+    };
     PaymentRequired {
         x402_version: x402_proto::X402_VERSION,
         error: Some(code.as_str().to_owned()),
@@ -323,13 +430,24 @@ pub fn challenge(config: &Config, route: &Route, input: &ChallengeInput, code: E
 }
 
 fn json_headers() -> Vec<(String, String)> {
-    vec![("content-type".to_owned(), "application/json".to_owned()), ("cache-control".to_owned(), "no-store".to_owned())]
+    vec![
+        ("content-type".to_owned(), "application/json".to_owned()),
+        ("cache-control".to_owned(), "no-store".to_owned()),
+    ]
 }
 
-fn challenge_reply(config: &Config, route: &Route, input: &ChallengeInput, code: ErrorCode) -> Effect {
+fn challenge_reply(
+    config: &Config,
+    route: &Route,
+    input: &ChallengeInput,
+    code: ErrorCode,
+) -> Effect {
     let body = challenge(config, route, input, code);
     let mut headers = json_headers();
-    headers.push((HEADER_PAYMENT_REQUIRED.to_owned(), wire::encode_header(&body)));
+    headers.push((
+        HEADER_PAYMENT_REQUIRED.to_owned(),
+        wire::encode_header(&body),
+    ));
     Effect::Reply {
         status: code.http_status(),
         headers,
@@ -338,7 +456,10 @@ fn challenge_reply(config: &Config, route: &Route, input: &ChallengeInput, code:
 }
 
 fn error_reply(code: ErrorCode, message: &str) -> Effect {
-    let body = ErrorBody { error: code.as_str().to_owned(), message: message.to_owned() };
+    let body = ErrorBody {
+        error: code.as_str().to_owned(),
+        message: message.to_owned(),
+    };
     Effect::Reply {
         status: code.http_status(),
         headers: json_headers(),
@@ -347,5 +468,119 @@ fn error_reply(code: ErrorCode, message: &str) -> Effect {
 }
 
 fn unavailable_reply() -> Effect {
-    error_reply(ErrorCode::SettlementUnavailable, "payment settlement is temporarily unavailable; retry later")
+    error_reply(
+        ErrorCode::SettlementUnavailable,
+        "payment settlement is temporarily unavailable; retry later",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_json(br#"{"settlement_cluster":"s","pay_to":"m","routes":[{"name":"q","match":{"path_prefix":"/paid"},"price":"0.01"}]}"#).unwrap()
+    }
+
+    fn paid(status: Option<u16>, complete: bool) -> State {
+        State::Paid(Paid {
+            transaction: "tx".into(),
+            price: 10_000,
+            held_amount: 10_000,
+            payer: "p".into(),
+            resumed_at_nanos: 0,
+            status,
+            upstream_micros: 0,
+            complete,
+        })
+    }
+
+    #[test]
+    fn unpriced_requests_continue_and_stay_out_of_the_way() {
+        let info = RequestInfo {
+            method: "GET".into(),
+            path: "/free".into(),
+            ..RequestInfo::default()
+        };
+        let (state, effects) = step(&config(), State::New, Event::RequestHeaders(info));
+        assert_eq!(state, State::Passthrough);
+        assert_eq!(
+            effects,
+            vec![Effect::Count(Metric::Unpriced, 1), Effect::Continue]
+        );
+        let (state, effects) = step(&config(), state, Event::StreamEnd);
+        assert_eq!((state, effects), (State::Passthrough, vec![]));
+    }
+
+    #[test]
+    fn the_filters_own_reply_gets_no_receipt() {
+        let (state, effects) = step(
+            &config(),
+            State::Replied,
+            Event::ResponseHeaders {
+                status: Some(402),
+                end_of_stream: false,
+                now_nanos: 0,
+            },
+        );
+        assert_eq!((state, effects), (State::Replied, vec![]));
+    }
+
+    #[test]
+    fn client_errors_below_the_threshold_are_captured() {
+        let (_, effects) = step(&config(), paid(Some(404), true), Event::StreamEnd);
+        assert!(
+            matches!(&effects[..], [Effect::Capture(c)] if c.amount == 10_000 && c.http_status == 404)
+        );
+    }
+
+    #[test]
+    fn response_completion_is_tracked_until_the_end() {
+        let (state, _) = step(
+            &config(),
+            paid(None, false),
+            Event::ResponseHeaders {
+                status: Some(200),
+                end_of_stream: false,
+                now_nanos: 5_000,
+            },
+        );
+        let (state, _) = step(&config(), state, Event::ResponseComplete);
+        let (state, effects) = step(&config(), state, Event::StreamEnd);
+        assert_eq!(state, State::Finished);
+        assert!(matches!(&effects[..], [Effect::Capture(c)] if c.upstream_micros == 5));
+        // Nothing happens twice.
+        assert_eq!(step(&config(), State::Finished, Event::StreamEnd).1, vec![]);
+    }
+
+    #[test]
+    fn an_abandoned_request_voids_only_a_real_hold() {
+        let answer = AuthorizeAnswer::Refused(ErrorCode::InsufficientFunds);
+        assert_eq!(
+            step(
+                &config(),
+                State::Abandoned,
+                Event::AuthorizeAnswer {
+                    answer,
+                    now_nanos: 0
+                }
+            )
+            .1,
+            vec![]
+        );
+        let answer = AuthorizeAnswer::Authorized {
+            transaction: "tx".into(),
+            held_amount: 1,
+        };
+        let (_, effects) = step(
+            &config(),
+            State::Abandoned,
+            Event::AuthorizeAnswer {
+                answer,
+                now_nanos: 0,
+            },
+        );
+        assert!(matches!(&effects[..], [Effect::Void(v)] if v.reason == "abandoned"));
+    }
 }

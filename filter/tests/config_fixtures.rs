@@ -1,5 +1,6 @@
 //! Every invalid configuration fixture is refused with an error naming its field;
 //! every valid one compiles.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
@@ -7,9 +8,16 @@ use common::{read_fixture, INVALID, VALID};
 use x402_filter::config::Config;
 
 fn refused(name: &str) {
-    let field = INVALID.iter().find(|(n, _)| *n == name).map(|(_, f)| *f).unwrap_or_else(|| panic!("{name} is not in the table"));
+    let field = INVALID
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, f)| *f)
+        .unwrap_or_else(|| panic!("{name} is not in the table"));
     let err = Config::from_json(read_fixture("invalid", name).as_bytes()).expect_err(name);
-    assert!(err.to_string().contains(field), "{name}: error {err:?} does not name `{field}`");
+    assert!(
+        err.to_string().contains(field),
+        "{name}: error {err:?} does not name `{field}`"
+    );
 }
 
 macro_rules! invalid_fixture_tests {
@@ -48,12 +56,16 @@ invalid_fixture_tests!(
 #[test]
 fn valid_fixtures_compile() {
     for name in VALID {
-        let c = Config::from_json(read_fixture("valid", name).as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let c = Config::from_json(read_fixture("valid", name).as_bytes())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(c.pay_to, "merchant-demo", "{name}");
     }
     let full = Config::from_json(read_fixture("valid", "full").as_bytes()).unwrap();
     assert!(full.verify_signatures_in_filter);
-    assert_eq!(full.routes.iter().map(|r| r.price).collect::<Vec<_>>(), vec![10_000, 20_000, 1_000_000]);
+    assert_eq!(
+        full.routes.iter().map(|r| r.price).collect::<Vec<_>>(),
+        vec![10_000, 20_000, 1_000_000]
+    );
 }
 
 #[test]

@@ -8,15 +8,21 @@ use x402_filter::host::{Call, FakeHost, Host};
 use x402_filter::plugin::{Action, Vm};
 use x402_filter::request::State;
 use x402_proto::settlement::v1::{
-    AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, AuthorizeResult, CaptureRequest, CaptureResponse, ResolveOutcome,
-    ResolveResult, VoidRequest,
+    AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, AuthorizeResult, CaptureRequest,
+    CaptureResponse, ResolveOutcome, ResolveResult, VoidRequest,
 };
 use x402_proto::signing::{public_key_hex, resource_string, sign_hex, SigningKey};
-use x402_proto::wire::{self, ErrorBody, PaymentAuthorization, PaymentPayload, PaymentRequired, PaymentRequirements, SettleResponse};
+use x402_proto::wire::{
+    self, ErrorBody, PaymentAuthorization, PaymentPayload, PaymentRequired, PaymentRequirements,
+    SettleResponse,
+};
 
 const ROOT: u32 = 1;
 const NOW: u64 = 1_800_000_000;
 const AUTHORITY: &str = "127.0.0.1:10000";
+
+/// Status, headers and body of a local reply.
+type LocalReply = (u16, Vec<(String, String)>, Vec<u8>);
 
 struct Harness {
     vm: Vm,
@@ -39,9 +45,17 @@ fn config(verify: bool) -> String {
 
 impl Harness {
     fn new(verify: bool) -> Harness {
-        let mut h = Harness { vm: Vm::default(), host: FakeHost { now_nanos: NOW * 1_000_000_000, ..FakeHost::default() } };
+        let mut h = Harness {
+            vm: Vm::default(),
+            host: FakeHost {
+                now_nanos: NOW * 1_000_000_000,
+                ..FakeHost::default()
+            },
+        };
         h.vm.on_context_create(ROOT, 0);
-        assert!(h.vm.on_configure(&mut h.host, ROOT, config(verify).as_bytes()));
+        assert!(h
+            .vm
+            .on_configure(&mut h.host, ROOT, config(verify).as_bytes()));
         h
     }
 
@@ -63,9 +77,15 @@ impl Harness {
     }
 
     fn respond(&mut self, ctx: u32, status: u16, end_of_stream: bool) {
-        self.host.response_headers.insert(ctx, vec![(":status".to_owned(), status.to_string())]);
+        self.host
+            .response_headers
+            .insert(ctx, vec![(":status".to_owned(), status.to_string())]);
         self.host.effective = ctx;
-        assert_eq!(self.vm.on_response_headers(&mut self.host, ctx, end_of_stream), Action::Continue);
+        assert_eq!(
+            self.vm
+                .on_response_headers(&mut self.host, ctx, end_of_stream),
+            Action::Continue
+        );
     }
 
     fn end(&mut self, ctx: u32) {
@@ -87,7 +107,15 @@ impl Harness {
     /// The last gRPC call: (token, context it was made on, method, body).
     fn last_grpc(&self) -> (u32, u32, String, Vec<u8>) {
         match self.host.grpc_calls().last() {
-            Some(Call::Grpc { token, context, method, message, service, cluster, .. }) => {
+            Some(Call::Grpc {
+                token,
+                context,
+                method,
+                message,
+                service,
+                cluster,
+                ..
+            }) => {
                 assert_eq!(service, SERVICE);
                 assert_eq!(cluster, "settlement");
                 (*token, *context, method.clone(), message.clone())
@@ -96,9 +124,14 @@ impl Harness {
         }
     }
 
-    fn reply_to(&self, ctx: u32) -> Option<(u16, Vec<(String, String)>, Vec<u8>)> {
+    fn reply_to(&self, ctx: u32) -> Option<LocalReply> {
         self.host.calls.iter().rev().find_map(|c| match c {
-            Call::LocalReply { context, status, headers, body } if *context == ctx => Some((*status, headers.clone(), body.clone())),
+            Call::LocalReply {
+                context,
+                status,
+                headers,
+                body,
+            } if *context == ctx => Some((*status, headers.clone(), body.clone())),
             _ => None,
         })
     }
@@ -106,7 +139,11 @@ impl Harness {
     fn challenge_error(&self, ctx: u32) -> String {
         let (status, headers, body) = self.reply_to(ctx).expect("a local reply");
         assert_eq!(status, 402);
-        let header = headers.iter().find(|(k, _)| k == "payment-required").map(|(_, v)| v.clone()).expect("payment-required");
+        let header = headers
+            .iter()
+            .find(|(k, _)| k == "payment-required")
+            .map(|(_, v)| v.clone())
+            .expect("payment-required");
         let from_header: PaymentRequired = wire::decode_header(&header).unwrap();
         let from_body: PaymentRequired = serde_json::from_slice(&body).unwrap();
         assert_eq!(from_header, from_body);
@@ -180,19 +217,36 @@ fn unpriced_routes_pass_untouched() {
 #[test]
 fn a_request_without_proof_gets_the_challenge() {
     let mut h = Harness::new(false);
-    assert_eq!(h.request(2, "GET", "/paid/quote?sym=ABC", None), Action::Pause);
+    assert_eq!(
+        h.request(2, "GET", "/paid/quote?sym=ABC", None),
+        Action::Pause
+    );
     let (_, headers, body) = h.reply_to(2).unwrap();
     assert!(headers.contains(&("content-type".into(), "application/json".into())));
     let challenge: PaymentRequired = serde_json::from_slice(&body).unwrap();
     assert_eq!(challenge.x402_version, 2);
-    assert_eq!(challenge.resource.url, "http://127.0.0.1:10000/paid/quote?sym=ABC");
+    assert_eq!(
+        challenge.resource.url,
+        "http://127.0.0.1:10000/paid/quote?sym=ABC"
+    );
     assert_eq!(challenge.price.as_deref(), Some("0.01"));
     assert_eq!(challenge.payment_address.as_deref(), Some("merchant-demo"));
     let r = &challenge.accepts[0];
-    assert_eq!((r.scheme.as_str(), r.network.as_str(), r.amount.as_str(), r.asset.as_str()), ("exact", "402x-local", "10000", "USD"));
+    assert_eq!(
+        (
+            r.scheme.as_str(),
+            r.network.as_str(),
+            r.amount.as_str(),
+            r.asset.as_str()
+        ),
+        ("exact", "402x-local", "10000", "USD")
+    );
     assert_eq!(r.pay_to, "merchant-demo");
     assert_eq!(r.max_timeout_seconds, 60);
-    assert_eq!(serde_json::Value::Object(r.extra.clone()), serde_json::json!({"decimals": 6, "name": "USD"}));
+    assert_eq!(
+        serde_json::Value::Object(r.extra.clone()),
+        serde_json::json!({"decimals": 6, "name": "USD"})
+    );
     assert_eq!(h.challenge_error(2), "payment_required");
     assert!(h.host.grpc_calls().is_empty());
     assert_eq!(h.host.counter("x402_requests_challenged"), 1);
@@ -204,7 +258,9 @@ fn the_first_matching_route_sets_the_price() {
     h.request(2, "POST", "/paid/report", None);
     let body: PaymentRequired = serde_json::from_slice(&h.reply_to(2).unwrap().2).unwrap();
     assert_eq!(body.accepts[0].amount, "250000");
-    h.host.properties.insert((3, "xds.route_name".into()), b"named".to_vec());
+    h.host
+        .properties
+        .insert((3, "xds.route_name".into()), b"named".to_vec());
     h.request(3, "GET", "/named/thing", None);
     let body: PaymentRequired = serde_json::from_slice(&h.reply_to(3).unwrap().2).unwrap();
     assert_eq!(body.accepts[0].amount, "20000");
@@ -213,7 +269,10 @@ fn the_first_matching_route_sets_the_price() {
 #[test]
 fn a_malformed_header_is_a_400() {
     let mut h = Harness::new(false);
-    assert_eq!(h.request(2, "GET", "/paid/quote", Some("%%%".into())), Action::Pause);
+    assert_eq!(
+        h.request(2, "GET", "/paid/quote", Some("%%%".into())),
+        Action::Pause
+    );
     let (status, _, body) = h.reply_to(2).unwrap();
     assert_eq!(status, 400);
     let body: ErrorBody = serde_json::from_slice(&body).unwrap();
@@ -229,11 +288,17 @@ fn stateless_checks_answer_402_without_a_callout() {
         ("wrong_scheme", |p| p.accepted.scheme = "upto".into()),
         ("wrong_network", |p| p.accepted.network = "mainnet".into()),
         ("wrong_asset", |p| p.accepted.asset = "EUR".into()),
-        ("wrong_pay_to", |p| p.accepted.pay_to = "someone-else".into()),
+        ("wrong_pay_to", |p| {
+            p.accepted.pay_to = "someone-else".into()
+        }),
         ("amount_below_price", |p| p.accepted.amount = "9999".into()),
-        ("wrong_resource", |p| p.payload.resource = resource_string("GET", AUTHORITY, "/paid/other")),
+        ("wrong_resource", |p| {
+            p.payload.resource = resource_string("GET", AUTHORITY, "/paid/other")
+        }),
         ("expired", |p| p.payload.valid_before = NOW.to_string()),
-        ("validity_too_long", |p| p.payload.valid_before = (NOW + 60 + 30 + 1).to_string()),
+        ("validity_too_long", |p| {
+            p.payload.valid_before = (NOW + 60 + 30 + 1).to_string()
+        }),
     ];
     for (i, (code, mutate)) in cases.into_iter().enumerate() {
         let mut h = Harness::new(false);
@@ -241,7 +306,11 @@ fn stateless_checks_answer_402_without_a_callout() {
         mutate(&mut p);
         sign(&mut p);
         let ctx = 10 + u32::try_from(i).unwrap();
-        assert_eq!(h.request(ctx, "GET", "/paid/quote", Some(header(&p))), Action::Pause, "{code}");
+        assert_eq!(
+            h.request(ctx, "GET", "/paid/quote", Some(header(&p))),
+            Action::Pause,
+            "{code}"
+        );
         assert_eq!(h.challenge_error(ctx), code);
         assert!(h.host.grpc_calls().is_empty(), "{code}");
         assert_eq!(h.host.counter("x402_requests_rejected"), 1);
@@ -269,7 +338,12 @@ fn signatures_are_checked_in_the_filter_only_when_configured() {
     h.request(2, "GET", "/paid/quote", Some(header(&p)));
     assert_eq!(h.host.grpc_calls().len(), 1);
     let mut h = Harness::new(true);
-    h.request(2, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", 1))));
+    h.request(
+        2,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 1))),
+    );
     assert_eq!(h.host.grpc_calls().len(), 1);
 }
 
@@ -277,7 +351,10 @@ fn signatures_are_checked_in_the_filter_only_when_configured() {
 fn a_paid_request_is_authorized_resumed_receipted_and_captured() {
     let mut h = Harness::new(false);
     let p = payload("GET", "/paid/quote?sym=ABC", 1);
-    assert_eq!(h.request(2, "GET", "/paid/quote?sym=ABC", Some(header(&p))), Action::Pause);
+    assert_eq!(
+        h.request(2, "GET", "/paid/quote?sym=ABC", Some(header(&p))),
+        Action::Pause
+    );
     let (token, on_context, method, body) = h.last_grpc();
     assert_eq!(on_context, ROOT, "callouts belong to the root context");
     assert_eq!(method, "Authorize");
@@ -295,8 +372,14 @@ fn a_paid_request_is_authorized_resumed_receipted_and_captured() {
 
     h.grpc_ok(token, authorized(&request, "tx-"));
     assert!(h.host.calls.contains(&Call::Resume { context: 2 }));
-    assert!(h.host.calls.contains(&Call::RemoveRequestHeader { context: 2, name: "payment-signature".into() }));
-    assert!(h.host.calls.contains(&Call::RemoveRequestHeader { context: 2, name: "x-402-payment".into() }));
+    assert!(h.host.calls.contains(&Call::RemoveRequestHeader {
+        context: 2,
+        name: "payment-signature".into()
+    }));
+    assert!(h.host.calls.contains(&Call::RemoveRequestHeader {
+        context: 2,
+        name: "x-402-payment".into()
+    }));
     assert_eq!(h.host.request_header("payment-signature"), None);
 
     h.respond(2, 200, false);
@@ -305,13 +388,24 @@ fn a_paid_request_is_authorized_resumed_receipted_and_captured() {
         .calls
         .iter()
         .find_map(|c| match c {
-            Call::SetResponseHeader { context: 2, name, value } if name == "payment-response" => Some(value.clone()),
+            Call::SetResponseHeader {
+                context: 2,
+                name,
+                value,
+            } if name == "payment-response" => Some(value.clone()),
             _ => None,
         })
         .unwrap();
     let receipt: SettleResponse = wire::decode_header(&receipt).unwrap();
     assert!(receipt.success);
-    assert_eq!((receipt.transaction.as_str(), receipt.network.as_str(), receipt.amount.as_str()), ("tx-0", "402x-local", "10000"));
+    assert_eq!(
+        (
+            receipt.transaction.as_str(),
+            receipt.network.as_str(),
+            receipt.amount.as_str()
+        ),
+        ("tx-0", "402x-local", "10000")
+    );
     assert_eq!(receipt.payer, p.payload.payer);
 
     h.vm.on_response_data(&mut h.host, 2, true);
@@ -320,14 +414,33 @@ fn a_paid_request_is_authorized_resumed_receipted_and_captured() {
     assert_eq!((on_context, method.as_str()), (ROOT, "Capture"));
     let capture = CaptureRequest::decode(body.as_slice()).unwrap();
     assert_eq!(capture.items.len(), 1);
-    assert_eq!((capture.items[0].transaction_id.as_str(), capture.items[0].amount, capture.items[0].http_status), ("tx-0", 10_000, 200));
+    assert_eq!(
+        (
+            capture.items[0].transaction_id.as_str(),
+            capture.items[0].amount,
+            capture.items[0].http_status
+        ),
+        ("tx-0", 10_000, 200)
+    );
     assert_eq!(h.host.counter("x402_requests_paid"), 1);
 }
 
 fn paid_request(h: &mut Harness, ctx: u32) {
-    h.request(ctx, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", u8::try_from(ctx).unwrap()))));
+    h.request(
+        ctx,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload(
+            "GET",
+            "/paid/quote",
+            u8::try_from(ctx).unwrap(),
+        ))),
+    );
     let (token, _, _, body) = h.last_grpc();
-    h.grpc_ok(token, authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "tx-"));
+    h.grpc_ok(
+        token,
+        authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "tx-"),
+    );
 }
 
 fn last_void(h: &Harness) -> (String, String) {
@@ -369,11 +482,20 @@ fn refusals_are_402_with_the_settlement_reason() {
         (AuthorizeOutcome::Expired, "expired"),
     ] {
         let mut h = Harness::new(false);
-        h.request(2, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", 1))));
+        h.request(
+            2,
+            "GET",
+            "/paid/quote",
+            Some(header(&payload("GET", "/paid/quote", 1))),
+        );
         let (token, _, _, body) = h.last_grpc();
         let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
         let response = AuthorizeResponse {
-            results: vec![AuthorizeResult { request_id: request.items[0].request_id.clone(), outcome: outcome as i32, ..Default::default() }],
+            results: vec![AuthorizeResult {
+                request_id: request.items[0].request_id.clone(),
+                outcome: outcome as i32,
+                ..Default::default()
+            }],
         };
         h.grpc_ok(token, response.encode_to_vec());
         assert_eq!(h.challenge_error(2), code);
@@ -386,11 +508,19 @@ fn settlement_trouble_is_a_503() {
     let check_503 = |h: &Harness| {
         let (status, _, body) = h.reply_to(2).unwrap();
         assert_eq!(status, 503);
-        assert_eq!(serde_json::from_slice::<ErrorBody>(&body).unwrap().error, "settlement_unavailable");
+        assert_eq!(
+            serde_json::from_slice::<ErrorBody>(&body).unwrap().error,
+            "settlement_unavailable"
+        );
     };
     // Timeout or unreachable: a non-OK gRPC status.
     let mut h = Harness::new(false);
-    h.request(2, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", 1))));
+    h.request(
+        2,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 1))),
+    );
     let (token, ..) = h.last_grpc();
     h.grpc_fail(token, 14);
     check_503(&h);
@@ -399,19 +529,42 @@ fn settlement_trouble_is_a_503() {
     // The call cannot even start.
     let mut h = Harness::new(false);
     h.host.fail_grpc = true;
-    assert_eq!(h.request(2, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", 1)))), Action::Pause);
+    assert_eq!(
+        h.request(
+            2,
+            "GET",
+            "/paid/quote",
+            Some(header(&payload("GET", "/paid/quote", 1)))
+        ),
+        Action::Pause
+    );
     check_503(&h);
     // An answer that does not fit the request.
     let mut h = Harness::new(false);
-    h.request(2, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", 1))));
+    h.request(
+        2,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 1))),
+    );
     let (token, ..) = h.last_grpc();
     h.grpc_ok(token, b"\xff\xff".to_vec());
     check_503(&h);
     let mut h = Harness::new(false);
-    h.request(2, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", 1))));
+    h.request(
+        2,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 1))),
+    );
     let (token, ..) = h.last_grpc();
     let response = AuthorizeResponse {
-        results: vec![AuthorizeResult { request_id: "someone-else".into(), outcome: AuthorizeOutcome::Authorized as i32, transaction_id: "tx".into(), ..Default::default() }],
+        results: vec![AuthorizeResult {
+            request_id: "someone-else".into(),
+            outcome: AuthorizeOutcome::Authorized as i32,
+            transaction_id: "tx".into(),
+            ..Default::default()
+        }],
     };
     h.grpc_ok(token, response.encode_to_vec());
     check_503(&h);
@@ -420,20 +573,45 @@ fn settlement_trouble_is_a_503() {
 #[test]
 fn authorizations_arriving_during_a_call_share_the_next_one() {
     let mut h = Harness::new(false);
-    h.request(2, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", 2))));
+    h.request(
+        2,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 2))),
+    );
     let (first, ..) = h.last_grpc();
     for ctx in 3..=5 {
-        h.request(ctx, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", u8::try_from(ctx).unwrap()))));
+        h.request(
+            ctx,
+            "GET",
+            "/paid/quote",
+            Some(header(&payload(
+                "GET",
+                "/paid/quote",
+                u8::try_from(ctx).unwrap(),
+            ))),
+        );
     }
-    assert_eq!(h.host.grpc_calls().len(), 1, "one Authorize in flight at a time");
+    assert_eq!(
+        h.host.grpc_calls().len(),
+        1,
+        "one Authorize in flight at a time"
+    );
     let (_, _, _, body) = h.last_grpc();
-    h.grpc_ok(first, authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "a"));
+    h.grpc_ok(
+        first,
+        authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "a"),
+    );
     assert!(h.host.calls.contains(&Call::Resume { context: 2 }));
     let (second, _, method, body) = h.last_grpc();
     assert_eq!(method, "Authorize");
     let batch = AuthorizeRequest::decode(body.as_slice()).unwrap();
     assert_eq!(batch.items.len(), 3);
-    let ids: Vec<_> = batch.items.iter().map(|i| i.request_id.split('.').next().unwrap().to_owned()).collect();
+    let ids: Vec<_> = batch
+        .items
+        .iter()
+        .map(|i| i.request_id.split('.').next().unwrap().to_owned())
+        .collect();
     assert_eq!(ids, ["req-3", "req-4", "req-5"]);
     // Answers reach their own contexts: 3 and 5 pay, 4 is short of funds.
     let mut response = AuthorizeResponse::decode(authorized(&batch, "b").as_slice()).unwrap();
@@ -450,11 +628,23 @@ fn authorizations_arriving_during_a_call_share_the_next_one() {
 #[test]
 fn a_hold_for_a_request_that_went_away_is_voided() {
     let mut h = Harness::new(false);
-    h.request(2, "GET", "/paid/quote", Some(header(&payload("GET", "/paid/quote", 1))));
+    h.request(
+        2,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 1))),
+    );
     let (token, _, _, body) = h.last_grpc();
     h.end(2); // client disconnected while paused
-    h.grpc_ok(token, authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "tx-"));
-    assert!(!h.host.calls.iter().any(|c| matches!(c, Call::Resume { .. } | Call::LocalReply { .. })));
+    h.grpc_ok(
+        token,
+        authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "tx-"),
+    );
+    assert!(!h
+        .host
+        .calls
+        .iter()
+        .any(|c| matches!(c, Call::Resume { .. } | Call::LocalReply { .. })));
     assert_eq!(last_void(&h), ("tx-0".into(), "abandoned".into()));
 }
 
@@ -468,7 +658,10 @@ fn failed_captures_are_retried_then_left_to_expire() {
     loop {
         let (token, _, method, body) = h.last_grpc();
         assert_eq!(method, "Capture");
-        assert_eq!(CaptureRequest::decode(body.as_slice()).unwrap().items[0].transaction_id, "tx-0");
+        assert_eq!(
+            CaptureRequest::decode(body.as_slice()).unwrap().items[0].transaction_id,
+            "tx-0"
+        );
         sends += 1;
         h.grpc_fail(token, 14);
         // Not resent before its backoff.
@@ -493,7 +686,12 @@ fn captured_revenue_is_counted() {
     h.end(2);
     let (token, ..) = h.last_grpc();
     let response = CaptureResponse {
-        results: vec![ResolveResult { transaction_id: "tx-0".into(), outcome: ResolveOutcome::Captured as i32, amount: 10_000, message: String::new() }],
+        results: vec![ResolveResult {
+            transaction_id: "tx-0".into(),
+            outcome: ResolveOutcome::Captured as i32,
+            amount: 10_000,
+            message: String::new(),
+        }],
     };
     h.grpc_ok(token, response.encode_to_vec());
     assert_eq!(h.host.counter("x402_captures"), 1);
@@ -510,14 +708,20 @@ fn the_alias_header_is_accepted() {
             (":method".into(), "GET".into()),
             (":path".into(), "/paid/quote".into()),
             (":authority".into(), AUTHORITY.into()),
-            ("x-402-payment".into(), header(&payload("GET", "/paid/quote", 1))),
+            (
+                "x-402-payment".into(),
+                header(&payload("GET", "/paid/quote", 1)),
+            ),
         ],
     );
     h.host.effective = 2;
     assert_eq!(h.vm.on_request_headers(&mut h.host, 2), Action::Pause);
     assert_eq!(h.last_grpc().2, "Authorize");
     // Without x-request-id the key is still unique per request.
-    let item = AuthorizeRequest::decode(h.last_grpc().3.as_slice()).unwrap().items.remove(0);
+    let item = AuthorizeRequest::decode(h.last_grpc().3.as_slice())
+        .unwrap()
+        .items
+        .remove(0);
     assert_eq!(item.request_id.len(), 24);
 }
 
@@ -527,6 +731,10 @@ fn a_bad_configuration_is_refused_and_logged() {
     let mut host = FakeHost::default();
     vm.on_context_create(ROOT, 0);
     assert!(!vm.on_configure(&mut host, ROOT, br#"{"pay_to":"m","routes":[]}"#));
-    assert!(host.logs.borrow().iter().any(|l| l.contains("settlement_cluster")));
+    assert!(host
+        .logs
+        .borrow()
+        .iter()
+        .any(|l| l.contains("settlement_cluster")));
     assert!(vm.plugin(ROOT).is_none());
 }

@@ -1,5 +1,5 @@
 //! Shared by the integration tests: the fixture table and paths.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 
@@ -26,11 +26,17 @@ pub fn crate_dir() -> PathBuf {
 }
 
 pub fn workspace_dir() -> PathBuf {
-    crate_dir().parent().map(PathBuf::from).unwrap_or_else(crate_dir)
+    crate_dir()
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(crate_dir)
 }
 
 pub fn fixture(kind: &str, name: &str) -> PathBuf {
-    crate_dir().join("tests/fixtures").join(kind).join(format!("{name}.json"))
+    crate_dir()
+        .join("tests/fixtures")
+        .join(kind)
+        .join(format!("{name}.json"))
 }
 
 pub fn read_fixture(kind: &str, name: &str) -> String {
