@@ -3,7 +3,7 @@
 
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
-use x402_proto::settlement::v1::{Account, AccountKind, Balance, Payment, PayerKey};
+use x402_proto::settlement::v1::{Account, AccountKind, Balance, PayerKey, Payment};
 
 use crate::error::LedgerError;
 
@@ -14,28 +14,43 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Account ids: 1-64 of `[A-Za-z0-9_.:-]` (the migration's CHECK says the same).
 pub fn check_account_id(id: &str) -> Result<(), LedgerError> {
     let ok = (1..=64).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
     if ok {
         Ok(())
     } else {
-        Err(LedgerError::InvalidArgument("account_id must be 1-64 of [A-Za-z0-9_.:-]".into()))
+        Err(LedgerError::InvalidArgument(
+            "account_id must be 1-64 of [A-Za-z0-9_.:-]".into(),
+        ))
     }
 }
 
 pub fn check_asset(asset: &str) -> Result<(), LedgerError> {
-    let ok = (1..=x402_proto::wire::MAX_SHORT_FIELD).contains(&asset.len()) && !asset.chars().any(char::is_control);
+    let ok = (1..=x402_proto::wire::MAX_SHORT_FIELD).contains(&asset.len())
+        && !asset.chars().any(char::is_control);
     if ok {
         Ok(())
     } else {
-        Err(LedgerError::InvalidArgument("asset must be 1-128 characters".into()))
+        Err(LedgerError::InvalidArgument(
+            "asset must be 1-128 characters".into(),
+        ))
     }
 }
 
 /// A public key must be 32 bytes of lowercase hex that decode to a curve point
 /// `verify_strict` would accept.
 pub fn check_public_key(hex_key: &str) -> Result<(), LedgerError> {
-    let bad = || LedgerError::InvalidArgument("public_key must be 64 lowercase hex digits of an ed25519 key".into());
-    if hex_key.len() != 64 || !hex_key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    let bad = || {
+        LedgerError::InvalidArgument(
+            "public_key must be 64 lowercase hex digits of an ed25519 key".into(),
+        )
+    };
+    if hex_key.len() != 64
+        || !hex_key
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(bad());
     }
     let mut bytes = [0u8; 32];
@@ -77,11 +92,19 @@ const ACCOUNT_COLUMNS: &str = "id, kind, extract(epoch FROM created_at)::bigint 
 
 /// Creates a payer or merchant account; creating it again with the same kind
 /// returns it, with another kind is ALREADY_EXISTS.
-pub async fn create_account(pool: &PgPool, id: &str, kind: AccountKind) -> Result<Account, LedgerError> {
+pub async fn create_account(
+    pool: &PgPool,
+    id: &str,
+    kind: AccountKind,
+) -> Result<Account, LedgerError> {
     check_account_id(id)?;
     let name = match kind {
         AccountKind::Payer | AccountKind::Merchant => kind_name(kind).unwrap_or_default(),
-        _ => return Err(LedgerError::InvalidArgument("kind must be payer or merchant".into())),
+        _ => {
+            return Err(LedgerError::InvalidArgument(
+                "kind must be payer or merchant".into(),
+            ))
+        }
     };
     sqlx::query("INSERT INTO accounts (id, kind) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
         .bind(id)
@@ -90,17 +113,21 @@ pub async fn create_account(pool: &PgPool, id: &str, kind: AccountKind) -> Resul
         .await?;
     let account = get_account(pool, id).await?;
     if account.kind != kind as i32 {
-        return Err(LedgerError::AlreadyExists(format!("account {id} exists with another kind")));
+        return Err(LedgerError::AlreadyExists(format!(
+            "account {id} exists with another kind"
+        )));
     }
     Ok(account)
 }
 
 pub async fn get_account(pool: &PgPool, id: &str) -> Result<Account, LedgerError> {
-    let row = sqlx::query(&format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| LedgerError::NotFound(format!("account {id} does not exist")))?;
+    let row = sqlx::query(&format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| LedgerError::NotFound(format!("account {id} does not exist")))?;
     Ok(account_from_row(&row)?)
 }
 
@@ -115,11 +142,17 @@ fn key_from_row(row: &PgRow) -> Result<PayerKey, sqlx::Error> {
 /// Registers a key for a payer account. Adding the same key to the same account
 /// again returns it; a key belongs to one account for good, and a revoked key
 /// stays revoked.
-pub async fn add_key(pool: &PgPool, account_id: &str, public_key: &str) -> Result<PayerKey, LedgerError> {
+pub async fn add_key(
+    pool: &PgPool,
+    account_id: &str,
+    public_key: &str,
+) -> Result<PayerKey, LedgerError> {
     check_public_key(public_key)?;
     let account = get_account(pool, account_id).await?;
     if account.kind != AccountKind::Payer as i32 {
-        return Err(LedgerError::FailedPrecondition("keys belong to payer accounts".into()));
+        return Err(LedgerError::FailedPrecondition(
+            "keys belong to payer accounts".into(),
+        ));
     }
     let row = sqlx::query(
         "WITH ins AS (INSERT INTO payer_keys (public_key, account_id) VALUES ($1, $2) \
@@ -135,10 +168,14 @@ pub async fn add_key(pool: &PgPool, account_id: &str, public_key: &str) -> Resul
     .await?;
     let key = key_from_row(&row)?;
     if key.account_id != account_id {
-        return Err(LedgerError::AlreadyExists("public key is registered to another account".into()));
+        return Err(LedgerError::AlreadyExists(
+            "public key is registered to another account".into(),
+        ));
     }
     if key.revoked {
-        return Err(LedgerError::FailedPrecondition("public key was revoked and cannot be added again".into()));
+        return Err(LedgerError::FailedPrecondition(
+            "public key was revoked and cannot be added again".into(),
+        ));
     }
     Ok(key)
 }
@@ -184,7 +221,8 @@ pub async fn balance(pool: &PgPool, account_id: &str, asset: &str) -> Result<Bal
         debits_posted: u(dpo),
         credits_pending: u(cp),
         credits_posted: u(cpo),
-        available: i64::try_from(i128::from(cpo) - i128::from(dpo) - i128::from(dp)).unwrap_or(i64::MIN),
+        available: i64::try_from(i128::from(cpo) - i128::from(dpo) - i128::from(dp))
+            .unwrap_or(i64::MIN),
     })
 }
 
@@ -226,11 +264,13 @@ fn payment_from_row(row: &PgRow) -> Result<Payment, sqlx::Error> {
 }
 
 pub async fn get_payment(pool: &PgPool, transaction_id: &str) -> Result<Payment, LedgerError> {
-    let row = sqlx::query(&format!("{PAYMENT_SELECT} WHERE h.id = $1 AND h.kind = 'hold'"))
-        .bind(transaction_id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| LedgerError::NotFound("no such payment".into()))?;
+    let row = sqlx::query(&format!(
+        "{PAYMENT_SELECT} WHERE h.id = $1 AND h.kind = 'hold'"
+    ))
+    .bind(transaction_id)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| LedgerError::NotFound("no such payment".into()))?;
     Ok(payment_from_row(&row)?)
 }
 
@@ -262,10 +302,16 @@ pub async fn list_payments(
     .bind(i64::from(size) + 1)
     .fetch_all(pool)
     .await?;
-    let mut payments = rows.iter().map(payment_from_row).collect::<Result<Vec<_>, _>>()?;
+    let mut payments = rows
+        .iter()
+        .map(payment_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
     let next = if payments.len() > size as usize {
         payments.truncate(size as usize);
-        payments.last().map(|p| p.transaction_id.clone()).unwrap_or_default()
+        payments
+            .last()
+            .map(|p| p.transaction_id.clone())
+            .unwrap_or_default()
     } else {
         String::new()
     };

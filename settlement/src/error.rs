@@ -101,7 +101,10 @@ mod tests {
 
     #[test]
     fn lost_connections_are_unavailable() {
-        let io = sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        let io = sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
         let status = Status::from(LedgerError::from(io));
         assert_eq!(status.code(), tonic::Code::Unavailable);
         let status = Status::from(LedgerError::from(sqlx::Error::PoolTimedOut));

@@ -6,10 +6,10 @@ use tonic::{Request, Response, Status};
 use x402_proto::settlement::v1::data_plane_server::DataPlane;
 use x402_proto::settlement::v1::operator_server::Operator;
 use x402_proto::settlement::v1::{
-    Account, AccountKind, AddKeyRequest, AuthorizeRequest, AuthorizeResponse, Balance, CaptureRequest,
-    CaptureResponse, CreateAccountRequest, DepositRequest, DepositResponse, GetAccountRequest, GetBalanceRequest,
-    GetPaymentRequest, ListPaymentsRequest, ListPaymentsResponse, PayerKey, Payment, RevokeKeyRequest, VoidRequest,
-    VoidResponse,
+    Account, AccountKind, AddKeyRequest, AuthorizeRequest, AuthorizeResponse, Balance,
+    CaptureRequest, CaptureResponse, CreateAccountRequest, DepositRequest, DepositResponse,
+    GetAccountRequest, GetBalanceRequest, GetPaymentRequest, ListPaymentsRequest,
+    ListPaymentsResponse, PayerKey, Payment, RevokeKeyRequest, VoidRequest, VoidResponse,
 };
 
 use crate::accounts;
@@ -21,7 +21,9 @@ pub const MAX_BATCH: usize = 1000;
 
 fn check_batch(len: usize) -> Result<(), Status> {
     if len > MAX_BATCH {
-        return Err(Status::invalid_argument(format!("at most {MAX_BATCH} items per call")));
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_BATCH} items per call"
+        )));
     }
     Ok(())
 }
@@ -41,7 +43,10 @@ impl DataPlaneService {
 #[tonic::async_trait]
 impl DataPlane for DataPlaneService {
     #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
-    async fn authorize(&self, request: Request<AuthorizeRequest>) -> Result<Response<AuthorizeResponse>, Status> {
+    async fn authorize(
+        &self,
+        request: Request<AuthorizeRequest>,
+    ) -> Result<Response<AuthorizeResponse>, Status> {
         let items = request.into_inner().items;
         check_batch(items.len())?;
         // Every signature is checked before any row is touched.
@@ -57,7 +62,10 @@ impl DataPlane for DataPlaneService {
     }
 
     #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
-    async fn capture(&self, request: Request<CaptureRequest>) -> Result<Response<CaptureResponse>, Status> {
+    async fn capture(
+        &self,
+        request: Request<CaptureRequest>,
+    ) -> Result<Response<CaptureResponse>, Status> {
         let items = request.into_inner().items;
         check_batch(items.len())?;
         let mut results = Vec::with_capacity(items.len());
@@ -67,7 +75,11 @@ impl DataPlane for DataPlaneService {
                 http_status: item.http_status,
                 upstream_micros: item.upstream_micros,
             };
-            results.push(self.ledger.resolve(&item.transaction_id, &resolution).await?);
+            results.push(
+                self.ledger
+                    .resolve(&item.transaction_id, &resolution)
+                    .await?,
+            );
         }
         Ok(Response::new(CaptureResponse { results }))
     }
@@ -81,7 +93,11 @@ impl DataPlane for DataPlaneService {
             let mut reason = item.reason;
             reason.truncate(MAX_ID_LEN);
             let resolution = Resolution::Void { reason };
-            results.push(self.ledger.resolve(&item.transaction_id, &resolution).await?);
+            results.push(
+                self.ledger
+                    .resolve(&item.transaction_id, &resolution)
+                    .await?,
+            );
         }
         Ok(Response::new(VoidResponse { results }))
     }
@@ -102,56 +118,103 @@ impl OperatorService {
 #[tonic::async_trait]
 impl Operator for OperatorService {
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
-    async fn create_account(&self, request: Request<CreateAccountRequest>) -> Result<Response<Account>, Status> {
+    async fn create_account(
+        &self,
+        request: Request<CreateAccountRequest>,
+    ) -> Result<Response<Account>, Status> {
         let r = request.into_inner();
         let kind = AccountKind::try_from(r.kind).unwrap_or(AccountKind::Unspecified);
-        Ok(Response::new(accounts::create_account(self.ledger.pool(), &r.account_id, kind).await?))
+        Ok(Response::new(
+            accounts::create_account(self.ledger.pool(), &r.account_id, kind).await?,
+        ))
     }
 
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
-    async fn get_account(&self, request: Request<GetAccountRequest>) -> Result<Response<Account>, Status> {
+    async fn get_account(
+        &self,
+        request: Request<GetAccountRequest>,
+    ) -> Result<Response<Account>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(accounts::get_account(self.ledger.pool(), &r.account_id).await?))
+        Ok(Response::new(
+            accounts::get_account(self.ledger.pool(), &r.account_id).await?,
+        ))
     }
 
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
     async fn add_key(&self, request: Request<AddKeyRequest>) -> Result<Response<PayerKey>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(accounts::add_key(self.ledger.pool(), &r.account_id, &r.public_key).await?))
+        Ok(Response::new(
+            accounts::add_key(self.ledger.pool(), &r.account_id, &r.public_key).await?,
+        ))
     }
 
     #[tracing::instrument(skip(self, request), fields(key = %request.get_ref().public_key))]
-    async fn revoke_key(&self, request: Request<RevokeKeyRequest>) -> Result<Response<PayerKey>, Status> {
+    async fn revoke_key(
+        &self,
+        request: Request<RevokeKeyRequest>,
+    ) -> Result<Response<PayerKey>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(accounts::revoke_key(self.ledger.pool(), &r.public_key).await?))
+        Ok(Response::new(
+            accounts::revoke_key(self.ledger.pool(), &r.public_key).await?,
+        ))
     }
 
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id, amount = request.get_ref().amount))]
-    async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<DepositResponse>, Status> {
+    async fn deposit(
+        &self,
+        request: Request<DepositRequest>,
+    ) -> Result<Response<DepositResponse>, Status> {
         let r = request.into_inner();
-        let transaction_id = self.ledger.deposit(&r.account_id, &r.asset, r.amount, &r.idempotency_key).await?;
+        let transaction_id = self
+            .ledger
+            .deposit(&r.account_id, &r.asset, r.amount, &r.idempotency_key)
+            .await?;
         let balance = accounts::balance(self.ledger.pool(), &r.account_id, &r.asset).await?;
-        Ok(Response::new(DepositResponse { transaction_id, balance: Some(balance) }))
+        Ok(Response::new(DepositResponse {
+            transaction_id,
+            balance: Some(balance),
+        }))
     }
 
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
-    async fn get_balance(&self, request: Request<GetBalanceRequest>) -> Result<Response<Balance>, Status> {
+    async fn get_balance(
+        &self,
+        request: Request<GetBalanceRequest>,
+    ) -> Result<Response<Balance>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(accounts::balance(self.ledger.pool(), &r.account_id, &r.asset).await?))
+        Ok(Response::new(
+            accounts::balance(self.ledger.pool(), &r.account_id, &r.asset).await?,
+        ))
     }
 
     #[tracing::instrument(skip(self, request), fields(transaction = %request.get_ref().transaction_id))]
-    async fn get_payment(&self, request: Request<GetPaymentRequest>) -> Result<Response<Payment>, Status> {
+    async fn get_payment(
+        &self,
+        request: Request<GetPaymentRequest>,
+    ) -> Result<Response<Payment>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(accounts::get_payment(self.ledger.pool(), &r.transaction_id).await?))
+        Ok(Response::new(
+            accounts::get_payment(self.ledger.pool(), &r.transaction_id).await?,
+        ))
     }
 
     #[tracing::instrument(skip(self, request))]
-    async fn list_payments(&self, request: Request<ListPaymentsRequest>) -> Result<Response<ListPaymentsResponse>, Status> {
+    async fn list_payments(
+        &self,
+        request: Request<ListPaymentsRequest>,
+    ) -> Result<Response<ListPaymentsResponse>, Status> {
         let r = request.into_inner();
-        let (payments, next_page_token) =
-            accounts::list_payments(self.ledger.pool(), &r.payer_account, &r.merchant_account, r.page_size, &r.page_token)
-                .await?;
-        Ok(Response::new(ListPaymentsResponse { payments, next_page_token }))
+        let (payments, next_page_token) = accounts::list_payments(
+            self.ledger.pool(),
+            &r.payer_account,
+            &r.merchant_account,
+            r.page_size,
+            &r.page_token,
+        )
+        .await?;
+        Ok(Response::new(ListPaymentsResponse {
+            payments,
+            next_page_token,
+        }))
     }
 }

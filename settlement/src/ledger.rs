@@ -13,7 +13,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use x402_proto::settlement::v1::{AuthorizeOutcome, AuthorizeResult, ResolveOutcome, ResolveResult};
+use x402_proto::settlement::v1::{
+    AuthorizeOutcome, AuthorizeResult, ResolveOutcome, ResolveResult,
+};
 
 use crate::error::{constraint, is_retryable, sqlstate, LedgerError};
 use crate::verify::{refused, unix_now, CheckedAuthorize};
@@ -127,7 +129,11 @@ impl Moves {
 
 /// Creates the balance row of `(account, asset)` if it does not exist yet; payers
 /// get the overdraft guard.
-async fn ensure_balance(tx: &mut Transaction<'_, Postgres>, account: &str, asset: &str) -> Result<(), sqlx::Error> {
+async fn ensure_balance(
+    tx: &mut Transaction<'_, Postgres>,
+    account: &str,
+    asset: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \
          SELECT id, $2, kind = 'payer' FROM accounts WHERE id = $1 \
@@ -152,7 +158,11 @@ fn to_u64(v: i64) -> u64 {
 #[derive(Debug, Clone)]
 pub enum Resolution {
     /// Post `amount` (at most the hold) to the merchant; the rest returns to the payer.
-    Capture { amount: u64, http_status: u32, upstream_micros: u64 },
+    Capture {
+        amount: u64,
+        http_status: u32,
+        upstream_micros: u64,
+    },
     /// Release the hold in full.
     Void { reason: String },
 }
@@ -184,11 +194,17 @@ impl Ledger {
     /// order: idempotent replay, merchant, key known, key active, signature,
     /// expiry, hold within the authorized amount, nonce, funds.
     #[tracing::instrument(skip(self, item), fields(request_id = %item.request_id))]
-    pub async fn authorize_hold(&self, item: &CheckedAuthorize) -> Result<AuthorizeResult, LedgerError> {
+    pub async fn authorize_hold(
+        &self,
+        item: &CheckedAuthorize,
+    ) -> Result<AuthorizeResult, LedgerError> {
         retrying(|| self.try_authorize_hold(item)).await
     }
 
-    async fn try_authorize_hold(&self, item: &CheckedAuthorize) -> Result<AuthorizeResult, Attempt> {
+    async fn try_authorize_hold(
+        &self,
+        item: &CheckedAuthorize,
+    ) -> Result<AuthorizeResult, Attempt> {
         let no = |outcome: AuthorizeOutcome, m: &str| Ok(refused(&item.request_id, outcome, m));
         let accepted = &item.payload.accepted;
         let auth = &item.payload.payload;
@@ -218,12 +234,16 @@ impl Ledger {
             });
         }
 
-        let merchant_kind: Option<String> = sqlx::query_scalar("SELECT kind FROM accounts WHERE id = $1")
-            .bind(&accepted.pay_to)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let merchant_kind: Option<String> =
+            sqlx::query_scalar("SELECT kind FROM accounts WHERE id = $1")
+                .bind(&accepted.pay_to)
+                .fetch_optional(&mut *tx)
+                .await?;
         if merchant_kind.as_deref() != Some("merchant") {
-            return no(AuthorizeOutcome::UnknownMerchant, "payTo is not a merchant account");
+            return no(
+                AuthorizeOutcome::UnknownMerchant,
+                "payTo is not a merchant account",
+            );
         }
 
         // FOR SHARE: a revocation that commits before this hold does stops it.
@@ -239,21 +259,28 @@ impl Ledger {
             return no(AuthorizeOutcome::KeyRevoked, "payer key was revoked");
         }
         if !item.signature_valid {
-            return no(AuthorizeOutcome::InvalidSignature, "signature does not match the payment");
+            return no(
+                AuthorizeOutcome::InvalidSignature,
+                "signature does not match the payment",
+            );
         }
         if item.valid_before <= unix_now() {
             return no(AuthorizeOutcome::Expired, "payment proof has expired");
         }
         if item.hold_amount > item.amount_authorized {
-            return no(AuthorizeOutcome::InvalidRequest, "hold amount exceeds the authorized amount");
+            return no(
+                AuthorizeOutcome::InvalidRequest,
+                "hold amount exceeds the authorized amount",
+            );
         }
 
-        let nonce_used: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM transfers WHERE kind = 'hold' AND debit_account = $1 AND nonce = $2")
-                .bind(&payer_account)
-                .bind(&auth.nonce)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let nonce_used: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM transfers WHERE kind = 'hold' AND debit_account = $1 AND nonce = $2",
+        )
+        .bind(&payer_account)
+        .bind(&auth.nonce)
+        .fetch_optional(&mut *tx)
+        .await?;
         if nonce_used.is_some() {
             return no(AuthorizeOutcome::NonceReused, "nonce was already used");
         }
@@ -261,12 +288,28 @@ impl Ledger {
         let amount = to_i64(item.hold_amount)?;
         ensure_balance(&mut tx, &accepted.pay_to, &accepted.asset).await?;
         let mut moves = Moves::default();
-        moves.push(&payer_account, &accepted.asset, Delta { debits_pending: amount, ..Delta::default() });
-        moves.push(&accepted.pay_to, &accepted.asset, Delta { credits_pending: amount, ..Delta::default() });
+        moves.push(
+            &payer_account,
+            &accepted.asset,
+            Delta {
+                debits_pending: amount,
+                ..Delta::default()
+            },
+        );
+        moves.push(
+            &accepted.pay_to,
+            &accepted.asset,
+            Delta {
+                credits_pending: amount,
+                ..Delta::default()
+            },
+        );
         match moves.apply(&mut tx).await {
             Ok(missing) if missing.is_empty() => {}
             Ok(_) => return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds"),
-            Err(e) if is_overdraft(&e) => return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds"),
+            Err(e) if is_overdraft(&e) => {
+                return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds")
+            }
             Err(e) => return Err(e.into()),
         }
 
@@ -298,7 +341,9 @@ impl Ledger {
                 return no(AuthorizeOutcome::NonceReused, "nonce was already used");
             }
             // A concurrent call with the same request_id won: the next attempt replays it.
-            Err(e) if constraint(&e) == Some("transfers_request_id_key") => return Err(Attempt::Retry(e)),
+            Err(e) if constraint(&e) == Some("transfers_request_id_key") => {
+                return Err(Attempt::Retry(e))
+            }
             Err(e) => return Err(e.into()),
         };
         tx.commit().await?;
@@ -316,11 +361,19 @@ impl Ledger {
     /// Captures or voids a hold. Repeating the resolution a hold already has returns
     /// the same outcome; any other resolution of a resolved hold is ALREADY_RESOLVED.
     #[tracing::instrument(skip(self))]
-    pub async fn resolve(&self, transaction_id: &str, resolution: &Resolution) -> Result<ResolveResult, LedgerError> {
+    pub async fn resolve(
+        &self,
+        transaction_id: &str,
+        resolution: &Resolution,
+    ) -> Result<ResolveResult, LedgerError> {
         retrying(|| self.try_resolve(transaction_id, resolution)).await
     }
 
-    async fn try_resolve(&self, transaction_id: &str, resolution: &Resolution) -> Result<ResolveResult, Attempt> {
+    async fn try_resolve(
+        &self,
+        transaction_id: &str,
+        resolution: &Resolution,
+    ) -> Result<ResolveResult, Attempt> {
         let result = |outcome: ResolveOutcome, amount: u64, message: &str| ResolveResult {
             transaction_id: transaction_id.to_owned(),
             outcome: outcome as i32,
@@ -335,7 +388,11 @@ impl Ledger {
         let (kind, posted) = match resolution {
             Resolution::Capture { amount, .. } => {
                 if *amount > hold_amount {
-                    return Ok(result(ResolveOutcome::ExceedsHold, hold_amount, "capture amount exceeds the hold"));
+                    return Ok(result(
+                        ResolveOutcome::ExceedsHold,
+                        hold_amount,
+                        "capture amount exceeds the hold",
+                    ));
                 }
                 ("capture", *amount)
             }
@@ -344,10 +401,11 @@ impl Ledger {
 
         // Deleting the open-hold row is the lock every resolution (and the sweeper)
         // takes: whoever deletes it resolves the hold; the others see the result.
-        let open: Option<String> = sqlx::query_scalar("DELETE FROM open_holds WHERE hold_id = $1 RETURNING hold_id")
-            .bind(transaction_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let open: Option<String> =
+            sqlx::query_scalar("DELETE FROM open_holds WHERE hold_id = $1 RETURNING hold_id")
+                .bind(transaction_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         if open.is_none() {
             let prior = sqlx::query(
                 "SELECT kind, amount FROM transfers WHERE pending_id = $1 AND kind IN ('capture', 'void', 'expire')",
@@ -356,7 +414,10 @@ impl Ledger {
             .fetch_optional(&mut *tx)
             .await?;
             let Some(prior) = prior else {
-                return Err(LedgerError::FailedPrecondition("hold is neither open nor resolved".into()).into());
+                return Err(LedgerError::FailedPrecondition(
+                    "hold is neither open nor resolved".into(),
+                )
+                .into());
             };
             let prior_kind: String = prior.try_get("kind")?;
             let prior_amount = to_u64(prior.try_get("amount")?);
@@ -364,7 +425,9 @@ impl Ledger {
                 ("capture", Resolution::Capture { amount, .. }) if *amount == prior_amount => {
                     result(ResolveOutcome::Captured, prior_amount, "")
                 }
-                ("void", Resolution::Void { .. }) => result(ResolveOutcome::Voided, prior_amount, ""),
+                ("void", Resolution::Void { .. }) => {
+                    result(ResolveOutcome::Voided, prior_amount, "")
+                }
                 (k, _) => result(
                     ResolveOutcome::AlreadyResolved,
                     prior_amount,
@@ -381,20 +444,57 @@ impl Ledger {
         let mut moves = Moves::default();
         match resolution {
             Resolution::Capture { .. } => {
-                moves.push(&hold.payer, &hold.asset, Delta { debits_pending: -hold.amount, debits_posted: posted_i64, ..Delta::default() });
-                moves.push(&hold.merchant, &hold.asset, Delta { credits_pending: -hold.amount, credits_posted: posted_i64, ..Delta::default() });
+                moves.push(
+                    &hold.payer,
+                    &hold.asset,
+                    Delta {
+                        debits_pending: -hold.amount,
+                        debits_posted: posted_i64,
+                        ..Delta::default()
+                    },
+                );
+                moves.push(
+                    &hold.merchant,
+                    &hold.asset,
+                    Delta {
+                        credits_pending: -hold.amount,
+                        credits_posted: posted_i64,
+                        ..Delta::default()
+                    },
+                );
             }
             Resolution::Void { .. } => {
-                moves.push(&hold.payer, &hold.asset, Delta { debits_pending: -hold.amount, ..Delta::default() });
-                moves.push(&hold.merchant, &hold.asset, Delta { credits_pending: -hold.amount, ..Delta::default() });
+                moves.push(
+                    &hold.payer,
+                    &hold.asset,
+                    Delta {
+                        debits_pending: -hold.amount,
+                        ..Delta::default()
+                    },
+                );
+                moves.push(
+                    &hold.merchant,
+                    &hold.asset,
+                    Delta {
+                        credits_pending: -hold.amount,
+                        ..Delta::default()
+                    },
+                );
             }
         }
         let missing = moves.apply(&mut tx).await?;
         if !missing.is_empty() {
-            return Err(LedgerError::FailedPrecondition("balance of a held account is missing".into()).into());
+            return Err(LedgerError::FailedPrecondition(
+                "balance of a held account is missing".into(),
+            )
+            .into());
         }
         let (reason, http_status, upstream_micros) = match resolution {
-            Resolution::Capture { http_status, upstream_micros, .. } => (
+            Resolution::Capture {
+                http_status,
+                upstream_micros,
+                ..
+            } => (
                 None,
                 Some(i32::try_from(*http_status).unwrap_or(i32::MAX)),
                 Some(i64::try_from(*upstream_micros).unwrap_or(i64::MAX)),
@@ -420,15 +520,25 @@ impl Ledger {
         .await;
         match inserted {
             Ok(_) => {}
-            Err(e) if constraint(&e) == Some("transfers_one_resolution") => return Err(Attempt::Retry(e)),
+            Err(e) if constraint(&e) == Some("transfers_one_resolution") => {
+                return Err(Attempt::Retry(e))
+            }
             Err(e) => return Err(e.into()),
         }
         tx.commit().await?;
-        let outcome = if kind == "capture" { ResolveOutcome::Captured } else { ResolveOutcome::Voided };
+        let outcome = if kind == "capture" {
+            ResolveOutcome::Captured
+        } else {
+            ResolveOutcome::Voided
+        };
         Ok(result(outcome, posted, ""))
     }
 
-    async fn find_hold(&self, tx: &mut Transaction<'_, Postgres>, transaction_id: &str) -> Result<Option<Hold>, sqlx::Error> {
+    async fn find_hold(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        transaction_id: &str,
+    ) -> Result<Option<Hold>, sqlx::Error> {
         let row = sqlx::query("SELECT debit_account, credit_account, asset, amount FROM transfers WHERE id = $1 AND kind = 'hold'")
             .bind(transaction_id)
             .fetch_optional(&mut **tx)
@@ -474,8 +584,22 @@ impl Ledger {
             let payer: String = r.try_get("debit_account")?;
             let merchant: String = r.try_get("credit_account")?;
             let asset: String = r.try_get("asset")?;
-            moves.push(&payer, &asset, Delta { debits_pending: -amount, ..Delta::default() });
-            moves.push(&merchant, &asset, Delta { credits_pending: -amount, ..Delta::default() });
+            moves.push(
+                &payer,
+                &asset,
+                Delta {
+                    debits_pending: -amount,
+                    ..Delta::default()
+                },
+            );
+            moves.push(
+                &merchant,
+                &asset,
+                Delta {
+                    credits_pending: -amount,
+                    ..Delta::default()
+                },
+            );
             ids.push(r.try_get::<String, _>("id")?);
         }
         moves.apply(&mut tx).await?;
@@ -495,33 +619,56 @@ impl Ledger {
     /// Credits a payer account from `system:credit`. Same idempotency key + same
     /// request returns the first deposit; with another request it is refused.
     #[tracing::instrument(skip(self))]
-    pub async fn deposit(&self, account: &str, asset: &str, amount: u64, idempotency_key: &str) -> Result<String, LedgerError> {
+    pub async fn deposit(
+        &self,
+        account: &str,
+        asset: &str,
+        amount: u64,
+        idempotency_key: &str,
+    ) -> Result<String, LedgerError> {
         if amount == 0 {
-            return Err(LedgerError::InvalidArgument("amount must be positive".into()));
+            return Err(LedgerError::InvalidArgument(
+                "amount must be positive".into(),
+            ));
         }
         let amount = to_i64(amount)?;
         crate::accounts::check_asset(asset)?;
         if idempotency_key.len() > crate::verify::MAX_ID_LEN {
-            return Err(LedgerError::InvalidArgument("idempotency_key is too long".into()));
+            return Err(LedgerError::InvalidArgument(
+                "idempotency_key is too long".into(),
+            ));
         }
         let hash = {
             use sha2::{Digest, Sha256};
-            hex::encode(Sha256::digest(format!("account={account}\nasset={asset}\namount={amount}\n")))
+            hex::encode(Sha256::digest(format!(
+                "account={account}\nasset={asset}\namount={amount}\n"
+            )))
         };
         retrying(|| self.try_deposit(account, asset, amount, idempotency_key, &hash)).await
     }
 
-    async fn try_deposit(&self, account: &str, asset: &str, amount: i64, key: &str, hash: &str) -> Result<String, Attempt> {
+    async fn try_deposit(
+        &self,
+        account: &str,
+        asset: &str,
+        amount: i64,
+        key: &str,
+        hash: &str,
+    ) -> Result<String, Attempt> {
         let mut tx = self.pool.begin().await?;
         if !key.is_empty() {
-            if let Some(row) = sqlx::query("SELECT id, request_hash FROM transfers WHERE idempotency_key = $1")
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?
+            if let Some(row) =
+                sqlx::query("SELECT id, request_hash FROM transfers WHERE idempotency_key = $1")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?
             {
                 let prior: String = row.try_get("request_hash")?;
                 if prior != hash {
-                    return Err(LedgerError::AlreadyExists("idempotency_key was already used for a different deposit".into()).into());
+                    return Err(LedgerError::AlreadyExists(
+                        "idempotency_key was already used for a different deposit".into(),
+                    )
+                    .into());
                 }
                 return Ok(row.try_get("id")?);
             }
@@ -531,19 +678,44 @@ impl Ledger {
             .fetch_optional(&mut *tx)
             .await?;
         match kind.as_deref() {
-            None => return Err(LedgerError::NotFound(format!("account {account} does not exist")).into()),
+            None => {
+                return Err(
+                    LedgerError::NotFound(format!("account {account} does not exist")).into(),
+                )
+            }
             Some("payer") => {}
-            Some(_) => return Err(LedgerError::FailedPrecondition("deposits go to payer accounts".into()).into()),
+            Some(_) => {
+                return Err(
+                    LedgerError::FailedPrecondition("deposits go to payer accounts".into()).into(),
+                )
+            }
         }
         ensure_balance(&mut tx, account, asset).await?;
         ensure_balance(&mut tx, SYSTEM_CREDIT_ACCOUNT, asset).await?;
         let mut moves = Moves::default();
-        moves.push(SYSTEM_CREDIT_ACCOUNT, asset, Delta { debits_posted: amount, ..Delta::default() });
-        moves.push(account, asset, Delta { credits_posted: amount, ..Delta::default() });
+        moves.push(
+            SYSTEM_CREDIT_ACCOUNT,
+            asset,
+            Delta {
+                debits_posted: amount,
+                ..Delta::default()
+            },
+        );
+        moves.push(
+            account,
+            asset,
+            Delta {
+                credits_posted: amount,
+                ..Delta::default()
+            },
+        );
         match moves.apply(&mut tx).await {
             Ok(_) => {}
             Err(e) if sqlstate(&e).as_deref() == Some("22003") => {
-                return Err(LedgerError::InvalidArgument("deposit would overflow the balance".into()).into());
+                return Err(LedgerError::InvalidArgument(
+                    "deposit would overflow the balance".into(),
+                )
+                .into());
             }
             Err(e) => return Err(e.into()),
         }
@@ -562,7 +734,9 @@ impl Ledger {
         let id = match inserted {
             Ok(id) => id,
             // A concurrent deposit with the same key won: the next attempt replays it.
-            Err(e) if constraint(&e) == Some("transfers_idempotency_key_key") => return Err(Attempt::Retry(e)),
+            Err(e) if constraint(&e) == Some("transfers_idempotency_key_key") => {
+                return Err(Attempt::Retry(e))
+            }
             Err(e) => return Err(e.into()),
         };
         tx.commit().await?;

@@ -9,19 +9,29 @@ use serde_json::json;
 use tonic::transport::Channel;
 use x402_proto::settlement::v1::operator_client::OperatorClient;
 use x402_proto::settlement::v1::{
-    Account, AccountKind, AddKeyRequest, Balance, CreateAccountRequest, DepositRequest, GetAccountRequest,
-    GetBalanceRequest, GetPaymentRequest, ListPaymentsRequest, PayerKey, Payment, RevokeKeyRequest,
+    Account, AccountKind, AddKeyRequest, Balance, CreateAccountRequest, DepositRequest,
+    GetAccountRequest, GetBalanceRequest, GetPaymentRequest, ListPaymentsRequest, PayerKey,
+    Payment, RevokeKeyRequest,
 };
 use x402_settlement::{db, server};
 
 #[derive(Parser)]
-#[command(name = "x402-settlement", version, about = "402x settlement service and operator CLI")]
+#[command(
+    name = "x402-settlement",
+    version,
+    about = "402x settlement service and operator CLI"
+)]
 struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
     /// Settlement gRPC endpoint for operator commands.
-    #[arg(long, global = true, env = "X402_SETTLEMENT_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "X402_SETTLEMENT_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
     #[command(subcommand)]
     command: Command,
@@ -153,7 +163,9 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate { database_url } => {
-            let pool = db::connect(&database_url, 1).await.context("connecting to the database")?;
+            let pool = db::connect(&database_url, 1)
+                .await
+                .context("connecting to the database")?;
             db::migrate(&pool).await.context("applying migrations")?;
             print(json, json!({"migrated": true}), "migrations applied".into());
             Ok(())
@@ -163,8 +175,11 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if args.log_json {
         builder.json().init();
     } else {
@@ -177,7 +192,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let config = server::ServerConfig { hold_sweep_interval: Duration::from_millis(args.hold_sweep_interval_ms) };
+    let config = server::ServerConfig {
+        hold_sweep_interval: Duration::from_millis(args.hold_sweep_interval_ms),
+    };
     server::run(listener, pool, config, shutdown_signal()).await?;
     Ok(())
 }
@@ -244,7 +261,13 @@ fn balance_json(b: &Balance) -> serde_json::Value {
 fn balance_text(b: &Balance) -> String {
     format!(
         "{} {}: available {} (credits posted {}, pending {}; debits posted {}, pending {})",
-        b.account_id, b.asset, b.available, b.credits_posted, b.credits_pending, b.debits_posted, b.debits_pending
+        b.account_id,
+        b.asset,
+        b.available,
+        b.credits_posted,
+        b.credits_pending,
+        b.debits_posted,
+        b.debits_pending
     )
 }
 
@@ -260,7 +283,14 @@ fn payment_json(p: &Payment) -> serde_json::Value {
 fn payment_text(p: &Payment) -> String {
     format!(
         "{} {} {} -> {} held {} captured {} {} {}",
-        p.transaction_id, p.status, p.payer_account, p.merchant_account, p.held, p.captured, p.asset, p.resource
+        p.transaction_id,
+        p.status,
+        p.payer_account,
+        p.merchant_account,
+        p.held,
+        p.captured,
+        p.asset,
+        p.resource
     )
 }
 
@@ -281,31 +311,74 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
                 Kind::Merchant => AccountKind::Merchant,
             };
             let a = client
-                .create_account(CreateAccountRequest { account_id: id, kind: kind as i32 })
+                .create_account(CreateAccountRequest {
+                    account_id: id,
+                    kind: kind as i32,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
-            print(json, account_json(&a), format!("account {} ({})", a.account_id, kind_str(a.kind)));
+            print(
+                json,
+                account_json(&a),
+                format!("account {} ({})", a.account_id, kind_str(a.kind)),
+            );
         }
         Command::Account(AccountCommand::Get { id }) => {
-            let a = client.get_account(GetAccountRequest { account_id: id }).await.map_err(status)?.into_inner();
-            print(json, account_json(&a), format!("account {} ({})", a.account_id, kind_str(a.kind)));
-        }
-        Command::Key(KeyCommand::Add { account, public_key }) => {
-            let k = client
-                .add_key(AddKeyRequest { account_id: account, public_key })
+            let a = client
+                .get_account(GetAccountRequest { account_id: id })
                 .await
                 .map_err(status)?
                 .into_inner();
-            print(json, key_json(&k), format!("key {} added to {}", k.public_key, k.account_id));
+            print(
+                json,
+                account_json(&a),
+                format!("account {} ({})", a.account_id, kind_str(a.kind)),
+            );
+        }
+        Command::Key(KeyCommand::Add {
+            account,
+            public_key,
+        }) => {
+            let k = client
+                .add_key(AddKeyRequest {
+                    account_id: account,
+                    public_key,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(
+                json,
+                key_json(&k),
+                format!("key {} added to {}", k.public_key, k.account_id),
+            );
         }
         Command::Key(KeyCommand::Revoke { public_key }) => {
-            let k = client.revoke_key(RevokeKeyRequest { public_key }).await.map_err(status)?.into_inner();
-            print(json, key_json(&k), format!("key {} of {} revoked", k.public_key, k.account_id));
+            let k = client
+                .revoke_key(RevokeKeyRequest { public_key })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(
+                json,
+                key_json(&k),
+                format!("key {} of {} revoked", k.public_key, k.account_id),
+            );
         }
-        Command::Deposit { account, asset, amount, idempotency_key } => {
+        Command::Deposit {
+            account,
+            asset,
+            amount,
+            idempotency_key,
+        } => {
             let r = client
-                .deposit(DepositRequest { account_id: account, asset, amount, idempotency_key })
+                .deposit(DepositRequest {
+                    account_id: account,
+                    asset,
+                    amount,
+                    idempotency_key,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -318,13 +391,20 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
         }
         Command::Balance { account, asset } => {
             let b = client
-                .get_balance(GetBalanceRequest { account_id: account, asset })
+                .get_balance(GetBalanceRequest {
+                    account_id: account,
+                    asset,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
             print(json, balance_json(&b), balance_text(&b));
         }
-        Command::Payments(PaymentsCommand::List { payer, merchant, limit }) => {
+        Command::Payments(PaymentsCommand::List {
+            payer,
+            merchant,
+            limit,
+        }) => {
             if limit == 0 {
                 bail!("--limit must be at least 1");
             }
@@ -338,19 +418,30 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            let text = r.payments.iter().map(payment_text).collect::<Vec<_>>().join("\n");
+            let text = r
+                .payments
+                .iter()
+                .map(payment_text)
+                .collect::<Vec<_>>()
+                .join("\n");
             print(
                 json,
                 json!({
                     "payments": r.payments.iter().map(payment_json).collect::<Vec<_>>(),
                     "next_page_token": r.next_page_token,
                 }),
-                if text.is_empty() { "no payments".into() } else { text },
+                if text.is_empty() {
+                    "no payments".into()
+                } else {
+                    text
+                },
             );
         }
         Command::Payments(PaymentsCommand::Get { transaction }) => {
             let p = client
-                .get_payment(GetPaymentRequest { transaction_id: transaction })
+                .get_payment(GetPaymentRequest {
+                    transaction_id: transaction,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();

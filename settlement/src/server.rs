@@ -25,7 +25,9 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { hold_sweep_interval: Duration::from_millis(1000) }
+        ServerConfig {
+            hold_sweep_interval: Duration::from_millis(1000),
+        }
     }
 }
 
@@ -47,15 +49,23 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let ledger = Ledger::new(pool);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<DataPlaneServer<DataPlaneService>>().await;
-    health_reporter.set_serving::<OperatorServer<OperatorService>>().await;
+    health_reporter
+        .set_serving::<DataPlaneServer<DataPlaneService>>()
+        .await;
+    health_reporter
+        .set_serving::<OperatorServer<OperatorService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(x402_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sweeper = tokio::spawn(sweep_expired_holds(ledger.clone(), config.hold_sweep_interval, stop_rx));
+    let sweeper = tokio::spawn(sweep_expired_holds(
+        ledger.clone(),
+        config.hold_sweep_interval,
+        stop_rx,
+    ));
 
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "settlement listening");

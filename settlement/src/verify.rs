@@ -35,7 +35,11 @@ pub struct CheckedAuthorize {
 }
 
 /// The outcome for an item that fails before the ledger is consulted.
-pub fn refused(request_id: &str, outcome: AuthorizeOutcome, message: impl Into<String>) -> AuthorizeResult {
+pub fn refused(
+    request_id: &str,
+    outcome: AuthorizeOutcome,
+    message: impl Into<String>,
+) -> AuthorizeResult {
     AuthorizeResult {
         request_id: request_id.to_owned(),
         outcome: outcome as i32,
@@ -47,11 +51,18 @@ pub fn refused(request_id: &str, outcome: AuthorizeOutcome, message: impl Into<S
 /// Syntax and signature checks of one item.
 pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, AuthorizeResult> {
     let invalid = |m: String| refused(&item.request_id, AuthorizeOutcome::InvalidRequest, m);
-    if item.request_id.is_empty() || item.request_id.len() > MAX_ID_LEN || item.request_id.chars().any(char::is_control) {
-        return Err(invalid(format!("request_id must be 1-{MAX_ID_LEN} characters without control characters")));
+    if item.request_id.is_empty()
+        || item.request_id.len() > MAX_ID_LEN
+        || item.request_id.chars().any(char::is_control)
+    {
+        return Err(invalid(format!(
+            "request_id must be 1-{MAX_ID_LEN} characters without control characters"
+        )));
     }
     if item.route.len() > MAX_ID_LEN || item.route.chars().any(char::is_control) {
-        return Err(invalid(format!("route must be at most {MAX_ID_LEN} characters without control characters")));
+        return Err(invalid(format!(
+            "route must be at most {MAX_ID_LEN} characters without control characters"
+        )));
     }
     let Some(proof) = item.proof.as_ref() else {
         return Err(invalid("proof is missing".into()));
@@ -78,15 +89,28 @@ pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, Authori
     let checked = check_payment(payload).map_err(|e| invalid(e.to_string()))?;
     let hold_ttl_seconds = match item.hold_ttl_seconds {
         0 => DEFAULT_HOLD_TTL_SECONDS,
-        t if t > MAX_HOLD_TTL_SECONDS => return Err(invalid(format!("hold_ttl_seconds must be at most {MAX_HOLD_TTL_SECONDS}"))),
+        t if t > MAX_HOLD_TTL_SECONDS => {
+            return Err(invalid(format!(
+                "hold_ttl_seconds must be at most {MAX_HOLD_TTL_SECONDS}"
+            )))
+        }
         t => t,
     };
     if item.hold_amount > x402_proto::amount::MAX_ATOMIC {
         return Err(invalid("hold_amount is too large".into()));
     }
     let fields = checked.signed_fields();
-    let signature_valid = verify_signature(&checked.payload.payload.payer, &checked.payload.payload.signature, &fields);
-    let request_hash = request_hash(&fields, &checked.payload.payload, item.hold_amount, &item.route);
+    let signature_valid = verify_signature(
+        &checked.payload.payload.payer,
+        &checked.payload.payload.signature,
+        &fields,
+    );
+    let request_hash = request_hash(
+        &fields,
+        &checked.payload.payload,
+        item.hold_amount,
+        &item.route,
+    );
     Ok(CheckedAuthorize {
         request_id: item.request_id.clone(),
         amount_authorized: checked.amount,
@@ -106,7 +130,12 @@ pub fn verify_signature(payer_hex: &str, signature_hex: &str, fields: &SignedFie
     verify_hex(payer_hex, signature_hex, fields).is_ok()
 }
 
-fn request_hash(fields: &SignedFields<'_>, auth: &PaymentAuthorization, hold_amount: u64, route: &str) -> String {
+fn request_hash(
+    fields: &SignedFields<'_>,
+    auth: &PaymentAuthorization,
+    hold_amount: u64,
+    route: &str,
+) -> String {
     let mut h = Sha256::new();
     // The canonical bytes are injective over the signed fields; the rest is appended
     // as more `name=value\n` lines, none of which can contain a line break.
@@ -175,13 +204,25 @@ mod tests {
             let mut tampered = item.clone();
             let proof = tampered.proof.as_mut().unwrap();
             // Flip one hex digit of the signature, then one character of the resource.
-            let first = if proof.signature.starts_with('0') { "1" } else { "0" };
+            let first = if proof.signature.starts_with('0') {
+                "1"
+            } else {
+                "0"
+            };
             proof.signature.replace_range(0..1, first);
-            assert!(!check_authorize(&tampered).unwrap().signature_valid, "{}", v.name);
+            assert!(
+                !check_authorize(&tampered).unwrap().signature_valid,
+                "{}",
+                v.name
+            );
 
             let mut tampered = item.clone();
             tampered.proof.as_mut().unwrap().resource.push('x');
-            assert!(!check_authorize(&tampered).unwrap().signature_valid, "{}", v.name);
+            assert!(
+                !check_authorize(&tampered).unwrap().signature_valid,
+                "{}",
+                v.name
+            );
         }
     }
 
@@ -195,7 +236,10 @@ mod tests {
         let mut other = item_from_vector(v);
         other.route = "s".into();
         assert_ne!(check_authorize(&other).unwrap().request_hash, base);
-        assert_eq!(check_authorize(&item_from_vector(v)).unwrap().request_hash, base);
+        assert_eq!(
+            check_authorize(&item_from_vector(v)).unwrap().request_hash,
+            base
+        );
     }
 
     #[test]
@@ -213,7 +257,11 @@ mod tests {
         long_ttl.hold_ttl_seconds = MAX_HOLD_TTL_SECONDS + 1;
         for item in [missing, no_id, bad_amount, short_nonce, long_ttl] {
             let err = check_authorize(&item).unwrap_err();
-            assert_eq!(err.outcome, AuthorizeOutcome::InvalidRequest as i32, "{item:?}");
+            assert_eq!(
+                err.outcome,
+                AuthorizeOutcome::InvalidRequest as i32,
+                "{item:?}"
+            );
             assert!(!err.message.is_empty());
         }
     }

@@ -1,0 +1,846 @@
+//! The ledger through its gRPC API, against a real PostgreSQL: money moves exactly,
+//! every resolution is idempotent, and the database refuses what must not happen.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tonic::Code;
+use x402_proto::settlement::v1::*;
+use x402_settlement::server::ServerConfig;
+
+#[tokio::test]
+async fn deposits_credit_the_payer_once_per_idempotency_key() {
+    let h = start().await;
+    let p = h.payer("alice", 0).await;
+    let mut op = h.op.clone();
+    let deposit = |amount: u64, key: &str| DepositRequest {
+        account_id: p.account.clone(),
+        asset: ASSET.into(),
+        amount,
+        idempotency_key: key.into(),
+    };
+    let first = op
+        .deposit(deposit(1_000_000, "buy-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = op
+        .deposit(deposit(1_000_000, "buy-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.transaction_id, again.transaction_id);
+    let b = h.balance("alice").await;
+    assert_eq!((b.credits_posted, b.available), (1_000_000, 1_000_000));
+
+    let conflict = op.deposit(deposit(5, "buy-1")).await.unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+    op.deposit(deposit(250, "")).await.unwrap();
+    assert_eq!(h.balance("alice").await.available, 1_000_250);
+    let system = h.balance_of("system:credit").await;
+    assert_eq!(system.debits_posted, 1_000_250);
+
+    assert_eq!(
+        op.deposit(deposit(0, "")).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut unknown = deposit(1, "");
+    unknown.account_id = "nobody".into();
+    assert_eq!(
+        op.deposit(unknown).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    h.merchant(MERCHANT).await;
+    let mut to_merchant = deposit(1, "");
+    to_merchant.account_id = MERCHANT.into();
+    assert_eq!(
+        op.deposit(to_merchant).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn authorize_then_capture_moves_exactly_the_captured_amount() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("bob", 100_000).await;
+
+    let r = h.authorize(paid(&p, "req-1", 10_000)).await;
+    assert_eq!(outcome(&r), AuthorizeOutcome::Authorized, "{}", r.message);
+    assert_eq!((r.held_amount, r.payer_account.as_str()), (10_000, "bob"));
+    let b = h.balance("bob").await;
+    assert_eq!((b.debits_pending, b.available), (10_000, 90_000));
+    assert_eq!(h.balance(MERCHANT).await.credits_pending, 10_000);
+    assert_eq!(h.payment(&r.transaction_id).await.status, "held");
+
+    let c = h.capture(&r.transaction_id, 10_000).await;
+    assert_eq!((resolved(&c), c.amount), (ResolveOutcome::Captured, 10_000));
+    let b = h.balance("bob").await;
+    assert_eq!(
+        (b.debits_pending, b.debits_posted, b.available),
+        (0, 10_000, 90_000)
+    );
+    let m = h.balance(MERCHANT).await;
+    assert_eq!((m.credits_pending, m.credits_posted), (0, 10_000));
+    let pay = h.payment(&r.transaction_id).await;
+    assert_eq!(
+        (pay.status.as_str(), pay.held, pay.captured, pay.voided),
+        ("captured", 10_000, 10_000, 0)
+    );
+    assert_eq!(
+        (pay.payer_key.as_str(), pay.route.as_str()),
+        (p.public_key.as_str(), "quote")
+    );
+}
+
+#[tokio::test]
+async fn capturing_less_than_the_hold_returns_the_rest_and_more_is_refused() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("carol", 100_000).await;
+    let r = h.authorize(paid(&p, "req-1", 10_000)).await;
+    assert_eq!(outcome(&r), AuthorizeOutcome::Authorized);
+
+    let over = h.capture(&r.transaction_id, 10_001).await;
+    assert_eq!(resolved(&over), ResolveOutcome::ExceedsHold);
+    let b = h.balance("carol").await;
+    assert_eq!(
+        (b.debits_pending, b.debits_posted),
+        (10_000, 0),
+        "nothing moves on EXCEEDS_HOLD"
+    );
+    assert_eq!(h.balance(MERCHANT).await.credits_posted, 0);
+
+    let c = h.capture(&r.transaction_id, 4_000).await;
+    assert_eq!((resolved(&c), c.amount), (ResolveOutcome::Captured, 4_000));
+    let b = h.balance("carol").await;
+    assert_eq!(
+        (b.debits_pending, b.debits_posted, b.available),
+        (0, 4_000, 96_000)
+    );
+    let m = h.balance(MERCHANT).await;
+    assert_eq!((m.credits_pending, m.credits_posted), (0, 4_000));
+    let pay = h.payment(&r.transaction_id).await;
+    assert_eq!((pay.captured, pay.voided), (4_000, 6_000));
+}
+
+#[tokio::test]
+async fn each_hold_resolves_once_and_repeats_return_the_same_outcome() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("dave", 100_000).await;
+
+    let voided = h.authorize(paid(&p, "v", 3_000)).await.transaction_id;
+    let v = h.void(&voided).await;
+    assert_eq!((resolved(&v), v.amount), (ResolveOutcome::Voided, 3_000));
+    assert_eq!(resolved(&h.void(&voided).await), ResolveOutcome::Voided);
+    assert_eq!(
+        resolved(&h.capture(&voided, 3_000).await),
+        ResolveOutcome::AlreadyResolved
+    );
+    let b = h.balance("dave").await;
+    assert_eq!(
+        (b.debits_pending, b.debits_posted, b.available),
+        (0, 0, 100_000)
+    );
+    assert_eq!(h.payment(&voided).await.status, "voided");
+
+    let captured = h.authorize(paid(&p, "c", 2_000)).await.transaction_id;
+    assert_eq!(
+        resolved(&h.capture(&captured, 1_500).await),
+        ResolveOutcome::Captured
+    );
+    let again = h.capture(&captured, 1_500).await;
+    assert_eq!(
+        (resolved(&again), again.amount),
+        (ResolveOutcome::Captured, 1_500)
+    );
+    assert_eq!(
+        resolved(&h.capture(&captured, 1_000).await),
+        ResolveOutcome::AlreadyResolved
+    );
+    assert_eq!(
+        resolved(&h.void(&captured).await),
+        ResolveOutcome::AlreadyResolved
+    );
+    let b = h.balance("dave").await;
+    assert_eq!(
+        (b.debits_posted, b.available),
+        (1_500, 98_500),
+        "replays move nothing"
+    );
+
+    assert_eq!(
+        resolved(&h.capture("no-such-hold", 1).await),
+        ResolveOutcome::NotFound
+    );
+    assert_eq!(
+        resolved(&h.void("no-such-hold").await),
+        ResolveOutcome::NotFound
+    );
+}
+
+#[tokio::test]
+async fn request_ids_are_idempotency_keys() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("erin", 100_000).await;
+    let first = h.authorize(paid(&p, "same-id", 5_000)).await;
+    let replay = h.authorize(paid(&p, "same-id", 5_000)).await;
+    assert_eq!(outcome(&replay), AuthorizeOutcome::Authorized);
+    assert_eq!(replay.transaction_id, first.transaction_id);
+    assert_eq!(h.balance("erin").await.debits_pending, 5_000, "held once");
+
+    let mut different = paid(&p, "same-id", 5_000);
+    different.hold_amount = 4_000;
+    let conflict = h.authorize(different).await;
+    assert_eq!(outcome(&conflict), AuthorizeOutcome::IdempotencyConflict);
+    assert!(conflict.transaction_id.is_empty());
+
+    // A replay after capture still answers with the original hold.
+    h.capture(&first.transaction_id, 5_000).await;
+    assert_eq!(
+        h.authorize(paid(&p, "same-id", 5_000)).await.transaction_id,
+        first.transaction_id
+    );
+}
+
+#[tokio::test]
+async fn every_refusal_has_its_outcome_and_holds_nothing() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("frank", 10_000).await;
+
+    let t = terms(1_000, "frank-nonce");
+    assert_eq!(
+        outcome(&h.authorize(item("a", signed_proof(&p, &t), 1_000)).await),
+        AuthorizeOutcome::Authorized
+    );
+    let reuse = h.authorize(item("b", signed_proof(&p, &t), 1_000)).await;
+    assert_eq!(outcome(&reuse), AuthorizeOutcome::NonceReused);
+
+    let stranger = Payer {
+        account: "none".into(),
+        key: key_for("stranger"),
+        public_key: x402_proto::signing::public_key_hex(&key_for("stranger")),
+    };
+    assert_eq!(
+        outcome(&h.authorize(paid(&stranger, "c", 1_000)).await),
+        AuthorizeOutcome::UnknownKey
+    );
+
+    let mut t = terms(1_000, "expired");
+    t.valid_before = unix_now() - 1;
+    assert_eq!(
+        outcome(&h.authorize(item("d", signed_proof(&p, &t), 1_000)).await),
+        AuthorizeOutcome::Expired
+    );
+
+    let mut t = terms(1_000, "elsewhere");
+    t.pay_to = "merchant-nobody".into();
+    assert_eq!(
+        outcome(&h.authorize(item("e", signed_proof(&p, &t), 1_000)).await),
+        AuthorizeOutcome::UnknownMerchant
+    );
+
+    let t = terms(1_000, "over");
+    assert_eq!(
+        outcome(&h.authorize(item("f", signed_proof(&p, &t), 1_001)).await),
+        AuthorizeOutcome::InvalidRequest
+    );
+
+    let mut forged = signed_proof(&p, &terms(1_000, "forged"));
+    forged.amount = "1".into();
+    let r = h.authorize(item("g", forged, 1)).await;
+    assert_eq!(outcome(&r), AuthorizeOutcome::InvalidSignature);
+
+    let mut malformed = signed_proof(&p, &terms(1_000, "malformed"));
+    malformed.nonce = "xyz".into();
+    assert_eq!(
+        outcome(&h.authorize(item("h", malformed, 1_000)).await),
+        AuthorizeOutcome::InvalidRequest
+    );
+
+    assert_eq!(
+        outcome(&h.authorize(paid(&p, "i", 9_001)).await),
+        AuthorizeOutcome::InsufficientFunds
+    );
+    assert_eq!(
+        outcome(&h.authorize(paid(&p, "j", 9_000)).await),
+        AuthorizeOutcome::Authorized
+    );
+
+    let b = h.balance("frank").await;
+    assert_eq!(
+        (b.debits_pending, b.available),
+        (10_000, 0),
+        "only the two authorized holds are held"
+    );
+
+    let mut op = h.op.clone();
+    op.revoke_key(RevokeKeyRequest {
+        public_key: p.public_key.clone(),
+    })
+    .await
+    .unwrap();
+    op.deposit(DepositRequest {
+        account_id: "frank".into(),
+        asset: ASSET.into(),
+        amount: 5_000,
+        idempotency_key: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        outcome(&h.authorize(paid(&p, "k", 1_000)).await),
+        AuthorizeOutcome::KeyRevoked
+    );
+    let again = op
+        .add_key(AddKeyRequest {
+            account_id: "frank".into(),
+            public_key: p.public_key.clone(),
+        })
+        .await;
+    assert_eq!(
+        again.unwrap_err().code(),
+        Code::FailedPrecondition,
+        "a revoked key stays revoked"
+    );
+}
+
+#[tokio::test]
+async fn published_vectors_verify_in_settlement_and_a_changed_byte_does_not() {
+    let h = start().await;
+    let vectors = x402_proto::vectors::vectors().unwrap();
+    assert!(vectors.len() >= 5);
+    let mut op = h.op.clone();
+    let mut accounts: BTreeMap<String, String> = BTreeMap::new();
+    for (i, v) in vectors.iter().enumerate() {
+        let a = &v.payload.accepted;
+        op.create_account(CreateAccountRequest {
+            account_id: a.pay_to.clone(),
+            kind: AccountKind::Merchant as i32,
+        })
+        .await
+        .unwrap();
+        let account = accounts
+            .entry(v.public_key.clone())
+            .or_insert_with(|| format!("vector-payer-{i}"))
+            .clone();
+        op.create_account(CreateAccountRequest {
+            account_id: account.clone(),
+            kind: AccountKind::Payer as i32,
+        })
+        .await
+        .unwrap();
+        op.add_key(AddKeyRequest {
+            account_id: account.clone(),
+            public_key: v.public_key.clone(),
+        })
+        .await
+        .unwrap();
+        op.deposit(DepositRequest {
+            account_id: account,
+            asset: a.asset.clone(),
+            amount: 10_000_000,
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    for v in &vectors {
+        let p = &v.payload;
+        let proof = PaymentProof {
+            scheme: p.accepted.scheme.clone(),
+            network: p.accepted.network.clone(),
+            asset: p.accepted.asset.clone(),
+            amount: p.accepted.amount.clone(),
+            pay_to: p.accepted.pay_to.clone(),
+            resource: p.payload.resource.clone(),
+            nonce: p.payload.nonce.clone(),
+            valid_before: p.payload.valid_before.clone(),
+            payer: p.payload.payer.clone(),
+            signature: p.payload.signature.clone(),
+        };
+        // Hold at most 1 unit of currency: the proof's amount is the most it may cost.
+        let amount = p.accepted.amount.parse::<u64>().unwrap().min(1_000_000);
+
+        let mut tampered = proof.clone();
+        let last = tampered.signature.pop().unwrap();
+        tampered.signature.push(if last == '0' { '1' } else { '0' });
+        let r = h
+            .authorize(item(&format!("{}-tampered", v.name), tampered, amount))
+            .await;
+        assert_eq!(
+            outcome(&r),
+            AuthorizeOutcome::InvalidSignature,
+            "{}",
+            v.name
+        );
+
+        let mut moved = proof.clone();
+        moved.resource.push('/');
+        let r = h
+            .authorize(item(&format!("{}-moved", v.name), moved, amount))
+            .await;
+        assert_eq!(
+            outcome(&r),
+            AuthorizeOutcome::InvalidSignature,
+            "{}",
+            v.name
+        );
+
+        let r = h.authorize(item(&v.name, proof, amount)).await;
+        assert_eq!(
+            outcome(&r),
+            AuthorizeOutcome::Authorized,
+            "{}: {}",
+            v.name,
+            r.message
+        );
+        assert_eq!(r.held_amount, amount);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_authorizes_never_overdraw_the_payer() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("greta", 100 * 1_000).await;
+    let items: Vec<_> = (0..200)
+        .map(|i| paid(&p, &format!("burst-{i}"), 1_000))
+        .collect();
+    let mut tasks = Vec::new();
+    for it in items {
+        let mut client = h.data.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .authorize(AuthorizeRequest { items: vec![it] })
+                .await
+                .unwrap()
+                .into_inner()
+                .results
+                .remove(0)
+        }));
+    }
+    let mut counts: BTreeMap<i32, usize> = BTreeMap::new();
+    for t in tasks {
+        *counts.entry(t.await.unwrap().outcome).or_default() += 1;
+    }
+    assert_eq!(
+        counts.get(&(AuthorizeOutcome::Authorized as i32)),
+        Some(&100),
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.get(&(AuthorizeOutcome::InsufficientFunds as i32)),
+        Some(&100),
+        "{counts:?}"
+    );
+    let b = h.balance("greta").await;
+    assert_eq!((b.debits_pending, b.available), (100_000, 0));
+    assert_eq!(h.balance(MERCHANT).await.credits_pending, 100_000);
+}
+
+#[tokio::test]
+async fn concurrent_capture_and_void_resolve_a_hold_once() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("hana", 1_000_000).await;
+    let mut holds = Vec::new();
+    for i in 0..20 {
+        let r = h.authorize(paid(&p, &format!("race-{i}"), 1_000)).await;
+        assert_eq!(outcome(&r), AuthorizeOutcome::Authorized);
+        holds.push(r.transaction_id);
+    }
+    let mut tasks = Vec::new();
+    for tx in &holds {
+        let (mut a, mut b) = (h.data.clone(), h.data.clone());
+        let (t1, t2) = (tx.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let capture = a.capture(CaptureRequest {
+                items: vec![CaptureItem {
+                    transaction_id: t1,
+                    amount: 700,
+                    upstream_micros: 0,
+                    http_status: 200,
+                }],
+            });
+            let void = b.void(VoidRequest {
+                items: vec![VoidItem {
+                    transaction_id: t2,
+                    reason: "race".into(),
+                }],
+            });
+            let (c, v) = tokio::join!(capture, void);
+            (
+                c.unwrap().into_inner().results.remove(0),
+                v.unwrap().into_inner().results.remove(0),
+            )
+        }));
+    }
+    let mut captured = 0u64;
+    for t in tasks {
+        let (c, v) = t.await.unwrap();
+        match (resolved(&c), resolved(&v)) {
+            (ResolveOutcome::Captured, ResolveOutcome::AlreadyResolved) => captured += 700,
+            (ResolveOutcome::AlreadyResolved, ResolveOutcome::Voided) => {}
+            other => panic!("both or neither resolved: {other:?}"),
+        }
+    }
+    let resolutions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM transfers WHERE kind IN ('capture', 'void', 'expire') AND pending_id = ANY($1)",
+    )
+    .bind(&holds)
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(resolutions, 20);
+    let b = h.balance("hana").await;
+    assert_eq!((b.debits_pending, b.debits_posted), (0, captured));
+    let m = h.balance(MERCHANT).await;
+    assert_eq!((m.credits_pending, m.credits_posted), (0, captured));
+}
+
+#[tokio::test]
+async fn the_database_refuses_a_second_resolution_and_an_overdraft() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("ivan", 1_000).await;
+    let tx = h.authorize(paid(&p, "x", 1_000)).await.transaction_id;
+    h.capture(&tx, 400).await;
+    let second = sqlx::query(
+        "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount) \
+         VALUES ('void', 'ivan', $1, 'USD', 1000, $2, 1000)",
+    )
+    .bind(MERCHANT)
+    .bind(&tx)
+    .execute(&h.pool)
+    .await;
+    assert!(second.is_err(), "a hold resolves at most once");
+    let inflated = sqlx::query(
+        "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount) \
+         VALUES ('capture', 'ivan', $1, 'USD', 5000, $2, 5000)",
+    )
+    .bind(MERCHANT)
+    .bind(&tx)
+    .execute(&h.pool)
+    .await;
+    assert!(
+        inflated.is_err(),
+        "pending_amount must be the hold's amount"
+    );
+    let overdraft = sqlx::query("UPDATE balances SET debits_posted = credits_posted - debits_pending + 1 WHERE account_id = 'ivan'")
+        .execute(&h.pool)
+        .await;
+    assert!(
+        overdraft.is_err(),
+        "a payer's debits never exceed its credits"
+    );
+}
+
+#[tokio::test]
+async fn the_sweeper_expires_unresolved_holds() {
+    let h = start_with(ServerConfig {
+        hold_sweep_interval: Duration::from_millis(100),
+    })
+    .await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("judy", 10_000).await;
+    let mut short = paid(&p, "short", 2_500);
+    short.hold_ttl_seconds = 1;
+    let tx = h.authorize(short).await.transaction_id;
+    let kept = h.authorize(paid(&p, "kept", 1_000)).await.transaction_id;
+    assert_eq!(h.balance("judy").await.available, 6_500);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.payment(&tx).await.status != "expired" {
+        assert!(Instant::now() < deadline, "hold was not expired in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = h.balance("judy").await;
+    assert_eq!((b.debits_pending, b.available), (1_000, 9_000));
+    assert_eq!(h.balance(MERCHANT).await.credits_pending, 1_000);
+    assert_eq!(
+        resolved(&h.capture(&tx, 2_500).await),
+        ResolveOutcome::AlreadyResolved
+    );
+    assert_eq!(h.payment(&kept).await.status, "held");
+}
+
+#[tokio::test]
+async fn payments_are_listed_newest_first_page_by_page() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("kim", 10_000).await;
+    let q = h.payer("lee", 10_000).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            h.authorize(paid(&p, &format!("k{i}"), 100))
+                .await
+                .transaction_id,
+        );
+    }
+    h.authorize(paid(&q, "l0", 100)).await;
+    let mut op = h.op.clone();
+    let page = |token: String| ListPaymentsRequest {
+        payer_account: "kim".into(),
+        merchant_account: String::new(),
+        page_size: 2,
+        page_token: token,
+    };
+    let first = op
+        .list_payments(page(String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first
+            .payments
+            .iter()
+            .map(|p| p.transaction_id.clone())
+            .collect::<Vec<_>>(),
+        vec![ids[2].clone(), ids[1].clone()]
+    );
+    assert!(!first.next_page_token.is_empty());
+    let second = op
+        .list_payments(page(first.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        second
+            .payments
+            .iter()
+            .map(|p| p.transaction_id.clone())
+            .collect::<Vec<_>>(),
+        vec![ids[0].clone()]
+    );
+    assert!(second.next_page_token.is_empty());
+    let by_merchant = op
+        .list_payments(ListPaymentsRequest {
+            merchant_account: MERCHANT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_merchant.payments.len(), 4);
+}
+
+#[tokio::test]
+async fn accounts_and_keys_are_validated() {
+    let h = start().await;
+    let mut op = h.op.clone();
+    let create = |id: &str, kind: AccountKind| CreateAccountRequest {
+        account_id: id.into(),
+        kind: kind as i32,
+    };
+    let a = op
+        .create_account(create("m1", AccountKind::Merchant))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.kind, AccountKind::Merchant as i32);
+    op.create_account(create("m1", AccountKind::Merchant))
+        .await
+        .unwrap();
+    assert_eq!(
+        op.create_account(create("m1", AccountKind::Payer))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        op.create_account(create("bad id!", AccountKind::Payer))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        op.create_account(create("s", AccountKind::System))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    let missing = op
+        .get_account(GetAccountRequest {
+            account_id: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let p = h.payer("p1", 0).await;
+    let bad_key = AddKeyRequest {
+        account_id: "p1".into(),
+        public_key: "zz".repeat(32),
+    };
+    assert_eq!(
+        op.add_key(bad_key).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let merchant_key = AddKeyRequest {
+        account_id: "m1".into(),
+        public_key: x402_proto::signing::public_key_hex(&key_for("m")),
+    };
+    assert_eq!(
+        op.add_key(merchant_key).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    h.payer("p2", 0).await;
+    let stolen = AddKeyRequest {
+        account_id: "p2".into(),
+        public_key: p.public_key.clone(),
+    };
+    assert_eq!(
+        op.add_key(stolen).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    let unknown = RevokeKeyRequest {
+        public_key: "ab".repeat(32),
+    };
+    assert_eq!(
+        op.revoke_key(unknown).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn health_reports_serving_for_both_services() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+    let h = start().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", h.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in [
+        "x402.settlement.v1.DataPlane",
+        "x402.settlement.v1.Operator",
+    ] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service}");
+    }
+}
+
+#[tokio::test]
+async fn the_operator_cli_speaks_to_the_server() {
+    let h = start().await;
+    let server = format!("http://{}", h.addr);
+    let key = x402_proto::signing::public_key_hex(&key_for("cli"));
+    let cli_ok = tokio::task::spawn_blocking(move || {
+        let cli = |args: &[&str]| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_x402-settlement"))
+                .arg("--server")
+                .arg(&server)
+                .args(args)
+                .env_remove("X402_SETTLEMENT_URL")
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let run = |args: &[&str]| {
+            let (ok, out, err) = cli(args);
+            assert!(ok, "{args:?}: {err}");
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()
+        };
+        assert_eq!(
+            run(&[
+                "account",
+                "create",
+                "--id",
+                "cli-payer",
+                "--kind",
+                "payer",
+                "--json"
+            ])["kind"],
+            "payer"
+        );
+        run(&[
+            "account", "create", "--id", "cli-shop", "--kind", "merchant", "--json",
+        ]);
+        assert_eq!(
+            run(&[
+                "key",
+                "add",
+                "--account",
+                "cli-payer",
+                "--public-key",
+                &key,
+                "--json"
+            ])["revoked"],
+            false
+        );
+        let d = run(&[
+            "deposit",
+            "--account",
+            "cli-payer",
+            "--asset",
+            "USD",
+            "--amount",
+            "2500000",
+            "--idempotency-key",
+            "k1",
+            "--json",
+        ]);
+        assert_eq!(d["balance"]["available"], 2_500_000);
+        let again = run(&[
+            "deposit",
+            "--account",
+            "cli-payer",
+            "--asset",
+            "USD",
+            "--amount",
+            "2500000",
+            "--idempotency-key",
+            "k1",
+            "--json",
+        ]);
+        assert_eq!(again["transaction_id"], d["transaction_id"]);
+        assert_eq!(
+            run(&[
+                "balance",
+                "--account",
+                "cli-payer",
+                "--asset",
+                "USD",
+                "--json"
+            ])["credits_posted"],
+            2_500_000
+        );
+        assert_eq!(
+            run(&["payments", "list", "--payer", "cli-payer", "--json"])["payments"],
+            serde_json::json!([])
+        );
+        assert_eq!(
+            run(&["key", "revoke", "--public-key", &key, "--json"])["revoked"],
+            true
+        );
+        let (ok, _, err) = cli(&["balance", "--account", "nobody", "--asset", "USD"]);
+        assert!(!ok && err.contains("does not exist"), "{err}");
+        let (ok, out, _) = cli(&["balance", "--account", "cli-payer", "--asset", "USD"]);
+        assert!(ok && out.contains("available 2500000"), "{out}");
+    });
+    cli_ok.await.unwrap();
+}
