@@ -29,6 +29,11 @@ pub const MAX_RESOLVE_ATTEMPTS: u32 = 4;
 pub const RETRY_BACKOFF_NANOS: u64 = 500_000_000;
 /// gRPC status code OK.
 pub const GRPC_OK: u32 = 0;
+/// gRPC status reported for a call the host never finished.
+pub const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+/// Grace beyond the call timeout before a call the host never finished is given up,
+/// so one lost callback cannot block an RPC's queue for good.
+pub const STALE_GRACE_NANOS: u64 = 5_000_000_000;
 
 /// Which settlement call a callout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +97,8 @@ pub struct Dispatcher {
     capture_queue: VecDeque<Retryable<CaptureItem>>,
     void_queue: VecDeque<Retryable<VoidItem>>,
     in_flight: HashMap<u32, InFlight>,
+    /// When each call in flight was started.
+    started_nanos: HashMap<u32, u64>,
 }
 
 impl Dispatcher {
@@ -163,6 +170,7 @@ impl Dispatcher {
             match call(host, target, current, Rpc::Authorize, &message) {
                 Some(token) => {
                     self.in_flight.insert(token, InFlight::Authorize(waiters));
+                    self.started_nanos.insert(token, now);
                 }
                 None => {
                     metrics.add(host, Metric::CalloutFailures, 1);
@@ -183,6 +191,7 @@ impl Dispatcher {
                 match call(host, target, current, Rpc::Capture, &message) {
                     Some(token) => {
                         self.in_flight.insert(token, InFlight::Capture(batch));
+                        self.started_nanos.insert(token, now);
                     }
                     None => {
                         metrics.add(host, Metric::CalloutFailures, 1);
@@ -201,6 +210,7 @@ impl Dispatcher {
                 match call(host, target, current, Rpc::Void, &message) {
                     Some(token) => {
                         self.in_flight.insert(token, InFlight::Void(batch));
+                        self.started_nanos.insert(token, now);
                     }
                     None => {
                         metrics.add(host, Metric::CalloutFailures, 1);
@@ -210,6 +220,30 @@ impl Dispatcher {
             }
         }
         deliveries
+    }
+
+    /// Fails calls still in flight long after their timeout; returns the answers for
+    /// the requests that waited on them.
+    pub fn expire_stale(
+        &mut self,
+        host: &mut dyn Host,
+        target: &Target,
+        metrics: &Metrics,
+    ) -> Vec<Delivery> {
+        let now = host.now_nanos();
+        let limit = u64::from(target.timeout_ms)
+            .saturating_mul(1_000_000)
+            .saturating_add(STALE_GRACE_NANOS);
+        let stale: Vec<u32> = self
+            .started_nanos
+            .iter()
+            .filter(|(_, started)| now.saturating_sub(**started) > limit)
+            .map(|(token, _)| *token)
+            .collect();
+        stale
+            .into_iter()
+            .flat_map(|token| self.on_response(host, token, Err(GRPC_DEADLINE_EXCEEDED), metrics))
+            .collect()
     }
 
     /// Whether `token` is a call of this dispatcher.
@@ -229,6 +263,7 @@ impl Dispatcher {
         let Some(flight) = self.in_flight.remove(&token) else {
             return Vec::new();
         };
+        self.started_nanos.remove(&token);
         let now = host.now_nanos();
         if let Err(status) = &result {
             metrics.add(host, Metric::CalloutFailures, 1);

@@ -185,6 +185,11 @@ impl Vm {
     }
 
     pub fn on_tick(&mut self, host: &mut dyn Host, root_id: u32) {
+        let stale = match self.plugins.get_mut(&root_id) {
+            Some(p) => p.dispatcher.expire_stale(host, &p.target, &p.metrics),
+            None => return,
+        };
+        self.deliver(host, root_id, stale);
         self.flush(host, root_id, root_id);
     }
 

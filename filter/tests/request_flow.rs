@@ -738,3 +738,37 @@ fn a_bad_configuration_is_refused_and_logged() {
         .any(|l| l.contains("settlement_cluster")));
     assert!(vm.plugin(ROOT).is_none());
 }
+
+#[test]
+fn a_call_the_host_never_finishes_is_given_up_and_the_queue_moves_on() {
+    let mut h = Harness::new(false);
+    h.request(
+        2,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 2))),
+    );
+    h.request(
+        3,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 3))),
+    );
+    assert_eq!(h.host.grpc_calls().len(), 1);
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert!(h.reply_to(2).is_none(), "not before the timeout and grace");
+    h.host.now_nanos += 2_000_000_000 + x402_filter::dispatcher::STALE_GRACE_NANOS + 1;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert_eq!(h.reply_to(2).unwrap().0, 503);
+    assert_eq!(
+        h.host.grpc_calls().len(),
+        2,
+        "the waiting authorization is sent"
+    );
+    let (token, _, _, body) = h.last_grpc();
+    h.grpc_ok(
+        token,
+        authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "tx-"),
+    );
+    assert!(h.host.calls.contains(&Call::Resume { context: 3 }));
+}
