@@ -37,7 +37,7 @@ fn existing(path: PathBuf, what: &str, var: &str) -> Result<PathBuf> {
         Ok(path)
     } else {
         bail!(
-            "{what} not found at {} (set {var} to override): run `make test`, which installs and builds everything the end-to-end tests need",
+            "{what} not found at {} (set {var} to override): run `make test` (or `make run`), which installs and builds everything needed",
             path.display()
         )
     }

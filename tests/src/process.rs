@@ -3,6 +3,7 @@
 //! directories and free loopback ports.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -67,6 +68,9 @@ impl ChildGuard {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
+        // Its own process group: a Ctrl-C at the terminal reaches only the owner, which
+        // then stops its children in order.
+        cmd.process_group(0);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({cmd:?})"))?;

@@ -63,7 +63,8 @@ impl Served {
 }
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut body = serde_json::to_vec(value).unwrap_or_default();
+    body.push(b'\n');
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -109,17 +110,26 @@ async fn answer(
             ),
         });
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({
-            "ok": true,
-            "method": method,
-            "path": path,
-            "query": query,
-            "body_bytes": body_bytes,
-            "payment_header_seen": payment_header_seen,
-        }),
-    ))
+    let mut echo = serde_json::json!({
+        "ok": true,
+        "method": method,
+        "path": path,
+        "query": query,
+        "body_bytes": body_bytes,
+        "payment_header_seen": payment_header_seen,
+    });
+    if path.starts_with("/paid/quote") {
+        // Something worth paying for in the demo; prices as decimal strings, never floats.
+        let symbol = query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("sym="))
+            .filter(|s| {
+                !s.is_empty() && s.len() <= 12 && s.bytes().all(|b| b.is_ascii_alphanumeric())
+            })
+            .unwrap_or("ABC");
+        echo["quote"] = serde_json::json!({ "symbol": symbol, "bid": "101.25", "ask": "101.27", "currency": "USD" });
+    }
+    Ok(json_response(StatusCode::OK, &echo))
 }
 
 /// Serves HTTP/1.1 on `listener` until `shutdown` completes.
@@ -234,6 +244,7 @@ mod tests {
         assert_eq!(json["query"], "sym=ABC");
         assert_eq!(json["body_bytes"], 5);
         assert_eq!(json["payment_header_seen"], true);
+        assert_eq!(json["quote"]["symbol"], "ABC");
 
         assert_eq!(
             http.get(format!("{base}/status/503"))

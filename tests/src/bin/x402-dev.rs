@@ -213,7 +213,9 @@ async fn main() -> Result<()> {
     settlement.shutdown(Duration::from_secs(10));
     drop(upstream);
     if let Some(mut pg) = postgres {
-        pg.stop()?;
+        if let Err(e) = pg.stop() {
+            eprintln!("PostgreSQL did not stop cleanly ({e:#}); killing it");
+        }
     }
     Ok(())
 }
