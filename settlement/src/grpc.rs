@@ -2,6 +2,10 @@
 //! scripts. Handlers only translate; the rules live in `verify`, `ledger` and
 //! `accounts`.
 
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use x402_proto::settlement::v1::data_plane_server::DataPlane;
 use x402_proto::settlement::v1::operator_server::Operator;
@@ -18,6 +22,59 @@ use crate::verify::{check_authorize, MAX_ID_LEN};
 
 /// Most items in one data-plane call.
 pub const MAX_BATCH: usize = 1000;
+
+/// Items of one call that run at the same time: enough to overlap round trips to
+/// Postgres, few enough that one large batch cannot take the whole pool.
+pub const PER_CALL_CONCURRENCY: usize = 8;
+
+/// Runs `op` on every item, at most [`PER_CALL_CONCURRENCY`] at a time, and returns
+/// the results in item order. Any failure fails the whole call; items that did
+/// commit are safe to send again (request ids and resolutions are idempotent).
+async fn each_item<I, T, F, Fut>(items: Vec<I>, op: F) -> Result<Vec<T>, Status>
+where
+    I: Send + 'static,
+    T: Send + 'static,
+    F: Fn(I) -> Fut,
+    Fut: Future<Output = Result<T, Status>> + Send + 'static,
+{
+    if items.len() == 1 {
+        let mut out = Vec::with_capacity(1);
+        for item in items {
+            out.push(op(item).await?);
+        }
+        return Ok(out);
+    }
+    let limit = Arc::new(Semaphore::new(PER_CALL_CONCURRENCY));
+    let handles: Vec<_> = items
+        .into_iter()
+        .map(|item| {
+            let limit = limit.clone();
+            let fut = op(item);
+            tokio::spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                fut.await
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(handles.len());
+    let mut failure = None;
+    for handle in handles {
+        match handle.await {
+            Ok(Ok(v)) => out.push(v),
+            Ok(Err(status)) => {
+                failure.get_or_insert(status);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "batch item task failed");
+                failure.get_or_insert(Status::internal("settlement failed to process an item"));
+            }
+        }
+    }
+    match failure {
+        Some(status) => Err(status),
+        None => Ok(out),
+    }
+}
 
 fn check_batch(len: usize) -> Result<(), Status> {
     if len > MAX_BATCH {
@@ -51,13 +108,16 @@ impl DataPlane for DataPlaneService {
         check_batch(items.len())?;
         // Every signature is checked before any row is touched.
         let checked: Vec<_> = items.iter().map(check_authorize).collect();
-        let mut results = Vec::with_capacity(checked.len());
-        for item in checked {
-            results.push(match item {
-                Ok(item) => self.ledger.authorize_hold(&item).await?,
-                Err(refused) => refused,
-            });
-        }
+        let results = each_item(checked, |item| {
+            let ledger = self.ledger.clone();
+            async move {
+                match item {
+                    Ok(item) => Ok(ledger.authorize_hold(&item).await?),
+                    Err(refused) => Ok(refused),
+                }
+            }
+        })
+        .await?;
         Ok(Response::new(AuthorizeResponse { results }))
     }
 
@@ -68,19 +128,18 @@ impl DataPlane for DataPlaneService {
     ) -> Result<Response<CaptureResponse>, Status> {
         let items = request.into_inner().items;
         check_batch(items.len())?;
-        let mut results = Vec::with_capacity(items.len());
-        for item in items {
-            let resolution = Resolution::Capture {
-                amount: item.amount,
-                http_status: item.http_status,
-                upstream_micros: item.upstream_micros,
-            };
-            results.push(
-                self.ledger
-                    .resolve(&item.transaction_id, &resolution)
-                    .await?,
-            );
-        }
+        let results = each_item(items, |item| {
+            let ledger = self.ledger.clone();
+            async move {
+                let resolution = Resolution::Capture {
+                    amount: item.amount,
+                    http_status: item.http_status,
+                    upstream_micros: item.upstream_micros,
+                };
+                Ok(ledger.resolve(&item.transaction_id, &resolution).await?)
+            }
+        })
+        .await?;
         Ok(Response::new(CaptureResponse { results }))
     }
 
@@ -88,17 +147,15 @@ impl DataPlane for DataPlaneService {
     async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
         let items = request.into_inner().items;
         check_batch(items.len())?;
-        let mut results = Vec::with_capacity(items.len());
-        for item in items {
-            let mut reason = item.reason;
-            reason.truncate(MAX_ID_LEN);
-            let resolution = Resolution::Void { reason };
-            results.push(
-                self.ledger
-                    .resolve(&item.transaction_id, &resolution)
-                    .await?,
-            );
-        }
+        let results = each_item(items, |item| {
+            let ledger = self.ledger.clone();
+            async move {
+                let reason: String = item.reason.chars().take(MAX_ID_LEN).collect();
+                let resolution = Resolution::Void { reason };
+                Ok(ledger.resolve(&item.transaction_id, &resolution).await?)
+            }
+        })
+        .await?;
         Ok(Response::new(VoidResponse { results }))
     }
 }

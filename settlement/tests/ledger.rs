@@ -844,3 +844,145 @@ async fn the_operator_cli_speaks_to_the_server() {
     });
     cli_ok.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_answers_every_item_in_order() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("mia", 3_000).await;
+    let stranger = Payer {
+        account: "none".into(),
+        key: key_for("batch-stranger"),
+        public_key: x402_proto::signing::public_key_hex(&key_for("batch-stranger")),
+    };
+    let mut items = vec![paid(&stranger, "b-unknown", 1_000)];
+    items.extend((0..10).map(|i| paid(&p, &format!("b-{i}"), 1_000)));
+    let mut malformed = paid(&p, "b-malformed", 1_000);
+    malformed.proof = None;
+    items.push(malformed);
+    let results = h
+        .data
+        .clone()
+        .authorize(AuthorizeRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 12);
+    assert_eq!(results[0].request_id, "b-unknown");
+    assert_eq!(outcome(&results[0]), AuthorizeOutcome::UnknownKey);
+    for (i, r) in results[1..11].iter().enumerate() {
+        assert_eq!(r.request_id, format!("b-{i}"));
+    }
+    let authorized: Vec<_> = results[1..11]
+        .iter()
+        .filter(|r| outcome(r) == AuthorizeOutcome::Authorized)
+        .collect();
+    assert_eq!(authorized.len(), 3, "funded for exactly three");
+    assert_eq!(outcome(&results[11]), AuthorizeOutcome::InvalidRequest);
+
+    let captures = authorized
+        .iter()
+        .map(|r| CaptureItem {
+            transaction_id: r.transaction_id.clone(),
+            amount: 500,
+            upstream_micros: 0,
+            http_status: 200,
+        })
+        .chain(std::iter::once(CaptureItem {
+            transaction_id: "missing".into(),
+            amount: 1,
+            upstream_micros: 0,
+            http_status: 200,
+        }))
+        .collect();
+    let captured = h
+        .data
+        .clone()
+        .capture(CaptureRequest { items: captures })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let outcomes: Vec<_> = captured.iter().map(resolved).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            ResolveOutcome::Captured,
+            ResolveOutcome::Captured,
+            ResolveOutcome::Captured,
+            ResolveOutcome::NotFound
+        ]
+    );
+    assert_eq!(captured[3].transaction_id, "missing");
+    let b = h.balance("mia").await;
+    assert_eq!(
+        (b.debits_pending, b.debits_posted, b.available),
+        (0, 1_500, 1_500)
+    );
+}
+
+#[tokio::test]
+async fn the_serve_binary_migrates_serves_and_stops_on_sigterm() {
+    let url = tokio::task::spawn_blocking(x402_e2e::stack::fresh_database)
+        .await
+        .unwrap()
+        .unwrap();
+    let port = x402_e2e::pg::free_port().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_x402-settlement"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database-url",
+            &url,
+            "--hold-sweep-interval-ms",
+            "200",
+        ])
+        .env_remove("DATABASE_URL")
+        .env_remove("X402_LISTEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let account = loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_x402-settlement"))
+            .args([
+                "--server", &server, "account", "create", "--id", "bin-shop", "--kind", "merchant",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "serve did not come up: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(account["kind"], "merchant");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve did not stop on SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
