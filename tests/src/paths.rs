@@ -55,6 +55,15 @@ pub fn settlement_bin() -> Result<PathBuf> {
     )
 }
 
+/// The paying client CLI: `X402_CLIENT_BIN`, default `<target>/debug/x402`.
+pub fn client_bin() -> Result<PathBuf> {
+    existing(
+        from_env_or("X402_CLIENT_BIN", target_dir().join("debug").join("x402")),
+        "client binary",
+        "X402_CLIENT_BIN",
+    )
+}
+
 /// The Envoy binary: `X402_ENVOY`, default `<workspace>/.venv/bin/envoy`.
 pub fn envoy_bin() -> Result<PathBuf> {
     existing(

@@ -223,6 +223,53 @@ async fn an_upstream_failure_voids_the_hold_and_a_client_error_is_still_charged(
         .unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_x402_cli_pays_through_envoy() {
+    let stack = Stack::start_default().await.unwrap();
+    let funds = 100_000;
+    let (payer, key) = stack.new_payer(funds).await.unwrap();
+    let dir = x402_e2e::process::ScratchDir::new("cli-key").unwrap();
+    let key_file = dir.path().join("payer.key");
+    key.save(&key_file).unwrap();
+
+    let out = tokio::process::Command::new(x402_e2e::paths::client_bin().unwrap())
+        .arg("pay")
+        .arg("--key")
+        .arg(&key_file)
+        .arg(stack.url("/paid/quote?sym=CLI"))
+        .env_remove("X402_PAYER_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "x402 pay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["quote"]["symbol"], "CLI");
+    stack
+        .wait_for_settled_balance(&payer, (funds - PAID_PRICE) as i64)
+        .await
+        .unwrap();
+
+    // Over the --max budget nothing is signed and nothing is charged.
+    let out = tokio::process::Command::new(x402_e2e::paths::client_bin().unwrap())
+        .args(["pay", "--max", "1", "--key"])
+        .arg(&key_file)
+        .arg(stack.url("/paid/quote"))
+        .env_remove("X402_PAYER_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(stack.upstream.served().total(), 1);
+    stack
+        .wait_for_settled_balance(&payer, (funds - PAID_PRICE) as i64)
+        .await
+        .unwrap();
+}
+
 /// The published vectors: this client signs each vector's payload byte for byte.
 #[test]
 fn the_client_signs_the_published_vectors_identically() {
