@@ -136,15 +136,24 @@ mod tests {
 
     #[test]
     fn refuses_inexact_or_odd_prices() {
-        assert_eq!(parse_decimal("0.0000001", 6), Err(AmountError::TooPrecise(6)));
+        assert_eq!(
+            parse_decimal("0.0000001", 6),
+            Err(AmountError::TooPrecise(6))
+        );
         assert_eq!(parse_decimal("-1", 6), Err(AmountError::InvalidCharacter));
         assert_eq!(parse_decimal("1e3", 6), Err(AmountError::InvalidCharacter));
         assert_eq!(parse_decimal(" 1", 6), Err(AmountError::InvalidCharacter));
         assert_eq!(parse_decimal("1.", 6), Err(AmountError::InvalidCharacter));
         assert_eq!(parse_decimal(".5", 6), Err(AmountError::InvalidCharacter));
         assert_eq!(parse_decimal("", 6), Err(AmountError::Empty));
-        assert_eq!(parse_decimal("1.2.3", 6), Err(AmountError::InvalidCharacter));
-        assert_eq!(parse_decimal("99999999999999999999", 6), Err(AmountError::Overflow));
+        assert_eq!(
+            parse_decimal("1.2.3", 6),
+            Err(AmountError::InvalidCharacter)
+        );
+        assert_eq!(
+            parse_decimal("99999999999999999999", 6),
+            Err(AmountError::Overflow)
+        );
         assert_eq!(parse_decimal("1", 19), Err(AmountError::TooManyDecimals));
     }
 
@@ -158,13 +167,25 @@ mod tests {
         assert_eq!(parse_atomic("+1"), Err(AmountError::InvalidCharacter));
         assert_eq!(parse_atomic(""), Err(AmountError::Empty));
         assert_eq!(parse_atomic("9223372036854775807"), Ok(MAX_ATOMIC));
-        assert_eq!(parse_atomic("9223372036854775808"), Err(AmountError::Overflow));
-        assert_eq!(parse_atomic("99999999999999999999999"), Err(AmountError::Overflow));
+        assert_eq!(
+            parse_atomic("9223372036854775808"),
+            Err(AmountError::Overflow)
+        );
+        assert_eq!(
+            parse_atomic("99999999999999999999999"),
+            Err(AmountError::Overflow)
+        );
     }
 
     #[test]
     fn formats_round_trip() {
-        for (v, d, s) in [(10_000, 6, "0.01"), (2_000_000, 6, "2"), (1, 6, "0.000001"), (150, 2, "1.5"), (7, 0, "7")] {
+        for (v, d, s) in [
+            (10_000, 6, "0.01"),
+            (2_000_000, 6, "2"),
+            (1, 6, "0.000001"),
+            (150, 2, "1.5"),
+            (7, 0, "7"),
+        ] {
             assert_eq!(format_decimal(v, d), s);
             assert_eq!(parse_decimal(s, d), Ok(v));
         }

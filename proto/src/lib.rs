@@ -22,7 +22,8 @@ pub mod settlement {
 }
 
 /// Encoded `FileDescriptorSet` of the settlement API, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/x402_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/x402_descriptor.bin"));
 
 /// The x402 protocol version this crate speaks.
 pub const X402_VERSION: u32 = 2;

@@ -47,7 +47,14 @@ impl SignedFields<'_> {
     /// The exact bytes to sign or verify.
     pub fn canonical_bytes(&self) -> Result<Vec<u8>, ControlCharacter> {
         let lines = self.lines();
-        let mut out = Vec::with_capacity(DOMAIN.len() + 1 + lines.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>());
+        let mut out = Vec::with_capacity(
+            DOMAIN.len()
+                + 1
+                + lines
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 2)
+                    .sum::<usize>(),
+        );
         out.extend_from_slice(DOMAIN.as_bytes());
         out.push(b'\n');
         for (name, value) in lines {
@@ -93,22 +100,33 @@ mod ed25519 {
     }
 
     /// Signs the canonical bytes; returns the signature as lowercase hex.
-    pub fn sign_hex(key: &SigningKey, fields: &SignedFields<'_>) -> Result<String, super::ControlCharacter> {
+    pub fn sign_hex(
+        key: &SigningKey,
+        fields: &SignedFields<'_>,
+    ) -> Result<String, super::ControlCharacter> {
         let bytes = fields.canonical_bytes()?;
         Ok(hex::encode(key.sign(&bytes).to_bytes()))
     }
 
     /// Verifies a hex signature by a hex public key over the canonical bytes.
-    pub fn verify_hex(payer_hex: &str, signature_hex: &str, fields: &SignedFields<'_>) -> Result<(), VerifyError> {
+    pub fn verify_hex(
+        payer_hex: &str,
+        signature_hex: &str,
+        fields: &SignedFields<'_>,
+    ) -> Result<(), VerifyError> {
         let mut key = [0u8; 32];
         hex::decode_to_slice(payer_hex, &mut key).map_err(|_| VerifyError::BadPublicKey)?;
         let key = VerifyingKey::from_bytes(&key).map_err(|_| VerifyError::BadPublicKey)?;
         let mut sig = [0u8; 64];
-        hex::decode_to_slice(signature_hex, &mut sig).map_err(|_| VerifyError::BadSignatureEncoding)?;
+        hex::decode_to_slice(signature_hex, &mut sig)
+            .map_err(|_| VerifyError::BadSignatureEncoding)?;
         let sig = Signature::from_bytes(&sig);
-        let bytes = fields.canonical_bytes().map_err(|e| VerifyError::BadField(e.0))?;
+        let bytes = fields
+            .canonical_bytes()
+            .map_err(|e| VerifyError::BadField(e.0))?;
         // verify_strict refuses small-order keys and malleable signatures.
-        key.verify_strict(&bytes, &sig).map_err(|_| VerifyError::Mismatch)?;
+        key.verify_strict(&bytes, &sig)
+            .map_err(|_| VerifyError::Mismatch)?;
         Ok(())
     }
 
@@ -158,6 +176,9 @@ mod tests {
 
     #[test]
     fn resource_string_normalises_case_of_method_and_host_only() {
-        assert_eq!(resource_string("get", "API.Example.com:8080", "/A?b=C"), "GET api.example.com:8080/A?b=C");
+        assert_eq!(
+            resource_string("get", "API.Example.com:8080", "/A?b=C"),
+            "GET api.example.com:8080/A?b=C"
+        );
     }
 }

@@ -44,11 +44,26 @@ mod tests {
             assert_eq!(public_key_hex(&key), v.public_key, "{}", v.name);
             assert_eq!(v.payload.payload.payer, v.public_key, "{}", v.name);
             let fields = v.payload.signed_fields();
-            assert_eq!(String::from_utf8(fields.canonical_bytes().unwrap()).unwrap(), v.canonical, "{}", v.name);
-            assert_eq!(sign_hex(&key, &fields).unwrap(), v.payload.payload.signature, "{}", v.name);
+            assert_eq!(
+                String::from_utf8(fields.canonical_bytes().unwrap()).unwrap(),
+                v.canonical,
+                "{}",
+                v.name
+            );
+            assert_eq!(
+                sign_hex(&key, &fields).unwrap(),
+                v.payload.payload.signature,
+                "{}",
+                v.name
+            );
             verify_hex(&v.public_key, &v.payload.payload.signature, &fields).unwrap();
             assert_eq!(encode_header(&v.payload), v.header, "{}", v.name);
-            assert_eq!(decode_payment(&v.header).unwrap().payload, v.payload, "{}", v.name);
+            assert_eq!(
+                decode_payment(&v.header).unwrap().payload,
+                v.payload,
+                "{}",
+                v.name
+            );
         }
     }
 
@@ -73,7 +88,11 @@ mod tests {
                 if changed == *p {
                     continue;
                 }
-                assert!(verify_hex(&v.public_key, sig, &changed.signed_fields()).is_err(), "{}", v.name);
+                assert!(
+                    verify_hex(&v.public_key, sig, &changed.signed_fields()).is_err(),
+                    "{}",
+                    v.name
+                );
             }
         }
     }

@@ -210,7 +210,10 @@ pub enum DecodeError {
     #[error("unsupported x402Version {0}, expected 2")]
     Version(u32),
     #[error("field `{field}` is invalid: {reason}")]
-    Field { field: &'static str, reason: &'static str },
+    Field {
+        field: &'static str,
+        reason: &'static str,
+    },
 }
 
 fn field(field: &'static str, reason: &'static str) -> DecodeError {
@@ -250,9 +253,16 @@ fn check_short(name: &'static str, value: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
-fn check_hex(name: &'static str, value: &str, min_bytes: usize, max_bytes: usize) -> Result<(), DecodeError> {
-    let ok_chars = value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !ok_chars || value.len() % 2 != 0 {
+fn check_hex(
+    name: &'static str,
+    value: &str,
+    min_bytes: usize,
+    max_bytes: usize,
+) -> Result<(), DecodeError> {
+    let ok_chars = value
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !ok_chars || !value.len().is_multiple_of(2) {
         return Err(field(name, "must be lowercase hex"));
     }
     let n = value.len() / 2;
@@ -312,16 +322,36 @@ pub fn check_payment(payload: PaymentPayload) -> Result<CheckedPayment, DecodeEr
     check_short("accepted.network", &a.network)?;
     check_short("accepted.asset", &a.asset)?;
     check_short("accepted.payTo", &a.pay_to)?;
-    let amount = amount::parse_atomic(&a.amount).map_err(|_| field("accepted.amount", "must be a non-negative integer of atomic units"))?;
+    let amount = amount::parse_atomic(&a.amount).map_err(|_| {
+        field(
+            "accepted.amount",
+            "must be a non-negative integer of atomic units",
+        )
+    })?;
     let p = &payload.payload;
     check_hex("payload.payer", &p.payer, 32, 32)?;
     check_hex("payload.nonce", &p.nonce, MIN_NONCE_BYTES, MAX_NONCE_BYTES)?;
     check_hex("payload.signature", &p.signature, 64, 64)?;
-    if p.resource.is_empty() || p.resource.len() > MAX_RESOURCE || p.resource.chars().any(char::is_control) {
-        return Err(field("payload.resource", "must be 1-4096 characters without control characters"));
+    if p.resource.is_empty()
+        || p.resource.len() > MAX_RESOURCE
+        || p.resource.chars().any(char::is_control)
+    {
+        return Err(field(
+            "payload.resource",
+            "must be 1-4096 characters without control characters",
+        ));
     }
-    let valid_before = amount::parse_atomic(&p.valid_before).map_err(|_| field("payload.validBefore", "must be unix seconds as a decimal string"))?;
-    Ok(CheckedPayment { payload, amount, valid_before })
+    let valid_before = amount::parse_atomic(&p.valid_before).map_err(|_| {
+        field(
+            "payload.validBefore",
+            "must be unix seconds as a decimal string",
+        )
+    })?;
+    Ok(CheckedPayment {
+        payload,
+        amount,
+        valid_before,
+    })
 }
 
 #[cfg(test)]
@@ -371,24 +401,58 @@ mod tests {
     #[test]
     fn malformed_headers_name_the_problem() {
         assert_eq!(decode_payment("%%%"), Err(DecodeError::Base64));
-        assert!(matches!(decode_payment(&STANDARD.encode("not json")), Err(DecodeError::Json(_))));
-        assert_eq!(decode_payment(&"A".repeat(MAX_PAYMENT_HEADER_BYTES + 1)), Err(DecodeError::TooLarge));
+        assert!(matches!(
+            decode_payment(&STANDARD.encode("not json")),
+            Err(DecodeError::Json(_))
+        ));
+        assert_eq!(
+            decode_payment(&"A".repeat(MAX_PAYMENT_HEADER_BYTES + 1)),
+            Err(DecodeError::TooLarge)
+        );
         let mut p = sample();
         p.x402_version = 1;
-        assert_eq!(decode_payment(&encode_header(&p)), Err(DecodeError::Version(1)));
-        for (amount, ok) in [("-1", false), ("1.5", false), ("99999999999999999999", false), ("01", false), ("0", true)] {
+        assert_eq!(
+            decode_payment(&encode_header(&p)),
+            Err(DecodeError::Version(1))
+        );
+        for (amount, ok) in [
+            ("-1", false),
+            ("1.5", false),
+            ("99999999999999999999", false),
+            ("01", false),
+            ("0", true),
+        ] {
             let mut p = sample();
             p.accepted.amount = amount.into();
-            assert_eq!(decode_payment(&encode_header(&p)).is_ok(), ok, "amount {amount}");
+            assert_eq!(
+                decode_payment(&encode_header(&p)).is_ok(),
+                ok,
+                "amount {amount}"
+            );
         }
         let mut p = sample();
         p.payload.nonce = "cd".repeat(8);
-        assert!(matches!(decode_payment(&encode_header(&p)), Err(DecodeError::Field { field: "payload.nonce", .. })));
+        assert!(matches!(
+            decode_payment(&encode_header(&p)),
+            Err(DecodeError::Field {
+                field: "payload.nonce",
+                ..
+            })
+        ));
         let mut p = sample();
         p.payload.payer = "AB".repeat(32);
-        assert!(matches!(decode_payment(&encode_header(&p)), Err(DecodeError::Field { field: "payload.payer", .. })));
+        assert!(matches!(
+            decode_payment(&encode_header(&p)),
+            Err(DecodeError::Field {
+                field: "payload.payer",
+                ..
+            })
+        ));
         let bad_utf8 = STANDARD.encode([0x7b, 0xff, 0xfe, 0x7d]);
-        assert!(matches!(decode_payment(&bad_utf8), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            decode_payment(&bad_utf8),
+            Err(DecodeError::Json(_))
+        ));
     }
 
     #[test]

@@ -35,14 +35,20 @@ pub fn pg_bin_dir() -> Result<PathBuf> {
         }
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
     versions
         .into_iter()
         .rev()
         .find(|d| d.join("initdb").is_file())
-        .context("PostgreSQL binaries (initdb, pg_ctl) not found: run `make test`, which installs them")
+        .context(
+            "PostgreSQL binaries (initdb, pg_ctl) not found: run `make test`, which installs them",
+        )
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -66,7 +72,10 @@ fn unique_root() -> Result<PathBuf> {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {what}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {what}"))?;
     if !out.status.success() {
         bail!(
             "{what} failed: {}\n{}",
@@ -88,12 +97,23 @@ impl TestPostgres {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid))?;
         }
         let mut initdb = pg_command(&bin_dir.join("initdb"), owner);
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         run(&mut initdb, "initdb")?;
-        let mut pg = TestPostgres { root, port: free_port()?, bin_dir, owner, running: false };
+        let mut pg = TestPostgres {
+            root,
+            port: free_port()?,
+            bin_dir,
+            owner,
+            running: false,
+        };
         pg.start_again()?;
         Ok(pg)
     }
@@ -122,10 +142,24 @@ impl TestPostgres {
             bail!("database name must be [A-Za-z0-9_]+: {name}");
         }
         let psql = self.bin_dir.join("psql");
-        let psql = if psql.is_file() { psql } else { PathBuf::from("psql") };
+        let psql = if psql.is_file() {
+            psql
+        } else {
+            PathBuf::from("psql")
+        };
         run(
             Command::new(psql)
-                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+                .args([
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-p",
+                ])
                 .arg(self.port.to_string())
                 .args(["-d", "postgres", "-c"])
                 .arg(format!("CREATE DATABASE {name}")),
@@ -194,11 +228,17 @@ impl Drop for TestPostgres {
 }
 
 fn id_of(args: &[&str]) -> Result<u32> {
-    let out = Command::new("id").args(args).output().context("running id")?;
+    let out = Command::new("id")
+        .args(args)
+        .output()
+        .context("running id")?;
     if !out.status.success() {
         bail!("id {args:?} failed");
     }
-    String::from_utf8_lossy(&out.stdout).trim().parse().context("parsing id output")
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("parsing id output")
 }
 
 /// When running as root (CI does), the server runs as the `postgres` user if it exists,
