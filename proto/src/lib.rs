@@ -8,6 +8,8 @@
 //! - [`amount`]: exact parsing and formatting of money in atomic units.
 //! - [`vectors`]: the published test vectors every implementation checks.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod amount;
 pub mod signing;
 pub mod vectors;

@@ -67,12 +67,14 @@ mod tests {
         }
     }
 
+    type Mutation = Box<dyn Fn(&mut PaymentPayload)>;
+
     #[test]
     fn changing_any_signed_field_breaks_the_signature() {
         for v in vectors().unwrap() {
             let p = &v.payload;
             let sig = &p.payload.signature;
-            let mutations: Vec<Box<dyn Fn(&mut PaymentPayload)>> = vec![
+            let mutations: Vec<Mutation> = vec![
                 Box::new(|p| p.accepted.scheme.push('x')),
                 Box::new(|p| p.accepted.network.push('x')),
                 Box::new(|p| p.accepted.asset.push('x')),
