@@ -11,7 +11,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// How long a request waits for a pooled connection before it is answered
 /// UNAVAILABLE: short, because the filter has a deadline of its own.
-pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pool options shared by the server and tests.
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {

@@ -287,32 +287,9 @@ impl Ledger {
 
         let amount = to_i64(item.hold_amount)?;
         ensure_balance(&mut tx, &accepted.pay_to, &accepted.asset).await?;
-        let mut moves = Moves::default();
-        moves.push(
-            &payer_account,
-            &accepted.asset,
-            Delta {
-                debits_pending: amount,
-                ..Delta::default()
-            },
-        );
-        moves.push(
-            &accepted.pay_to,
-            &accepted.asset,
-            Delta {
-                credits_pending: amount,
-                ..Delta::default()
-            },
-        );
-        match moves.apply(&mut tx).await {
-            Ok(missing) if missing.is_empty() => {}
-            Ok(_) => return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds"),
-            Err(e) if is_overdraft(&e) => {
-                return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds")
-            }
-            Err(e) => return Err(e.into()),
-        }
-
+        // The hold row goes in before the balance rows are locked, so the locks (the
+        // payer's, and the merchant's that every hold shares) are held only for the
+        // two counter updates and the commit.
         let inserted = sqlx::query_scalar::<_, String>(
             "WITH hold AS ( \
                INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, request_id, request_hash, \
@@ -346,6 +323,32 @@ impl Ledger {
             }
             Err(e) => return Err(e.into()),
         };
+        let mut moves = Moves::default();
+        moves.push(
+            &payer_account,
+            &accepted.asset,
+            Delta {
+                debits_pending: amount,
+                ..Delta::default()
+            },
+        );
+        moves.push(
+            &accepted.pay_to,
+            &accepted.asset,
+            Delta {
+                credits_pending: amount,
+                ..Delta::default()
+            },
+        );
+        match moves.apply(&mut tx).await {
+            Ok(missing) if missing.is_empty() => {}
+            Ok(_) => return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds"),
+            Err(e) if is_overdraft(&e) => {
+                return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds")
+            }
+            Err(e) => return Err(e.into()),
+        }
+
         tx.commit().await?;
         tracing::debug!(%transaction_id, amount, "hold placed");
         Ok(AuthorizeResult {

@@ -189,13 +189,15 @@ async fn request_ids_are_idempotency_keys() {
     let h = start().await;
     h.merchant(MERCHANT).await;
     let p = h.payer("erin", 100_000).await;
-    let first = h.authorize(paid(&p, "same-id", 5_000)).await;
-    let replay = h.authorize(paid(&p, "same-id", 5_000)).await;
+    // One item sent again and again: the same content, byte for byte.
+    let same = paid(&p, "same-id", 5_000);
+    let first = h.authorize(same.clone()).await;
+    let replay = h.authorize(same.clone()).await;
     assert_eq!(outcome(&replay), AuthorizeOutcome::Authorized);
     assert_eq!(replay.transaction_id, first.transaction_id);
     assert_eq!(h.balance("erin").await.debits_pending, 5_000, "held once");
 
-    let mut different = paid(&p, "same-id", 5_000);
+    let mut different = same.clone();
     different.hold_amount = 4_000;
     let conflict = h.authorize(different).await;
     assert_eq!(outcome(&conflict), AuthorizeOutcome::IdempotencyConflict);
@@ -203,10 +205,7 @@ async fn request_ids_are_idempotency_keys() {
 
     // A replay after capture still answers with the original hold.
     h.capture(&first.transaction_id, 5_000).await;
-    assert_eq!(
-        h.authorize(paid(&p, "same-id", 5_000)).await.transaction_id,
-        first.transaction_id
-    );
+    assert_eq!(h.authorize(same).await.transaction_id, first.transaction_id);
 }
 
 #[tokio::test]
