@@ -34,6 +34,9 @@ pub struct RawConfig {
     pub capture_below_status: u16,
     #[serde(default)]
     pub verify_signatures_in_filter: bool,
+    /// Path answered with the discovery document (e.g. `/.well-known/x402`); off when unset.
+    #[serde(default)]
+    pub discovery_path: Option<String>,
     pub routes: Vec<RawRoute>,
 }
 
@@ -139,6 +142,8 @@ pub struct Config {
     /// Upstream statuses below this are captured; the rest void the hold.
     pub capture_below_status: u16,
     pub verify_signatures_in_filter: bool,
+    /// Where [`crate::discovery`] answers; `None` turns discovery off.
+    pub discovery_path: Option<String>,
     pub routes: Vec<Route>,
 }
 
@@ -279,6 +284,9 @@ impl TryFrom<RawConfig> for Config {
                 "must be an HTTP status between 100 and 600",
             ));
         }
+        if let Some(path) = &raw.discovery_path {
+            check_path("discovery_path".to_owned(), path)?;
+        }
         if raw.routes.len() > MAX_ROUTES {
             return Err(ConfigError::TooManyRoutes);
         }
@@ -356,6 +364,7 @@ impl TryFrom<RawConfig> for Config {
             clock_skew_seconds: raw.clock_skew_seconds,
             capture_below_status: raw.capture_below_status,
             verify_signatures_in_filter: raw.verify_signatures_in_filter,
+            discovery_path: raw.discovery_path,
             routes,
         })
     }

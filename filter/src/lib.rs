@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the plugin JSON, parsed once and compiled into a validated form.
 //! - [`request`]: one pure state machine per request, `step(state, event) -> (state, effects)`.
+//! - [`discovery`]: the optional listing of priced routes (`GET /.well-known/x402`).
 //! - [`dispatcher`]: every settlement callout, batched per RPC, on behalf of the root context.
 //! - [`plugin`]: the glue that feeds host callbacks to the state machine and applies effects.
 //! - [`host`]: the host as a trait, with a recording test double.
@@ -11,6 +12,7 @@
 //! - `abi` (wasm only): the proxy-wasm ABI exports and imports; the only `unsafe` code.
 
 pub mod config;
+pub mod discovery;
 pub mod dispatcher;
 pub mod host;
 pub mod metrics;

@@ -220,6 +220,9 @@ fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
 }
 
 fn on_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>) {
+    if let Some(listing) = crate::discovery::reply(config, &info) {
+        return (State::Replied, vec![listing]);
+    }
     let key = RouteKey {
         route_name: info.route_name.as_deref(),
         method: &info.method,

@@ -51,6 +51,7 @@ invalid_fixture_tests!(
     route_without_match,
     route_with_two_paths,
     capture_below_status_zero,
+    discovery_path_relative,
 );
 
 #[test]

@@ -17,6 +17,7 @@ pub const INVALID: &[(&str, &str)] = &[
     ("route_without_match", "routes[0].match"),
     ("route_with_two_paths", "routes[0].match"),
     ("capture_below_status_zero", "capture_below_status"),
+    ("discovery_path_relative", "discovery_path"),
 ];
 
 pub const VALID: &[&str] = &["minimal", "no_routes", "full"];
