@@ -6,17 +6,24 @@
 //! - [`request`]: one pure state machine per request, `step(state, event) -> (state, effects)`.
 //! - [`discovery`]: the optional listing of priced routes (`GET /.well-known/x402`).
 //! - [`dispatcher`]: every settlement callout, batched per RPC, on behalf of the root context.
+//! - [`pricing`]: pricing models per route (flat, time of day, expression, GraphQL,
+//!   metered per token/second/KB/item), request validation and metering.
+//! - [`decimal`], [`expr`], [`graphql`]: exact decimals, price expressions, GraphQL root fields.
 //! - [`plugin`]: the glue that feeds host callbacks to the state machine and applies effects.
 //! - [`host`]: the host as a trait, with a recording test double.
 //! - [`metrics`]: the counters exported to Envoy.
 //! - `abi` (wasm only): the proxy-wasm ABI exports and imports; the only `unsafe` code.
 
 pub mod config;
+pub mod decimal;
 pub mod discovery;
 pub mod dispatcher;
+pub mod expr;
+pub mod graphql;
 pub mod host;
 pub mod metrics;
 pub mod plugin;
+pub mod pricing;
 pub mod request;
 
 #[cfg(target_arch = "wasm32")]
