@@ -10,11 +10,12 @@
 use std::cell::RefCell;
 use std::ptr::{null, null_mut};
 
-use crate::host::{CallFailed, Host, LogLevel};
+use crate::host::{CallFailed, Host, LogLevel, SharedDataError};
 use crate::plugin::{Action, Vm, TICK_PERIOD_MS};
 
 // ABI enum values (proxy-wasm spec 0.2.1).
 const STATUS_OK: u32 = 0;
+const STATUS_CAS_MISMATCH: u32 = 8;
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
 const BUFFER_GRPC_RECEIVE: u32 = 5;
@@ -90,6 +91,20 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
 }
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -317,6 +332,38 @@ impl Host for AbiHost {
         let by = i64::try_from(by).unwrap_or(i64::MAX);
         // SAFETY: no pointers involved.
         unsafe { proxy_increment_metric(id, by) };
+    }
+
+    fn get_shared_data(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        let mut data = null_mut();
+        let mut size = 0;
+        let mut cas = 0u32;
+        // SAFETY: key pointer/length of a live str; out-pointers are valid locals.
+        let status = unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        };
+        if status != STATUS_OK {
+            // Not found (status 1): the key does not exist yet.
+            return None;
+        }
+        Some((take_host_buffer(data, size).unwrap_or_default(), cas))
+    }
+
+    fn set_shared_data(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        cas: u32,
+    ) -> Result<(), SharedDataError> {
+        // SAFETY: key and value pointer/length pairs describe live buffers.
+        let status = unsafe {
+            proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+        };
+        match status {
+            STATUS_OK => Ok(()),
+            STATUS_CAS_MISMATCH => Err(SharedDataError::CasMismatch),
+            _ => Err(SharedDataError::Failed),
+        }
     }
 }
 

@@ -50,6 +50,18 @@ pub struct RawRoute {
     pub price: String,
     #[serde(default)]
     pub description: String,
+    /// Traffic policy ([`crate::policy`]).
+    #[serde(default)]
+    pub rate_limit: Option<crate::policy::RawRateLimit>,
+    #[serde(default)]
+    pub free_tier: Option<crate::policy::RawFreeTier>,
+    #[serde(default)]
+    pub allow: Option<crate::policy::RawAllow>,
+    /// `closed` (default) or `open`.
+    #[serde(default)]
+    pub failure_mode: Option<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -156,6 +168,8 @@ pub struct Route {
     /// The price as the operator wrote it, normalised (e.g. `"0.01"`).
     pub price_decimal: String,
     pub description: String,
+    /// Rate limit, free tier, allow-list, failure mode and timeout.
+    pub policy: crate::policy::RoutePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,6 +364,16 @@ impl TryFrom<RawConfig> for Config {
                 price,
                 price_decimal: amount::format_decimal(price, raw.asset_decimals),
                 description: r.description,
+                policy: crate::policy::compile(
+                    index,
+                    crate::policy::RawRoutePolicy {
+                        rate_limit: r.rate_limit,
+                        free_tier: r.free_tier,
+                        allow: r.allow,
+                        failure_mode: r.failure_mode,
+                        timeout_ms: r.timeout_ms,
+                    },
+                )?,
             });
         }
         Ok(Config {

@@ -17,6 +17,14 @@ pub enum LogLevel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallFailed;
 
+/// Why a shared-data write did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedDataError {
+    /// Another writer changed the value since it was read: read again and retry.
+    CasMismatch,
+    Failed,
+}
+
 pub trait Host {
     fn request_header(&self, name: &str) -> Option<String>;
     fn response_header(&self, name: &str) -> Option<String>;
@@ -44,6 +52,12 @@ pub trait Host {
     fn log(&self, level: LogLevel, message: &str);
     fn define_counter(&mut self, name: &str) -> Option<u32>;
     fn increment_counter(&mut self, id: u32, by: u64);
+    /// Value and CAS token of a key in the data shared by all VMs of this plugin's
+    /// VM id (all worker threads of one Envoy); `None` when the key does not exist.
+    fn get_shared_data(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Writes `key` if its CAS token is still `cas` (0 writes unconditionally).
+    fn set_shared_data(&mut self, key: &str, value: &[u8], cas: u32)
+        -> Result<(), SharedDataError>;
 }
 
 /// A recorded call on [`FakeHost`].
@@ -96,6 +110,14 @@ pub struct FakeHost {
     pub counter_names: Vec<String>,
     pub logs: std::cell::RefCell<Vec<String>>,
     pub random_counter: u8,
+    /// Shared data: key -> (value, CAS token).
+    pub shared_data: HashMap<String, (Vec<u8>, u32)>,
+    pub shared_data_cas: u32,
+    /// When set, the next CAS write to this key finds this value written by another
+    /// worker first (once), as a lost race would.
+    pub shared_data_interference: Option<(String, Vec<u8>)>,
+    /// When set, shared-data writes fail.
+    pub shared_data_broken: bool,
 }
 
 impl FakeHost {
@@ -225,5 +247,35 @@ impl Host for FakeHost {
         if let Some(name) = self.counter_names.get(id as usize) {
             *self.counters.entry(name.clone()).or_default() += by;
         }
+    }
+
+    fn get_shared_data(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.shared_data.get(key).cloned()
+    }
+
+    fn set_shared_data(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        cas: u32,
+    ) -> Result<(), SharedDataError> {
+        if self.shared_data_broken {
+            return Err(SharedDataError::Failed);
+        }
+        if cas != 0 {
+            if let Some((k, v)) = self.shared_data_interference.take_if(|(k, _)| k == key) {
+                self.shared_data_cas += 1;
+                self.shared_data.insert(k, (v, self.shared_data_cas));
+            }
+        }
+        if let Some((_, current)) = self.shared_data.get(key) {
+            if cas != 0 && cas != *current {
+                return Err(SharedDataError::CasMismatch);
+            }
+        }
+        self.shared_data_cas += 1;
+        self.shared_data
+            .insert(key.to_owned(), (value.to_vec(), self.shared_data_cas));
+        Ok(())
     }
 }

@@ -6,6 +6,8 @@
 //! - [`request`]: one pure state machine per request, `step(state, event) -> (state, effects)`.
 //! - [`discovery`]: the optional listing of priced routes (`GET /.well-known/x402`).
 //! - [`dispatcher`]: every settlement callout, batched per RPC, on behalf of the root context.
+//! - [`policy`]: per-route traffic policy (allow-list, rate limit, free tier, failure mode).
+//! - [`ratelimit`]: token buckets and free-tier counters in shared data, updated with CAS.
 //! - [`pricing`]: pricing models per route (flat, time of day, expression, GraphQL,
 //!   metered per token/second/KB/item), request validation and metering.
 //! - [`decimal`], [`expr`], [`graphql`]: exact decimals, price expressions, GraphQL root fields.
@@ -23,7 +25,9 @@ pub mod graphql;
 pub mod host;
 pub mod metrics;
 pub mod plugin;
+pub mod policy;
 pub mod pricing;
+pub mod ratelimit;
 pub mod request;
 
 #[cfg(target_arch = "wasm32")]

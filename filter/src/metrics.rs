@@ -23,10 +23,18 @@ pub enum Metric {
     CalloutFailures,
     /// Captures or voids given up after their retries.
     ResolutionsDropped,
+    /// 429 answers: over a route's rate limit.
+    RateLimited,
+    /// Requests passed unpaid within a free tier.
+    Free,
+    /// Requests passed unpaid for an allow-listed identity.
+    Allowed,
+    /// Requests let through unpaid because settlement failed on a `failure_mode: open` route.
+    FailedOpen,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 10] = [
+    pub const ALL: [Metric; 14] = [
         Metric::Unpriced,
         Metric::Challenged,
         Metric::Paid,
@@ -37,6 +45,10 @@ impl Metric {
         Metric::Voids,
         Metric::CalloutFailures,
         Metric::ResolutionsDropped,
+        Metric::RateLimited,
+        Metric::Free,
+        Metric::Allowed,
+        Metric::FailedOpen,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -51,6 +63,10 @@ impl Metric {
             Metric::Voids => "x402_voids",
             Metric::CalloutFailures => "x402_callout_failures",
             Metric::ResolutionsDropped => "x402_resolutions_dropped",
+            Metric::RateLimited => "x402_requests_rate_limited",
+            Metric::Free => "x402_requests_free",
+            Metric::Allowed => "x402_requests_allowed",
+            Metric::FailedOpen => "x402_requests_failed_open",
         }
     }
 }

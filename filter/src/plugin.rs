@@ -118,7 +118,10 @@ impl Vm {
         let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
             return Action::Continue;
         };
-        let info = read_request(host);
+        let mut info = read_request(host);
+        if let Some(plugin) = self.plugins.get(&root_id) {
+            info.policy = crate::policy::evaluate_request(host, &plugin.config, &info);
+        }
         self.advance(host, context_id, root_id, Event::RequestHeaders(info))
     }
 
@@ -131,7 +134,10 @@ impl Vm {
         let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
             return Action::Continue;
         };
-        if !matches!(self.state(context_id), Some(State::Paid(_))) {
+        if !matches!(
+            self.state(context_id),
+            Some(State::Paid(_) | State::Free { .. })
+        ) {
             return Action::Continue;
         }
         let status = host
@@ -313,6 +319,7 @@ impl Vm {
                 Effect::Capture(item) => plugin.dispatcher.capture(item),
                 Effect::Void(item) => plugin.dispatcher.void(item),
                 Effect::Count(metric, by) => plugin.metrics.add(host, metric, by),
+                Effect::Log(message) => host.log(LogLevel::Warn, &message),
             }
         }
         action
@@ -354,5 +361,6 @@ fn read_request(host: &mut dyn Host) -> RequestInfo {
         payment,
         request_id,
         now_secs: host.now_nanos() / 1_000_000_000,
+        policy: crate::policy::Verdict::Charge,
     }
 }

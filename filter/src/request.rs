@@ -39,6 +39,8 @@ pub struct RequestInfo {
     /// Idempotency key for settlement, unique to this request.
     pub request_id: String,
     pub now_secs: u64,
+    /// What the route's traffic policy decided ([`crate::policy::evaluate`]).
+    pub policy: crate::policy::Verdict,
 }
 
 /// Settlement's verdict on one authorization, as the filter acts on it.
@@ -91,6 +93,8 @@ pub enum Effect {
     Capture(CaptureItem),
     Void(VoidItem),
     Count(Metric, u64),
+    /// A warning in Envoy's log, e.g. a request let through for later review.
+    Log(String),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -105,6 +109,10 @@ pub enum State {
     /// The stream ended before settlement answered; an eventual hold is voided.
     Abandoned,
     Paid(Paid),
+    /// Passed unpaid within the free tier; the response says how many are left.
+    Free {
+        remaining: u64,
+    },
     Finished,
 }
 
@@ -176,6 +184,13 @@ pub fn step(config: &Config, state: State, event: Event) -> (State, Vec<Effect>)
             )];
             (State::Paid(paid), effects)
         }
+        (State::Free { remaining }, Event::ResponseHeaders { .. }) => (
+            State::Free { remaining },
+            vec![Effect::SetResponseHeader(
+                crate::policy::HEADER_FREE_REMAINING,
+                remaining.to_string(),
+            )],
+        ),
         (State::Paid(mut paid), Event::ResponseComplete) => {
             paid.complete = paid.status.is_some();
             (State::Paid(paid), vec![])
@@ -220,6 +235,13 @@ fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
 }
 
 fn on_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>) {
+    let verdict = info.policy.clone();
+    let (state, mut effects) = on_priced_request_headers(config, info);
+    crate::policy::annotate_challenges(&verdict, &mut effects);
+    (state, effects)
+}
+
+fn on_priced_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>) {
     if let Some(listing) = crate::discovery::reply(config, &info) {
         return (State::Replied, vec![listing]);
     }
@@ -234,6 +256,9 @@ fn on_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>
             vec![Effect::Count(Metric::Unpriced, 1), Effect::Continue],
         );
     };
+    if let Some(decided) = crate::policy::before_payment(route, &info.policy) {
+        return decided;
+    }
     let challenge = ChallengeInput {
         scheme: info.scheme.clone(),
         authority: info.authority.clone(),
@@ -385,10 +410,31 @@ fn on_answer(
                 Effect::Count(Metric::Rejected, 1),
             ])
         }
-        AuthorizeAnswer::Unavailable => replied(vec![
-            unavailable_reply(),
-            Effect::Count(Metric::Unavailable, 1),
-        ]),
+        AuthorizeAnswer::Unavailable => {
+            let fails_open = config
+                .route_named(&pending.route)
+                .is_some_and(|r| r.policy.failure_mode == crate::policy::FailureMode::Open);
+            if fails_open {
+                // Nothing was held, so nothing is captured or voided later.
+                return (
+                    State::Passthrough,
+                    vec![
+                        Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE),
+                        Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE_ALIAS),
+                        Effect::Count(Metric::FailedOpen, 1),
+                        Effect::Log(format!(
+                            "x402 filter: settlement unavailable, route {} failed open: payer {} served unpaid",
+                            pending.route, pending.payer
+                        )),
+                        Effect::Resume,
+                    ],
+                );
+            }
+            replied(vec![
+                unavailable_reply(),
+                Effect::Count(Metric::Unavailable, 1),
+            ])
+        }
     }
 }
 
