@@ -62,6 +62,37 @@ pub enum ClientError {
         max: u64,
     },
 
+    /// Paying this price would take the client past its total (or per-window) budget.
+    #[error("price {amount} {asset} would bring spending to {would_spend}, over the total budget of {max}{}; nothing was paid", window.map(|w| format!(" per {} s", w.as_secs())).unwrap_or_default())]
+    OverTotalBudget {
+        amount: u64,
+        asset: String,
+        would_spend: u64,
+        max: u64,
+        window: Option<std::time::Duration>,
+    },
+
+    /// Every payable offer pays an account outside the allow-list; nothing was paid.
+    #[error("the server asks to pay {pay_to}, which is not in the allowed payTo accounts; nothing was paid")]
+    PayToNotAllowed { pay_to: String },
+
+    /// The server is outside the allow-list of hosts; nothing was paid.
+    #[error("host {host} is not in the allowed hosts; nothing was paid")]
+    HostNotAllowed { host: String },
+
+    /// A proof was sent but no answer came back, and no operator endpoint is configured
+    /// to ask settlement whether it was accepted: the client does not pay again.
+    #[error("the paid request failed after the proof was sent ({cause}); it may have been charged (nonce {nonce}); configure an operator endpoint to let the client find out")]
+    PaymentOutcomeUnknown { nonce: String, cause: String },
+
+    /// Settlement holds or captured the payment of a proof whose answer was lost; the
+    /// client does not pay again.
+    #[error("the answer was lost but settlement shows the payment as {status} (transaction {transaction}); not paying again")]
+    PaidResponseLost { transaction: String, status: String },
+
+    #[error("settlement operator API: {0}")]
+    Operator(String),
+
     #[error("none of the offered payment options is acceptable (offered: {offered})")]
     NoAcceptableRequirement { offered: String },
 

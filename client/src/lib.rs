@@ -10,6 +10,9 @@
 //!   [`parse_receipt`]).
 //! - [`client`]: [`Client`], which sends a request, pays within a [`Budget`] when
 //!   asked to, and returns a [`PaidResponse`].
+//! - [`operator`]: settlement's operator API for the payer: balance, history, and the
+//!   fate of a proof whose answer was lost.
+//! - [`openapi`]: an OpenAPI 3.1 document of the priced routes, from the filter config.
 //! - [`error`]: the [`ClientError`] every fallible call returns.
 //!
 //! ```no_run
@@ -33,11 +36,14 @@
 pub mod client;
 pub mod error;
 pub mod key;
+pub mod openapi;
+pub mod operator;
 pub mod payment;
 
-pub use client::{Budget, Client, PaidResponse};
+pub use client::{Budget, Client, PaidResponse, RetryPolicy, StreamingResponse};
 pub use error::ClientError;
 pub use key::{PayerKey, ENV_PAYER_KEY};
+pub use operator::{OperatorEndpoint, ProofOutcome};
 pub use payment::{
     authority_for, choose_requirement, parse_challenge, parse_receipt, random_nonce_hex,
     resource_for, resource_for_request, sign_payment,

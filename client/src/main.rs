@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, Url};
-use x402_client::{Budget, Client, PaidResponse, PayerKey};
+use x402_client::{Budget, Client, OperatorEndpoint, PaidResponse, PayerKey, RetryPolicy};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,8 +37,56 @@ enum Command {
         #[arg(long)]
         key: Option<PathBuf>,
     },
-    /// Send a request; on 402 sign the first acceptable offer and retry once.
-    Pay(PayArgs),
+    /// Send a request; on 402 sign the first acceptable offer and retry with the proof.
+    Pay(Box<PayArgs>),
+    /// The payer account's balance, from settlement's operator API.
+    Balance {
+        #[command(flatten)]
+        settlement: SettlementArgs,
+        /// Asset code.
+        #[arg(long, default_value = "USD")]
+        asset: String,
+        /// Print the balance as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The payer account's payments, newest first, from settlement's operator API.
+    History {
+        #[command(flatten)]
+        settlement: SettlementArgs,
+        /// Most payments to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an OpenAPI 3.1 document of the priced routes of a filter configuration.
+    Openapi {
+        /// The filter's plugin JSON (the `configuration` Envoy passes to the filter).
+        #[arg(long)]
+        filter_config: PathBuf,
+        /// The upstream's OpenAPI document (JSON) to merge the prices into.
+        #[arg(long)]
+        merge: Option<PathBuf>,
+        /// Gateway URL for `servers`, e.g. http://127.0.0.1:10000.
+        #[arg(long)]
+        server: Option<String>,
+    },
+}
+
+/// Where settlement's operator API is, and which account to ask about.
+#[derive(Debug, clap::Args)]
+struct SettlementArgs {
+    /// gRPC URL of settlement, e.g. http://127.0.0.1:50051.
+    #[arg(long = "settlement", env = "X402_SETTLEMENT_URL")]
+    url: String,
+    /// Operator bearer token (never printed).
+    #[arg(long, env = "X402_OPERATOR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The payer account id.
+    #[arg(long, env = "X402_ACCOUNT")]
+    account: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,6 +112,27 @@ struct PayArgs {
     /// Only pay in this asset (repeatable; default any).
     #[arg(long = "asset")]
     assets: Vec<String>,
+    /// Only pay this merchant account (repeatable; default any).
+    #[arg(long = "pay-to")]
+    pay_to: Vec<String>,
+    /// Only pay this host (repeatable; default any).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Proofs to send in all when the upstream answers 5xx after paying (each voided).
+    #[arg(long, default_value_t = 3)]
+    attempts: u32,
+    /// Write the body as it arrives (server-sent events, long downloads).
+    #[arg(long, conflicts_with = "json")]
+    stream: bool,
+    /// Settlement's gRPC URL: lets the client find out whether a proof whose answer was
+    /// lost was charged, instead of giving up (needs --account).
+    #[arg(long = "settlement", env = "X402_SETTLEMENT_URL", requires = "account")]
+    settlement: Option<String>,
+    #[arg(long, env = "X402_OPERATOR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The payer account id, for --settlement.
+    #[arg(long, env = "X402_ACCOUNT")]
+    account: Option<String>,
     /// Print {status, body, receipt, paid, error} as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -94,14 +163,117 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", load_key(key.as_ref())?.public_key_hex());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pay(args) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            runtime.block_on(pay(args))
+        Command::Pay(args) => runtime()?.block_on(pay(*args)),
+        Command::Balance {
+            settlement,
+            asset,
+            json,
+        } => runtime()?.block_on(balance(settlement, asset, json)),
+        Command::History {
+            settlement,
+            limit,
+            json,
+        } => runtime()?.block_on(history(settlement, limit, json)),
+        Command::Openapi {
+            filter_config,
+            merge,
+            server,
+        } => {
+            let config = std::fs::read(&filter_config)
+                .with_context(|| format!("cannot read {}", filter_config.display()))?;
+            let upstream = merge
+                .map(|path| {
+                    let text = std::fs::read(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    serde_json::from_slice::<serde_json::Value>(&text)
+                        .with_context(|| format!("{} is not JSON", path.display()))
+                })
+                .transpose()?;
+            let doc = x402_client::openapi::generate(&config, upstream, server.as_deref())?;
+            let mut out = serde_json::to_string_pretty(&doc)?;
+            out.push('\n');
+            std::io::stdout()
+                .write_all(out.as_bytes())
+                .context("cannot write the document")?;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn operator(args: SettlementArgs) -> OperatorEndpoint {
+    OperatorEndpoint::new(args.url, args.account).with_token(args.token)
+}
+
+async fn balance(args: SettlementArgs, asset: String, json: bool) -> anyhow::Result<ExitCode> {
+    let b = operator(args).balance(&asset).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "account": b.account_id,
+                "asset": b.asset,
+                "available": b.available,
+                "debitsPending": b.debits_pending,
+                "debitsPosted": b.debits_posted,
+                "creditsPending": b.credits_pending,
+                "creditsPosted": b.credits_posted,
+            })
+        );
+    } else {
+        println!(
+            "{}: {} {} available ({} held, {} spent, {} deposited)",
+            b.account_id, b.available, b.asset, b.debits_pending, b.debits_posted, b.credits_posted
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn history(args: SettlementArgs, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
+    let payments = operator(args).history(limit).await?;
+    if json {
+        let list: Vec<serde_json::Value> = payments
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "transaction": p.transaction_id,
+                    "merchant": p.merchant_account,
+                    "asset": p.asset,
+                    "route": p.route,
+                    "resource": p.resource,
+                    "held": p.held,
+                    "captured": p.captured,
+                    "voided": p.voided,
+                    "status": p.status,
+                    "createdAt": p.created_at_unix,
+                    "nonce": p.nonce,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else if payments.is_empty() {
+        println!("no payments");
+    } else {
+        for p in &payments {
+            println!(
+                "{}  {:<8}  held {:>10}  captured {:>10} {}  {}  {}",
+                p.created_at_unix,
+                p.status,
+                p.held,
+                p.captured,
+                p.asset,
+                p.resource,
+                p.transaction_id
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_key(path: Option<&PathBuf>) -> anyhow::Result<PayerKey> {
@@ -164,18 +336,52 @@ async fn pay(args: PayArgs) -> anyhow::Result<ExitCode> {
         max_per_request,
         networks: args.networks,
         assets: args.assets,
-    };
-    let client = Client::new(key, budget)?;
+        pay_to: args.pay_to,
+        ..Budget::default()
+    }
+    .with_hosts(args.hosts);
+    let mut client = Client::new(key, budget)?.with_retry(RetryPolicy {
+        max_paid_attempts: args.attempts.max(1),
+        ..RetryPolicy::default()
+    });
+    if let (Some(url), Some(account)) = (args.settlement, args.account) {
+        client = client.with_operator(OperatorEndpoint::new(url, account).with_token(args.token));
+    }
+    if args.stream {
+        let mut response = client
+            .request_streaming(method.clone(), url.clone(), headers.clone(), body.clone())
+            .await?;
+        if response.status.is_success() {
+            let mut out = std::io::stdout();
+            while let Some(chunk) = response.chunk().await? {
+                out.write_all(&chunk).context("cannot write the body")?;
+                out.flush().context("cannot write the body")?;
+            }
+            if let Some(receipt) = response.receipt.as_ref().filter(|r| r.success) {
+                eprintln!(
+                    "paid {}, transaction {}",
+                    receipt.amount, receipt.transaction
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let response = response.into_buffered().await?;
+        return finish(&response, false);
+    }
     let response = client.request(method, url, headers, body).await?;
+    finish(&response, args.json)
+}
 
-    if args.json {
-        print_json(&response)?;
+/// Prints the answer and turns it into the exit status.
+fn finish(response: &PaidResponse, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        print_json(response)?;
     } else {
         std::io::stdout()
             .write_all(&response.body)
             .context("cannot write the body")?;
         std::io::stdout().flush().context("cannot write the body")?;
-        if let Some(line) = receipt_line(&response) {
+        if let Some(line) = receipt_line(response) {
             eprintln!("{line}");
         }
     }
@@ -214,6 +420,7 @@ fn print_json(response: &PaidResponse) -> anyhow::Result<()> {
         "body": String::from_utf8_lossy(&response.body),
         "receipt": response.receipt,
         "paid": response.paid,
+        "attempts": response.attempts,
         "asset": response.payment.as_ref().map(|p| p.accepted.asset.clone()),
         "error": response.error_code(),
     });

@@ -150,11 +150,18 @@ pub fn choose_requirement<'a>(
     budget: &Budget,
 ) -> Result<(&'a PaymentRequirements, u64), ClientError> {
     let mut over_budget = None;
+    let mut not_allowed = None;
     for requirement in accepts {
         if !SUPPORTED_SCHEMES.contains(&requirement.scheme.as_str())
             || !budget.accepts_network(&requirement.network)
             || !budget.accepts_asset(&requirement.asset)
         {
+            continue;
+        }
+        if !budget.accepts_pay_to(&requirement.pay_to) {
+            not_allowed.get_or_insert(ClientError::PayToNotAllowed {
+                pay_to: requirement.pay_to.clone(),
+            });
             continue;
         }
         let Ok(amount) = amount::parse_atomic(&requirement.amount) else {
@@ -171,8 +178,9 @@ pub fn choose_requirement<'a>(
             _ => return Ok((requirement, amount)),
         }
     }
-    Err(
-        over_budget.unwrap_or_else(|| ClientError::NoAcceptableRequirement {
+    Err(over_budget
+        .or(not_allowed)
+        .unwrap_or_else(|| ClientError::NoAcceptableRequirement {
             offered: if accepts.is_empty() {
                 "nothing".to_owned()
             } else {
@@ -182,8 +190,7 @@ pub fn choose_requirement<'a>(
                     .collect::<Vec<_>>()
                     .join(", ")
             },
-        }),
-    )
+        }))
 }
 
 #[cfg(test)]
