@@ -153,6 +153,10 @@ fn serve_connection(
     };
     requests.lock().unwrap().push(recorded.clone());
     let reply = handler(&recorded);
+    if reply.status == 0 {
+        // Status 0: the connection drops without an answer, like a network failure.
+        return Ok(());
+    }
 
     let mut out = format!(
         "HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n",
