@@ -45,6 +45,11 @@ struct RequestContext {
 pub struct Vm {
     plugins: HashMap<u32, Plugin>,
     requests: HashMap<u32, RequestContext>,
+    /// The request whose headers callback is running: a resume decided inline (a
+    /// route failing open when the call cannot even start) becomes `Continue`, since
+    /// Envoy must not be asked to continue a stream that was never paused.
+    in_headers: Option<u32>,
+    resumed_inline: bool,
 }
 
 impl Vm {
@@ -122,7 +127,15 @@ impl Vm {
         if let Some(plugin) = self.plugins.get(&root_id) {
             info.policy = crate::policy::evaluate_request(host, &plugin.config, &info);
         }
-        self.advance(host, context_id, root_id, Event::RequestHeaders(info))
+        self.in_headers = Some(context_id);
+        self.resumed_inline = false;
+        let action = self.advance(host, context_id, root_id, Event::RequestHeaders(info));
+        self.in_headers = None;
+        if std::mem::take(&mut self.resumed_inline) {
+            Action::Continue
+        } else {
+            action
+        }
     }
 
     pub fn on_response_headers(
@@ -304,6 +317,9 @@ impl Vm {
             match effect {
                 Effect::Continue => action = Action::Continue,
                 Effect::Pause => action = Action::Pause,
+                Effect::Resume if self.in_headers == Some(context_id) => {
+                    self.resumed_inline = true;
+                }
                 Effect::Resume => host.resume_request(),
                 Effect::RemoveRequestHeader(name) => host.remove_request_header(name),
                 Effect::Reply {

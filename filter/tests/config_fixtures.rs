@@ -52,6 +52,14 @@ invalid_fixture_tests!(
     route_with_two_paths,
     capture_below_status_zero,
     discovery_path_relative,
+    rate_limit_zero_requests,
+    rate_limit_unknown_field,
+    free_tier_bad_per,
+    free_tier_zero_window,
+    allow_pseudo_header,
+    allow_metadata_empty_path,
+    failure_mode_unknown,
+    timeout_ms_zero,
 );
 
 #[test]
