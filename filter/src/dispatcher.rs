@@ -58,6 +58,8 @@ impl Rpc {
 pub struct Waiter {
     pub context_id: u32,
     pub request_id: String,
+    /// The route's own settlement timeout, when shorter than the plugin's.
+    pub timeout_ms: Option<u32>,
 }
 
 /// An answer for a request context.
@@ -103,9 +105,21 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn authorize(&mut self, context_id: u32, item: AuthorizeItem) {
+        self.authorize_within(context_id, item, None);
+    }
+
+    /// [`Dispatcher::authorize`] with the route's timeout: a batch is sent with the
+    /// shortest timeout among its requests.
+    pub fn authorize_within(
+        &mut self,
+        context_id: u32,
+        item: AuthorizeItem,
+        timeout_ms: Option<u32>,
+    ) {
         let waiter = Waiter {
             context_id,
             request_id: item.request_id.clone(),
+            timeout_ms,
         };
         self.authorize_queue.push_back((waiter, item));
     }
@@ -167,7 +181,15 @@ impl Dispatcher {
             let (waiters, items): (Vec<Waiter>, Vec<AuthorizeItem>) =
                 self.authorize_queue.drain(..n).unzip();
             let message = AuthorizeRequest { items }.encode_to_vec();
-            match call(host, target, current, Rpc::Authorize, &message) {
+            let shortest = waiters
+                .iter()
+                .filter_map(|w| w.timeout_ms)
+                .fold(target.timeout_ms, u32::min);
+            let batch_target = Target {
+                timeout_ms: shortest,
+                ..target.clone()
+            };
+            match call(host, &batch_target, current, Rpc::Authorize, &message) {
                 Some(token) => {
                     self.in_flight.insert(token, InFlight::Authorize(waiters));
                     self.started_nanos.insert(token, now);

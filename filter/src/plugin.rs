@@ -330,7 +330,15 @@ impl Vm {
                     host.send_local_reply(status, &headers, &body);
                     action = Action::Pause;
                 }
-                Effect::Authorize(item) => plugin.dispatcher.authorize(context_id, *item),
+                Effect::Authorize(item) => {
+                    let timeout_ms = plugin
+                        .config
+                        .route_named(&item.route)
+                        .and_then(|r| r.policy.timeout_ms);
+                    plugin
+                        .dispatcher
+                        .authorize_within(context_id, *item, timeout_ms);
+                }
                 Effect::SetResponseHeader(name, value) => host.set_response_header(name, &value),
                 Effect::Capture(item) => plugin.dispatcher.capture(item),
                 Effect::Void(item) => plugin.dispatcher.void(item),

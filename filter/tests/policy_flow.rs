@@ -395,3 +395,19 @@ fn proofs_valid_too_far_ahead_are_refused_with_the_configured_skew() {
     assert_eq!(challenge.error.as_deref(), Some("validity_too_long"));
     assert_eq!(w.grpc_count(), 1);
 }
+
+#[test]
+fn a_route_timeout_bounds_the_settlement_call() {
+    let mut w = Workers::new(serde_json::json!([
+        {"name": "fast", "match": {"path_prefix": "/fast"}, "price": "0.01", "timeout_ms": 300},
+        {"name": "slow", "match": {"path_prefix": "/slow"}, "price": "0.01"}
+    ]));
+    let timeout_of_last_call = |w: &Workers| match w.host.grpc_calls().last() {
+        Some(Call::Grpc { timeout_ms, .. }) => *timeout_ms,
+        _ => panic!("no call"),
+    };
+    w.request(2, "/fast", "10.0.0.1", Some(proof(1, "/fast", 2, 30)), &[]);
+    assert_eq!(timeout_of_last_call(&w), 300);
+    w.request(3, "/slow", "10.0.0.1", Some(proof(1, "/slow", 3, 30)), &[]);
+    assert_eq!(timeout_of_last_call(&w), 2000);
+}
