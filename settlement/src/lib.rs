@@ -9,8 +9,10 @@
 //! - [`server`]: [`server::run`] serves them (plus health and reflection) on a
 //!   bound listener and runs the hold sweeper.
 //! - [`db`]: pool and migrations; [`error`]: how failures reach callers.
+//! - [`check`]: the ledger invariant checker (`x402-settlement check`).
 
 pub mod accounts;
+pub mod check;
 pub mod db;
 pub mod error;
 pub mod grpc;

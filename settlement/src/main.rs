@@ -74,6 +74,14 @@ enum Command {
     /// List or show payments.
     #[command(subcommand)]
     Payments(PaymentsCommand),
+    /// Check every ledger invariant in the database; exits 1 on a violation.
+    Check {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// How long past its expiry an unresolved hold may stay open.
+        #[arg(long, default_value_t = 60)]
+        expiry_grace_seconds: u64,
+    },
 }
 
 #[derive(Args)]
@@ -168,6 +176,27 @@ async fn run(cli: Cli) -> Result<()> {
                 .context("connecting to the database")?;
             db::migrate(&pool).await.context("applying migrations")?;
             print(json, json!({"migrated": true}), "migrations applied".into());
+            Ok(())
+        }
+        Command::Check {
+            database_url,
+            expiry_grace_seconds,
+        } => {
+            let pool = db::connect(&database_url, 1)
+                .await
+                .context("connecting to the database")?;
+            let report = x402_settlement::check::check_ledger(
+                &pool,
+                x402_settlement::check::CheckOptions {
+                    expiry_grace: Duration::from_secs(expiry_grace_seconds),
+                },
+            )
+            .await
+            .context("checking the ledger")?;
+            print(json, report.to_json(), report.to_text());
+            if !report.is_clean() {
+                bail!("{} ledger invariant violations", report.violations.len());
+            }
             Ok(())
         }
         command => operator(&cli.server, json, command).await,
@@ -447,7 +476,9 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
                 .into_inner();
             print(json, payment_json(&p), payment_text(&p));
         }
-        Command::Serve(_) | Command::Migrate { .. } => bail!("not an operator command"),
+        Command::Serve(_) | Command::Migrate { .. } | Command::Check { .. } => {
+            bail!("not an operator command")
+        }
     }
     Ok(())
 }

@@ -1,0 +1,326 @@
+//! The ledger as a state machine against a model: random sequences of deposit,
+//! authorize (including overdrafts and reused nonces), capture (including more than
+//! the hold), void, expire and repeated resolutions run against the real service and
+//! real PostgreSQL. After every step each outcome matches what the model predicts;
+//! after every sequence the balances equal the model's and the invariant checker
+//! finds nothing.
+//!
+//! Expiry: the hold's queue entry is made due (`open_holds.expires_at` in the past,
+//! as if its TTL had passed) and the sweeper's own function runs, so no test waits
+//! on the clock. The server's own sweeper is slowed down so it never races the model.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_update
+)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use x402_proto::settlement::v1::{AuthorizeOutcome, ResolveOutcome};
+use x402_settlement::check::{check_ledger, CheckOptions};
+use x402_settlement::server::ServerConfig;
+use x402_settlement::Ledger;
+
+const PAYERS: usize = 3;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Deposit {
+        payer: usize,
+        amount: u64,
+    },
+    Authorize {
+        payer: usize,
+        amount: u64,
+    },
+    /// Authorize again with the nonce of an earlier hold (by index).
+    ReuseNonce {
+        hold: usize,
+    },
+    /// Capture `permille`/1000 of the hold; above 1000 asks for more than the hold.
+    Capture {
+        hold: usize,
+        permille: u64,
+    },
+    Void {
+        hold: usize,
+    },
+    Expire {
+        hold: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..PAYERS, 1u64..50_000).prop_map(|(payer, amount)| Op::Deposit { payer, amount }),
+        (0..PAYERS, 1u64..40_000).prop_map(|(payer, amount)| Op::Authorize { payer, amount }),
+        (0..PAYERS, 1u64..40_000).prop_map(|(payer, amount)| Op::Authorize { payer, amount }),
+        (0usize..16).prop_map(|hold| Op::ReuseNonce { hold }),
+        (0usize..16, 0u64..1100).prop_map(|(hold, permille)| Op::Capture { hold, permille }),
+        (0usize..16).prop_map(|hold| Op::Void { hold }),
+        (0usize..16).prop_map(|hold| Op::Expire { hold }),
+    ]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldState {
+    Open,
+    Captured(u64),
+    Voided,
+    Expired,
+}
+
+#[derive(Clone)]
+struct ModelHold {
+    transaction: String,
+    payer: usize,
+    amount: u64,
+    nonce_item: common::Terms,
+    state: HoldState,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ModelPayer {
+    deposited: u64,
+    held: u64,
+    spent: u64,
+}
+
+struct Model {
+    payers: [ModelPayer; PAYERS],
+    holds: Vec<ModelHold>,
+    merchant_pending: u64,
+    merchant_posted: u64,
+}
+
+async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCaseError> {
+    let merchant = format!("model-merchant-{case}");
+    h.merchant(&merchant).await;
+    let mut payers = Vec::new();
+    for i in 0..PAYERS {
+        payers.push(h.payer(&format!("model-{case}-payer-{i}"), 0).await);
+    }
+    let mut model = Model {
+        payers: [ModelPayer::default(); PAYERS],
+        holds: Vec::new(),
+        merchant_pending: 0,
+        merchant_posted: 0,
+    };
+    let ledger = Ledger::new(h.pool.clone());
+    for (step, op) in ops.iter().enumerate() {
+        let at = format!("step {step} {op:?}");
+        match op.clone() {
+            Op::Deposit { payer, amount } => {
+                let mut client = h.op.clone();
+                client
+                    .deposit(x402_proto::settlement::v1::DepositRequest {
+                        account_id: payers[payer].account.clone(),
+                        asset: ASSET.into(),
+                        amount,
+                        idempotency_key: format!("model-{case}-{step}"),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("{at}: {e}")))?;
+                model.payers[payer].deposited += amount;
+            }
+            Op::Authorize { payer, amount } => {
+                let mut t = terms(amount, &format!("model-{case}-{step}"));
+                t.pay_to = merchant.clone();
+                let proof = signed_proof(&payers[payer], &t);
+                let r = h
+                    .authorize(item(&format!("model-{case}-{step}"), proof, amount))
+                    .await;
+                let p = &mut model.payers[payer];
+                let available = p.deposited - p.held - p.spent;
+                if amount <= available {
+                    prop_assert_eq!(outcome(&r), AuthorizeOutcome::Authorized, "{}", at);
+                    p.held += amount;
+                    model.merchant_pending += amount;
+                    model.holds.push(ModelHold {
+                        transaction: r.transaction_id.clone(),
+                        payer,
+                        amount,
+                        nonce_item: t,
+                        state: HoldState::Open,
+                    });
+                } else {
+                    prop_assert_eq!(outcome(&r), AuthorizeOutcome::InsufficientFunds, "{}", at);
+                }
+            }
+            Op::ReuseNonce { hold } => {
+                let Some(mh) = model.holds.get(hold).cloned() else {
+                    continue;
+                };
+                let proof = signed_proof(&payers[mh.payer], &mh.nonce_item);
+                let r = h
+                    .authorize(item(&format!("model-{case}-{step}"), proof, mh.amount))
+                    .await;
+                prop_assert_eq!(outcome(&r), AuthorizeOutcome::NonceReused, "{}", at);
+            }
+            Op::Capture { hold, permille } => {
+                let Some(mh) = model.holds.get(hold).cloned() else {
+                    continue;
+                };
+                let amount = mh.amount * permille / 1000 + u64::from(permille > 1000);
+                let r = h.capture(&mh.transaction, amount).await;
+                let got = resolved(&r);
+                match mh.state {
+                    HoldState::Open if amount > mh.amount => {
+                        prop_assert_eq!(got, ResolveOutcome::ExceedsHold, "{}", at);
+                    }
+                    HoldState::Open => {
+                        prop_assert_eq!(got, ResolveOutcome::Captured, "{}", at);
+                        prop_assert_eq!(r.amount, amount, "{}", at);
+                        let p = &mut model.payers[mh.payer];
+                        p.held -= mh.amount;
+                        p.spent += amount;
+                        model.merchant_pending -= mh.amount;
+                        model.merchant_posted += amount;
+                        model.holds[hold].state = HoldState::Captured(amount);
+                    }
+                    // The same capture again is answered the same; anything else is
+                    // refused, and nothing moves.
+                    HoldState::Captured(c) if c == amount => {
+                        prop_assert_eq!(got, ResolveOutcome::Captured, "{}", at);
+                    }
+                    HoldState::Captured(_) | HoldState::Voided | HoldState::Expired => {
+                        if amount > mh.amount {
+                            prop_assert!(
+                                got == ResolveOutcome::ExceedsHold
+                                    || got == ResolveOutcome::AlreadyResolved,
+                                "{}: {:?}",
+                                at,
+                                got
+                            );
+                        } else {
+                            prop_assert_eq!(got, ResolveOutcome::AlreadyResolved, "{}", at);
+                        }
+                    }
+                }
+            }
+            Op::Void { hold } => {
+                let Some(mh) = model.holds.get(hold).cloned() else {
+                    continue;
+                };
+                let got = resolved(&h.void(&mh.transaction).await);
+                match mh.state {
+                    HoldState::Open => {
+                        prop_assert_eq!(got, ResolveOutcome::Voided, "{}", at);
+                        model.payers[mh.payer].held -= mh.amount;
+                        model.merchant_pending -= mh.amount;
+                        model.holds[hold].state = HoldState::Voided;
+                    }
+                    HoldState::Voided => prop_assert_eq!(got, ResolveOutcome::Voided, "{}", at),
+                    _ => prop_assert_eq!(got, ResolveOutcome::AlreadyResolved, "{}", at),
+                }
+            }
+            Op::Expire { hold } => {
+                let Some(mh) = model.holds.get(hold).cloned() else {
+                    continue;
+                };
+                // Time passes for this hold only: its queue entry falls due.
+                sqlx::query(
+                    "UPDATE open_holds SET expires_at = now() - interval '1 second' WHERE hold_id = $1",
+                )
+                .bind(&mh.transaction)
+                .execute(&h.pool)
+                .await
+                .map_err(|e| TestCaseError::fail(format!("{at}: {e}")))?;
+                let expired = ledger
+                    .expire_due_holds(100)
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("{at}: {e}")))?;
+                if mh.state == HoldState::Open {
+                    prop_assert_eq!(expired, 1, "{}", at);
+                    model.payers[mh.payer].held -= mh.amount;
+                    model.merchant_pending -= mh.amount;
+                    model.holds[hold].state = HoldState::Expired;
+                } else {
+                    prop_assert_eq!(expired, 0, "{}", at);
+                }
+            }
+        }
+    }
+
+    for (i, payer) in payers.iter().enumerate() {
+        let b = h.balance(&payer.account).await;
+        let m = model.payers[i];
+        prop_assert_eq!(b.credits_posted, m.deposited, "payer {}", i);
+        prop_assert_eq!(b.debits_pending, m.held, "payer {}", i);
+        prop_assert_eq!(b.debits_posted, m.spent, "payer {}", i);
+        prop_assert_eq!(
+            b.available,
+            i64::try_from(m.deposited - m.held - m.spent).unwrap(),
+            "payer {}",
+            i
+        );
+    }
+    let b = h.balance(&merchant).await;
+    prop_assert_eq!(b.credits_pending, model.merchant_pending);
+    prop_assert_eq!(b.credits_posted, model.merchant_posted);
+
+    let report = check_ledger(&h.pool, CheckOptions::default())
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(report.is_clean(), "{}", report.to_text());
+    Ok(())
+}
+
+#[test]
+fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let h = rt.block_on(start_with(ServerConfig {
+        hold_sweep_interval: Duration::from_secs(3600),
+    }));
+    let cases: u32 = std::env::var("X402_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        max_shrink_iters: 64,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    let seen: std::sync::Mutex<HashMap<&'static str, usize>> = Default::default();
+    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+        let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut seen) = seen.lock() {
+            for o in &ops {
+                let name = match o {
+                    Op::Deposit { .. } => "deposit",
+                    Op::Authorize { .. } => "authorize",
+                    Op::ReuseNonce { .. } => "reuse_nonce",
+                    Op::Capture { .. } => "capture",
+                    Op::Void { .. } => "void",
+                    Op::Expire { .. } => "expire",
+                };
+                *seen.entry(name).or_default() += 1;
+            }
+        }
+        rt.block_on(run_sequence(&h, n, &ops))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    eprintln!(
+        "model: {} sequences, operations {:?}",
+        case.into_inner(),
+        seen.into_inner().unwrap()
+    );
+    drop(h);
+}
