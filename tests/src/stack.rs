@@ -117,18 +117,23 @@ pub struct Stack {
 impl Stack {
     /// Starts everything with `filter_config` as the plugin JSON.
     pub async fn start(filter_config: &str) -> Result<Stack> {
+        Stack::start_with(filter_config, |_| {}).await
+    }
+
+    /// [`Stack::start`] with the Envoy options adjusted by `adjust` (e.g. `concurrency`).
+    pub async fn start_with(
+        filter_config: &str,
+        adjust: impl FnOnce(&mut EnvoyOptions),
+    ) -> Result<Stack> {
         let database_url = fresh_database()?;
         let settlement = Settlement::start(&database_url).await?;
         settlement
             .create_account(MERCHANT, AccountKind::Merchant)
             .await?;
         let upstream = Upstream::start()?;
-        let envoy = Envoy::start(EnvoyOptions::new(
-            upstream.port(),
-            settlement.port(),
-            filter_config,
-        ))
-        .await?;
+        let mut options = EnvoyOptions::new(upstream.port(), settlement.port(), filter_config);
+        adjust(&mut options);
+        let envoy = Envoy::start(options).await?;
         let http = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
