@@ -2,6 +2,8 @@
 //!
 //! - `/status/NNN` answers with status NNN (and a JSON body), so tests can make the
 //!   upstream fail;
+//! - `/flaky/N/...` answers 503 to the first N requests of one exact target, then 200
+//!   like the echo, so a client's retry after an upstream failure can be tested;
 //! - everything else (`/paid/...`, `/free/...`, `/named/...`) answers 200 with a JSON
 //!   echo of the request: method, path, query, body size and whether any payment header
 //!   reached it (the filter must strip them).
@@ -95,6 +97,25 @@ async fn answer(
         Err(_) => 0,
     };
     served.record(format!("{method} {target}"));
+    if let Some(rest) = path.strip_prefix("/flaky/") {
+        // `/flaky/N/...`: 503 for the first N requests of this exact target, then 200.
+        let failures: usize = rest
+            .split('/')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let seen = served
+            .requests()
+            .iter()
+            .filter(|r| **r == format!("{method} {target}"))
+            .count();
+        if seen <= failures {
+            return Ok(json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "error": "flaky", "attempt": seen }),
+            ));
+        }
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         let status = code
             .parse::<u16>()
