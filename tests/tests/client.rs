@@ -304,3 +304,120 @@ async fn the_generated_openapi_document_validates_and_states_the_enforced_prices
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A TCP proxy in front of Envoy that passes unpaid requests through and, for a request
+/// carrying a proof, lets Envoy answer in full but closes the client's connection
+/// without forwarding a byte: the answer to a payment is lost on the way back.
+async fn answer_losing_proxy(
+    envoy: String,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let paid_seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = paid_seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let envoy = envoy.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut upstream = tokio::net::TcpStream::connect(&envoy).await.unwrap();
+                upstream.write_all(&request).await.unwrap();
+                let paid = String::from_utf8_lossy(&request)
+                    .to_ascii_lowercase()
+                    .contains("\r\npayment-signature:");
+                if !paid {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    return;
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                // Read Envoy's whole answer (headers and content-length body), then drop both.
+                let mut answer = Vec::new();
+                loop {
+                    if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if answer.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                    match upstream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                    }
+                }
+                drop(upstream);
+                drop(client);
+            });
+        }
+    });
+    (format!("http://{addr}"), paid_seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_is_looked_up_in_settlement_and_never_paid_twice() {
+    use std::sync::atomic::Ordering;
+    let stack = Stack::start_default().await.unwrap();
+    let (account, key) = stack.new_payer(100_000).await.unwrap();
+    let (proxy, paid_seen) = answer_losing_proxy(stack.envoy.authority()).await;
+    // One connection per request, so each request meets the proxy afresh.
+    let http = || {
+        reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+
+    // Without an operator endpoint the client cannot know, so it stops.
+    let blind = Client::with_http(http(), key.clone(), Budget::unlimited());
+    let err = blind.get(&format!("{proxy}/paid/quote")).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::PaymentOutcomeUnknown { .. }),
+        "{err}"
+    );
+    assert_eq!(paid_seen.load(Ordering::SeqCst), 1);
+
+    // With one, it asks settlement about the proof's nonce and finds it charged.
+    let informed = Client::with_http(http(), key, Budget::unlimited()).with_operator(
+        x402_client::OperatorEndpoint::new(stack.settlement.url(), account.clone()),
+    );
+    let err = informed
+        .get(&format!("{proxy}/paid/quote"))
+        .await
+        .unwrap_err();
+    let ClientError::PaidResponseLost { transaction, .. } = err else {
+        panic!("{err}");
+    };
+    assert_eq!(paid_seen.load(Ordering::SeqCst), 2, "a proof was resent");
+
+    // Two proofs reached Envoy, each charged once; nothing was paid a second time.
+    stack
+        .wait_for_settled_balance(&account, 100_000 - 2 * PAID_PRICE as i64)
+        .await
+        .unwrap();
+    let payments = stack.settlement.payments_of(&account).await.unwrap();
+    assert_eq!(payments.len(), 2);
+    assert!(payments.iter().any(|p| p.transaction_id == transaction));
+    assert!(
+        payments.iter().all(|p| p.status == "captured"),
+        "{payments:?}"
+    );
+    assert_eq!(stack.upstream.served().count_path_prefix("/paid"), 2);
+}
