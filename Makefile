@@ -77,3 +77,25 @@ fmt:
 # Forgets the dev stack's state (the demo payer key).
 clean-run:
 	rm -rf .run
+
+## Benchmark (not part of `make test`) ---------------------------------------------------
+
+.PHONY: bench setup-pgbench
+
+# pgbench ships with PostgreSQL; Debian puts it in postgresql-contrib on older releases.
+setup-pgbench: setup-postgres
+	@if command -v pgbench >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql-contrib; \
+	else \
+		echo "pgbench not found: install postgresql-contrib; the pgbench rows will be skipped"; \
+	fi
+
+# Release binaries, the wasm filter, then every scenario interleaved on loopback; results
+# in target/bench/results.{md,json}. BENCH_QUICK=1 for short rounds; the whole run is
+# bounded by `timeout`. See BENCHMARKS.md.
+bench: setup setup-pgbench
+	$(CARGO) build --release -p x402-settlement -p x402-e2e -p x402-bench --bins
+	$(CARGO) build -p x402-filter --target $(WASM_TARGET) --profile wasm
+	timeout --kill-after=30 900 $(CARGO) run --release -q -p x402-bench --bin x402-bench

@@ -1,0 +1,235 @@
+//! Scenario 7: settlement alone. A native gRPC client runs authorize + capture pairs
+//! (one item per call, as a lone filter request would) from `concurrency` tasks, next
+//! to `pgbench` running the peer's single statement at the same concurrency.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tonic::transport::{Channel, Endpoint};
+use x402_client::{sign_payment, PayerKey};
+use x402_proto::settlement::v1::data_plane_client::DataPlaneClient;
+use x402_proto::settlement::v1::{
+    AuthorizeItem, AuthorizeOutcome, AuthorizeRequest, CaptureItem, CaptureRequest, PaymentProof,
+    ResolveOutcome,
+};
+
+use crate::load::Measured;
+use crate::payers::{requirements, Payers, PRICE};
+
+pub async fn channel(port: u16) -> Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+fn proof_of(key: &PayerKey, resource: &str) -> Result<PaymentProof> {
+    let p = sign_payment(
+        key,
+        &requirements(),
+        resource,
+        &x402_client::random_nonce_hex(),
+        x402_e2e::stack::unix_now() + 60,
+    )?;
+    Ok(PaymentProof {
+        scheme: p.accepted.scheme,
+        network: p.accepted.network,
+        asset: p.accepted.asset,
+        amount: p.accepted.amount,
+        pay_to: p.accepted.pay_to,
+        resource: p.payload.resource,
+        nonce: p.payload.nonce,
+        valid_before: p.payload.valid_before,
+        payer: p.payload.payer,
+        signature: p.payload.signature,
+    })
+}
+
+/// Authorize + capture pairs for `duration` after `warmup`; `hot` puts every pair on
+/// the first payer.
+pub async fn run_pairs(
+    channels: &[Channel],
+    payers: &Arc<Payers>,
+    hot: bool,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Measured> {
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let mut client = DataPlaneClient::new(channels[i % channels.len()].clone());
+        let payers = payers.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Measured::default();
+            let mut seq = 0u64;
+            while Instant::now() < end {
+                seq += 1;
+                let key = if hot { payers.hot() } else { payers.pick() };
+                let proof = proof_of(key, "POST bench.local/settle")?;
+                let sent = Instant::now();
+                let result = pair(
+                    &mut client,
+                    proof,
+                    format!("bench-{i}-{seq}-{}", proof_id()),
+                )
+                .await;
+                let done = Instant::now();
+                let inside = sent >= measure_from && done <= end;
+                if result.is_ok() {
+                    out.ok_all += 1;
+                }
+                match result {
+                    Ok(()) if inside => {
+                        out.ok += 1;
+                        let us = done.duration_since(sent).as_micros();
+                        out.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        if inside {
+                            out.errors += 1;
+                        }
+                        out.first_error.get_or_insert_with(|| format!("{e:#}"));
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(out)
+        }));
+    }
+    let mut total = Measured::default();
+    for t in tasks {
+        total.merge(t.await.context("settlement load task failed")??);
+    }
+    total.seconds = duration.as_secs_f64();
+    total.latencies_us.sort_unstable();
+    Ok(total)
+}
+
+fn proof_id() -> String {
+    x402_client::random_nonce_hex()[..8].to_owned()
+}
+
+async fn pair(
+    client: &mut DataPlaneClient<Channel>,
+    proof: PaymentProof,
+    request_id: String,
+) -> Result<()> {
+    let answer = client
+        .authorize(AuthorizeRequest {
+            items: vec![AuthorizeItem {
+                request_id,
+                proof: Some(proof),
+                hold_amount: PRICE,
+                route: "bench".into(),
+                hold_ttl_seconds: 300,
+            }],
+        })
+        .await?
+        .into_inner();
+    let Some(result) = answer.results.into_iter().next() else {
+        bail!("authorize answered no result");
+    };
+    if result.outcome != AuthorizeOutcome::Authorized as i32 {
+        bail!("authorize: outcome {} {}", result.outcome, result.message);
+    }
+    let captured = client
+        .capture(CaptureRequest {
+            items: vec![CaptureItem {
+                transaction_id: result.transaction_id,
+                amount: PRICE,
+                upstream_micros: 0,
+                http_status: 200,
+            }],
+        })
+        .await?
+        .into_inner();
+    match captured.results.first() {
+        Some(r) if r.outcome == ResolveOutcome::Captured as i32 => Ok(()),
+        other => bail!("capture: {other:?}"),
+    }
+}
+
+/// The pgbench script: the ext_authz peer's statement with a random (or the hot) payer.
+pub fn pgbench_script(payers: usize, hot: bool) -> String {
+    let pick = if hot {
+        "\\set p 0\n".to_string()
+    } else {
+        format!("\\set p random(0, {})\n", payers.saturating_sub(1))
+    };
+    format!(
+        "{pick}WITH nonce AS (INSERT INTO bench_peer_nonces (account_id, nonce) VALUES ('bench-payer-' || :p, md5(random()::text || clock_timestamp()::text)) RETURNING account_id) \
+         UPDATE balances b SET debits_posted = b.debits_posted + CASE WHEN b.account_id = '{m}' THEN 0 ELSE {PRICE} END, \
+         credits_posted = b.credits_posted + CASE WHEN b.account_id = '{m}' THEN {PRICE} ELSE 0 END \
+         FROM nonce WHERE b.asset = 'USD' AND b.account_id IN (nonce.account_id, '{m}');\n",
+        m = x402_e2e::stack::MERCHANT,
+    )
+}
+
+/// Where pgbench is: next to the cluster's binaries, else on PATH.
+pub fn pgbench_bin(pg_bin: &Path) -> Option<std::path::PathBuf> {
+    let next = pg_bin.join("pgbench");
+    if next.is_file() {
+        return Some(next);
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("pgbench"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Runs pgbench for `duration` (plus its own connection setup) and returns the rate
+/// and average latency it reports.
+pub fn run_pgbench(
+    bin: &Path,
+    script: &Path,
+    port: u16,
+    database: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<(f64, f64)> {
+    let secs = duration.as_secs().max(1);
+    let out = Command::new(bin)
+        .args(["-n", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+        .arg(port.to_string())
+        .args([
+            "-c",
+            &concurrency.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &secs.to_string(),
+            "-M",
+            "prepared",
+            "-f",
+        ])
+        .arg(script)
+        .arg(database)
+        .output()
+        .context("running pgbench")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "pgbench failed: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let field = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split('=').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    let tps = field("tps").context("pgbench printed no tps")?;
+    let latency_ms = field("latency average").unwrap_or(0.0);
+    Ok((tps, latency_ms * 1000.0))
+}
