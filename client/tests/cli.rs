@@ -279,3 +279,48 @@ fn pay_refused_after_payment_reports_the_challenge_error() {
     assert!(!ok);
     assert!(err.contains("402") && err.contains("nonce_reused"), "{err}");
 }
+
+#[test]
+fn openapi_documents_the_priced_routes_and_refuses_a_bad_config() {
+    let dir = Dir::new("openapi");
+    let good = dir.path("good.json");
+    std::fs::write(
+        &good,
+        r#"{"settlement_cluster":"s","pay_to":"m","routes":[{"name":"q","match":{"method":"GET","path_exact":"/q"},"price":"0.5"}]}"#,
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = run(&mut x402(&[
+        "openapi",
+        "--filter-config",
+        good.to_str().unwrap(),
+    ]));
+    assert!(ok, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(doc["paths"]["/q"]["get"]["x-402"]["amount"], "500000");
+
+    let bad = dir.path("bad.json");
+    std::fs::write(&bad, r#"{"settlement_cluster":"s","pay_to":"m","routes":[{"name":"q","match":{},"price":"0.5"}]}"#).unwrap();
+    let (ok, _, stderr) = run(&mut x402(&[
+        "openapi",
+        "--filter-config",
+        bad.to_str().unwrap(),
+    ]));
+    assert!(!ok);
+    assert!(stderr.contains("routes[0].match"), "{stderr}");
+}
+
+#[test]
+fn balance_without_a_reachable_settlement_fails_without_printing_the_token() {
+    let (ok, stdout, stderr) = run(&mut x402(&[
+        "balance",
+        "--settlement",
+        "http://127.0.0.1:9",
+        "--account",
+        "payer-a",
+        "--token",
+        "s3cret-token",
+    ]));
+    assert!(!ok);
+    assert!(stderr.contains("127.0.0.1:9"), "{stderr}");
+    assert!(!stderr.contains("s3cret") && !stdout.contains("s3cret"));
+}
