@@ -385,9 +385,7 @@ impl Client {
                 }
                 Attempt::Retry => {
                     self.release(reservation);
-                    return Err(ClientError::Operator(
-                        "settlement released the held proof but the retry budget is spent".into(),
-                    ));
+                    return Err(ClientError::RetriesExhausted { attempts });
                 }
                 Attempt::Answer(r) => r,
             };

@@ -90,6 +90,10 @@ pub enum ClientError {
     #[error("the answer was lost but settlement shows the payment as {status} (transaction {transaction}); not paying again")]
     PaidResponseLost { transaction: String, status: String },
 
+    /// Every proof sent was released unanswered; nothing was paid.
+    #[error("no answer after {attempts} payment attempt(s), each released by settlement; nothing was paid")]
+    RetriesExhausted { attempts: u32 },
+
     #[error("settlement operator API: {0}")]
     Operator(String),
 
