@@ -1,0 +1,596 @@
+//! Fault runs: a bounded load of paid requests from many payers through a real Envoy
+//! while the deployment is broken on purpose, one fault per phase:
+//!
+//! - `kill_settlement`: SIGKILL of the settlement process, restart on the same port;
+//! - `restart_postgres`: fast shutdown of PostgreSQL under the running service, start;
+//! - `restart_envoy`: Envoy stopped and started again on the same ports;
+//! - `slow_settlement`: a stalling TCP proxy between Envoy and settlement holds every
+//!   byte for longer than the filter's callout timeout, then lets them through.
+//!
+//! After each phase: every request got a definite answer (an HTTP status, or a refused
+//! or reset connection while Envoy itself was down) within the limit, no hang; paid
+//! requests succeed again after the fault; once the holds have settled the ledger
+//! invariant checker finds nothing, and every response a client saw as paid has exactly
+//! one capture, or (only for requests that overlapped the fault, when settlement or
+//! Envoy could not send it) an expired hold. The counts of 200/402/503 are printed.
+//!
+//! `faults_short` is part of `make test`; `faults_long` (ignored) is what `make faults`
+//! runs: more payers, longer phases, every fault several times.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use x402_client::wire::{encode_header, PaymentRequirements, HEADER_PAYMENT_SIGNATURE};
+use x402_client::{parse_receipt, resource_for, sign_payment, PayerKey};
+use x402_e2e::envoy::{Envoy, EnvoyOptions};
+use x402_e2e::pg::TestPostgres;
+use x402_e2e::settlement::Settlement;
+use x402_e2e::stack::{unix_now, ASSET, MERCHANT, NETWORK, PAID_PRICE};
+use x402_e2e::upstream::Upstream;
+use x402_proto::settlement::v1::AccountKind;
+use x402_settlement::check::{check_ledger, check_paid_responses, CheckOptions, PaidResponse};
+
+/// The filter's callout timeout in these runs; the stall lasts longer.
+const CALLOUT_TIMEOUT_MS: u64 = 1000;
+/// Holds nobody resolves expire after this; short, so a run settles quickly.
+const HOLD_TTL_SECONDS: u64 = 8;
+/// A request without an answer after this is a hang (the route has no longer path:
+/// the callout timeout plus the upstream's few milliseconds).
+const ANSWER_LIMIT: Duration = Duration::from_secs(20);
+/// How long after its answer a capture may still be queued or retried in Envoy's
+/// dispatcher (4 sends with growing backoff, each bounded by the callout timeout).
+const CAPTURE_PIPELINE: Duration = Duration::from_secs(10);
+
+fn filter_config() -> String {
+    serde_json::json!({
+        "settlement_cluster": "settlement",
+        "settlement_timeout_ms": CALLOUT_TIMEOUT_MS,
+        "network": NETWORK,
+        "asset": ASSET,
+        "asset_decimals": 6,
+        "pay_to": MERCHANT,
+        "max_timeout_seconds": 60,
+        "hold_ttl_seconds": HOLD_TTL_SECONDS,
+        "clock_skew_seconds": 30,
+        "capture_below_status": 500,
+        "verify_signatures_in_filter": false,
+        "routes": [
+            { "name": "quote", "match": { "path_prefix": "/paid" }, "price": "0.01" }
+        ]
+    })
+    .to_string()
+}
+
+/// A TCP proxy that can hold every byte in both directions (a settlement that
+/// stopped answering without closing its connections).
+struct StallProxy {
+    port: u16,
+    stalled: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallProxy {
+    async fn start(target_port: u16) -> StallProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", target_port)).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    tokio::select! {
+                        _ = pump(ri, wo, flag.clone()) => {}
+                        _ = pump(ro, wi, flag) => {}
+                    }
+                });
+            }
+        });
+        StallProxy {
+            port,
+            stalled,
+            task,
+        }
+    }
+
+    fn stall(&self, on: bool) {
+        self.stalled.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillSettlement,
+    RestartPostgres,
+    RestartEnvoy,
+    SlowSettlement,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::KillSettlement => "kill_settlement",
+            Fault::RestartPostgres => "restart_postgres",
+            Fault::RestartEnvoy => "restart_envoy",
+            Fault::SlowSettlement => "slow_settlement",
+        }
+    }
+}
+
+/// What the clients saw in one phase.
+#[derive(Debug, Default, Clone)]
+struct Counts {
+    requests: u64,
+    /// Status -> count.
+    statuses: BTreeMap<u16, u64>,
+    /// Connection refused or reset (only expected while Envoy is down).
+    no_connection: u64,
+    /// No answer within [`ANSWER_LIMIT`].
+    hangs: u64,
+    slowest: Duration,
+    /// Paid responses (2xx with a receipt) after the fault was healed.
+    paid_after_heal: u64,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    counts: Counts,
+    /// Receipts of requests that did not overlap the fault: each must be captured.
+    paid_clean: Vec<PaidResponse>,
+    /// Receipts of requests that overlapped it: captured, or expired.
+    paid_during_fault: Vec<PaidResponse>,
+}
+
+struct World {
+    pg: TestPostgres,
+    pool: PgPool,
+    settlement: Settlement,
+    proxy: StallProxy,
+    upstream: Upstream,
+    envoy: Option<Envoy>,
+    envoy_options: EnvoyOptions,
+    payers: Vec<PayerKey>,
+    http: reqwest::Client,
+}
+
+impl World {
+    async fn start(payers: usize) -> World {
+        let pg = tokio::task::spawn_blocking(TestPostgres::start)
+            .await
+            .unwrap()
+            .unwrap();
+        let url = pg.create_database("x402_faults").unwrap();
+        let settlement = Settlement::start(&url).await.unwrap();
+        settlement
+            .create_account(MERCHANT, AccountKind::Merchant)
+            .await
+            .unwrap();
+        let proxy = StallProxy::start(settlement.port()).await;
+        let upstream = Upstream::start().unwrap();
+        let mut envoy_options = EnvoyOptions::new(upstream.port(), proxy.port, &filter_config());
+        envoy_options.concurrency = 2;
+        let envoy = Envoy::start(envoy_options.clone()).await.unwrap();
+        envoy_options.listen_port = envoy.listen_port();
+        envoy_options.admin_port = envoy.admin_port();
+        let pool = x402_settlement::db::connect(&url, 4).await.unwrap();
+        let mut keys = Vec::new();
+        for i in 0..payers {
+            let account = format!("fault-payer-{i}");
+            settlement
+                .create_account(&account, AccountKind::Payer)
+                .await
+                .unwrap();
+            let key = PayerKey::generate();
+            settlement
+                .add_key(&account, &key.public_key_hex())
+                .await
+                .unwrap();
+            settlement
+                .deposit(&account, ASSET, 1_000_000_000)
+                .await
+                .unwrap();
+            keys.push(key);
+        }
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(ANSWER_LIMIT + Duration::from_secs(5))
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        World {
+            pg,
+            pool,
+            settlement,
+            proxy,
+            upstream,
+            envoy: Some(envoy),
+            envoy_options,
+            payers: keys,
+            http,
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.envoy_options.listen_port)
+    }
+
+    async fn inject(&mut self, fault: Fault) {
+        match fault {
+            Fault::KillSettlement => {
+                self.settlement.stop();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                self.settlement.restart().await.unwrap();
+            }
+            Fault::RestartPostgres => {
+                tokio::task::block_in_place(|| self.pg.stop()).unwrap();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                tokio::task::block_in_place(|| self.pg.start_again()).unwrap();
+            }
+            Fault::RestartEnvoy => {
+                if let Some(envoy) = self.envoy.take() {
+                    tokio::task::block_in_place(|| envoy.shutdown(Duration::from_secs(2)));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut last = None;
+                for _ in 0..10 {
+                    match Envoy::start(self.envoy_options.clone()).await {
+                        Ok(envoy) => {
+                            self.envoy = Some(envoy);
+                            last = None;
+                            break;
+                        }
+                        // The ports were just released; retry a bounded number of times.
+                        Err(e) => {
+                            last = Some(e);
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+                if let Some(e) = last {
+                    panic!("Envoy did not come back: {e:#}");
+                }
+            }
+            Fault::SlowSettlement => {
+                self.proxy.stall(true);
+                tokio::time::sleep(Duration::from_millis(CALLOUT_TIMEOUT_MS * 2 + 500)).await;
+                self.proxy.stall(false);
+            }
+        }
+    }
+
+    /// Waits (bounded) until no hold is open: captured, voided or expired.
+    async fn wait_settled(&self) {
+        let start = Instant::now();
+        loop {
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM open_holds")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or(-1);
+            if open == 0 {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(HOLD_TTL_SECONDS + 60),
+                "{open} holds still open"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+fn requirements() -> PaymentRequirements {
+    let mut extra = serde_json::Map::new();
+    extra.insert("decimals".into(), 6.into());
+    extra.insert("name".into(), ASSET.into());
+    PaymentRequirements {
+        scheme: "exact".into(),
+        network: NETWORK.into(),
+        amount: PAID_PRICE.to_string(),
+        asset: ASSET.into(),
+        pay_to: MERCHANT.into(),
+        max_timeout_seconds: 60,
+        extra,
+    }
+}
+
+enum Outcome {
+    Status(u16, Option<PaidResponse>),
+    NoConnection,
+    Hang,
+}
+
+/// One paid request: a fresh proof, one attempt.
+async fn paid_request(http: &reqwest::Client, base: &str, key: &PayerKey, n: u64) -> Outcome {
+    let url = reqwest::Url::parse(&format!("{base}/paid/quote?n={n}")).unwrap();
+    let resource = resource_for("GET", &url).unwrap();
+    let proof = sign_payment(
+        key,
+        &requirements(),
+        &resource,
+        &x402_client::random_nonce_hex(),
+        unix_now() + 30,
+    )
+    .unwrap();
+    let send = http
+        .get(url)
+        .header(HEADER_PAYMENT_SIGNATURE, encode_header(&proof))
+        .send();
+    match tokio::time::timeout(ANSWER_LIMIT, send).await {
+        Err(_) => Outcome::Hang,
+        Ok(Err(e)) if e.is_timeout() => Outcome::Hang,
+        Ok(Err(_)) => Outcome::NoConnection,
+        Ok(Ok(response)) => {
+            let status = response.status();
+            let headers = response.headers().clone();
+            match tokio::time::timeout(ANSWER_LIMIT, response.bytes()).await {
+                Err(_) => Outcome::Hang,
+                Ok(Err(_)) => Outcome::NoConnection,
+                Ok(Ok(_)) => {
+                    let paid = if status.is_success() {
+                        parse_receipt(&headers).map(|r| PaidResponse {
+                            transaction: r.transaction,
+                            amount: r.amount.parse().unwrap_or(0),
+                        })
+                    } else {
+                        None
+                    };
+                    Outcome::Status(status.as_u16(), paid)
+                }
+            }
+        }
+    }
+}
+
+/// Runs load during one fault; returns what the clients saw.
+async fn phase(world: &mut World, fault: Fault, warm: Duration, after: Duration) -> Seen {
+    let stop = Arc::new(AtomicBool::new(false));
+    // (fault started, fault healed), as instants; requests overlapping it are marked.
+    let window: Arc<Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (i, key) in world.payers.iter().enumerate() {
+        let (stop, window, seen) = (stop.clone(), window.clone(), seen.clone());
+        let (http, base, key) = (world.http.clone(), world.base(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = (i as u64) << 32;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let started = Instant::now();
+                let outcome = paid_request(&http, &base, &key, n).await;
+                let ended = Instant::now();
+                let (fault_start, healed) = *window.lock().unwrap();
+                // Overlaps the fault, counting the capture after the answer: Envoy
+                // sends it from a per-worker queue, retried with backoff, so it may
+                // still be on its way for a few seconds.
+                let overlapped = match fault_start {
+                    None => false,
+                    Some(fs) => {
+                        ended + CAPTURE_PIPELINE >= fs
+                            && healed.is_none_or(|h| started <= h + Duration::from_secs(2))
+                    }
+                };
+                let after_heal = healed.is_some_and(|h| started > h);
+                {
+                    let mut s = seen.lock().unwrap();
+                    s.counts.requests += 1;
+                    s.counts.slowest = s.counts.slowest.max(ended - started);
+                    match outcome {
+                        Outcome::Hang => s.counts.hangs += 1,
+                        Outcome::NoConnection => s.counts.no_connection += 1,
+                        Outcome::Status(status, paid) => {
+                            *s.counts.statuses.entry(status).or_default() += 1;
+                            if let Some(p) = paid {
+                                if after_heal {
+                                    s.counts.paid_after_heal += 1;
+                                }
+                                if overlapped {
+                                    s.paid_during_fault.push(p);
+                                } else {
+                                    s.paid_clean.push(p);
+                                }
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(warm).await;
+    window.lock().unwrap().0 = Some(Instant::now());
+    world.inject(fault).await;
+    window.lock().unwrap().1 = Some(Instant::now());
+    tokio::time::sleep(after).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        tokio::time::timeout(ANSWER_LIMIT * 2, t)
+            .await
+            .expect("a load task did not stop")
+            .unwrap();
+    }
+    let mut out = seen.lock().unwrap();
+    std::mem::take(&mut *out)
+}
+
+/// Checks the ledger after a phase; returns the number of violations (asserted zero).
+async fn check_after(world: &World, fault: Fault, seen: &Seen) {
+    world.wait_settled().await;
+    let report = check_ledger(&world.pool, CheckOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        report.is_clean(),
+        "{}: {}\n{}",
+        fault.name(),
+        report.to_text(),
+        world.settlement.log_tail(30)
+    );
+    let clean = check_paid_responses(&world.pool, &seen.paid_clean, false)
+        .await
+        .unwrap();
+    assert!(clean.is_empty(), "{}: {clean:?}", fault.name());
+    let during = check_paid_responses(&world.pool, &seen.paid_during_fault, true)
+        .await
+        .unwrap();
+    assert!(during.is_empty(), "{}: {during:?}", fault.name());
+}
+
+fn report_line(fault: Fault, c: &Counts, expired: usize) -> String {
+    let get = |s: u16| c.statuses.get(&s).copied().unwrap_or(0);
+    let other: u64 = c
+        .statuses
+        .iter()
+        .filter(|(s, _)| ![200, 402, 503].contains(*s))
+        .map(|(_, n)| n)
+        .sum();
+    format!(
+        "{:<17} requests {:>5}  200 {:>5}  402 {:>3}  503 {:>4}  other {:>3}  no-connection {:>3}  hangs {}  slowest {:>5} ms  paid-after-heal {:>4}  receipts-expired {}",
+        fault.name(),
+        c.requests,
+        get(200),
+        get(402),
+        get(503),
+        other,
+        c.no_connection,
+        c.hangs,
+        c.slowest.as_millis(),
+        c.paid_after_heal,
+        expired
+    )
+}
+
+async fn expired_receipts(world: &World, seen: &Seen) -> usize {
+    let ids: Vec<String> = seen
+        .paid_during_fault
+        .iter()
+        .map(|p| p.transaction.clone())
+        .collect();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM transfers WHERE kind = 'expire' AND pending_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(&world.pool)
+    .await
+    .unwrap();
+    usize::try_from(n).unwrap_or(0)
+}
+
+async fn run(payers: usize, rounds: usize, warm: Duration, after: Duration) {
+    let mut world = World::start(payers).await;
+    let faults = [
+        Fault::KillSettlement,
+        Fault::RestartPostgres,
+        Fault::RestartEnvoy,
+        Fault::SlowSettlement,
+    ];
+    let mut lines = Vec::new();
+    let mut total = Counts::default();
+    for round in 0..rounds {
+        for fault in faults {
+            let seen = phase(&mut world, fault, warm, after).await;
+            let c = &seen.counts;
+            assert_eq!(c.hangs, 0, "{}: a request got no answer", fault.name());
+            assert!(
+                c.paid_after_heal > 0,
+                "{}: no paid request succeeded after the fault was healed",
+                fault.name()
+            );
+            assert!(
+                c.statuses.keys().all(|s| [200, 402, 503].contains(s)),
+                "{}: unexpected statuses {:?}",
+                fault.name(),
+                c.statuses
+            );
+            if fault != Fault::RestartEnvoy {
+                assert_eq!(
+                    c.no_connection,
+                    0,
+                    "{}: Envoy dropped connections",
+                    fault.name()
+                );
+            }
+            check_after(&world, fault, &seen).await;
+            let expired = expired_receipts(&world, &seen).await;
+            let line = report_line(fault, c, expired);
+            eprintln!("round {round}: {line}");
+            lines.push(line);
+            total.requests += c.requests;
+            for (s, n) in &c.statuses {
+                *total.statuses.entry(*s).or_default() += n;
+            }
+            total.no_connection += c.no_connection;
+            total.slowest = total.slowest.max(c.slowest);
+        }
+    }
+    let final_report = check_ledger(&world.pool, CheckOptions::default())
+        .await
+        .unwrap();
+    assert!(final_report.is_clean(), "{}", final_report.to_text());
+    eprintln!(
+        "fault run: {} payers, {} faults survived, {} requests, statuses {:?}, no-connection {}, hangs 0, slowest {} ms; checker: {}",
+        payers,
+        rounds * faults.len(),
+        total.requests,
+        total.statuses,
+        total.no_connection,
+        total.slowest.as_millis(),
+        final_report.to_text()
+    );
+    assert!(world.upstream.served().total() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_short() {
+    run(6, 1, Duration::from_secs(2), Duration::from_secs(3)).await;
+}
+
+/// `make faults`: more payers, longer phases, every fault three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long fault run: make faults"]
+async fn faults_long() {
+    let rounds = std::env::var("X402_FAULT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    run(24, rounds, Duration::from_secs(5), Duration::from_secs(8)).await;
+}
