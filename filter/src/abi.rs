@@ -18,6 +18,8 @@ const STATUS_OK: u32 = 0;
 const STATUS_CAS_MISMATCH: u32 = 8;
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+const BUFFER_HTTP_REQUEST_BODY: u32 = 0;
+const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 const BUFFER_GRPC_RECEIVE: u32 = 5;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
@@ -121,6 +123,18 @@ extern "C" {
 pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
     let buffer: Box<[u8]> = vec![0u8; size].into_boxed_slice();
     Box::into_raw(buffer).cast::<u8>()
+}
+
+/// The first `size` bytes of one of the host's buffers.
+fn buffer_bytes(buffer_type: u32, size: usize) -> Option<Vec<u8>> {
+    let mut data = null_mut();
+    let mut len = 0;
+    // SAFETY: out-pointers are valid locals.
+    let status = unsafe { proxy_get_buffer_bytes(buffer_type, 0, size, &mut data, &mut len) };
+    if status != STATUS_OK {
+        return None;
+    }
+    Some(take_host_buffer(data, len).unwrap_or_default())
 }
 
 /// Takes ownership of a buffer the host allocated with `proxy_on_memory_allocate`.
@@ -274,15 +288,15 @@ impl Host for AbiHost {
     }
 
     fn grpc_response(&self, size: usize) -> Option<Vec<u8>> {
-        let mut data = null_mut();
-        let mut len = 0;
-        // SAFETY: out-pointers are valid locals.
-        let status =
-            unsafe { proxy_get_buffer_bytes(BUFFER_GRPC_RECEIVE, 0, size, &mut data, &mut len) };
-        if status != STATUS_OK {
-            return None;
-        }
-        Some(take_host_buffer(data, len).unwrap_or_default())
+        buffer_bytes(BUFFER_GRPC_RECEIVE, size)
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        buffer_bytes(BUFFER_HTTP_REQUEST_BODY, size)
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        buffer_bytes(BUFFER_HTTP_RESPONSE_BODY, size)
     }
 
     fn set_effective_context(&mut self, context_id: u32) -> bool {
@@ -479,20 +493,24 @@ pub extern "C" fn proxy_on_tick(root_context_id: u32) {
 pub extern "C" fn proxy_on_request_headers(
     context_id: u32,
     _num_headers: usize,
-    _end_of_stream: u32,
+    end_of_stream: u32,
 ) -> u32 {
     action(with_vm(Action::Continue, |vm, host| {
-        vm.on_request_headers(host, context_id)
+        vm.on_request_headers_with_body(host, context_id, end_of_stream == 0)
     }))
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_request_body(
-    _context_id: u32,
-    _body_size: usize,
-    _end_of_stream: u32,
+    context_id: u32,
+    body_size: usize,
+    end_of_stream: u32,
 ) -> u32 {
-    action(Action::Continue)
+    // For a body callback, `Pause` is StopIterationAndBuffer: Envoy keeps the body
+    // and the next callback's size covers everything buffered so far.
+    action(with_vm(Action::Continue, |vm, host| {
+        vm.on_request_body(host, context_id, body_size, end_of_stream != 0)
+    }))
 }
 
 #[no_mangle]
@@ -509,11 +527,11 @@ pub extern "C" fn proxy_on_response_headers(
 #[no_mangle]
 pub extern "C" fn proxy_on_response_body(
     context_id: u32,
-    _body_size: usize,
+    body_size: usize,
     end_of_stream: u32,
 ) -> u32 {
     action(with_vm(Action::Continue, |vm, host| {
-        vm.on_response_data(host, context_id, end_of_stream != 0)
+        vm.on_response_body(host, context_id, body_size, end_of_stream != 0)
     }))
 }
 

@@ -46,8 +46,22 @@ pub struct RawRoute {
     pub name: String,
     #[serde(rename = "match")]
     pub match_: RawMatch,
-    /// Decimal price in units of the asset, e.g. `"0.01"`.
-    pub price: String,
+    /// Decimal price in units of the asset, e.g. `"0.01"`; required unless `pricing`
+    /// computes the price ([`crate::pricing`]).
+    #[serde(default)]
+    pub price: Option<String>,
+    /// A pricing model other than the flat `price` ([`crate::pricing::RawPricing`]).
+    #[serde(default)]
+    pub pricing: Option<crate::pricing::RawPricing>,
+    /// Checks on JSON body fields, answered with 400 before anything is held.
+    #[serde(default)]
+    pub validate: Vec<crate::pricing::RawFieldRule>,
+    /// Largest request body buffered for body-dependent prices or validation (413 above).
+    #[serde(default)]
+    pub max_request_body_bytes: Option<u64>,
+    /// Largest response body a meter keeps to read usage from.
+    #[serde(default)]
+    pub max_response_body_bytes: Option<u64>,
     #[serde(default)]
     pub description: String,
     /// Traffic policy ([`crate::policy`]).
@@ -168,6 +182,9 @@ pub struct Route {
     /// The price as the operator wrote it, normalised (e.g. `"0.01"`).
     pub price_decimal: String,
     pub description: String,
+    /// How the price is computed or metered; `price` is the flat price, the `upto`
+    /// maximum of a metered route, or 0 when the request body decides it.
+    pub pricing: crate::pricing::RoutePricing,
     /// Rate limit, free tier, allow-list, failure mode and timeout.
     pub policy: crate::policy::RoutePolicy,
 }
@@ -313,13 +330,32 @@ impl TryFrom<RawConfig> for Config {
                     name: r.name,
                 });
             }
-            let price = amount::parse_decimal(&r.price, raw.asset_decimals).map_err(|reason| {
-                ConfigError::Price {
-                    index,
-                    price: r.price.clone(),
-                    reason,
-                }
-            })?;
+            let flat_price = r
+                .price
+                .as_deref()
+                .map(|text| {
+                    amount::parse_decimal(text, raw.asset_decimals).map_err(|reason| {
+                        ConfigError::Price {
+                            index,
+                            price: text.to_owned(),
+                            reason,
+                        }
+                    })
+                })
+                .transpose()?;
+            let pricing = crate::pricing::compile(
+                r.pricing,
+                r.validate,
+                r.max_request_body_bytes,
+                r.max_response_body_bytes,
+                flat_price,
+                raw.asset_decimals,
+            )
+            .map_err(|(field, reason)| invalid(format!("routes[{index}].{field}"), reason))?;
+            let price = match pricing.meter() {
+                Some(meter) => meter.max_amount,
+                None => flat_price.unwrap_or(0),
+            };
             let m = r.match_;
             if m.route_name.is_none()
                 && m.method.is_none()
@@ -364,6 +400,7 @@ impl TryFrom<RawConfig> for Config {
                 price,
                 price_decimal: amount::format_decimal(price, raw.asset_decimals),
                 description: r.description,
+                pricing,
                 policy: crate::policy::compile(
                     index,
                     crate::policy::RawRoutePolicy {

@@ -31,6 +31,9 @@ pub struct Decimal {
     scale: u32,
 }
 
+// Value equality is an equivalence: equal scales never overflow when rescaled.
+impl Eq for Decimal {}
+
 impl PartialEq for Decimal {
     fn eq(&self, other: &Self) -> bool {
         self.cmp_value(other) == Some(Ordering::Equal)

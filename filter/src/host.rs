@@ -34,6 +34,10 @@ pub trait Host {
     fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]);
     /// Lets a paused request continue upstream.
     fn resume_request(&mut self);
+    /// The first `size` bytes of the request body buffered so far.
+    fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// The response body chunk being delivered (`size` bytes).
+    fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// Starts a unary gRPC call; returns its token.
     fn grpc_call(
@@ -110,6 +114,10 @@ pub struct FakeHost {
     pub counter_names: Vec<String>,
     pub logs: std::cell::RefCell<Vec<String>>,
     pub random_counter: u8,
+    /// Request body per context, returned by `request_body`.
+    pub request_bodies: HashMap<u32, Vec<u8>>,
+    /// Response body chunk per context, returned by `response_body`.
+    pub response_bodies: HashMap<u32, Vec<u8>>,
     /// Shared data: key -> (value, CAS token).
     pub shared_data: HashMap<String, (Vec<u8>, u32)>,
     pub shared_data_cas: u32,
@@ -181,6 +189,16 @@ impl Host for FakeHost {
         self.calls.push(Call::Resume {
             context: self.effective,
         });
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        let body = self.request_bodies.get(&self.effective)?;
+        Some(body[..size.min(body.len())].to_vec())
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        let body = self.response_bodies.get(&self.effective)?;
+        Some(body[..size.min(body.len())].to_vec())
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {

@@ -31,10 +31,14 @@ pub enum Metric {
     Allowed,
     /// Requests let through unpaid because settlement failed on a `failure_mode: open` route.
     FailedOpen,
+    /// Atomic units a metered response used beyond its hold (never charged).
+    MeteredOverage,
+    /// Metered responses that did not report their usage (hold released).
+    Unmetered,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 14] = [
+    pub const ALL: [Metric; 16] = [
         Metric::Unpriced,
         Metric::Challenged,
         Metric::Paid,
@@ -49,6 +53,8 @@ impl Metric {
         Metric::Free,
         Metric::Allowed,
         Metric::FailedOpen,
+        Metric::MeteredOverage,
+        Metric::Unmetered,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -67,6 +73,8 @@ impl Metric {
             Metric::Free => "x402_requests_free",
             Metric::Allowed => "x402_requests_allowed",
             Metric::FailedOpen => "x402_requests_failed_open",
+            Metric::MeteredOverage => "x402_metered_overage_atomic",
+            Metric::Unmetered => "x402_requests_unmetered",
         }
     }
 }

@@ -119,13 +119,35 @@ impl Vm {
         self.requests.get(&context_id).map(|r| &r.state)
     }
 
+    /// Request headers that end the stream (no body follows).
     pub fn on_request_headers(&mut self, host: &mut dyn Host, context_id: u32) -> Action {
+        self.on_request_headers_with_body(host, context_id, false)
+    }
+
+    /// Request headers; `body_follows` when they did not end the stream.
+    pub fn on_request_headers_with_body(
+        &mut self,
+        host: &mut dyn Host,
+        context_id: u32,
+        body_follows: bool,
+    ) -> Action {
         let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
             return Action::Continue;
         };
         let mut info = read_request(host);
+        info.body_follows = body_follows;
         if let Some(plugin) = self.plugins.get(&root_id) {
             info.policy = crate::policy::evaluate_request(host, &plugin.config, &info);
+            // Only the headers some price expression reads are copied.
+            for route in &plugin.config.routes {
+                for name in &route.pricing.headers {
+                    if info.headers.iter().all(|(k, _)| k != name) {
+                        if let Some(value) = host.request_header(name) {
+                            info.headers.push((name.clone(), value));
+                        }
+                    }
+                }
+            }
         }
         self.in_headers = Some(context_id);
         self.resumed_inline = false;
@@ -136,6 +158,67 @@ impl Vm {
         } else {
             action
         }
+    }
+
+    /// Request body data; `size` is everything buffered so far. While a body-priced
+    /// request is buffered the answer is `Pause` (stop and buffer).
+    pub fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        context_id: u32,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Action {
+        let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
+            return Action::Continue;
+        };
+        match self.state(context_id) {
+            Some(State::Buffering(_)) => {}
+            Some(State::Authorizing(_) | State::Replied) => return Action::Pause,
+            _ => return Action::Continue,
+        }
+        let body = if end_of_stream {
+            Some(host.request_body(size).unwrap_or_default())
+        } else {
+            None
+        };
+        let event = Event::RequestBody {
+            size: u64::try_from(size).unwrap_or(u64::MAX),
+            body,
+        };
+        self.advance(host, context_id, root_id, event)
+    }
+
+    /// A response body chunk of `size` bytes; metered routes read it.
+    pub fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        context_id: u32,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Action {
+        let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
+            return Action::Continue;
+        };
+        let Some(State::Paid(paid)) = self.state(context_id) else {
+            return Action::Continue;
+        };
+        let reads = paid
+            .metering
+            .as_ref()
+            .is_some_and(|m| m.meter.unit != crate::pricing::Unit::Seconds);
+        let chunk = if reads && size > 0 {
+            host.response_body(size).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let event = Event::ResponseBody {
+            chunk,
+            end_of_stream,
+            now_nanos: host.now_nanos(),
+        };
+        self.advance(host, context_id, root_id, event);
+        Action::Continue
     }
 
     pub fn on_response_headers(
@@ -162,6 +245,19 @@ impl Vm {
             now_nanos: host.now_nanos(),
         };
         self.advance(host, context_id, root_id, event);
+        let meter_header = match self.state(context_id) {
+            Some(State::Paid(paid)) => paid.metering.as_ref().and_then(|m| match &m.meter.unit {
+                crate::pricing::Unit::Tokens(crate::pricing::TokenSource::Header(name)) => {
+                    Some(name.clone())
+                }
+                _ => None,
+            }),
+            _ => None,
+        };
+        if let Some(name) = meter_header {
+            let value = host.response_header(&name);
+            self.advance(host, context_id, root_id, Event::MeterHeader(value));
+        }
         Action::Continue
     }
 
@@ -174,7 +270,12 @@ impl Vm {
     ) -> Action {
         if end_of_stream && matches!(self.state(context_id), Some(State::Paid(_))) {
             if let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) {
-                self.advance(host, context_id, root_id, Event::ResponseComplete);
+                let event = Event::ResponseBody {
+                    chunk: Vec::new(),
+                    end_of_stream: true,
+                    now_nanos: host.now_nanos(),
+                };
+                self.advance(host, context_id, root_id, event);
             }
         }
         Action::Continue
@@ -386,5 +487,7 @@ fn read_request(host: &mut dyn Host) -> RequestInfo {
         request_id,
         now_secs: host.now_nanos() / 1_000_000_000,
         policy: crate::policy::Verdict::Charge,
+        body_follows: false,
+        headers: Vec::new(),
     }
 }

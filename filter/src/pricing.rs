@@ -131,7 +131,7 @@ pub struct RawFieldRule {
     pub allowed: Option<Vec<serde_json::Value>>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
     Header(String),
     JsonPointer(String),
@@ -139,7 +139,7 @@ pub enum TokenSource {
     SseUsage,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unit {
     Tokens(TokenSource),
     Seconds,
@@ -169,7 +169,7 @@ impl Unit {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meter {
     pub unit: Unit,
     pub unit_price: UnitPrice,
@@ -179,14 +179,14 @@ pub struct Meter {
     pub max_response_body_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     pub from_hour: u8,
     pub to_hour: u8,
     pub price: u64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Model {
     /// The route's flat `price`.
     Flat,
@@ -199,7 +199,7 @@ pub enum Model {
     Metered(Meter),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldRule {
     pub field: String,
     pub path: Vec<String>,
@@ -209,11 +209,13 @@ pub struct FieldRule {
 }
 
 /// The compiled pricing of one route.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutePricing {
     pub model: Model,
     pub validate: Vec<FieldRule>,
     pub max_request_body_bytes: u64,
+    /// Request headers the price expression reads (lower-case).
+    pub headers: Vec<String>,
 }
 
 impl Default for RoutePricing {
@@ -222,6 +224,7 @@ impl Default for RoutePricing {
             model: Model::Flat,
             validate: Vec::new(),
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+            headers: Vec::new(),
         }
     }
 }
@@ -499,10 +502,15 @@ pub fn compile(
             allowed: r.allowed,
         });
     }
+    let mut headers = Vec::new();
+    if let Model::Expression(e) = &model {
+        expr::headers_used(e, &mut headers);
+    }
     Ok(RoutePricing {
         model,
         validate: rules,
         max_request_body_bytes,
+        headers,
     })
 }
 

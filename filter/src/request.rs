@@ -21,6 +21,7 @@ use x402_proto::wire::{
 
 use crate::config::{Config, Route, RouteKey};
 use crate::metrics::Metric;
+use crate::pricing::{self, Meter, Metered, PricedRequest, Quote, Usage};
 
 /// What the filter knows about a request when its headers arrive.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,6 +40,10 @@ pub struct RequestInfo {
     /// Idempotency key for settlement, unique to this request.
     pub request_id: String,
     pub now_secs: u64,
+    /// A request body follows the headers (they did not end the stream).
+    pub body_follows: bool,
+    /// Request headers that price expressions read, lower-case names.
+    pub headers: Vec<(String, String)>,
     /// What the route's traffic policy decided ([`crate::policy::evaluate`]).
     pub policy: crate::policy::Verdict,
 }
@@ -70,6 +75,21 @@ pub enum Event {
     },
     /// The last byte of the response (body or trailers) passed the filter.
     ResponseComplete,
+    /// Request body data arrived; `size` is all of it so far, `body` the complete
+    /// buffered body once the request ended.
+    RequestBody {
+        size: u64,
+        body: Option<Vec<u8>>,
+    },
+    /// The value of a metered route's usage header.
+    MeterHeader(Option<String>),
+    /// A response body chunk of a paid request (empty for trailers); the chunk is
+    /// only read for meters that need the body.
+    ResponseBody {
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+        now_nanos: u64,
+    },
     /// The stream is over (access-log time): resolve whatever is held.
     StreamEnd,
 }
@@ -105,6 +125,8 @@ pub enum State {
     Passthrough,
     /// A local reply was sent; the response the filter sees next is its own.
     Replied,
+    /// Headers held while a body-priced or validated request body is buffered.
+    Buffering(Box<RequestInfo>),
     Authorizing(Pending),
     /// The stream ended before settlement answered; an eventual hold is voided.
     Abandoned,
@@ -124,6 +146,17 @@ pub struct Pending {
     pub payer: String,
     /// Kept to answer a refusal with a fresh challenge.
     pub challenge: ChallengeInput,
+    /// What this request was asked to pay (scheme and amount).
+    pub quote: Quote,
+    /// The route's meter, for `upto` routes.
+    pub meter: Option<Box<Meter>>,
+}
+
+/// A metered request's meter and what the response has shown so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metering {
+    pub meter: Meter,
+    pub usage: Usage,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +176,8 @@ pub struct Paid {
     pub status: Option<u16>,
     pub upstream_micros: u64,
     pub complete: bool,
+    /// Set on `upto` routes: the capture is metered, at most the hold.
+    pub metering: Option<Box<Metering>>,
 }
 
 /// Advances one request by one event.
@@ -159,6 +194,36 @@ pub fn step(config: &Config, state: State, event: Event) -> (State, Vec<Effect>)
             _ => (State::Finished, vec![]),
         },
         (State::Authorizing(_), Event::StreamEnd) => (State::Abandoned, vec![]),
+        (State::Buffering(info), Event::RequestBody { size, body }) => {
+            on_request_body(config, *info, size, body)
+        }
+        (State::Buffering(_), Event::StreamEnd) => (State::Finished, vec![]),
+        (State::Paid(mut paid), Event::MeterHeader(value)) => {
+            if let Some(m) = paid.metering.as_mut() {
+                m.usage.set_header(value.as_deref());
+            }
+            (State::Paid(paid), vec![])
+        }
+        (
+            State::Paid(mut paid),
+            Event::ResponseBody {
+                chunk,
+                end_of_stream,
+                now_nanos,
+            },
+        ) => {
+            if end_of_stream {
+                // Upstream time runs to the last response byte.
+                paid.upstream_micros = now_nanos.saturating_sub(paid.resumed_at_nanos) / 1_000;
+                paid.complete = paid.status.is_some();
+            }
+            if let Some(m) = paid.metering.as_mut() {
+                let Metering { meter, usage } = &mut **m;
+                usage.add_chunk(meter, &chunk);
+                usage.upstream_micros = paid.upstream_micros;
+            }
+            (State::Paid(paid), vec![])
+        }
         (
             State::Paid(mut paid),
             Event::ResponseHeaders {
@@ -170,6 +235,9 @@ pub fn step(config: &Config, state: State, event: Event) -> (State, Vec<Effect>)
             paid.status = status;
             paid.complete = end_of_stream;
             paid.upstream_micros = now_nanos.saturating_sub(paid.resumed_at_nanos) / 1_000;
+            if let Some(m) = paid.metering.as_mut() {
+                m.usage.upstream_micros = paid.upstream_micros;
+            }
             let receipt = SettleResponse {
                 success: true,
                 transaction: paid.transaction.clone(),
@@ -213,13 +281,35 @@ fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
     let transaction = paid.transaction.clone();
     match paid.status {
         Some(status) if paid.complete && status < config.capture_below_status => {
-            let amount = paid.price.min(paid.held_amount);
-            vec![Effect::Capture(CaptureItem {
-                transaction_id: transaction,
-                amount,
-                upstream_micros: paid.upstream_micros,
-                http_status: u32::from(status),
-            })]
+            let mut effects = Vec::new();
+            let amount = match &paid.metering {
+                None => paid.price.min(paid.held_amount),
+                Some(m) => match pricing::metered_amount(&m.meter, &m.usage, paid.held_amount) {
+                    Metered::Charge { capture, overage } => {
+                        if overage > 0 {
+                            effects.push(Effect::Count(Metric::MeteredOverage, overage));
+                        }
+                        capture
+                    }
+                    // Usage the response never reported is never charged.
+                    Metered::Unmetered => {
+                        return vec![
+                            void(transaction, "unmetered"),
+                            Effect::Count(Metric::Unmetered, 1),
+                        ]
+                    }
+                },
+            };
+            effects.insert(
+                0,
+                Effect::Capture(CaptureItem {
+                    transaction_id: transaction,
+                    amount,
+                    upstream_micros: paid.upstream_micros,
+                    http_status: u32::from(status),
+                }),
+            );
+            effects
         }
         Some(status) if status >= config.capture_below_status => {
             let reason = if status >= 500 {
@@ -259,6 +349,81 @@ fn on_priced_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<
     if let Some(decided) = crate::policy::before_payment(route, &info.policy) {
         return decided;
     }
+    if route.pricing.needs_request_body() && info.body_follows {
+        return (State::Buffering(Box::new(info)), vec![Effect::Pause]);
+    }
+    price_request(config, route, info, None)
+}
+
+/// Buffers the body of a body-priced request up to the route's limit (413 above),
+/// then prices it like a request without body.
+fn on_request_body(
+    config: &Config,
+    info: RequestInfo,
+    size: u64,
+    body: Option<Vec<u8>>,
+) -> (State, Vec<Effect>) {
+    let key = RouteKey {
+        route_name: info.route_name.as_deref(),
+        method: &info.method,
+        path: &info.path,
+    };
+    let Some(route) = config.route_for(&key) else {
+        return (State::Passthrough, vec![Effect::Resume]);
+    };
+    if size > route.pricing.max_request_body_bytes {
+        let message = format!(
+            "the request body is larger than {} bytes",
+            route.pricing.max_request_body_bytes
+        );
+        return replied(vec![
+            json_reply(413, "body_too_large", &message),
+            Effect::Count(Metric::Rejected, 1),
+        ]);
+    }
+    let Some(body) = body else {
+        return (State::Buffering(Box::new(info)), vec![Effect::Pause]);
+    };
+    let (state, mut effects) = price_request(config, route, info, Some(&body));
+    // The headers are already held: letting the request through means resuming it.
+    for effect in &mut effects {
+        if *effect == Effect::Continue {
+            *effect = Effect::Resume;
+        }
+    }
+    (state, effects)
+}
+
+/// Validates and prices the request, then challenges it or checks its proof and
+/// asks settlement for the hold.
+fn price_request(
+    config: &Config,
+    route: &Route,
+    info: RequestInfo,
+    body: Option<&[u8]>,
+) -> (State, Vec<Effect>) {
+    let priced = PricedRequest {
+        path: &info.path,
+        headers: &info.headers,
+        body,
+        now_secs: info.now_secs,
+    };
+    let quote = match pricing::quote(&route.pricing, route.price, config.asset_decimals, &priced) {
+        Ok(q) => q,
+        Err(refusal) => {
+            return replied(vec![
+                json_reply(refusal.status, refusal.error, &refusal.message),
+                Effect::Count(Metric::Rejected, 1),
+            ])
+        }
+    };
+    if quote.amount == 0 {
+        // A computed price of zero (e.g. an empty batch) costs nothing to serve.
+        return (
+            State::Passthrough,
+            vec![Effect::Count(Metric::Unpriced, 1), Effect::Continue],
+        );
+    }
     let challenge = ChallengeInput {
         scheme: info.scheme.clone(),
         authority: info.authority.clone(),
@@ -266,7 +431,13 @@ fn on_priced_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<
     };
     let Some(header) = info.payment.as_deref() else {
         return replied(vec![
-            challenge_reply(config, route, &challenge, ErrorCode::PaymentRequired),
+            quoted_challenge_reply(
+                config,
+                route,
+                &challenge,
+                &quote,
+                ErrorCode::PaymentRequired,
+            ),
             Effect::Count(Metric::Challenged, 1),
         ]);
     };
@@ -279,9 +450,9 @@ fn on_priced_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<
             ])
         }
     };
-    if let Err(code) = check_payment(config, route, &info, &payment) {
+    if let Err(code) = check_quoted_payment(config, &quote, &info, &payment) {
         return replied(vec![
-            challenge_reply(config, route, &challenge, code),
+            quoted_challenge_reply(config, route, &challenge, &quote, code),
             Effect::Count(Metric::Rejected, 1),
         ]);
     }
@@ -300,15 +471,17 @@ fn on_priced_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<
             payer: p.payload.payer.clone(),
             signature: p.payload.signature,
         }),
-        hold_amount: route.price,
+        hold_amount: quote.amount,
         route: route.name.clone(),
         hold_ttl_seconds: config.hold_ttl_seconds,
     };
     let pending = Pending {
         route: route.name.clone(),
-        price: route.price,
+        price: quote.amount,
         payer: p.payload.payer,
         challenge,
+        quote,
+        meter: route.pricing.meter().map(|m| Box::new(m.clone())),
     };
     (
         State::Authorizing(pending),
@@ -320,15 +493,38 @@ fn replied(effects: Vec<Effect>) -> (State, Vec<Effect>) {
     (State::Replied, effects)
 }
 
-/// The stateless checks, in a fixed order, so a mismatched proof never costs a callout.
+/// What a route asks before the request is known: its flat price, or the `upto`
+/// maximum of a metered route.
+pub fn static_quote(route: &Route) -> Quote {
+    Quote {
+        scheme: if route.pricing.meter().is_some() {
+            "upto"
+        } else {
+            "exact"
+        },
+        amount: route.price,
+    }
+}
+
+/// The stateless checks against the route's static price ([`static_quote`]).
 pub fn check_payment(
     config: &Config,
     route: &Route,
     info: &RequestInfo,
     payment: &wire::CheckedPayment,
 ) -> Result<(), ErrorCode> {
+    check_quoted_payment(config, &static_quote(route), info, payment)
+}
+
+/// The stateless checks, in a fixed order, so a mismatched proof never costs a callout.
+pub fn check_quoted_payment(
+    config: &Config,
+    quote: &Quote,
+    info: &RequestInfo,
+    payment: &wire::CheckedPayment,
+) -> Result<(), ErrorCode> {
     let accepted = &payment.payload.accepted;
-    if accepted.scheme != "exact" {
+    if accepted.scheme != quote.scheme {
         return Err(ErrorCode::WrongScheme);
     }
     if accepted.network != config.network {
@@ -340,7 +536,7 @@ pub fn check_payment(
     if accepted.pay_to != config.pay_to {
         return Err(ErrorCode::WrongPayTo);
     }
-    if payment.amount < route.price {
+    if payment.amount < quote.amount {
         return Err(ErrorCode::AmountBelowPrice);
     }
     if payment.payload.payload.resource
@@ -389,6 +585,12 @@ fn on_answer(
                 status: None,
                 upstream_micros: 0,
                 complete: false,
+                metering: pending.meter.map(|meter| {
+                    Box::new(Metering {
+                        meter: *meter,
+                        usage: Usage::default(),
+                    })
+                }),
             };
             let effects = vec![
                 Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE),
@@ -406,7 +608,7 @@ fn on_answer(
                 ]);
             };
             replied(vec![
-                challenge_reply(config, route, &pending.challenge, code),
+                quoted_challenge_reply(config, route, &pending.challenge, &pending.quote, code),
                 Effect::Count(Metric::Rejected, 1),
             ])
         }
@@ -438,11 +640,23 @@ fn on_answer(
     }
 }
 
-/// The x402 challenge for `route`.
+/// The x402 challenge for `route` at its static price ([`static_quote`]).
 pub fn challenge(
     config: &Config,
     route: &Route,
     input: &ChallengeInput,
+    code: ErrorCode,
+) -> PaymentRequired {
+    quoted_challenge(config, route, input, &static_quote(route), code)
+}
+
+/// The x402 challenge for one request's quote; `upto` challenges describe the
+/// meter in `extra` (`unit`, `unitPrice`, `maxUnits`).
+pub fn quoted_challenge(
+    config: &Config,
+    route: &Route,
+    input: &ChallengeInput,
+    quote: &Quote,
     code: ErrorCode,
 ) -> PaymentRequired {
     let mut extra = serde_json::Map::new();
@@ -451,6 +665,11 @@ pub fn challenge(
         serde_json::Value::from(config.asset_decimals),
     );
     extra.insert("name".into(), serde_json::Value::from(config.asset.clone()));
+    if let Some(meter) = route.pricing.meter() {
+        for (key, value) in pricing::challenge_extra(meter) {
+            extra.insert(key.into(), value);
+        }
+    }
     let scheme = if input.scheme.is_empty() {
         "http"
     } else {
@@ -465,15 +684,18 @@ pub fn challenge(
             mime_type: String::new(),
         },
         accepts: vec![PaymentRequirements {
-            scheme: "exact".to_owned(),
+            scheme: quote.scheme.to_owned(),
             network: config.network.clone(),
-            amount: route.price.to_string(),
+            amount: quote.amount.to_string(),
             asset: config.asset.clone(),
             pay_to: config.pay_to.clone(),
             max_timeout_seconds: config.max_timeout_seconds,
             extra,
         }],
-        price: Some(route.price_decimal.clone()),
+        price: Some(x402_proto::amount::format_decimal(
+            quote.amount,
+            config.asset_decimals,
+        )),
         payment_address: Some(config.pay_to.clone()),
     }
 }
@@ -485,13 +707,14 @@ fn json_headers() -> Vec<(String, String)> {
     ]
 }
 
-fn challenge_reply(
+fn quoted_challenge_reply(
     config: &Config,
     route: &Route,
     input: &ChallengeInput,
+    quote: &Quote,
     code: ErrorCode,
 ) -> Effect {
-    let body = challenge(config, route, input, code);
+    let body = quoted_challenge(config, route, input, quote, code);
     let mut headers = json_headers();
     headers.push((
         HEADER_PAYMENT_REQUIRED.to_owned(),
@@ -511,6 +734,19 @@ fn error_reply(code: ErrorCode, message: &str) -> Effect {
     };
     Effect::Reply {
         status: code.http_status(),
+        headers: json_headers(),
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+    }
+}
+
+/// A JSON error answer that is not about payment (400 invalid request, 413).
+fn json_reply(status: u16, error: &str, message: &str) -> Effect {
+    let body = ErrorBody {
+        error: error.to_owned(),
+        message: message.to_owned(),
+    };
+    Effect::Reply {
+        status,
         headers: json_headers(),
         body: serde_json::to_vec(&body).unwrap_or_default(),
     }
@@ -542,6 +778,7 @@ mod tests {
             status,
             upstream_micros: 0,
             complete,
+            metering: None,
         })
     }
 

@@ -4,6 +4,9 @@
 //!   upstream fail;
 //! - `/flaky/N/...` answers 503 to the first N requests of one exact target, then 200
 //!   like the echo, so a client's retry after an upstream failure can be tested;
+//! - `/metered/...` answers what metered prices read (see [`metered`]): usage headers,
+//!   OpenAI-style usage JSON, SSE streams ending with a usage event, large bodies sent
+//!   in many chunks, JSON arrays of items, slow answers;
 //! - everything else (`/paid/...`, `/free/...`, `/named/...`) answers 200 with a JSON
 //!   echo of the request: method, path, query, body size and whether any payment header
 //!   reached it (the filter must strip them).
@@ -168,7 +171,16 @@ pub async fn serve(listener: TcpListener, served: Arc<Served>, shutdown: impl Fu
         };
         let served = served.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| answer(request, served.clone()));
+            let service = service_fn(move |request: Request<Incoming>| {
+                let served = served.clone();
+                async move {
+                    if request.uri().path().starts_with("/metered/") {
+                        return Ok::<_, Infallible>(metered(request, &served).await);
+                    }
+                    let Ok(response) = answer(request, served).await;
+                    Ok(response.map(UpstreamBody::Full))
+                }
+            });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -290,5 +302,136 @@ mod tests {
         assert_eq!(upstream.served().count_path_prefix("/status/"), 2);
         assert_eq!(upstream.served().count_path_prefix("/paid"), 1);
         assert_eq!(upstream.served().requests()[0], "POST /paid/quote?sym=ABC");
+    }
+}
+
+/// A response body that is either complete or streamed chunk by chunk, so tests see
+/// responses that reach Envoy in several pieces.
+pub enum UpstreamBody {
+    Full(Full<Bytes>),
+    Stream(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            UpstreamBody::Full(full) => std::pin::Pin::new(full).poll_frame(cx),
+            UpstreamBody::Stream(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|bytes| Ok(hyper::body::Frame::data(bytes)))),
+        }
+    }
+}
+
+fn query_number(query: &str, name: &str) -> u64 {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn streamed(content_type: &'static str, chunks: Vec<Bytes>, gap_ms: u64) -> Response<UpstreamBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for chunk in chunks {
+            if gap_ms > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(gap_ms)).await;
+            }
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut response = Response::new(UpstreamBody::Stream(rx));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// The metered endpoints; `n` in the query is the usage each reports:
+///
+/// - `/metered/tokens/header?n=N`: JSON, with `x-usage-tokens: N`;
+/// - `/metered/tokens/json?n=N`: OpenAI-style `{"usage": {"completion_tokens": N, ..}}`;
+/// - `/metered/sse?n=N`: an SSE stream of a few deltas, then a `usage` event with N
+///   completion tokens and `[DONE]`, each event its own chunk;
+/// - `/metered/bytes?n=N`: N bytes of body in 16 KiB chunks;
+/// - `/metered/items?n=N`: `{"objects": [N items]}`;
+/// - `/metered/slow?ms=M`: answers after M milliseconds.
+pub async fn metered(request: Request<Incoming>, served: &Served) -> Response<UpstreamBody> {
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or("").to_string();
+    served.record(format!("{} {path}?{query}", request.method()));
+    let _ = request.into_body().collect().await;
+    let n = query_number(&query, "n");
+    let full = |r: Response<Full<Bytes>>| r.map(UpstreamBody::Full);
+    match path.as_str() {
+        "/metered/tokens/header" => {
+            let mut response = full(json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "text": "hello" }),
+            ));
+            if let Ok(value) = hyper::header::HeaderValue::from_str(&n.to_string()) {
+                response.headers_mut().insert("x-usage-tokens", value);
+            }
+            response
+        }
+        "/metered/tokens/json" => full(json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "choices": [{"message": {"content": "hello"}}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": n, "total_tokens": n + 11}
+            }),
+        )),
+        "/metered/sse" => {
+            let mut events: Vec<Bytes> = ["Hel", "lo", "!"]
+                .iter()
+                .map(|delta| {
+                    Bytes::from(format!(
+                        "data: {}\n\n",
+                        serde_json::json!({"choices": [{"delta": {"content": delta}}]})
+                    ))
+                })
+                .collect();
+            events.push(Bytes::from(format!(
+                "data: {}\n\n",
+                serde_json::json!({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": n}})
+            )));
+            events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+            streamed("text/event-stream", events, 20)
+        }
+        "/metered/bytes" => {
+            let total = usize::try_from(n).unwrap_or(0);
+            let chunks = (0..total)
+                .step_by(16 * 1024)
+                .map(|start| Bytes::from(vec![b'x'; (total - start).min(16 * 1024)]))
+                .collect();
+            streamed("application/octet-stream", chunks, 1)
+        }
+        "/metered/items" => full(json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "objects": (0..n).map(|i| serde_json::json!({"id": i, "label": "cat"})).collect::<Vec<_>>()
+            }),
+        )),
+        "/metered/slow" => {
+            tokio::time::sleep(std::time::Duration::from_millis(query_number(&query, "ms"))).await;
+            full(json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "ok": true }),
+            ))
+        }
+        _ => full(json_response(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({ "error": "no such metered endpoint" }),
+        )),
     }
 }
