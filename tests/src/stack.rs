@@ -15,6 +15,7 @@ use x402_client::wire::{
 };
 use x402_client::{
     parse_challenge, resource_for, sign_payment, Budget, Client, PaidResponse, PayerKey,
+    RetryPolicy,
 };
 use x402_proto::settlement::v1::AccountKind;
 
@@ -203,12 +204,17 @@ impl Stack {
     }
 
     /// A paying client for `key` with no budget limit.
+    /// A paying client that sends at most one proof per request, so a test sees each
+    /// upstream answer as it is (the library's default retries a 5xx with a new proof).
     pub fn client(&self, key: &PayerKey) -> Result<Client> {
-        Ok(Client::with_http(
-            self.http.clone(),
-            key.clone(),
-            Budget::unlimited(),
-        ))
+        Ok(
+            Client::with_http(self.http.clone(), key.clone(), Budget::unlimited()).with_retry(
+                RetryPolicy {
+                    max_paid_attempts: 1,
+                    ..RetryPolicy::default()
+                },
+            ),
+        )
     }
 
     /// GET `path` through Envoy, paying on a 402.
