@@ -404,7 +404,7 @@ fn allowed(host: &dyn Host, allow: &AllowList) -> bool {
     }
     let header_match = allow.headers.iter().any(|(name, values)| {
         host.request_header(name)
-            .is_some_and(|v| values.iter().any(|a| *a == v))
+            .is_some_and(|v| values.contains(&v))
     });
     if header_match {
         return true;

@@ -13,6 +13,9 @@ const ROOT: u32 = 1;
 const NOW: u64 = 1_800_000_000;
 const AUTHORITY: &str = "127.0.0.1:10000";
 
+/// Status, headers and body of a local reply.
+type LocalReply = (u16, Vec<(String, String)>, Vec<u8>);
+
 struct Workers {
     vms: [Vm; 2],
     host: FakeHost,
@@ -88,7 +91,7 @@ impl Workers {
         vm.on_delete(&mut self.host, ctx);
     }
 
-    fn reply_to(&self, ctx: u32) -> Option<(u16, Vec<(String, String)>, Vec<u8>)> {
+    fn reply_to(&self, ctx: u32) -> Option<LocalReply> {
         self.host.calls.iter().rev().find_map(|c| match c {
             Call::LocalReply {
                 context,
