@@ -85,6 +85,7 @@ fn account_from_row(row: &PgRow) -> Result<Account, sqlx::Error> {
         account_id: row.try_get("id")?,
         kind: kind_from_name(&row.try_get::<String, _>("kind")?) as i32,
         created_at_unix: row.try_get("created_unix")?,
+        ..Account::default()
     })
 }
 
@@ -214,7 +215,23 @@ pub async fn balance(pool: &PgPool, account_id: &str, asset: &str) -> Result<Bal
         None => (0, 0, 0, 0),
     };
     let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    let kind: Option<String> = sqlx::query_scalar("SELECT kind FROM accounts WHERE id = $1")
+        .bind(account_id)
+        .fetch_optional(pool)
+        .await?;
+    let decimals: Option<i32> = sqlx::query_scalar("SELECT decimals FROM assets WHERE code = $1")
+        .bind(asset)
+        .fetch_optional(pool)
+        .await?;
+    let held = if kind.as_deref() == Some("payer") {
+        dp
+    } else {
+        cp
+    };
     Ok(Balance {
+        held: u(held),
+        posted: i64::try_from(i128::from(cpo) - i128::from(dpo)).unwrap_or(i64::MIN),
+        decimals: decimals.and_then(|d| u32::try_from(d).ok()).unwrap_or(0),
         account_id: account_id.to_owned(),
         asset: asset.to_owned(),
         debits_pending: u(dp),
@@ -229,9 +246,11 @@ pub async fn balance(pool: &PgPool, account_id: &str, asset: &str) -> Result<Bal
 const PAYMENT_SELECT: &str = "SELECT h.id, h.debit_account, h.credit_account, h.asset, \
       coalesce(h.route, '') AS route, coalesce(h.resource, '') AS resource, h.amount, \
       coalesce(h.payer_key, '') AS payer_key, coalesce(h.nonce, '') AS nonce, \
-      extract(epoch FROM h.created_at)::bigint AS created_unix, r.kind AS resolution, r.amount AS resolved \
+      extract(epoch FROM h.created_at)::bigint AS created_unix, r.kind AS resolution, r.amount AS resolved, \
+      r.http_status, r.upstream_micros, pr.refunded, pr.fee \
     FROM transfers h \
-    LEFT JOIN transfers r ON r.pending_id = h.id AND r.kind IN ('capture', 'void', 'expire')";
+    LEFT JOIN transfers r ON r.pending_id = h.id AND r.kind IN ('capture', 'void', 'expire') \
+    LEFT JOIN payment_refunds pr ON pr.hold_id = h.id";
 
 fn payment_from_row(row: &PgRow) -> Result<Payment, sqlx::Error> {
     let held = u64::try_from(row.try_get::<i64, _>("amount")?).unwrap_or(0);
@@ -260,7 +279,18 @@ fn payment_from_row(row: &PgRow) -> Result<Payment, sqlx::Error> {
         created_at_unix: row.try_get("created_unix")?,
         payer_key: row.try_get("payer_key")?,
         nonce: row.try_get("nonce")?,
+        refunded: opt_u64(row.try_get("refunded")?),
+        fee: opt_u64(row.try_get("fee")?),
+        http_status: row
+            .try_get::<Option<i32>, _>("http_status")?
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(0),
+        upstream_micros: opt_u64(row.try_get("upstream_micros")?),
     })
+}
+
+fn opt_u64(v: Option<i64>) -> u64 {
+    v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
 }
 
 pub async fn get_payment(pool: &PgPool, transaction_id: &str) -> Result<Payment, LedgerError> {
@@ -274,6 +304,18 @@ pub async fn get_payment(pool: &PgPool, transaction_id: &str) -> Result<Payment,
     Ok(payment_from_row(&row)?)
 }
 
+/// Filters of [`list_payments`]; empty strings and zeros mean "any".
+#[derive(Debug, Default, Clone)]
+pub struct PaymentFilter {
+    pub payer: String,
+    pub merchant: String,
+    pub route: String,
+    /// held, captured, voided, expired or refunded (captured with refunds).
+    pub status: String,
+    pub from_unix: i64,
+    pub to_unix: i64,
+}
+
 /// Payments newest first. The page token is the id of the last payment of the
 /// previous page (keyset pagination on `(created_at, id)`).
 pub async fn list_payments(
@@ -283,23 +325,59 @@ pub async fn list_payments(
     page_size: u32,
     page_token: &str,
 ) -> Result<(Vec<Payment>, String), LedgerError> {
+    let filter = PaymentFilter {
+        payer: payer.to_owned(),
+        merchant: merchant.to_owned(),
+        ..PaymentFilter::default()
+    };
+    list_payments_filtered(pool, &filter, page_size, page_token).await
+}
+
+pub async fn list_payments_filtered(
+    pool: &PgPool,
+    filter: &PaymentFilter,
+    page_size: u32,
+    page_token: &str,
+) -> Result<(Vec<Payment>, String), LedgerError> {
     let size = match page_size {
         0 => DEFAULT_PAGE_SIZE,
         n => n.min(MAX_PAGE_SIZE),
     };
+    let status_sql = match filter.status.as_str() {
+        "" => "",
+        "held" => " AND r.kind IS NULL",
+        "captured" => " AND r.kind = 'capture'",
+        "voided" => " AND r.kind = 'void'",
+        "expired" => " AND r.kind = 'expire'",
+        "refunded" => {
+            " AND EXISTS (SELECT 1 FROM payment_refunds pr WHERE pr.hold_id = h.id AND pr.refunded > 0)"
+        }
+        _ => {
+            return Err(LedgerError::InvalidArgument(
+                "status must be held, captured, voided, expired or refunded".into(),
+            ))
+        }
+    };
     let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let time = |t: i64| (t > 0).then_some(t as f64);
     let rows = sqlx::query(&format!(
         "{PAYMENT_SELECT} WHERE h.kind = 'hold' \
            AND ($1::text IS NULL OR h.debit_account = $1) \
            AND ($2::text IS NULL OR h.credit_account = $2) \
            AND ($3::text IS NULL OR (h.created_at, h.id) < \
                 (SELECT c.created_at, c.id FROM transfers c WHERE c.id = $3 AND c.kind = 'hold')) \
+           AND ($5::text IS NULL OR h.route = $5) \
+           AND ($6::float8 IS NULL OR h.created_at >= to_timestamp($6)) \
+           AND ($7::float8 IS NULL OR h.created_at < to_timestamp($7)){status_sql} \
          ORDER BY h.created_at DESC, h.id DESC LIMIT $4"
     ))
-    .bind(opt(payer))
-    .bind(opt(merchant))
+    .bind(opt(&filter.payer))
+    .bind(opt(&filter.merchant))
     .bind(opt(page_token))
     .bind(i64::from(size) + 1)
+    .bind(opt(&filter.route))
+    .bind(time(filter.from_unix))
+    .bind(time(filter.to_unix))
     .fetch_all(pool)
     .await?;
     let mut payments = rows

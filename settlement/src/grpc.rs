@@ -4,20 +4,30 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tonic::{Request, Response, Status};
 use x402_proto::settlement::v1::data_plane_server::DataPlane;
 use x402_proto::settlement::v1::operator_server::Operator;
 use x402_proto::settlement::v1::{
-    Account, AccountKind, AddKeyRequest, AuthorizeRequest, AuthorizeResponse, Balance,
-    CaptureRequest, CaptureResponse, CreateAccountRequest, DepositRequest, DepositResponse,
-    GetAccountRequest, GetBalanceRequest, GetPaymentRequest, ListPaymentsRequest,
-    ListPaymentsResponse, PayerKey, Payment, RevokeKeyRequest, VoidRequest, VoidResponse,
+    Account, AccountKind, AddKeyRequest, AdjustRequest, AdjustResponse, AnalyticsRequest,
+    AnalyticsResponse, Asset, AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, Balance,
+    CaptureRequest, CaptureResponse, CloseAccountRequest, CreateAccountRequest, CreateAssetRequest,
+    DepositRequest, DepositResponse, GetAccountRequest, GetBalanceRequest, GetBalancesRequest,
+    GetBalancesResponse, GetPaymentRequest, ListAccountsRequest, ListAccountsResponse,
+    ListAssetsRequest, ListAssetsResponse, ListKeysRequest, ListKeysResponse, ListPaymentsRequest,
+    ListPaymentsResponse, ListWebhookDeliveriesRequest, ListWebhookDeliveriesResponse, PayerKey,
+    Payment, PaymentEvent, RefundRequest, RefundResponse, RevokeKeyRequest, RotateKeyRequest,
+    RotateKeyResponse, SetAccountMetadataRequest, SetWebhookRequest, VoidRequest, VoidResponse,
+    WatchRequest, Webhook,
 };
 
 use crate::accounts;
+use crate::error::LedgerError;
+use crate::events::Authorization;
 use crate::ledger::{Ledger, Resolution};
+use crate::operator;
 use crate::verify::{check_authorize, MAX_ID_LEN};
 
 /// Most items in one data-plane call.
@@ -89,11 +99,22 @@ fn check_batch(len: usize) -> Result<(), Status> {
 #[derive(Debug, Clone)]
 pub struct DataPlaneService {
     ledger: Ledger,
+    /// Where authorize outcomes go for analytics and `Watch` (none: not recorded).
+    recorder: Option<mpsc::Sender<Authorization>>,
 }
 
 impl DataPlaneService {
     pub fn new(ledger: Ledger) -> Self {
-        DataPlaneService { ledger }
+        DataPlaneService {
+            ledger,
+            recorder: None,
+        }
+    }
+
+    /// Sends authorize outcomes to `recorder` (see [`crate::events::run_recorder`]).
+    pub fn with_recorder(mut self, recorder: mpsc::Sender<Authorization>) -> Self {
+        self.recorder = Some(recorder);
+        self
     }
 }
 
@@ -118,6 +139,9 @@ impl DataPlane for DataPlaneService {
             }
         })
         .await?;
+        if let Some(recorder) = &self.recorder {
+            record_authorizations(recorder, &items, &results);
+        }
         Ok(Response::new(AuthorizeResponse { results }))
     }
 
@@ -131,6 +155,9 @@ impl DataPlane for DataPlaneService {
         let results = each_item(items, |item| {
             let ledger = self.ledger.clone();
             async move {
+                crate::metrics::METRICS
+                    .upstream_latency
+                    .observe(std::time::Duration::from_micros(item.upstream_micros));
                 let resolution = Resolution::Capture {
                     amount: item.amount,
                     http_status: item.http_status,
@@ -160,30 +187,131 @@ impl DataPlane for DataPlaneService {
     }
 }
 
+/// Hands authorize outcomes to analytics and `Watch` without delaying the answer.
+fn record_authorizations(
+    recorder: &mpsc::Sender<Authorization>,
+    items: &[x402_proto::settlement::v1::AuthorizeItem],
+    results: &[x402_proto::settlement::v1::AuthorizeResult],
+) {
+    let records = items.iter().zip(results).map(|(item, result)| {
+        let authorized = result.outcome == AuthorizeOutcome::Authorized as i32;
+        let outcome = AuthorizeOutcome::try_from(result.outcome)
+            .map(|o| {
+                o.as_str_name()
+                    .trim_start_matches("AUTHORIZE_OUTCOME_")
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_else(|_| "unspecified".into());
+        crate::metrics::METRICS.authorization(&outcome);
+        let proof = item.proof.clone().unwrap_or_default();
+        Authorization {
+            event: if authorized { "authorized" } else { "refused" },
+            transaction_id: result.transaction_id.clone(),
+            route: item.route.chars().take(MAX_ID_LEN).collect(),
+            merchant: proof.pay_to.chars().take(MAX_ID_LEN).collect(),
+            payer: result.payer_account.clone(),
+            asset: proof.asset.chars().take(MAX_ID_LEN).collect(),
+            amount: i64::try_from(if authorized {
+                result.held_amount
+            } else {
+                item.hold_amount
+            })
+            .unwrap_or(0),
+        }
+    });
+    for record in records {
+        if recorder.try_send(record).is_err() {
+            tracing::warn!("analytics recorder is behind; an authorize outcome was not counted");
+        }
+    }
+}
+
 /// The operator service over one ledger.
 #[derive(Debug, Clone)]
 pub struct OperatorService {
     ledger: Ledger,
+    /// Payment events for `Watch` (fed by the event listener).
+    events: broadcast::Sender<PaymentEvent>,
+    /// Turns true when the server starts shutting down: `Watch` streams end then.
+    draining: watch::Receiver<bool>,
 }
 
 impl OperatorService {
     pub fn new(ledger: Ledger) -> Self {
-        OperatorService { ledger }
+        let (events, _) = broadcast::channel(16);
+        let (_, draining) = watch::channel(false);
+        OperatorService {
+            ledger,
+            events,
+            draining,
+        }
     }
+
+    /// Feeds `Watch` from `events`; streams end when `draining` turns true.
+    pub fn with_events(
+        mut self,
+        events: broadcast::Sender<PaymentEvent>,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
+        self.events = events;
+        self.draining = draining;
+        self
+    }
+
+    fn pool(&self) -> &sqlx::PgPool {
+        self.ledger.pool()
+    }
+}
+
+type WatchStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<PaymentEvent, Status>> + Send + 'static>,
+>;
+
+/// Times a handler and counts its status for the metrics.
+async fn timed<T>(
+    method: &str,
+    fut: impl Future<Output = Result<T, LedgerError>>,
+) -> Result<Response<T>, Status> {
+    let start = Instant::now();
+    let result = fut.await.map_err(Status::from);
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    crate::metrics::METRICS.call(method, code, start.elapsed());
+    result.map(Response::new)
 }
 
 #[tonic::async_trait]
 impl Operator for OperatorService {
+    type WatchStream = WatchStream;
+
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
     async fn create_account(
         &self,
         request: Request<CreateAccountRequest>,
     ) -> Result<Response<Account>, Status> {
         let r = request.into_inner();
-        let kind = AccountKind::try_from(r.kind).unwrap_or(AccountKind::Unspecified);
-        Ok(Response::new(
-            accounts::create_account(self.ledger.pool(), &r.account_id, kind).await?,
-        ))
+        let hash = operator::request_hash(&r, |r| r.idempotency_key.clear());
+        let pool = self.pool();
+        timed(
+            "CreateAccount",
+            operator::idempotent(pool, &r.idempotency_key, "CreateAccount", &hash, || async {
+                let kind = AccountKind::try_from(r.kind).unwrap_or(AccountKind::Unspecified);
+                if kind == AccountKind::Payer && r.fee_bps > 0 {
+                    return Err(LedgerError::InvalidArgument(
+                        "fee_bps applies to merchant accounts".into(),
+                    ));
+                }
+                let account = accounts::create_account(pool, &r.account_id, kind).await?;
+                if !r.metadata.is_empty() || r.fee_bps > 0 {
+                    operator::configure_account(pool, &r.account_id, &r.metadata, r.fee_bps)
+                        .await?;
+                }
+                operator::with_details(pool, account).await
+            }),
+        )
+        .await
     }
 
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
@@ -192,17 +320,25 @@ impl Operator for OperatorService {
         request: Request<GetAccountRequest>,
     ) -> Result<Response<Account>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(
-            accounts::get_account(self.ledger.pool(), &r.account_id).await?,
-        ))
+        let pool = self.pool();
+        timed("GetAccount", async {
+            operator::with_details(pool, accounts::get_account(pool, &r.account_id).await?).await
+        })
+        .await
     }
 
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
     async fn add_key(&self, request: Request<AddKeyRequest>) -> Result<Response<PayerKey>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(
-            accounts::add_key(self.ledger.pool(), &r.account_id, &r.public_key).await?,
-        ))
+        let hash = operator::request_hash(&r, |r| r.idempotency_key.clear());
+        let pool = self.pool();
+        timed(
+            "AddKey",
+            operator::idempotent(pool, &r.idempotency_key, "AddKey", &hash, || {
+                accounts::add_key(pool, &r.account_id, &r.public_key)
+            }),
+        )
+        .await
     }
 
     #[tracing::instrument(skip(self, request), fields(key = %request.get_ref().public_key))]
@@ -211,9 +347,15 @@ impl Operator for OperatorService {
         request: Request<RevokeKeyRequest>,
     ) -> Result<Response<PayerKey>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(
-            accounts::revoke_key(self.ledger.pool(), &r.public_key).await?,
-        ))
+        let hash = operator::request_hash(&r, |r| r.idempotency_key.clear());
+        let pool = self.pool();
+        timed(
+            "RevokeKey",
+            operator::idempotent(pool, &r.idempotency_key, "RevokeKey", &hash, || {
+                accounts::revoke_key(pool, &r.public_key)
+            }),
+        )
+        .await
     }
 
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id, amount = request.get_ref().amount))]
@@ -222,15 +364,21 @@ impl Operator for OperatorService {
         request: Request<DepositRequest>,
     ) -> Result<Response<DepositResponse>, Status> {
         let r = request.into_inner();
-        let transaction_id = self
-            .ledger
-            .deposit(&r.account_id, &r.asset, r.amount, &r.idempotency_key)
-            .await?;
-        let balance = accounts::balance(self.ledger.pool(), &r.account_id, &r.asset).await?;
-        Ok(Response::new(DepositResponse {
-            transaction_id,
-            balance: Some(balance),
-        }))
+        let pool = self.pool();
+        timed("Deposit", async {
+            operator::asset_decimals(pool, &r.asset).await?;
+            operator::require_open(pool, &r.account_id).await?;
+            let transaction_id = self
+                .ledger
+                .deposit(&r.account_id, &r.asset, r.amount, &r.idempotency_key)
+                .await?;
+            let balance = accounts::balance(pool, &r.account_id, &r.asset).await?;
+            Ok(DepositResponse {
+                transaction_id,
+                balance: Some(balance),
+            })
+        })
+        .await
     }
 
     #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
@@ -239,9 +387,11 @@ impl Operator for OperatorService {
         request: Request<GetBalanceRequest>,
     ) -> Result<Response<Balance>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(
-            accounts::balance(self.ledger.pool(), &r.account_id, &r.asset).await?,
-        ))
+        timed(
+            "GetBalance",
+            accounts::balance(self.pool(), &r.account_id, &r.asset),
+        )
+        .await
     }
 
     #[tracing::instrument(skip(self, request), fields(transaction = %request.get_ref().transaction_id))]
@@ -250,9 +400,11 @@ impl Operator for OperatorService {
         request: Request<GetPaymentRequest>,
     ) -> Result<Response<Payment>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(
-            accounts::get_payment(self.ledger.pool(), &r.transaction_id).await?,
-        ))
+        timed(
+            "GetPayment",
+            accounts::get_payment(self.pool(), &r.transaction_id),
+        )
+        .await
     }
 
     #[tracing::instrument(skip(self, request))]
@@ -261,17 +413,296 @@ impl Operator for OperatorService {
         request: Request<ListPaymentsRequest>,
     ) -> Result<Response<ListPaymentsResponse>, Status> {
         let r = request.into_inner();
-        let (payments, next_page_token) = accounts::list_payments(
-            self.ledger.pool(),
-            &r.payer_account,
-            &r.merchant_account,
-            r.page_size,
-            &r.page_token,
+        let filter = accounts::PaymentFilter {
+            payer: r.payer_account.clone(),
+            merchant: r.merchant_account.clone(),
+            route: r.route.clone(),
+            status: r.status.clone(),
+            from_unix: r.from_unix,
+            to_unix: r.to_unix,
+        };
+        timed("ListPayments", async {
+            let (payments, next_page_token) =
+                accounts::list_payments_filtered(self.pool(), &filter, r.page_size, &r.page_token)
+                    .await?;
+            Ok(ListPaymentsResponse {
+                payments,
+                next_page_token,
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn list_accounts(
+        &self,
+        request: Request<ListAccountsRequest>,
+    ) -> Result<Response<ListAccountsResponse>, Status> {
+        let r = request.into_inner();
+        timed("ListAccounts", async {
+            let kind = AccountKind::try_from(r.kind).unwrap_or(AccountKind::Unspecified);
+            let (accounts, next_page_token) =
+                operator::list_accounts(self.pool(), kind, r.page_size, &r.page_token).await?;
+            Ok(ListAccountsResponse {
+                accounts,
+                next_page_token,
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
+    async fn set_account_metadata(
+        &self,
+        request: Request<SetAccountMetadataRequest>,
+    ) -> Result<Response<Account>, Status> {
+        let r = request.into_inner();
+        let hash = operator::request_hash(&r, |r| r.idempotency_key.clear());
+        let pool = self.pool();
+        timed(
+            "SetAccountMetadata",
+            operator::idempotent(
+                pool,
+                &r.idempotency_key,
+                "SetAccountMetadata",
+                &hash,
+                || operator::set_metadata(pool, &r.account_id, &r.metadata),
+            ),
         )
-        .await?;
-        Ok(Response::new(ListPaymentsResponse {
-            payments,
-            next_page_token,
-        }))
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
+    async fn close_account(
+        &self,
+        request: Request<CloseAccountRequest>,
+    ) -> Result<Response<Account>, Status> {
+        let r = request.into_inner();
+        let hash = operator::request_hash(&r, |r| r.idempotency_key.clear());
+        let pool = self.pool();
+        timed(
+            "CloseAccount",
+            operator::idempotent(pool, &r.idempotency_key, "CloseAccount", &hash, || {
+                operator::close_account(pool, &r.account_id)
+            }),
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
+    async fn list_keys(
+        &self,
+        request: Request<ListKeysRequest>,
+    ) -> Result<Response<ListKeysResponse>, Status> {
+        let r = request.into_inner();
+        timed("ListKeys", async {
+            Ok(ListKeysResponse {
+                keys: operator::list_keys(self.pool(), &r.account_id).await?,
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
+    async fn rotate_key(
+        &self,
+        request: Request<RotateKeyRequest>,
+    ) -> Result<Response<RotateKeyResponse>, Status> {
+        let r = request.into_inner();
+        let hash = operator::request_hash(&r, |r| r.idempotency_key.clear());
+        let pool = self.pool();
+        timed(
+            "RotateKey",
+            operator::idempotent(pool, &r.idempotency_key, "RotateKey", &hash, || async {
+                let (added, revoked) =
+                    operator::rotate_key(pool, &r.account_id, &r.old_public_key, &r.new_public_key)
+                        .await?;
+                Ok(RotateKeyResponse {
+                    added: Some(added),
+                    revoked: Some(revoked),
+                })
+            }),
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id, amount = request.get_ref().amount))]
+    async fn adjust(
+        &self,
+        request: Request<AdjustRequest>,
+    ) -> Result<Response<AdjustResponse>, Status> {
+        let r = request.into_inner();
+        let pool = self.pool();
+        timed("Adjust", async {
+            let transaction_id = operator::adjust(
+                pool,
+                &r.account_id,
+                &r.asset,
+                r.amount,
+                &r.reason,
+                &r.idempotency_key,
+            )
+            .await?;
+            Ok(AdjustResponse {
+                transaction_id,
+                balance: Some(accounts::balance(pool, &r.account_id, &r.asset).await?),
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(account = %request.get_ref().account_id))]
+    async fn get_balances(
+        &self,
+        request: Request<GetBalancesRequest>,
+    ) -> Result<Response<GetBalancesResponse>, Status> {
+        let r = request.into_inner();
+        let pool = self.pool();
+        timed("GetBalances", async {
+            accounts::get_account(pool, &r.account_id).await?;
+            let assets: Vec<String> = sqlx::query_scalar(
+                "SELECT asset FROM balances WHERE account_id = $1 ORDER BY asset",
+            )
+            .bind(&r.account_id)
+            .fetch_all(pool)
+            .await?;
+            let mut balances = Vec::with_capacity(assets.len());
+            for asset in assets {
+                balances.push(accounts::balance(pool, &r.account_id, &asset).await?);
+            }
+            Ok(GetBalancesResponse { balances })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(code = %request.get_ref().code))]
+    async fn create_asset(
+        &self,
+        request: Request<CreateAssetRequest>,
+    ) -> Result<Response<Asset>, Status> {
+        let r = request.into_inner();
+        let hash = operator::request_hash(&r, |r| r.idempotency_key.clear());
+        let pool = self.pool();
+        timed(
+            "CreateAsset",
+            operator::idempotent(pool, &r.idempotency_key, "CreateAsset", &hash, || {
+                operator::create_asset(pool, &r.code, r.decimals)
+            }),
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip(self, _request))]
+    async fn list_assets(
+        &self,
+        _request: Request<ListAssetsRequest>,
+    ) -> Result<Response<ListAssetsResponse>, Status> {
+        timed("ListAssets", async {
+            Ok(ListAssetsResponse {
+                assets: operator::list_assets(self.pool()).await?,
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(transaction = %request.get_ref().transaction_id, amount = request.get_ref().amount))]
+    async fn refund(
+        &self,
+        request: Request<RefundRequest>,
+    ) -> Result<Response<RefundResponse>, Status> {
+        let r = request.into_inner();
+        let pool = self.pool();
+        timed("Refund", async {
+            let (refund_id, amount) = operator::refund(
+                pool,
+                &r.transaction_id,
+                r.amount,
+                &r.reason,
+                &r.idempotency_key,
+            )
+            .await?;
+            operator::refund_response(pool, &r.transaction_id, refund_id, amount).await
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn get_analytics(
+        &self,
+        request: Request<AnalyticsRequest>,
+    ) -> Result<Response<AnalyticsResponse>, Status> {
+        let r = request.into_inner();
+        timed("GetAnalytics", crate::analytics::query(self.pool(), &r)).await
+    }
+
+    #[tracing::instrument(skip(self, request))]
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = request.into_inner();
+        let mut events = self.events.subscribe();
+        let mut draining = self.draining.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            if *draining.borrow() {
+                return;
+            }
+            loop {
+                let event = tokio::select! {
+                    e = events.recv() => e,
+                    _ = draining.changed() => return,
+                    _ = tx.closed() => return,
+                };
+                match event {
+                    Ok(e) => {
+                        let wanted = (r.merchant.is_empty() || e.merchant_account == r.merchant)
+                            && (r.payer_account.is_empty() || e.payer_account == r.payer_account);
+                        if wanted && tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "a Watch stream fell behind");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    #[tracing::instrument(skip(self, request), fields(merchant = %request.get_ref().merchant))]
+    async fn set_webhook(
+        &self,
+        request: Request<SetWebhookRequest>,
+    ) -> Result<Response<Webhook>, Status> {
+        let r = request.into_inner();
+        let hash = operator::request_hash(&r, |r| r.idempotency_key.clear());
+        let pool = self.pool();
+        timed(
+            "SetWebhook",
+            operator::idempotent(pool, &r.idempotency_key, "SetWebhook", &hash, || {
+                operator::set_webhook(pool, &r.merchant, &r.url, &r.secret)
+            }),
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(merchant = %request.get_ref().merchant))]
+    async fn list_webhook_deliveries(
+        &self,
+        request: Request<ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<ListWebhookDeliveriesResponse>, Status> {
+        let r = request.into_inner();
+        timed("ListWebhookDeliveries", async {
+            Ok(ListWebhookDeliveriesResponse {
+                deliveries: operator::list_deliveries(self.pool(), &r.merchant, r.page_size)
+                    .await?,
+            })
+        })
+        .await
     }
 }

@@ -445,6 +445,31 @@ impl Ledger {
 
         let posted_i64 = to_i64(posted)?;
         let mut moves = Moves::default();
+        // The platform's share moves in the same locked update as the capture.
+        let fee = match resolution {
+            Resolution::Capture { .. } => {
+                crate::events::capture_fee(&mut tx, &hold.merchant, &hold.asset, posted_i64).await?
+            }
+            Resolution::Void { .. } => 0,
+        };
+        if fee > 0 {
+            moves.push(
+                &hold.merchant,
+                &hold.asset,
+                Delta {
+                    debits_posted: fee,
+                    ..Delta::default()
+                },
+            );
+            moves.push(
+                crate::events::PLATFORM_ACCOUNT,
+                &hold.asset,
+                Delta {
+                    credits_posted: fee,
+                    ..Delta::default()
+                },
+            );
+        }
         match resolution {
             Resolution::Capture { .. } => {
                 moves.push(
@@ -528,7 +553,39 @@ impl Ledger {
             }
             Err(e) => return Err(e.into()),
         }
+        match resolution {
+            Resolution::Capture {
+                http_status,
+                upstream_micros,
+                ..
+            } => {
+                crate::events::after_capture(
+                    &mut tx,
+                    transaction_id,
+                    &hold.payer,
+                    &hold.merchant,
+                    &hold.asset,
+                    posted_i64,
+                    fee,
+                    i32::try_from(*http_status).unwrap_or(i32::MAX),
+                    i64::try_from(*upstream_micros).unwrap_or(i64::MAX),
+                )
+                .await?
+            }
+            Resolution::Void { .. } => {
+                crate::events::after_void(
+                    &mut tx,
+                    transaction_id,
+                    &hold.payer,
+                    &hold.merchant,
+                    &hold.asset,
+                    hold.amount,
+                )
+                .await?
+            }
+        }
         tx.commit().await?;
+        crate::metrics::METRICS.resolved(kind, posted, fee);
         let outcome = if kind == "capture" {
             ResolveOutcome::Captured
         } else {
@@ -614,7 +671,9 @@ impl Ledger {
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
+        crate::events::after_expire(&mut tx, &ids).await?;
         tx.commit().await?;
+        crate::metrics::METRICS.expired(ids.len());
         tracing::info!(expired = ids.len(), "expired holds");
         Ok(ids.len())
     }

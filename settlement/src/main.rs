@@ -99,6 +99,18 @@ struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "X402_LOG_JSON")]
     log_json: bool,
+    /// Bearer token the Operator API requires (unset: open, for development).
+    #[arg(long, env = "X402_OPERATOR_TOKEN", hide_env_values = true)]
+    operator_token: Option<String>,
+    /// Bearer token the DataPlane API requires: the filter's `settlement_token`.
+    #[arg(long, env = "X402_DATAPLANE_TOKEN", hide_env_values = true)]
+    dataplane_token: Option<String>,
+    /// Address of the HTTP listener for /metrics and the dashboard (off when unset).
+    #[arg(long, env = "X402_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// First webhook retry delay; it doubles per attempt up to an hour.
+    #[arg(long, env = "X402_WEBHOOK_RETRY_BASE_MS", default_value_t = 2000)]
+    webhook_retry_base_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -221,10 +233,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let http = match &args.http_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?,
+        ),
+        None => None,
+    };
     let config = server::ServerConfig {
         hold_sweep_interval: Duration::from_millis(args.hold_sweep_interval_ms),
+        operator_token: x402_settlement::auth::BearerToken::new(args.operator_token.clone()),
+        dataplane_token: x402_settlement::auth::BearerToken::new(args.dataplane_token.clone()),
+        webhooks: x402_settlement::webhooks::WebhookConfig {
+            base_backoff: Duration::from_millis(args.webhook_retry_base_ms),
+            ..Default::default()
+        },
+        ..server::ServerConfig::default()
     };
-    server::run(listener, pool, config, shutdown_signal()).await?;
+    server::run_with_http(listener, http, pool, config, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -343,6 +370,7 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
                 .create_account(CreateAccountRequest {
                     account_id: id,
                     kind: kind as i32,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status)?
@@ -373,6 +401,7 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
                 .add_key(AddKeyRequest {
                     account_id: account,
                     public_key,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status)?
@@ -385,7 +414,10 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
         }
         Command::Key(KeyCommand::Revoke { public_key }) => {
             let k = client
-                .revoke_key(RevokeKeyRequest { public_key })
+                .revoke_key(RevokeKeyRequest {
+                    public_key,
+                    ..Default::default()
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -443,6 +475,7 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
                     merchant_account: merchant,
                     page_size: limit,
                     page_token: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(status)?

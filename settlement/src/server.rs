@@ -11,8 +11,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 use x402_proto::settlement::v1::data_plane_server::DataPlaneServer;
 use x402_proto::settlement::v1::operator_server::OperatorServer;
 
+use tokio::sync::broadcast;
+
+use crate::auth::BearerToken;
 use crate::grpc::{DataPlaneService, OperatorService};
 use crate::ledger::Ledger;
+use crate::webhooks::WebhookConfig;
+
+/// Events folded into analytics per transaction.
+const FOLD_BATCH: i64 = 5000;
 
 /// Holds the sweeper expires per transaction.
 const SWEEP_BATCH: i64 = 500;
@@ -21,12 +28,24 @@ const SWEEP_BATCH: i64 = 500;
 pub struct ServerConfig {
     /// How often unresolved holds past their TTL are expired.
     pub hold_sweep_interval: Duration,
+    /// Bearer token the Operator API requires (none: open, for development).
+    pub operator_token: BearerToken,
+    /// Bearer token the DataPlane API requires (the filter's `settlement_token`).
+    pub dataplane_token: BearerToken,
+    /// How often pending analytics events are folded into the aggregates.
+    pub analytics_interval: Duration,
+    /// Webhook delivery from the outbox.
+    pub webhooks: WebhookConfig,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             hold_sweep_interval: Duration::from_millis(1000),
+            operator_token: BearerToken::default(),
+            dataplane_token: BearerToken::default(),
+            analytics_interval: Duration::from_millis(500),
+            webhooks: WebhookConfig::default(),
         }
     }
 }
@@ -40,14 +59,25 @@ pub enum ServeError {
 }
 
 /// Serves DataPlane, Operator, grpc.health.v1 and reflection on `listener` until
-/// `shutdown` completes, then lets in-flight calls finish and stops the sweeper.
+/// `shutdown` completes, then lets in-flight calls finish and stops the workers.
 pub async fn run(
     listener: TcpListener,
     pool: PgPool,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let ledger = Ledger::new(pool);
+    run_with_http(listener, None, pool, config, shutdown).await
+}
+
+/// Like [`run`], and serves `/metrics` and the dashboard on `http` when given.
+pub async fn run_with_http(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    pool: PgPool,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let ledger = Ledger::new(pool.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<DataPlaneServer<DataPlaneService>>()
@@ -61,28 +91,110 @@ pub async fn run(
         .build_v1()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sweeper = tokio::spawn(sweep_expired_holds(
-        ledger.clone(),
-        config.hold_sweep_interval,
-        stop_rx,
-    ));
+    let (events_tx, _) = broadcast::channel(4096);
+    let workers = vec![
+        tokio::spawn(sweep_expired_holds(
+            ledger.clone(),
+            config.hold_sweep_interval,
+            stop_rx.clone(),
+        )),
+        tokio::spawn(fold_analytics(
+            pool.clone(),
+            config.analytics_interval,
+            stop_rx.clone(),
+        )),
+        tokio::spawn(crate::webhooks::run(
+            pool.clone(),
+            config.webhooks.clone(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(crate::events::listen(
+            pool.clone(),
+            events_tx.clone(),
+            stop_rx.clone(),
+        )),
+    ];
+    let (recorder_tx, recorder_rx) = tokio::sync::mpsc::channel(crate::events::RECORDER_QUEUE);
+    let recorder = tokio::spawn(crate::events::run_recorder(pool.clone(), recorder_rx));
+    let http_task = http.map(|l| {
+        tokio::spawn(crate::http::serve(
+            l,
+            pool.clone(),
+            config.operator_token.clone(),
+            stop_rx.clone(),
+        ))
+    });
 
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "settlement listening");
+        tracing::info!(
+            %addr,
+            operator_token = config.operator_token.is_set(),
+            dataplane_token = config.dataplane_token.is_set(),
+            "settlement listening"
+        );
     }
+    // Watch streams end when shutdown starts, so the server's drain does not wait
+    // for them; the workers stop only after the last call has finished.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = drain_tx.send(true);
+    };
+    let operator = OperatorService::new(ledger.clone()).with_events(events_tx, drain_rx);
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(DataPlaneServer::new(DataPlaneService::new(ledger.clone())))
-        .add_service(OperatorServer::new(OperatorService::new(ledger)))
+        .add_service(DataPlaneServer::with_interceptor(
+            DataPlaneService::new(ledger.clone()).with_recorder(recorder_tx),
+            config.dataplane_token.interceptor(),
+        ))
+        .add_service(OperatorServer::with_interceptor(
+            operator,
+            config.operator_token.interceptor(),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
-    let _ = stop_tx.send(true);
-    if let Err(e) = sweeper.await {
-        tracing::error!(error = %e, "hold sweeper stopped abnormally");
+    // In-flight calls have finished (and dropped the recorder's senders with the
+    // services): the recorder writes what is queued, then each worker finishes its round.
+    if let Err(e) = recorder.await {
+        tracing::error!(error = %e, "the analytics recorder stopped abnormally");
     }
+    let _ = stop_tx.send(true);
+    for worker in workers {
+        if let Err(e) = worker.await {
+            tracing::error!(error = %e, "a background worker stopped abnormally");
+        }
+    }
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    // Fold what the last calls left, so analytics lose nothing across restarts
+    // (they would be folded by the next start anyway).
+    let _ = crate::analytics::fold_pending(&pool, FOLD_BATCH).await;
     tracing::info!("settlement stopped");
     Ok(served?)
+}
+
+/// Folds pending analytics events into the aggregates every `interval`.
+async fn fold_analytics(pool: PgPool, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        loop {
+            match crate::analytics::fold_pending(&pool, FOLD_BATCH).await {
+                Ok(n) if n as i64 == FOLD_BATCH && !*stop.borrow() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "analytics fold failed");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Expires holds nobody resolved, every `interval`, until told to stop.

@@ -283,6 +283,7 @@ async fn every_refusal_has_its_outcome_and_holds_nothing() {
     let mut op = h.op.clone();
     op.revoke_key(RevokeKeyRequest {
         public_key: p.public_key.clone(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -302,6 +303,7 @@ async fn every_refusal_has_its_outcome_and_holds_nothing() {
         .add_key(AddKeyRequest {
             account_id: "frank".into(),
             public_key: p.public_key.clone(),
+            ..Default::default()
         })
         .await;
     assert_eq!(
@@ -323,6 +325,7 @@ async fn published_vectors_verify_in_settlement_and_a_changed_byte_does_not() {
         op.create_account(CreateAccountRequest {
             account_id: a.pay_to.clone(),
             kind: AccountKind::Merchant as i32,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -333,12 +336,14 @@ async fn published_vectors_verify_in_settlement_and_a_changed_byte_does_not() {
         op.create_account(CreateAccountRequest {
             account_id: account.clone(),
             kind: AccountKind::Payer as i32,
+            ..Default::default()
         })
         .await
         .unwrap();
         op.add_key(AddKeyRequest {
             account_id: account.clone(),
             public_key: v.public_key.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -546,6 +551,7 @@ async fn the_database_refuses_a_second_resolution_and_an_overdraft() {
 async fn the_sweeper_expires_unresolved_holds() {
     let h = start_with(ServerConfig {
         hold_sweep_interval: Duration::from_millis(100),
+        ..ServerConfig::default()
     })
     .await;
     h.merchant(MERCHANT).await;
@@ -592,6 +598,7 @@ async fn payments_are_listed_newest_first_page_by_page() {
         merchant_account: String::new(),
         page_size: 2,
         page_token: token,
+        ..Default::default()
     };
     let first = op
         .list_payments(page(String::new()))
@@ -639,6 +646,7 @@ async fn accounts_and_keys_are_validated() {
     let create = |id: &str, kind: AccountKind| CreateAccountRequest {
         account_id: id.into(),
         kind: kind as i32,
+        ..Default::default()
     };
     let a = op
         .create_account(create("m1", AccountKind::Merchant))
@@ -682,6 +690,7 @@ async fn accounts_and_keys_are_validated() {
     let bad_key = AddKeyRequest {
         account_id: "p1".into(),
         public_key: "zz".repeat(32),
+        ..Default::default()
     };
     assert_eq!(
         op.add_key(bad_key).await.unwrap_err().code(),
@@ -690,6 +699,7 @@ async fn accounts_and_keys_are_validated() {
     let merchant_key = AddKeyRequest {
         account_id: "m1".into(),
         public_key: x402_proto::signing::public_key_hex(&key_for("m")),
+        ..Default::default()
     };
     assert_eq!(
         op.add_key(merchant_key).await.unwrap_err().code(),
@@ -699,6 +709,7 @@ async fn accounts_and_keys_are_validated() {
     let stolen = AddKeyRequest {
         account_id: "p2".into(),
         public_key: p.public_key.clone(),
+        ..Default::default()
     };
     assert_eq!(
         op.add_key(stolen).await.unwrap_err().code(),
@@ -706,6 +717,7 @@ async fn accounts_and_keys_are_validated() {
     );
     let unknown = RevokeKeyRequest {
         public_key: "ab".repeat(32),
+        ..Default::default()
     };
     assert_eq!(
         op.revoke_key(unknown).await.unwrap_err().code(),

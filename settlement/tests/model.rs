@@ -284,6 +284,7 @@ fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
         .unwrap();
     let h = rt.block_on(start_with(ServerConfig {
         hold_sweep_interval: Duration::from_secs(3600),
+        ..ServerConfig::default()
     }));
     let cases: u32 = std::env::var("X402_MODEL_CASES")
         .ok()

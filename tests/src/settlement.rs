@@ -189,6 +189,7 @@ impl Settlement {
             .create_account(CreateAccountRequest {
                 account_id: account_id.into(),
                 kind: kind.into(),
+                ..Default::default()
             })
             .await
             .with_context(|| format!("creating account {account_id}"))?;
@@ -201,6 +202,7 @@ impl Settlement {
             .add_key(AddKeyRequest {
                 account_id: account_id.into(),
                 public_key: public_key_hex.into(),
+                ..Default::default()
             })
             .await
             .with_context(|| format!("adding a key to {account_id}"))?;
@@ -212,6 +214,7 @@ impl Settlement {
             .await?
             .revoke_key(RevokeKeyRequest {
                 public_key: public_key_hex.into(),
+                ..Default::default()
             })
             .await
             .context("revoking a key")?;
@@ -272,6 +275,7 @@ impl Settlement {
                 merchant_account: String::new(),
                 page_size: 500,
                 page_token: String::new(),
+                ..Default::default()
             })
             .await
             .with_context(|| format!("payments of {payer_account}"))?

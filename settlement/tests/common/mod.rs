@@ -96,6 +96,7 @@ impl Harness {
             .create_account(CreateAccountRequest {
                 account_id: id.into(),
                 kind: AccountKind::Merchant as i32,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -107,6 +108,7 @@ impl Harness {
         op.create_account(CreateAccountRequest {
             account_id: id.into(),
             kind: AccountKind::Payer as i32,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -115,6 +117,7 @@ impl Harness {
         op.add_key(AddKeyRequest {
             account_id: id.into(),
             public_key: public_key.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
