@@ -305,11 +305,21 @@ async fn the_generated_openapi_document_validates_and_states_the_enforced_prices
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A TCP proxy in front of Envoy that passes unpaid requests through and, for a request
-/// carrying a proof, lets Envoy answer in full but closes the client's connection
-/// without forwarding a byte: the answer to a payment is lost on the way back.
+/// What the proxy of [`answer_losing_proxy`] loses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lose {
+    /// Every answer to a request with a proof, after Envoy sent it in full.
+    PaidAnswers,
+    /// The first request with a proof, before it reaches Envoy.
+    FirstPaidRequest,
+}
+
+/// A TCP proxy in front of Envoy that passes unpaid requests through and loses paid
+/// requests or their answers as `lose` says, closing the client's connection without a
+/// byte of answer. Counts the requests with a proof it saw.
 async fn answer_losing_proxy(
     envoy: String,
+    lose: Lose,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -333,16 +343,23 @@ async fn answer_losing_proxy(
                         Ok(n) => request.extend_from_slice(&buf[..n]),
                     }
                 }
-                let mut upstream = tokio::net::TcpStream::connect(&envoy).await.unwrap();
-                upstream.write_all(&request).await.unwrap();
                 let paid = String::from_utf8_lossy(&request)
                     .to_ascii_lowercase()
                     .contains("\r\npayment-signature:");
-                if !paid {
+                let seen = if paid {
+                    counter.fetch_add(1, Ordering::SeqCst) + 1
+                } else {
+                    0
+                };
+                if lose == Lose::FirstPaidRequest && seen == 1 {
+                    return;
+                }
+                let mut upstream = tokio::net::TcpStream::connect(&envoy).await.unwrap();
+                upstream.write_all(&request).await.unwrap();
+                if !paid || lose == Lose::FirstPaidRequest {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                     return;
                 }
-                counter.fetch_add(1, Ordering::SeqCst);
                 // Read Envoy's whole answer (headers and content-length body), then drop both.
                 let mut answer = Vec::new();
                 loop {
@@ -375,7 +392,7 @@ async fn a_lost_answer_is_looked_up_in_settlement_and_never_paid_twice() {
     use std::sync::atomic::Ordering;
     let stack = Stack::start_default().await.unwrap();
     let (account, key) = stack.new_payer(100_000).await.unwrap();
-    let (proxy, paid_seen) = answer_losing_proxy(stack.envoy.authority()).await;
+    let (proxy, paid_seen) = answer_losing_proxy(stack.envoy.authority(), Lose::PaidAnswers).await;
     // One connection per request, so each request meets the proxy afresh.
     let http = || {
         reqwest::Client::builder()
@@ -420,4 +437,38 @@ async fn a_lost_answer_is_looked_up_in_settlement_and_never_paid_twice() {
         "{payments:?}"
     );
     assert_eq!(stack.upstream.served().count_path_prefix("/paid"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_settlement_never_saw_is_resent_unchanged_and_paid_once() {
+    use std::sync::atomic::Ordering;
+    let stack = Stack::start_default().await.unwrap();
+    let (account, key) = stack.new_payer(100_000).await.unwrap();
+    let (proxy, paid_seen) =
+        answer_losing_proxy(stack.envoy.authority(), Lose::FirstPaidRequest).await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let client = Client::with_http(http, key, Budget::unlimited()).with_operator(
+        x402_client::OperatorEndpoint::new(stack.settlement.url(), account.clone()),
+    );
+
+    let response = client.get(&format!("{proxy}/paid/quote")).await.unwrap();
+
+    assert_eq!(response.status, 200, "{}", stack.logs());
+    assert_eq!(response.paid, Some(PAID_PRICE));
+    assert_eq!(
+        response.attempts, 1,
+        "the lost proof was sent again, not replaced"
+    );
+    assert_eq!(paid_seen.load(Ordering::SeqCst), 2);
+    stack
+        .wait_for_settled_balance(&account, 100_000 - PAID_PRICE as i64)
+        .await
+        .unwrap();
+    let payments = stack.settlement.payments_of(&account).await.unwrap();
+    assert_eq!(payments.len(), 1);
+    assert_eq!(payments[0].nonce, response.payment.unwrap().payload.nonce);
 }
