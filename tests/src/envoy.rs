@@ -31,6 +31,9 @@ pub struct EnvoyOptions {
     pub concurrency: u32,
     /// `-l` log level.
     pub log_level: String,
+    /// HTTP filters (JSON objects, as in Envoy's `http_filters`) placed before x402,
+    /// e.g. `jwt_authn` to put verified JWT claims in dynamic metadata.
+    pub filters_before_x402: Vec<serde_json::Value>,
 }
 
 impl EnvoyOptions {
@@ -43,6 +46,7 @@ impl EnvoyOptions {
             filter_config: filter_config.to_string(),
             concurrency: 1,
             log_level: std::env::var("X402_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            filters_before_x402: Vec::new(),
         }
     }
 }
@@ -74,6 +78,24 @@ pub fn render_template(
         bail!("the Envoy template has an unknown placeholder: {rest}");
     }
     Ok(rendered)
+}
+
+/// Puts `filters` (one YAML flow mapping each, i.e. JSON) where the template marks
+/// the place before the x402 filter.
+fn insert_filters_before_x402(config: &str, filters: &[serde_json::Value]) -> Result<String> {
+    const MARKER: &str = "# x402-pre-filters";
+    if filters.is_empty() {
+        return Ok(config.to_owned());
+    }
+    let Some(line) = config.lines().find(|l| l.trim_start().starts_with(MARKER)) else {
+        bail!("the Envoy template has no `{MARKER}` line");
+    };
+    let indent = &line[..line.len() - line.trim_start().len()];
+    let mut entries = Vec::with_capacity(filters.len());
+    for filter in filters {
+        entries.push(format!("{indent}- {}", serde_json::to_string(filter)?));
+    }
+    Ok(config.replacen(line, &entries.join("\n"), 1))
 }
 
 fn unique_base_id() -> u32 {
@@ -119,6 +141,7 @@ impl Envoy {
             &wasm,
             &options.filter_config,
         )?;
+        let config = insert_filters_before_x402(&config, &options.filters_before_x402)?;
         let dir = ScratchDir::new("envoy")?;
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config)?;

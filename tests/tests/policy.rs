@@ -286,3 +286,85 @@ async fn one_proof_pays_once_and_a_failed_upstream_leaves_the_client_free_to_ret
         .await
         .unwrap();
 }
+
+/// base64url without padding, as JWTs use it.
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// An EdDSA JWT for `sub` from `issuer`, signed by `key`.
+fn jwt(key: &ed25519_dalek::SigningKey, issuer: &str, sub: &str) -> String {
+    use ed25519_dalek::Signer;
+    let header = b64url(br#"{"alg":"EdDSA","typ":"JWT","kid":"test"}"#);
+    let claims = serde_json::json!({ "iss": issuer, "sub": sub, "exp": unix_now() + 600 });
+    let payload = b64url(claims.to_string().as_bytes());
+    let signed = format!("{header}.{payload}");
+    let signature = b64url(&key.sign(signed.as_bytes()).to_bytes());
+    format!("{signed}.{signature}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_jwt_claim_in_metadata_passes_unpaid_as_with_istio() {
+    // Envoy's jwt_authn configured the way Istio's RequestAuthentication does it: the
+    // verified payload goes to dynamic metadata under the issuer; no token is allowed
+    // (and charged), a bad token is refused.
+    const ISSUER: &str = "https://auth.test";
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let jwks = serde_json::json!({ "keys": [{
+        "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "kid": "test",
+        "x": b64url(key.verifying_key().as_bytes())
+    }]});
+    let jwt_authn = serde_json::json!({
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": { "partners": {
+                "issuer": ISSUER,
+                "local_jwks": { "inline_string": jwks.to_string() },
+                "payload_in_metadata": ISSUER
+            }},
+            "rules": [{ "match": { "prefix": "/" }, "requires": { "requires_any": { "requirements": [
+                { "provider_name": "partners" }, { "allow_missing": {} }
+            ]}}}]
+        }
+    });
+    let config = serde_json::json!({
+        "settlement_cluster": "settlement",
+        "network": NETWORK, "asset": ASSET, "pay_to": MERCHANT,
+        "routes": [{ "name": "paid", "match": { "path_prefix": "/paid" }, "price": "0.01",
+            "allow": { "metadata": [{ "filter": "envoy.filters.http.jwt_authn",
+                "path": [ISSUER, "sub"], "values": ["partner-1"] }] } }]
+    })
+    .to_string();
+    let stack = Stack::start_with(&config, |o| {
+        o.concurrency = WORKERS;
+        o.filters_before_x402 = vec![jwt_authn];
+    })
+    .await
+    .unwrap();
+    let get = |token: Option<String>| {
+        let mut request = stack.http.get(stack.url("/paid/report"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(
+        get(Some(jwt(&key, ISSUER, "partner-1"))).await,
+        200,
+        "{}",
+        stack.logs()
+    );
+    // Another subject, no token: the price applies.
+    assert_eq!(get(Some(jwt(&key, ISSUER, "someone-else"))).await, 402);
+    assert_eq!(get(None).await, 402);
+    // A token signed by another key never reaches the filter.
+    let forged = jwt(
+        &ed25519_dalek::SigningKey::from_bytes(&[8u8; 32]),
+        ISSUER,
+        "partner-1",
+    );
+    assert_eq!(get(Some(forged)).await, 401);
+    assert_eq!(stack.upstream.served().count_path_prefix("/paid/report"), 1);
+}
