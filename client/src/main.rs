@@ -358,8 +358,13 @@ async fn pay(args: PayArgs) -> anyhow::Result<ExitCode> {
                 out.flush().context("cannot write the body")?;
             }
             if let Some(receipt) = response.receipt.as_ref().filter(|r| r.success) {
+                let asset = response
+                    .payment
+                    .as_ref()
+                    .map(|p| format!(" {}", p.accepted.asset))
+                    .unwrap_or_default();
                 eprintln!(
-                    "paid {}, transaction {}",
+                    "paid {}{asset}, transaction {}",
                     receipt.amount, receipt.transaction
                 );
             }

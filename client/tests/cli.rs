@@ -324,3 +324,21 @@ fn balance_without_a_reachable_settlement_fails_without_printing_the_token() {
     assert!(stderr.contains("127.0.0.1:9"), "{stderr}");
     assert!(!stderr.contains("s3cret") && !stdout.contains("s3cret"));
 }
+
+#[test]
+fn pay_stream_writes_the_body_and_the_receipt_line() {
+    let server = paywall("10000");
+    let dir = Dir::new("stream");
+    let (path, _) = keygen(&dir);
+    let url = server.url("/events");
+    let (ok, out, err) = run(&mut x402(&[
+        "pay",
+        "--key",
+        path.to_str().unwrap(),
+        "--stream",
+        &url,
+    ]));
+    assert!(ok, "{err}");
+    assert_eq!(out, "paid content for GET /events");
+    assert_eq!(err.trim(), "paid 10000 USD, transaction tx-test-1");
+}

@@ -264,6 +264,10 @@ async fn the_generated_openapi_document_validates_and_states_the_enforced_prices
         let file = dir.join(format!("openapi-{merge}.json"));
         std::fs::write(&file, &output.stdout).unwrap();
 
+        // openapi-spec-validator (PyPI, installed into .venv by `make setup`) checks the
+        // document against the official OpenAPI 3.1 JSON schema and adds the checks a
+        // schema cannot express (unique operationIds, path parameters, $ref targets),
+        // without compiling a JSON-schema engine into the workspace.
         let validator = workspace_root().join(".venv/bin/openapi-spec-validator");
         let checked = Command::new(&validator)
             .arg(&file)
