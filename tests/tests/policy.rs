@@ -181,6 +181,34 @@ async fn settlement_down_fails_open_or_closed_per_route_and_charges_nothing() {
         .unwrap();
     assert!(stats.contains("x402_requests_failed_open: 1"), "{stats}");
 
+    // Settlement that accepts connections and never answers: each route's timeout
+    // ends the wait (open after its own 1 s, closed after the plugin's 2 s).
+    let hole = std::net::TcpListener::bind(("127.0.0.1", stack.settlement.port())).unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = std::thread::spawn({
+        let done = Arc::clone(&done);
+        move || {
+            let mut connections = Vec::new();
+            hole.set_nonblocking(true).unwrap();
+            // Bounded: at most a minute even if the test fails before `done`.
+            for _ in 0..2400 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok((c, _)) = hole.accept() {
+                    connections.push(c);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+        }
+    });
+    let open = stack.pay_get(&key, "/paid/open/slow").await.unwrap();
+    assert_eq!(open.status.as_u16(), 200, "{}", stack.logs());
+    let closed = stack.pay_get(&key, "/paid/closed/slow").await.unwrap();
+    assert_eq!(closed.status.as_u16(), 503);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    held.join().unwrap();
+
     stack.settlement.restart().await.unwrap();
     stack
         .wait_for_settled_balance(&payer, funds as i64)
