@@ -630,11 +630,14 @@ async fn watch_streams_events_and_analytics_count_them() {
     assert_eq!(a.routes[0].route, "quote");
 }
 
+/// Headers and body of one accepted POST.
+type Delivery = (HashMap<String, String>, String);
+
 /// A webhook receiver that answers 503 while `down`, and records what it accepted.
 struct Receiver {
     addr: SocketAddr,
     down: Arc<Mutex<bool>>,
-    received: Arc<Mutex<Vec<(HashMap<String, String>, String)>>>,
+    received: Arc<Mutex<Vec<Delivery>>>,
     attempts: Arc<Mutex<u32>>,
 }
 
