@@ -18,12 +18,21 @@ pub const INVALID: &[(&str, &str)] = &[
     ("route_with_two_paths", "routes[0].match"),
     ("capture_below_status_zero", "capture_below_status"),
     ("discovery_path_relative", "discovery_path"),
-    ("rate_limit_zero_requests", "routes[0].rate_limit.max_requests"),
+    (
+        "rate_limit_zero_requests",
+        "routes[0].rate_limit.max_requests",
+    ),
     ("rate_limit_unknown_field", "max_request"),
     ("free_tier_bad_per", "routes[0].free_tier.per"),
-    ("free_tier_zero_window", "routes[0].free_tier.window_seconds"),
+    (
+        "free_tier_zero_window",
+        "routes[0].free_tier.window_seconds",
+    ),
     ("allow_pseudo_header", "routes[0].allow.headers[0].name"),
-    ("allow_metadata_empty_path", "routes[0].allow.metadata[0].path"),
+    (
+        "allow_metadata_empty_path",
+        "routes[0].allow.metadata[0].path",
+    ),
     ("failure_mode_unknown", "routes[0].failure_mode"),
     ("timeout_ms_zero", "routes[0].timeout_ms"),
 ];
