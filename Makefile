@@ -8,13 +8,13 @@ CARGO ?= cargo
 ENVOY := .venv/bin/envoy
 WASM_TARGET := wasm32-wasip1
 
-.PHONY: all test run lint fmt wasm build setup setup-rust setup-envoy setup-postgres setup-openapi-validator clean-run
+.PHONY: all test run lint fmt wasm build setup setup-rust setup-envoy setup-postgres setup-chromium setup-openapi-validator setup-manifest-validators clean-run
 
 all: build
 
 ## Setup ------------------------------------------------------------------------------
 
-setup: setup-rust setup-envoy setup-postgres setup-openapi-validator
+setup: setup-rust setup-envoy setup-postgres setup-openapi-validator setup-manifest-validators setup-chromium
 
 setup-rust:
 	@if command -v rustup >/dev/null 2>&1; then \
@@ -35,6 +35,14 @@ $(ENVOY):
 setup-openapi-validator: $(ENVOY)
 	@test -x .venv/bin/openapi-spec-validator || .venv/bin/pip install --quiet --disable-pip-version-check openapi-spec-validator
 
+# Schema validators for the Istio manifests (tests/tests/manifests.rs): kubernetes-validate
+# (Kubernetes API schemas) into .venv, and the Istio CRD schemas pinned in
+# tests/manifests/package-lock.json, run with node.
+setup-manifest-validators: $(ENVOY)
+	@test -x .venv/bin/kubernetes-validate || .venv/bin/pip install --quiet --disable-pip-version-check kubernetes-validate
+	@command -v npm >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm; }
+	@test -f tests/manifests/node_modules/@kubernetes-models/istio/package.json || (cd tests/manifests && npm ci --no-audit --no-fund --loglevel=error)
+
 # The harness looks on PATH and in /usr/lib/postgresql/*/bin; install only when neither has initdb.
 setup-postgres:
 	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
@@ -43,6 +51,18 @@ setup-postgres:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
 	else \
 		echo "PostgreSQL binaries (initdb) not found: install PostgreSQL (e.g. sudo apt-get install postgresql) and retry"; \
+		exit 1; \
+	fi
+
+# settlement's dashboard test renders the page in headless Chromium; install it only when
+# no Chromium is on PATH.
+setup-chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "Chromium not found: install it (e.g. sudo apt-get install chromium) for the dashboard test"; \
 		exit 1; \
 	fi
 

@@ -60,13 +60,18 @@ impl Histogram {
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let micros = self.sum_micros.load(Ordering::Relaxed);
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(
             out,
-            "{name}_sum{{{labels}}} {}.{:06}",
+            "{name}_sum{braced} {}.{:06}",
             micros / 1_000_000,
             micros % 1_000_000
         );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let _ = writeln!(out, "{name}_count{braced} {count}");
     }
 }
 
