@@ -82,6 +82,8 @@ impl Vm {
                 return false;
             }
         };
+        // Before traffic: the lock that keeps workers from racing to create counters.
+        crate::ratelimit::prepare(host);
         let target = Target {
             cluster: config.settlement_cluster.clone(),
             timeout_ms: config.settlement_timeout_ms,

@@ -12,9 +12,11 @@
 //! deleted (proxy-wasm has no delete), so memory grows with the distinct clients and
 //! payers seen by one Envoy.
 //!
-//! Envoy creates a missing key unconditionally (a CAS of 0 always succeeds), so a
-//! new key is first created empty and then updated with CAS; two workers creating
-//! the same key within the same microseconds can at worst each start from empty.
+//! Envoy writes a missing key unconditionally (a CAS of 0 always succeeds), so two
+//! workers creating the same key at once could overwrite each other's first update.
+//! New keys are therefore created zeroed under one creation lock (a shared-data key
+//! made at configuration time, taken with CAS, expiring after [`CREATE_LOCK_NANOS`]
+//! should a VM die holding it), and only then updated with CAS.
 
 use crate::host::{Host, SharedDataError};
 use crate::policy::{FreeTier, RateLimit};
@@ -23,6 +25,50 @@ use crate::policy::{FreeTier, RateLimit};
 /// rather than stalled.
 const MAX_ATTEMPTS: usize = 64;
 const NANOS: u64 = 1_000_000_000;
+/// Shared-data key of the lock held while creating a counter key.
+pub const CREATE_LOCK: &str = "x402.create-lock";
+/// A creation lock older than this is free again.
+pub const CREATE_LOCK_NANOS: u64 = 1_000_000_000;
+const ZEROED: [u8; 16] = [0u8; 16];
+
+/// Creates the creation lock; called when the plugin is configured, before traffic, so
+/// workers never race to create it.
+pub fn prepare(host: &mut dyn Host) {
+    if host.get_shared_data(CREATE_LOCK).is_none() {
+        // Nothing to do on failure: creation then falls back to an unlocked write.
+        let _ = host.set_shared_data(CREATE_LOCK, &0u64.to_le_bytes(), 0);
+    }
+}
+
+fn create_unless_present(host: &mut dyn Host, key: &str) -> bool {
+    host.get_shared_data(key).is_some() || host.set_shared_data(key, &ZEROED, 0).is_ok()
+}
+
+/// Creates `key` zeroed if it does not exist, under the creation lock.
+fn create_zeroed(host: &mut dyn Host, key: &str, now_nanos: u64) -> bool {
+    for _ in 0..MAX_ATTEMPTS {
+        let Some((lock, cas)) = host.get_shared_data(CREATE_LOCK) else {
+            prepare(host);
+            continue;
+        };
+        if read_u64(Some(&lock), 0) > now_nanos {
+            // Another worker is creating a key: a few host calls, then it is free.
+            continue;
+        }
+        let until = now_nanos.saturating_add(CREATE_LOCK_NANOS);
+        if host
+            .set_shared_data(CREATE_LOCK, &until.to_le_bytes(), cas)
+            .is_err()
+        {
+            continue;
+        }
+        let created = create_unless_present(host, key);
+        // Only the holder writes a held lock, so releasing needs no CAS.
+        let _ = host.set_shared_data(CREATE_LOCK, &0u64.to_le_bytes(), 0);
+        return created;
+    }
+    create_unless_present(host, key)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitAnswer {
@@ -42,13 +88,14 @@ pub enum FreeTierAnswer {
 fn update_shared<R>(
     host: &mut dyn Host,
     key: &str,
+    now_nanos: u64,
     mut update: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, R),
 ) -> Option<R> {
     for _ in 0..MAX_ATTEMPTS {
         let Some((current, cas)) = host.get_shared_data(key) else {
             // Create it zeroed (no tokens spent, no free requests used), then go
             // round again to update it under CAS.
-            if host.set_shared_data(key, &[0u8; 16], 0).is_err() {
+            if !create_zeroed(host, key, now_nanos) {
                 return None;
             }
             continue;
@@ -100,7 +147,7 @@ pub fn take_token(
     limit: &RateLimit,
     now_nanos: u64,
 ) -> LimitAnswer {
-    let answer = update_shared(host, key, |current| {
+    let answer = update_shared(host, key, now_nanos, |current| {
         match gcra(limit, read_u64(current, 0), now_nanos) {
             Ok(tat) => (Some(tat.to_le_bytes().to_vec()), LimitAnswer::Allowed),
             Err(retry_after_seconds) => (
@@ -117,7 +164,7 @@ pub fn take_token(
 /// Uses one free request of the window at `key`, if any is left.
 pub fn take_free(host: &mut dyn Host, key: &str, tier: &FreeTier, now_secs: u64) -> FreeTierAnswer {
     let window = now_secs / tier.window_seconds.max(1);
-    let answer = update_shared(host, key, |current| {
+    let answer = update_shared(host, key, now_secs.saturating_mul(NANOS), |current| {
         let used = if read_u64(current, 0) == window && current.is_some() {
             read_u64(current, 8)
         } else {
@@ -192,6 +239,27 @@ mod tests {
             take_token(&mut host, "k", &l, now),
             LimitAnswer::Denied { .. }
         ));
+    }
+
+    #[test]
+    fn keys_are_created_under_the_creation_lock_which_is_then_free() {
+        let mut host = FakeHost::default();
+        prepare(&mut host);
+        let l = limit(2, 60);
+        assert_eq!(take_token(&mut host, "k", &l, NANOS), LimitAnswer::Allowed);
+        assert_eq!(host.shared_data[CREATE_LOCK].0, 0u64.to_le_bytes().to_vec());
+        // A lock left behind by a VM that died expires; creation then still happens.
+        host.shared_data.insert(
+            CREATE_LOCK.into(),
+            ((NANOS + CREATE_LOCK_NANOS).to_le_bytes().to_vec(), 999),
+        );
+        assert_eq!(take_token(&mut host, "k2", &l, NANOS), LimitAnswer::Allowed);
+        assert!(host.shared_data.contains_key("k2"));
+        assert_eq!(
+            take_token(&mut host, "k3", &l, 2 * NANOS + CREATE_LOCK_NANOS),
+            LimitAnswer::Allowed
+        );
+        assert_eq!(host.shared_data[CREATE_LOCK].0, 0u64.to_le_bytes().to_vec());
     }
 
     #[test]
