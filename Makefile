@@ -8,7 +8,7 @@ CARGO ?= cargo
 ENVOY := .venv/bin/envoy
 WASM_TARGET := wasm32-wasip1
 
-.PHONY: all test run lint fmt wasm build setup setup-rust setup-envoy setup-postgres setup-chromium setup-openapi-validator setup-manifest-validators clean-run
+.PHONY: all test run lint fmt wasm build faults fuzz setup setup-rust setup-envoy setup-postgres setup-chromium setup-openapi-validator setup-manifest-validators clean-run
 
 all: build
 
@@ -119,3 +119,29 @@ bench: setup setup-pgbench
 	$(CARGO) build --release -p x402-settlement -p x402-e2e -p x402-bench --bins
 	$(CARGO) build -p x402-filter --target $(WASM_TARGET) --profile wasm
 	timeout --kill-after=30 900 $(CARGO) run --release -q -p x402-bench --bin x402-bench
+
+## Reliability --------------------------------------------------------------------------
+.PHONY: faults fuzz setup-fuzz
+
+# The long fault run (see RELIABILITY.md): more payers, longer phases, every fault
+# X402_FAULT_ROUNDS times (default 3). The short run is part of `make test`.
+faults: setup build
+	$(CARGO) test -p x402-e2e --test faults -- --ignored --nocapture faults_long
+
+# Each fuzz target for FUZZ_SECONDS (default 60) from the seeds in fuzz/seeds/. libFuzzer
+# needs nightly compiler flags; RUSTC_BOOTSTRAP lets the stable toolchain pass them.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := payment_header filter_config price_expression
+
+setup-fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+
+fuzz: setup-fuzz
+	@cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p corpus/$$t && cp -n seeds/$$t/* corpus/$$t/ 2>/dev/null || true; \
+		echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 > fuzz-$$t.log 2>&1 \
+			|| { tail -40 fuzz-$$t.log; echo "$$t found a crash: see fuzz/artifacts/$$t"; exit 1; }; \
+		grep -E '^Done|stat::number_of_executed_units' fuzz-$$t.log; \
+	done
