@@ -350,13 +350,24 @@ fn on_priced_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<
         return decided;
     }
     if route.pricing.needs_request_body() && info.body_follows {
-        return (State::Buffering(Box::new(info)), vec![Effect::Pause]);
+        // Envoy delivers no body to a filter that holds the headers (proxy-wasm turns
+        // StopIteration on headers into StopAllIteration), so the headers go on, without
+        // any payment header, and the body is held until the price is known and paid.
+        // A refused request is reset before the upstream sees its body.
+        return (
+            State::Buffering(Box::new(info)),
+            vec![
+                Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE),
+                Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE_ALIAS),
+                Effect::Continue,
+            ],
+        );
     }
     price_request(config, route, info, None)
 }
 
 /// Buffers the body of a body-priced request up to the route's limit (413 above),
-/// then prices it like a request without body.
+/// then prices it.
 fn on_request_body(
     config: &Config,
     info: RequestInfo,
@@ -384,14 +395,8 @@ fn on_request_body(
     let Some(body) = body else {
         return (State::Buffering(Box::new(info)), vec![Effect::Pause]);
     };
-    let (state, mut effects) = price_request(config, route, info, Some(&body));
-    // The headers are already held: letting the request through means resuming it.
-    for effect in &mut effects {
-        if *effect == Effect::Continue {
-            *effect = Effect::Resume;
-        }
-    }
-    (state, effects)
+    // In a body callback `Continue` lets the buffered body go, `Pause` keeps holding it.
+    price_request(config, route, info, Some(&body))
 }
 
 /// Validates and prices the request, then challenges it or checks its proof and
