@@ -166,6 +166,21 @@ async fn settlement_down_fails_open_or_closed_per_route_and_charges_nothing() {
     assert_eq!(body["error"], "settlement_unavailable");
     assert_eq!(stack.upstream.served().count_path_prefix("/paid/open"), 1);
     assert_eq!(stack.upstream.served().count_path_prefix("/paid/closed"), 0);
+    // Free tiers and allow-lists need no settlement at all.
+    let free = stack.send_unpaid("GET", "/paid/free").await.unwrap();
+    assert_eq!(free.status, 200);
+    assert_eq!(
+        free.header("x-402-free-remaining"),
+        Some(&*(FREE_REQUESTS - 1).to_string())
+    );
+    let partner = stack
+        .http
+        .get(stack.url("/paid/partner"))
+        .header("x-partner-key", "k-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(partner.status().as_u16(), 200);
     // Recorded for review: counted (and logged as a warning).
     let stats = stack
         .http
