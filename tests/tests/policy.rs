@@ -126,6 +126,28 @@ async fn limits_and_free_tiers_are_exact_across_workers_and_allow_lists_pass_unp
         0
     );
 
+    // Both workers took connections, so the counts above were shared between two VMs.
+    let stats = stack
+        .http
+        .get(format!(
+            "http://127.0.0.1:{}/stats?filter=worker_.\\.downstream_cx_total",
+            stack.envoy.admin_port()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for worker in ["worker_0", "worker_1"] {
+        let accepted: u64 = stats
+            .lines()
+            .filter(|l| l.starts_with("listener.") && l.contains(worker))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert!(accepted > 0, "{worker} took no connection:\n{stats}");
+    }
+
     // Allow-list by header: passes unpaid with the right value only.
     let partner = stack
         .http
