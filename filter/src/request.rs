@@ -4,9 +4,12 @@
 //!
 //! ```text
 //! New --headers, unpriced--> Passthrough
+//! New --headers, allow-listed--> Passthrough; over the rate limit--> Replied (429)
+//! New --headers, within the free tier--> Free (+x-402-free-remaining)
 //! New --headers, bad/missing proof--> Replied (400 / 402)
 //! New --headers, proof passes the stateless checks--> Authorizing (Pause + Authorize)
 //! Authorizing --AUTHORIZED--> Paid (Resume)      --refused/unavailable--> Replied (402 / 503)
+//! Authorizing --unavailable, failure_mode open--> Passthrough (Resume, unpaid)
 //! Paid --response headers--> Paid (+payment-response) --stream end--> Finished (Capture / Void)
 //! Authorizing --stream end--> Abandoned --AUTHORIZED--> Finished (Void)
 //! ```
