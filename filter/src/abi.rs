@@ -256,8 +256,9 @@ impl Host for AbiHost {
         method: &str,
         message: &[u8],
         timeout_ms: u32,
+        metadata: &[(String, String)],
     ) -> Result<u32, CallFailed> {
-        let metadata = serialize_pairs(&[]);
+        let metadata = serialize_pairs(metadata);
         let mut token = 0u32;
         // SAFETY: every pointer/length pair describes a live buffer; `token` is a valid local.
         let status = unsafe {

@@ -37,6 +37,10 @@ pub struct RawConfig {
     /// Path answered with the discovery document (e.g. `/.well-known/x402`); off when unset.
     #[serde(default)]
     pub discovery_path: Option<String>,
+    /// Credential sent to settlement as `authorization: Bearer <token>` gRPC metadata
+    /// (settlement's `--dataplane-token`); none when unset.
+    #[serde(default)]
+    pub settlement_token: Option<String>,
     pub routes: Vec<RawRoute>,
 }
 
@@ -149,9 +153,21 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The data-plane credential; its `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SettlementToken(pub String);
+
+impl std::fmt::Debug for SettlementToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SettlementToken(..)")
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// Sent as `authorization: Bearer ...` metadata on every settlement call.
+    pub settlement_token: Option<SettlementToken>,
     /// Envoy cluster (HTTP/2) of the settlement service.
     pub settlement_cluster: String,
     pub settlement_timeout_ms: u32,
@@ -413,7 +429,19 @@ impl TryFrom<RawConfig> for Config {
                 )?,
             });
         }
+        if let Some(token) = &raw.settlement_token {
+            if token.is_empty()
+                || token.len() > 1024
+                || !token.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    "settlement_token",
+                    "must be 1-1024 printable ASCII characters without spaces",
+                ));
+            }
+        }
         Ok(Config {
+            settlement_token: raw.settlement_token.map(SettlementToken),
             settlement_cluster: raw.settlement_cluster,
             settlement_timeout_ms: raw.settlement_timeout_ms,
             network: raw.network,

@@ -91,6 +91,8 @@ pub struct Target {
     pub timeout_ms: u32,
     /// The root context calls are attributed to.
     pub root_context: u32,
+    /// gRPC metadata of every call (the settlement credential, when configured).
+    pub metadata: Vec<(String, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -366,6 +368,7 @@ fn call(
         rpc.method(),
         message,
         target.timeout_ms,
+        &target.metadata,
     );
     host.set_effective_context(current);
     match result {

@@ -47,6 +47,7 @@ pub trait Host {
         method: &str,
         message: &[u8],
         timeout_ms: u32,
+        metadata: &[(String, String)],
     ) -> Result<u32, CallFailed>;
     /// Body of the gRPC response being delivered right now.
     fn grpc_response(&self, size: usize) -> Option<Vec<u8>>;
@@ -93,6 +94,7 @@ pub enum Call {
         method: String,
         message: Vec<u8>,
         timeout_ms: u32,
+        metadata: Vec<(String, String)>,
     },
 }
 
@@ -214,6 +216,7 @@ impl Host for FakeHost {
         method: &str,
         message: &[u8],
         timeout_ms: u32,
+        metadata: &[(String, String)],
     ) -> Result<u32, CallFailed> {
         if self.fail_grpc {
             return Err(CallFailed);
@@ -228,6 +231,7 @@ impl Host for FakeHost {
             method: method.to_owned(),
             message: message.to_vec(),
             timeout_ms,
+            metadata: metadata.to_vec(),
         });
         Ok(token)
     }

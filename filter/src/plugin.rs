@@ -88,6 +88,11 @@ impl Vm {
             cluster: config.settlement_cluster.clone(),
             timeout_ms: config.settlement_timeout_ms,
             root_context: root_id,
+            metadata: config
+                .settlement_token
+                .iter()
+                .map(|t| ("authorization".to_owned(), format!("Bearer {}", t.0)))
+                .collect(),
         };
         let metrics = match self.plugins.remove(&root_id) {
             Some(old) => old.metrics,
