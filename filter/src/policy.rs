@@ -436,12 +436,6 @@ fn verified_payer(
     Some(p.payer.clone())
 }
 
-/// The payer key a proof claims, unverified: good enough to count requests by.
-fn claimed_payer(info: &RequestInfo) -> Option<String> {
-    let payment = wire::decode_payment(info.payment.as_deref()?).ok()?;
-    Some(payment.payload.payload.payer)
-}
-
 /// [`evaluate`] for the route `info` matches; unpriced requests have no policy.
 pub fn evaluate_request(
     host: &mut dyn Host,
@@ -477,8 +471,20 @@ pub fn evaluate(
         .map(|a| strip_port(&a).to_owned())
         .unwrap_or_default();
     let now_nanos = host.now_nanos();
+    // Counting by payer needs a genuine signature: otherwise anyone could spend a
+    // victim's rate limit or free requests by sending junk proofs with its public key.
+    let per_payer = policy.rate_limit.is_some()
+        || policy
+            .free_tier
+            .as_ref()
+            .is_some_and(|f| f.per == FreeTierKey::Payer);
+    let payer = if per_payer {
+        verified_payer(config, route, info)
+    } else {
+        None
+    };
     if let Some(limit) = &policy.rate_limit {
-        let identity = match claimed_payer(info) {
+        let identity = match &payer {
             Some(payer) => format!("payer:{payer}"),
             None => format!("client:{client}"),
         };
@@ -495,7 +501,7 @@ pub fn evaluate(
     if let Some(free) = &policy.free_tier {
         let identity = match free.per {
             FreeTierKey::Client => Some(format!("client:{client}")),
-            FreeTierKey::Payer => verified_payer(config, route, info).map(|p| format!("payer:{p}")),
+            FreeTierKey::Payer => payer.as_ref().map(|p| format!("payer:{p}")),
         };
         if let Some(identity) = identity {
             let key = format!("x402.ft.{}.{identity}", route.name);

@@ -414,3 +414,33 @@ fn a_route_timeout_bounds_the_settlement_call() {
     w.request(3, "/slow", "10.0.0.1", Some(proof(1, "/slow", 3, 30)), &[]);
     assert_eq!(timeout_of_last_call(&w), 2000);
 }
+
+#[test]
+fn junk_proofs_in_a_payers_name_spend_the_senders_limit_not_the_payers() {
+    let mut w = Workers::new(serde_json::json!([{
+        "name": "quote", "match": {"path_prefix": "/paid"}, "price": "0.01",
+        "rate_limit": {"max_requests": 2, "window_seconds": 60}
+    }]));
+    let forged = |nonce: u8| {
+        let mut p: PaymentPayload = wire::decode_header(&proof(1, "/paid", nonce, 30)).unwrap();
+        p.payload.signature = "00".repeat(64);
+        wire::encode_header(&p)
+    };
+    // The attacker's address runs out of tokens...
+    for ctx in [2, 4] {
+        w.request(ctx, "/paid", "10.6.6.6", Some(forged(ctx as u8)), &[]);
+    }
+    w.request(6, "/paid", "10.6.6.6", Some(forged(6)), &[]);
+    assert_eq!(w.reply_to(6).unwrap().0, 429);
+    // ...while the payer whose key it used still has its own two.
+    for ctx in [8, 10] {
+        w.request(
+            ctx,
+            "/paid",
+            "10.0.0.1",
+            Some(proof(1, "/paid", ctx as u8, 30)),
+            &[],
+        );
+        assert!(w.reply_to(ctx).is_none());
+    }
+}
