@@ -510,3 +510,224 @@ async fn malformed_oversized_and_non_atomic_inputs_are_refused_and_move_nothing(
     let report = assert_ledger_clean(&stack, &[receipt(&ok)]).await;
     eprintln!("{} cases, checker: {report}", cases.len() + 4);
 }
+
+/// Calls to settlement's gRPC APIs without the bearer token (or with a wrong one) are
+/// UNAUTHENTICATED and move nothing; the same calls with the token work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_data_plane_and_operator_calls_are_refused() {
+    use tonic::metadata::MetadataValue;
+    use tonic::transport::Channel;
+    use x402_e2e::settlement::Settlement;
+    use x402_proto::settlement::v1::data_plane_client::DataPlaneClient;
+    use x402_proto::settlement::v1::operator_client::OperatorClient;
+    use x402_proto::settlement::v1::{
+        AccountKind, AddKeyRequest, AuthorizeItem, AuthorizeOutcome, AuthorizeRequest, CaptureItem,
+        CaptureRequest, CreateAccountRequest, DepositRequest, GetBalanceRequest, PaymentProof,
+        VoidItem, VoidRequest,
+    };
+
+    const OPERATOR: &str = "operator-token-0123456789abcdef";
+    const DATAPLANE: &str = "dataplane-token-0123456789abcdef";
+    let url = tokio::task::spawn_blocking(x402_e2e::stack::fresh_database)
+        .await
+        .unwrap()
+        .unwrap();
+    let settlement = Settlement::start_with(
+        &url,
+        None,
+        &["--operator-token", OPERATOR, "--dataplane-token", DATAPLANE],
+    )
+    .await
+    .unwrap();
+    let channel = Channel::from_shared(settlement.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    fn with<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = token {
+            if let Ok(v) = MetadataValue::try_from(format!("Bearer {t}")) {
+                r.metadata_mut().insert("authorization", v);
+            }
+        }
+        r
+    }
+    let mut op = OperatorClient::new(channel.clone());
+    let mut dp = DataPlaneClient::new(channel);
+    fn refused(r: Result<(), tonic::Status>) -> bool {
+        matches!(r, Err(s) if s.code() == tonic::Code::Unauthenticated)
+    }
+
+    // Operator API: no token, a wrong token, the data plane's token.
+    for token in [None, Some("wrong"), Some(DATAPLANE)] {
+        let create = CreateAccountRequest {
+            account_id: "mallory".into(),
+            kind: AccountKind::Payer.into(),
+            ..Default::default()
+        };
+        assert!(
+            refused(op.create_account(with(create, token)).await.map(|_| ())),
+            "{token:?}"
+        );
+        let deposit = DepositRequest {
+            account_id: "mallory".into(),
+            asset: "USD".into(),
+            amount: 1_000_000,
+            idempotency_key: String::new(),
+        };
+        assert!(
+            refused(op.deposit(with(deposit, token)).await.map(|_| ())),
+            "{token:?}"
+        );
+    }
+
+    // Set up with the operator token: a merchant and a funded payer.
+    let key = x402_client::PayerKey::generate();
+    for (id, kind) in [
+        ("merchant-demo", AccountKind::Merchant),
+        ("alice", AccountKind::Payer),
+    ] {
+        let create = CreateAccountRequest {
+            account_id: id.into(),
+            kind: kind.into(),
+            ..Default::default()
+        };
+        op.create_account(with(create, Some(OPERATOR)))
+            .await
+            .unwrap();
+    }
+    let add_key = AddKeyRequest {
+        account_id: "alice".into(),
+        public_key: key.public_key_hex(),
+        ..Default::default()
+    };
+    op.add_key(with(add_key, Some(OPERATOR))).await.unwrap();
+    let deposit = DepositRequest {
+        account_id: "alice".into(),
+        asset: "USD".into(),
+        amount: 100_000,
+        idempotency_key: String::new(),
+    };
+    op.deposit(with(deposit, Some(OPERATOR))).await.unwrap();
+
+    let mut extra = serde_json::Map::new();
+    extra.insert("decimals".into(), 6.into());
+    let requirements = x402_client::wire::PaymentRequirements {
+        scheme: "exact".into(),
+        network: "402x-local".into(),
+        amount: PAID_PRICE.to_string(),
+        asset: "USD".into(),
+        pay_to: "merchant-demo".into(),
+        max_timeout_seconds: 60,
+        extra,
+    };
+    let item = |n: u32| {
+        let p = x402_client::sign_payment(
+            &key,
+            &requirements,
+            "GET 127.0.0.1:10000/paid/quote",
+            &x402_client::random_nonce_hex(),
+            unix_now() + 60,
+        )
+        .unwrap();
+        AuthorizeItem {
+            request_id: format!("req-{n}"),
+            proof: Some(PaymentProof {
+                scheme: p.accepted.scheme,
+                network: p.accepted.network,
+                asset: p.accepted.asset,
+                amount: p.accepted.amount,
+                pay_to: p.accepted.pay_to,
+                resource: p.payload.resource,
+                nonce: p.payload.nonce,
+                valid_before: p.payload.valid_before,
+                payer: p.payload.payer,
+                signature: p.payload.signature,
+            }),
+            hold_amount: PAID_PRICE,
+            route: "quote".into(),
+            hold_ttl_seconds: 60,
+        }
+    };
+
+    // Data plane: no token, a wrong one, the operator's token.
+    for token in [None, Some("wrong"), Some(OPERATOR)] {
+        let auth = AuthorizeRequest {
+            items: vec![item(1)],
+        };
+        assert!(
+            refused(dp.authorize(with(auth, token)).await.map(|_| ())),
+            "{token:?}"
+        );
+    }
+    // A real hold, then capture and void attempts without the token.
+    let held = dp
+        .authorize(with(
+            AuthorizeRequest {
+                items: vec![item(2)],
+            },
+            Some(DATAPLANE),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0);
+    assert_eq!(held.outcome, AuthorizeOutcome::Authorized as i32);
+    let tx = held.transaction_id.clone();
+    for token in [None, Some("wrong")] {
+        let capture = CaptureRequest {
+            items: vec![CaptureItem {
+                transaction_id: tx.clone(),
+                amount: PAID_PRICE,
+                upstream_micros: 1,
+                http_status: 200,
+            }],
+        };
+        assert!(refused(dp.capture(with(capture, token)).await.map(|_| ())));
+        let void = VoidRequest {
+            items: vec![VoidItem {
+                transaction_id: tx.clone(),
+                reason: "attack".into(),
+            }],
+        };
+        assert!(refused(dp.void(with(void, token)).await.map(|_| ())));
+    }
+    // The hold is still open and untouched; void it properly.
+    let void = VoidRequest {
+        items: vec![VoidItem {
+            transaction_id: tx.clone(),
+            reason: "test".into(),
+        }],
+    };
+    dp.void(with(void, Some(DATAPLANE))).await.unwrap();
+    let balance = op
+        .get_balance(with(
+            GetBalanceRequest {
+                account_id: "alice".into(),
+                asset: "USD".into(),
+            },
+            Some(OPERATOR),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(balance.available, 100_000);
+
+    let pool = x402_settlement::db::connect(&url, 2).await.unwrap();
+    let moved: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM transfers WHERE kind NOT IN ('deposit', 'hold', 'void')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(moved, 0, "nothing but the deposit, the hold and its void");
+    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts WHERE id = 'mallory'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(accounts, 0);
+    let report = check_ledger(&pool, CheckOptions::default()).await.unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
+}
