@@ -15,6 +15,8 @@ use x402_proto::settlement::v1::{
 };
 use x402_settlement::{db, server};
 
+mod ops_cli;
+
 #[derive(Parser)]
 #[command(
     name = "x402-settlement",
@@ -33,6 +35,14 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     server: String,
+    /// Operator token sent as `authorization: Bearer` by operator commands.
+    #[arg(
+        long,
+        global = true,
+        env = "X402_OPERATOR_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -74,6 +84,8 @@ enum Command {
     /// List or show payments.
     #[command(subcommand)]
     Payments(PaymentsCommand),
+    #[command(flatten)]
+    Ops(ops_cli::OpsCommand),
     /// Check every ledger invariant in the database; exits 1 on a violation.
     Check {
         #[arg(long, env = "DATABASE_URL")]
@@ -211,7 +223,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        command => operator(&cli.server, json, command).await,
+        command => operator(&cli.server, cli.token, json, command).await,
     }
 }
 
@@ -350,7 +362,7 @@ fn payment_text(p: &Payment) -> String {
     )
 }
 
-async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
+async fn operator(server: &str, token: Option<String>, json: bool, command: Command) -> Result<()> {
     let channel = Channel::from_shared(server.to_owned())
         .map_err(|e| anyhow!("invalid --server {server}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -358,7 +370,7 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
         .connect()
         .await
         .with_context(|| format!("connecting to settlement at {server}"))?;
-    let mut client = OperatorClient::new(channel);
+    let mut client = OperatorClient::with_interceptor(channel, ops_cli::Bearer(token));
     let status = |e: tonic::Status| anyhow!("{}: {}", e.code(), e.message());
     match command {
         Command::Account(AccountCommand::Create { id, kind }) => {
@@ -509,6 +521,7 @@ async fn operator(server: &str, json: bool, command: Command) -> Result<()> {
                 .into_inner();
             print(json, payment_json(&p), payment_text(&p));
         }
+        Command::Ops(ops) => ops_cli::run(&mut client, json, ops).await?,
         Command::Serve(_) | Command::Migrate { .. } | Command::Check { .. } => {
             bail!("not an operator command")
         }

@@ -30,7 +30,32 @@ pub struct Settlement {
     /// Holds the log (appended to across restarts).
     dir: ScratchDir,
     extra_args: Vec<String>,
+    /// Sent as `authorization: Bearer` on operator calls and by the CLI, when set.
+    operator_token: Option<String>,
 }
+
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| tonic::Status::invalid_argument("token is not a header value"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// The operator client of the harness (with the operator token when one is set).
+pub type OperatorApi =
+    OperatorClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 impl Settlement {
     /// Starts `x402-settlement serve` on a free port against `database_url` and waits
@@ -56,6 +81,7 @@ impl Settlement {
             bin: paths::settlement_bin()?,
             dir: ScratchDir::new("settlement")?,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            operator_token: None,
         };
         s.spawn_and_wait().await?;
         Ok(s)
@@ -173,14 +199,42 @@ impl Settlement {
     }
 
     /// A fresh Operator gRPC client.
-    pub async fn operator(&self) -> Result<OperatorClient<Channel>> {
+    /// Starts settlement requiring `operator_token` on the Operator API and
+    /// `dataplane_token` on the DataPlane API; the harness's clients send the former.
+    pub async fn start_secured(
+        database_url: &str,
+        operator_token: &str,
+        dataplane_token: &str,
+    ) -> Result<Settlement> {
+        let mut s = Settlement {
+            child: None,
+            port: free_port()?,
+            database_url: database_url.to_string(),
+            bin: paths::settlement_bin()?,
+            dir: ScratchDir::new("settlement")?,
+            extra_args: vec![
+                "--operator-token".into(),
+                operator_token.into(),
+                "--dataplane-token".into(),
+                dataplane_token.into(),
+            ],
+            operator_token: Some(operator_token.into()),
+        };
+        s.spawn_and_wait().await?;
+        Ok(s)
+    }
+
+    pub async fn operator(&self) -> Result<OperatorApi> {
         let channel = Endpoint::from_shared(self.url())?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
             .connect()
             .await
             .context("connecting to settlement")?;
-        Ok(OperatorClient::new(channel))
+        Ok(OperatorClient::with_interceptor(
+            channel,
+            Bearer(self.operator_token.clone()),
+        ))
     }
 
     pub async fn create_account(&self, account_id: &str, kind: AccountKind) -> Result<()> {
@@ -285,10 +339,13 @@ impl Settlement {
 
     /// Runs an operator CLI subcommand against this service (via `X402_SETTLEMENT_URL`).
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        Command::new(&self.bin)
-            .args(args)
-            .env("X402_SETTLEMENT_URL", self.url())
-            .output()
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).env("X402_SETTLEMENT_URL", self.url());
+        match &self.operator_token {
+            Some(token) => cmd.env("X402_OPERATOR_TOKEN", token),
+            None => cmd.env_remove("X402_OPERATOR_TOKEN"),
+        };
+        cmd.output()
             .with_context(|| format!("running x402-settlement {args:?}"))
     }
 }

@@ -149,6 +149,38 @@ impl Stack {
         })
     }
 
+    /// [`Stack::start`] with settlement requiring `operator_token` (sent by the
+    /// harness) and `dataplane_token` (sent by the filter as `settlement_token`).
+    pub async fn start_secured(
+        filter_config: &str,
+        operator_token: &str,
+        dataplane_token: &str,
+    ) -> Result<Stack> {
+        let mut config: serde_json::Value = serde_json::from_str(filter_config)?;
+        config["settlement_token"] = dataplane_token.into();
+        let database_url = fresh_database()?;
+        let settlement =
+            Settlement::start_secured(&database_url, operator_token, dataplane_token).await?;
+        settlement
+            .create_account(MERCHANT, AccountKind::Merchant)
+            .await?;
+        let upstream = Upstream::start()?;
+        let options = EnvoyOptions::new(upstream.port(), settlement.port(), &config.to_string());
+        let envoy = Envoy::start(options).await?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Stack {
+            envoy,
+            settlement,
+            upstream,
+            http,
+            payer_seq: AtomicU32::new(0),
+        })
+    }
+
     /// [`Stack::start`] with [`default_filter_config`].
     pub async fn start_default() -> Result<Stack> {
         Stack::start(&default_filter_config()).await

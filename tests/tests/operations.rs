@@ -1,0 +1,209 @@
+//! Operating a paid API end to end, with both settlement credentials on: a paid
+//! request through Envoy (the filter sends its `settlement_token`) shows up in the
+//! Watch stream, in analytics and as a signed webhook delivered to the merchant.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use x402_e2e::stack::{default_filter_config, Stack, MERCHANT, PAID_PRICE};
+use x402_proto::settlement::v1::{
+    AnalyticsBucket, AnalyticsRequest, ListWebhookDeliveriesRequest, SetWebhookRequest,
+    WatchRequest,
+};
+
+const OPERATOR_TOKEN: &str = "e2e-operator-token";
+const DATAPLANE_TOKEN: &str = "e2e-dataplane-token";
+const WEBHOOK_SECRET: &str = "e2e-webhook-secret-0123";
+
+type Received = Arc<Mutex<Vec<(HashMap<String, String>, String)>>>;
+
+/// A merchant's webhook endpoint on 127.0.0.1 that records every POST.
+async fn webhook_receiver() -> (String, Received) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received: Received = Arc::default();
+    let store = received.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let store = store.clone();
+                        async move {
+                            let headers = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                                .collect();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            store
+                                .lock()
+                                .unwrap()
+                                .push((headers, String::from_utf8_lossy(&body).into_owned()));
+                            Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::new(),
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/x402-events"), received)
+}
+
+#[tokio::test]
+async fn a_paid_request_reaches_watch_analytics_and_the_merchant_webhook() {
+    let stack = Stack::start_secured(&default_filter_config(), OPERATOR_TOKEN, DATAPLANE_TOKEN)
+        .await
+        .unwrap();
+    let (url, received) = webhook_receiver().await;
+    let mut op = stack.settlement.operator().await.unwrap();
+    op.set_webhook(SetWebhookRequest {
+        merchant: MERCHANT.into(),
+        url,
+        secret: WEBHOOK_SECRET.into(),
+        idempotency_key: "hook-setup".into(),
+    })
+    .await
+    .unwrap();
+    let mut events = op
+        .watch(WatchRequest {
+            merchant: MERCHANT.into(),
+            payer_account: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Without the operator token the API refuses.
+    let anonymous = tonic::transport::Channel::from_shared(stack.settlement.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let refused = x402_proto::settlement::v1::operator_client::OperatorClient::new(anonymous)
+        .list_assets(x402_proto::settlement::v1::ListAssetsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+    let (payer, key) = stack.new_payer(1_000_000).await.unwrap();
+    // The Watch subscription may start a moment after the call returns: pay until the
+    // stream shows this payer's capture.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut paid = Vec::new();
+    let captured = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no captured event for {payer}; logs:\n{}",
+            stack.logs()
+        );
+        let answer = stack.pay_get(&key, "/paid/quote").await.unwrap();
+        assert_eq!(answer.status, 200, "{}", stack.logs());
+        let receipt = answer.receipt.expect("a receipt");
+        paid.push(receipt.transaction.clone());
+        let mut found = None;
+        while let Ok(Ok(Some(e))) =
+            tokio::time::timeout(Duration::from_secs(3), events.message()).await
+        {
+            if e.r#type == "captured" && e.payer_account == payer {
+                found = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = found {
+            break e;
+        }
+    };
+    assert!(paid.contains(&captured.transaction_id));
+    assert_eq!(
+        (captured.amount, captured.route.as_str()),
+        (PAID_PRICE, "quote")
+    );
+    let n = paid.len() as u64;
+
+    // Analytics count every paid request, with the upstream time the filter reported.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = op
+            .get_analytics(AnalyticsRequest {
+                bucket: AnalyticsBucket::Minute as i32,
+                merchant: MERCHANT.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let t = a.totals.unwrap_or_default();
+        if t.captures == n {
+            assert_eq!((t.paid, t.revenue), (n, n * PAID_PRICE));
+            assert!(t.latency_p50_micros > 0);
+            assert_eq!(a.top_payers[0].payer_account, payer);
+            let quote = a.routes.iter().find(|r| r.route == "quote").unwrap();
+            assert_eq!(quote.revenue, n * PAID_PRICE);
+            break;
+        }
+        assert!(Instant::now() < deadline, "analytics: {t:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The merchant receives a signed payment.captured webhook per payment.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (received.lock().unwrap().len() as u64) < n {
+        assert!(
+            Instant::now() < deadline,
+            "webhooks: {:?}",
+            received.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hooks = received.lock().unwrap().clone();
+    let (headers, body) = hooks
+        .iter()
+        .find(|(_, b)| b.contains(&captured.transaction_id))
+        .unwrap()
+        .clone();
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(event["type"], "payment.captured");
+    assert_eq!(event["data"]["amount"], PAID_PRICE);
+    let ts: i64 = headers["x-402x-timestamp"].parse().unwrap();
+    assert_eq!(
+        headers["x-402x-signature"],
+        x402_settlement_signature(ts, &body)
+    );
+    let deliveries = op
+        .list_webhook_deliveries(ListWebhookDeliveriesRequest {
+            merchant: MERCHANT.into(),
+            page_size: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    let mine = deliveries
+        .iter()
+        .find(|d| d.event_id == event["id"].as_str().unwrap())
+        .unwrap();
+    // Delivery is recorded right after the receiver answered.
+    assert!(mine.attempts >= 1);
+    // The secret never reaches the logs.
+    assert!(!stack.logs().contains(WEBHOOK_SECRET));
+    assert!(!stack.logs().contains(DATAPLANE_TOKEN));
+}
+
+/// `t=<ts>,v1=hex(HMAC-SHA256(secret, "<ts>.<body>"))`, computed independently.
+fn x402_settlement_signature(ts: i64, body: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(format!("{ts}.{body}").as_bytes());
+    format!("t={ts},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
