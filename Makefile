@@ -115,7 +115,7 @@ setup-pgbench: setup-postgres
 # Release binaries, the wasm filter, then every scenario interleaved on loopback; results
 # in target/bench/results.{md,json}. BENCH_QUICK=1 for short rounds; the whole run is
 # bounded by `timeout`. See BENCHMARKS.md.
-bench: setup setup-pgbench
+bench: setup-rust setup-envoy setup-pgbench
 	$(CARGO) build --release -p x402-settlement -p x402-e2e -p x402-bench --bins
 	$(CARGO) build -p x402-filter --target $(WASM_TARGET) --profile wasm
 	timeout --kill-after=30 900 $(CARGO) run --release -q -p x402-bench --bin x402-bench

@@ -54,6 +54,8 @@ struct Settings {
     payers: usize,
     settlement_args: Vec<String>,
     peer_pool: u32,
+    /// `BENCH_ONLY`: scenario keys to run (comma-separated); empty = all.
+    only: Vec<String>,
 }
 
 impl Settings {
@@ -81,6 +83,14 @@ impl Settings {
                 .map(|v| v.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
             peer_pool: num("BENCH_PEER_POOL", 16).clamp(1, 190) as u32,
+            only: std::env::var("BENCH_ONLY")
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -342,6 +352,9 @@ async fn main() -> Result<()> {
     // --- interleaved rounds ----------------------------------------------------------
     for round in 0..settings.rounds {
         for scenario in Scenario::ALL {
+            if !settings.only.is_empty() && !settings.only.iter().any(|k| k == scenario.key()) {
+                continue;
+            }
             let before = procfs::sample(&tracked);
             let measured: Option<Measured> = match scenario {
                 Scenario::BareProxy => {
@@ -386,7 +399,7 @@ async fn main() -> Result<()> {
                 Scenario::PgbenchSpread | Scenario::PgbenchHot => match &pgbench {
                     Some(bin) => {
                         let hot = scenario == Scenario::PgbenchHot;
-                        let (tps, avg_us) = settle::run_pgbench(
+                        let (tps, avg_us, failed) = settle::run_pgbench(
                             bin,
                             &scripts[&hot],
                             pg.port(),
@@ -398,7 +411,7 @@ async fn main() -> Result<()> {
                         Some(Measured {
                             ok: n,
                             ok_all: n,
-                            errors: 0,
+                            errors: failed,
                             seconds: settings.duration.as_secs_f64(),
                             latencies_us: vec![avg_us as u32],
                             first_error: None,
@@ -446,7 +459,7 @@ async fn main() -> Result<()> {
 
     // --- added latency at half the paid path's capacity -----------------------------
     let paid_rate = report.median_rate(Scenario::PaidFlat).unwrap_or(0.0);
-    if paid_rate > 10.0 {
+    if paid_rate > 10.0 && report.median_rate(Scenario::BareProxy).is_some() {
         let rate = paid_rate * 0.5;
         report.half_load_rate = rate;
         for _ in 0..settings.rounds {
@@ -483,6 +496,7 @@ async fn main() -> Result<()> {
     report.settlement_calls = delta("cluster.settlement.upstream_rq_total");
     report.paid_requests = delta("wasmcustom.x402_requests_paid");
     report.elapsed_seconds = started.elapsed().as_secs_f64();
+    report.table_scans = table_scans(&database_url).await.unwrap_or_default();
 
     let out_dir = paths::workspace_root().join("target").join("bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -500,6 +514,23 @@ async fn main() -> Result<()> {
     drop((authz, plain, x402, peer, upstream, settlement));
     drop(pg);
     Ok(())
+}
+
+/// Sequential scans per ledger table over the whole run: a table read whole on the hot
+/// path shows up here first.
+async fn table_scans(database_url: &str) -> Result<Vec<(String, i64, i64, i64)>> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(database_url)
+        .await?;
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT relname::text, coalesce(seq_scan, 0), coalesce(seq_tup_read, 0), coalesce(idx_scan, 0) \
+         FROM pg_stat_user_tables ORDER BY seq_tup_read DESC",
+    )
+    .fetch_all(&pool)
+    .await?;
+    pool.close().await;
+    Ok(rows)
 }
 
 /// Counters of an Envoy's admin `/stats` (those that are plain integers).

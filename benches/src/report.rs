@@ -54,7 +54,7 @@ impl Scenario {
         }
     }
 
-    fn key(self) -> &'static str {
+    pub fn key(self) -> &'static str {
         match self {
             Scenario::BareProxy => "bare_proxy",
             Scenario::DirectResponse => "direct_response",
@@ -152,6 +152,8 @@ pub struct Report {
     pub settlement_calls: u64,
     pub paid_requests: u64,
     pub elapsed_seconds: f64,
+    /// (table, sequential scans, rows read by them, index scans) over the run.
+    pub table_scans: Vec<(String, i64, i64, i64)>,
 }
 
 /// One median row.
@@ -190,6 +192,7 @@ impl Report {
             settlement_calls: 0,
             paid_requests: 0,
             elapsed_seconds: 0.0,
+            table_scans: Vec::new(),
         }
     }
 
@@ -385,6 +388,26 @@ impl Report {
             "Memory: Envoy {} KiB RSS without the filter, {} KiB with it; filter .wasm {} bytes.",
             self.envoy_rss_kib, self.envoy_x402_rss_kib, self.wasm_bytes
         );
+        let scans: Vec<String> = self
+            .table_scans
+            .iter()
+            .filter(|t| t.1 > 0)
+            .map(|t| {
+                format!(
+                    "{} {} seq scans ({} rows read), {} index scans",
+                    t.0, t.1, t.2, t.3
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "Postgres tables read sequentially during the run: {}.",
+            if scans.is_empty() {
+                "none".to_string()
+            } else {
+                scans.join("; ")
+            }
+        );
         s
     }
 
@@ -427,6 +450,7 @@ impl Report {
             "envoy_x402_rss_kib": self.envoy_x402_rss_kib,
             "wasm_bytes": self.wasm_bytes,
             "elapsed_seconds": self.elapsed_seconds,
+            "table_scans": self.table_scans.iter().map(|t| json!({"table": t.0, "seq_scan": t.1, "seq_tup_read": t.2, "idx_scan": t.3})).collect::<Vec<_>>(),
         })
     }
 }

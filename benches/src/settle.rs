@@ -117,6 +117,8 @@ fn proof_id() -> String {
     x402_client::random_nonce_hex()[..8].to_owned()
 }
 
+// `..Default::default()` stays valid whether or not the proto has grown new fields.
+#[allow(clippy::needless_update)]
 async fn pair(
     client: &mut DataPlaneClient<Channel>,
     proof: PaymentProof,
@@ -130,6 +132,8 @@ async fn pair(
                 hold_amount: PRICE,
                 route: "bench".into(),
                 hold_ttl_seconds: 300,
+                // Fields added later (volume tiers, ...) keep their defaults.
+                ..Default::default()
             }],
         })
         .await?
@@ -157,7 +161,8 @@ async fn pair(
     }
 }
 
-/// The pgbench script: the ext_authz peer's statement with a random (or the hot) payer.
+/// The pgbench script: the ext_authz peer's statement (`x402-bench-extauthz`'s
+/// `DEBIT_SQL`, by account instead of key) with a random (or the hot) payer.
 pub fn pgbench_script(payers: usize, hot: bool) -> String {
     let pick = if hot {
         "\\set p 0\n".to_string()
@@ -165,10 +170,11 @@ pub fn pgbench_script(payers: usize, hot: bool) -> String {
         format!("\\set p random(0, {})\n", payers.saturating_sub(1))
     };
     format!(
-        "{pick}WITH nonce AS (INSERT INTO bench_peer_nonces (account_id, nonce) VALUES ('bench-payer-' || :p, md5(random()::text || clock_timestamp()::text)) RETURNING account_id) \
+        "{pick}WITH nonce AS (INSERT INTO bench_peer_nonces (account_id, nonce) VALUES ('bench-payer-' || :p, md5(random()::text || clock_timestamp()::text)) RETURNING account_id), \
+         locked AS (SELECT b.account_id FROM balances b, nonce WHERE b.asset = 'USD' AND b.account_id IN (nonce.account_id, '{m}') ORDER BY b.account_id FOR UPDATE OF b) \
          UPDATE balances b SET debits_posted = b.debits_posted + CASE WHEN b.account_id = '{m}' THEN 0 ELSE {PRICE} END, \
          credits_posted = b.credits_posted + CASE WHEN b.account_id = '{m}' THEN {PRICE} ELSE 0 END \
-         FROM nonce WHERE b.asset = 'USD' AND b.account_id IN (nonce.account_id, '{m}');\n",
+         FROM locked WHERE b.asset = 'USD' AND b.account_id = locked.account_id;\n",
         m = x402_e2e::stack::MERCHANT,
     )
 }
@@ -186,8 +192,8 @@ pub fn pgbench_bin(pg_bin: &Path) -> Option<std::path::PathBuf> {
     })
 }
 
-/// Runs pgbench for `duration` (plus its own connection setup) and returns the rate
-/// and average latency it reports.
+/// Runs pgbench for `duration` (plus its own connection setup) and returns the rate,
+/// the average latency and the failed transactions it reports.
 pub fn run_pgbench(
     bin: &Path,
     script: &Path,
@@ -195,7 +201,7 @@ pub fn run_pgbench(
     database: &str,
     concurrency: usize,
     duration: Duration,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, u64)> {
     let secs = duration.as_secs().max(1);
     let out = Command::new(bin)
         .args(["-n", "-h", "127.0.0.1", "-U", "postgres", "-p"])
@@ -231,5 +237,12 @@ pub fn run_pgbench(
     };
     let tps = field("tps").context("pgbench printed no tps")?;
     let latency_ms = field("latency average").unwrap_or(0.0);
-    Ok((tps, latency_ms * 1000.0))
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("number of failed transactions"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((tps, latency_ms * 1000.0, failed))
 }

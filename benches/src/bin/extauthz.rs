@@ -26,12 +26,17 @@ use pb::{CheckRequest, CheckResponse, RpcStatus};
 
 /// The single statement of the peer: record the nonce (unique per payer account) and
 /// move `amount` from the payer to the merchant. The payer's CHECK refuses overdrafts.
+/// The two balance rows are locked in key order first: updated in whatever order the
+/// plan reaches them, two requests of one payer deadlock (and wait a second for
+/// Postgres to notice).
 pub const DEBIT_SQL: &str = "WITH payer AS (SELECT account_id FROM payer_keys WHERE public_key = $1 AND revoked_at IS NULL), \
-     nonce AS (INSERT INTO bench_peer_nonces (account_id, nonce) SELECT account_id, $2 FROM payer RETURNING account_id) \
+     nonce AS (INSERT INTO bench_peer_nonces (account_id, nonce) SELECT account_id, $2 FROM payer RETURNING account_id), \
+     locked AS (SELECT b.account_id FROM balances b, nonce WHERE b.asset = $5 AND b.account_id IN (nonce.account_id, $4) \
+       ORDER BY b.account_id FOR UPDATE OF b) \
      UPDATE balances b SET \
        debits_posted = b.debits_posted + CASE WHEN b.account_id = $4 THEN 0 ELSE $3 END, \
        credits_posted = b.credits_posted + CASE WHEN b.account_id = $4 THEN $3 ELSE 0 END \
-     FROM nonce WHERE b.asset = $5 AND b.account_id IN (nonce.account_id, $4)";
+     FROM locked WHERE b.asset = $5 AND b.account_id = locked.account_id";
 
 #[derive(Parser, Debug)]
 struct Args {
