@@ -445,10 +445,10 @@ pub async fn query(pool: &PgPool, r: &AnalyticsRequest) -> Result<AnalyticsRespo
     };
     let from_hour = from - from.rem_euclid(3600);
     let payer_rows = sqlx::query(
-        "SELECT hour, payer, asset, payments, spent FROM ( \
-           SELECT extract(epoch FROM hour)::bigint AS hour, payer, merchant, asset, payments, spent \
-           FROM analytics_payer_hour WHERE hour >= to_timestamp($1) AND hour < to_timestamp($2) \
-             AND ($3::text IS NULL OR merchant = $3) AND ($4::text IS NULL OR asset = $4)) p",
+        "SELECT payer, asset, sum(payments)::bigint AS payments, sum(spent)::bigint AS spent \
+         FROM analytics_payer_hour WHERE hour >= to_timestamp($1) AND hour < to_timestamp($2) \
+           AND ($3::text IS NULL OR merchant = $3) AND ($4::text IS NULL OR asset = $4) \
+         GROUP BY payer, asset",
     )
     .bind(from_hour as f64)
     .bind(to as f64)
