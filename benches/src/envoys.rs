@@ -209,3 +209,56 @@ impl BenchEnvoy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    /// Envoy itself accepts both comparison configs (`--mode validate`).
+    fn validates(config: &str) {
+        let dir = ScratchDir::new("bench-validate").unwrap();
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, config).unwrap();
+        let out = Command::new(paths::envoy_bin().unwrap())
+            .args([
+                "--mode",
+                "validate",
+                "--disable-hot-restart",
+                "-l",
+                "error",
+                "-c",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "envoy refused:\n{config}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn plain_config_with_a_402_direct_response_is_valid() {
+        let headers = vec![
+            (
+                "payment-required".to_string(),
+                "eyJ4NDAyVmVyc2lvbiI6Mn0=".to_string(),
+            ),
+            ("content-type".to_string(), "application/json".to_string()),
+        ];
+        let body = r#"{"x402Version":2,"error":"payment_required","note":"it's \"quoted\""}"#;
+        let config = plain_config(19901, 19902, 19903, 19904, 402, body, &headers);
+        assert!(config.contains("status: 402"));
+        validates(&config);
+    }
+
+    #[test]
+    fn ext_authz_config_is_valid() {
+        let config = extauthz_config(19911, 19912, 19913, 19914);
+        assert!(config.contains("envoy.filters.http.ext_authz"));
+        validates(&config);
+    }
+}

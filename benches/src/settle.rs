@@ -246,3 +246,25 @@ pub fn run_pgbench(
         .unwrap_or(0);
     Ok((tps, latency_ms * 1000.0, failed))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn pgbench_scripts_lock_in_key_order_and_pick_the_right_payers() {
+        let spread = pgbench_script(10_000, false);
+        assert!(spread.starts_with("\\set p random(0, 9999)\n"));
+        let hot = pgbench_script(10_000, true);
+        assert!(hot.starts_with("\\set p 0\n"));
+        for script in [spread, hot] {
+            assert!(script.contains("ORDER BY b.account_id FOR UPDATE OF b"));
+            assert_eq!(
+                script.lines().count(),
+                2,
+                "pgbench reads one statement per line"
+            );
+        }
+    }
+}
