@@ -810,3 +810,82 @@ async fn webhooks_are_signed_retried_through_an_outage_and_survive_a_restart() {
     let (_, body) = rx.received.lock().unwrap()[1].clone();
     assert!(body.contains("payment.refunded"), "{body}");
 }
+
+// The CLI runs as a blocking child process: the server needs threads of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_every_new_operator_call_with_the_token() {
+    let h = start_with(ServerConfig {
+        operator_token: x402_settlement::auth::BearerToken::new(Some("cli-token-0001".into())),
+        ..ServerConfig::default()
+    })
+    .await;
+    let server = format!("http://{}", h.addr);
+    let cli = |token: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_x402-settlement"));
+        cmd.arg("--server")
+            .arg(&server)
+            .args(args)
+            .env_remove("X402_OPERATOR_TOKEN");
+        if let Some(t) = token {
+            cmd.arg("--token").arg(t);
+        }
+        cmd.output().unwrap()
+    };
+    let denied = cli(None, &["assets"]);
+    assert!(!denied.status.success());
+    let why = String::from_utf8_lossy(&denied.stderr);
+    assert!(why.contains("missing or wrong bearer token"), "{why}");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = cli(Some("cli-token-0001"), args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    json(&["--json", "asset-create", "--code", "JPY", "--decimals", "0"]);
+    let assets = json(&["--json", "assets"]);
+    assert!(assets["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["code"] == "JPY"));
+    json(&[
+        "--json",
+        "account",
+        "create",
+        "--id",
+        "cli-payer",
+        "--kind",
+        "payer",
+    ]);
+    let adjusted = json(&[
+        "--json",
+        "adjust",
+        "--account",
+        "cli-payer",
+        "--asset",
+        "JPY",
+        "--amount",
+        "700",
+        "--reason",
+        "welcome",
+    ]);
+    assert_eq!(adjusted["balance"]["available"], 700);
+    let balances = json(&["--json", "balances", "--account", "cli-payer"]);
+    assert_eq!(balances["balances"][0]["asset"], "JPY");
+    assert_eq!(balances["balances"][0]["decimals"], 0);
+    let accounts = json(&["--json", "accounts", "--kind", "payer"]);
+    assert_eq!(accounts["accounts"][0]["account_id"], "cli-payer");
+    let analytics = json(&["--json", "analytics", "--minutes", "5"]);
+    assert!(analytics["totals"]["requests"].is_u64());
+    // Tables for people.
+    let table = cli(
+        Some("cli-token-0001"),
+        &["balances", "--account", "cli-payer"],
+    );
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("ASSET"), "{text}");
+    assert!(text.contains("JPY"), "{text}");
+}
