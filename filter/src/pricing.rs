@@ -39,6 +39,22 @@ pub enum RawPricing {
     Expression(RawExpression),
     Graphql(RawGraphQl),
     TimeOfDay(RawTimeOfDay),
+    Volume(RawVolume),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVolume {
+    /// Ascending by `from_requests`, the first from 0; settlement picks the tier from
+    /// the payer's captured requests on this route this calendar month (UTC).
+    pub tiers: Vec<RawTier>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub from_requests: u64,
+    pub price: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -197,6 +213,8 @@ pub enum Model {
         default_price: Option<u64>,
     },
     Metered(Meter),
+    /// `(from_requests, price)` ascending; quoted by settlement at authorize time.
+    Volume(Vec<(u64, u64)>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -475,6 +493,29 @@ pub fn compile(
             }
             Model::TimeOfDay(windows)
         }
+        Some(RawPricing::Volume(v)) => {
+            let mut tiers: Vec<(u64, u64)> = Vec::with_capacity(v.tiers.len());
+            for (i, t) in v.tiers.into_iter().enumerate() {
+                let field = format!("pricing.volume.tiers[{i}]");
+                let first_ok = i > 0 || t.from_requests == 0;
+                let ascending = tiers.last().is_none_or(|(from, _)| t.from_requests > *from);
+                if !first_ok || !ascending {
+                    return Err((
+                        format!("{field}.from_requests"),
+                        "tiers start at 0 and ascend strictly".into(),
+                    ));
+                }
+                let price = atomic_price(&format!("{field}.price"), &t.price, decimals)?;
+                tiers.push((t.from_requests, price));
+            }
+            if tiers.iter().all(|(_, p)| *p == 0) {
+                return Err((
+                    "pricing.volume.tiers".into(),
+                    "needs at least one tier with a positive price".into(),
+                ));
+            }
+            Model::Volume(tiers)
+        }
     };
     let mut rules = Vec::with_capacity(validate.len());
     for (i, r) in validate.into_iter().enumerate() {
@@ -618,6 +659,8 @@ pub fn quote(
             scheme: "upto",
             amount: m.max_amount,
         }),
+        // The most any tier costs; settlement holds the payer's tier price.
+        Model::Volume(tiers) => Ok(exact(tiers.iter().map(|(_, p)| *p).max().unwrap_or(0))),
     }
 }
 
@@ -1091,6 +1134,28 @@ mod tests {
         assert_eq!(at(8 * 3600), 10_000);
         assert_eq!(at(18 * 3600), 20_000);
         assert_eq!(at(86_400 + 23 * 3600 + 3599), 20_000);
+    }
+
+    #[test]
+    fn volume_tiers_quote_the_highest_price_and_must_ascend() {
+        let p = compile_json(
+            serde_json::json!({"volume": {"tiers": [{"from_requests": 0, "price": "0.01"}, {"from_requests": 3, "price": "0.006"}]}}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.model, Model::Volume(vec![(0, 10_000), (3, 6_000)]));
+        assert_eq!(quote(&p, 0, 6, &request("")).unwrap().amount, 10_000);
+        let err = |v| compile_json(v, None).unwrap_err().0;
+        assert_eq!(
+            err(serde_json::json!({"volume": {"tiers": [{"from_requests": 1, "price": "0.01"}]}})),
+            "pricing.volume.tiers[0].from_requests"
+        );
+        assert_eq!(
+            err(
+                serde_json::json!({"volume": {"tiers": [{"from_requests": 0, "price": "0.01"}, {"from_requests": 0, "price": "0.02"}]}})
+            ),
+            "pricing.volume.tiers[1].from_requests"
+        );
     }
 
     #[test]

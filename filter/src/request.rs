@@ -14,7 +14,7 @@
 //! Authorizing --stream end--> Abandoned --AUTHORIZED--> Finished (Void)
 //! ```
 
-use x402_proto::settlement::v1::{AuthorizeItem, CaptureItem, PaymentProof, VoidItem};
+use x402_proto::settlement::v1::{AuthorizeItem, CaptureItem, PaymentProof, VoidItem, VolumeTier};
 use x402_proto::signing::resource_string;
 use x402_proto::wire::{
     self, ErrorBody, ErrorCode, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse,
@@ -97,7 +97,8 @@ pub enum Event {
     StreamEnd,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+// Not `Eq`: prost derives only `PartialEq` for `AuthorizeItem` (it has repeated messages).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// Let the request headers through now.
     Continue,
@@ -482,6 +483,16 @@ fn price_request(
         hold_amount: quote.amount,
         route: route.name.clone(),
         hold_ttl_seconds: config.hold_ttl_seconds,
+        volume_tiers: match &route.pricing.model {
+            pricing::Model::Volume(tiers) => tiers
+                .iter()
+                .map(|(from_requests, price)| VolumeTier {
+                    from_requests: *from_requests,
+                    price: *price,
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
     };
     let pending = Pending {
         route: route.name.clone(),

@@ -285,7 +285,28 @@ impl Ledger {
             return no(AuthorizeOutcome::NonceReused, "nonce was already used");
         }
 
-        let amount = to_i64(item.hold_amount)?;
+        let mut hold_amount = item.hold_amount;
+        if !item.volume_tiers.is_empty() {
+            // The payer's captured payments on this route since the start of this
+            // calendar month (UTC) pick the tier.
+            let used: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM transfers c JOIN transfers h ON h.id = c.pending_id \
+                 WHERE c.kind = 'capture' AND h.debit_account = $1 AND h.route = $2 \
+                   AND c.created_at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+            )
+            .bind(&payer_account)
+            .bind(&item.route)
+            .fetch_one(&mut *tx)
+            .await?;
+            let used = u64::try_from(used).unwrap_or(0);
+            hold_amount = item
+                .volume_tiers
+                .iter()
+                .rev()
+                .find(|(from, _)| *from <= used)
+                .map_or(item.hold_amount, |(_, price)| *price);
+        }
+        let amount = to_i64(hold_amount)?;
         ensure_balance(&mut tx, &accepted.pay_to, &accepted.asset).await?;
         // The hold row goes in before the balance rows are locked, so the locks (the
         // payer's, and the merchant's that every hold shares) are held only for the
@@ -355,7 +376,7 @@ impl Ledger {
             request_id: item.request_id.clone(),
             outcome: AuthorizeOutcome::Authorized as i32,
             transaction_id,
-            held_amount: item.hold_amount,
+            held_amount: hold_amount,
             payer_account,
             message: String::new(),
         })

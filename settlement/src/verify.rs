@@ -26,6 +26,8 @@ pub struct CheckedAuthorize {
     pub hold_amount: u64,
     pub route: String,
     pub hold_ttl_seconds: u32,
+    /// Volume tiers `(from_requests, price)`, ascending; empty for a fixed hold.
+    pub volume_tiers: Vec<(u64, u64)>,
     /// Whether the signature verified; reported only after the key checks, so the
     /// outcomes follow the documented order.
     pub signature_valid: bool,
@@ -119,6 +121,11 @@ pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, Authori
         hold_amount: item.hold_amount,
         route: item.route.clone(),
         hold_ttl_seconds,
+        volume_tiers: item
+            .volume_tiers
+            .iter()
+            .map(|t| (t.from_requests, t.price.min(item.hold_amount)))
+            .collect(),
         signature_valid,
         request_hash,
     })
@@ -188,6 +195,7 @@ mod tests {
             hold_amount: 1,
             route: "r".into(),
             hold_ttl_seconds: 0,
+            volume_tiers: Vec::new(),
         }
     }
 

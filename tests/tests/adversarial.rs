@@ -648,6 +648,7 @@ async fn unauthenticated_data_plane_and_operator_calls_are_refused() {
             hold_amount: PAID_PRICE,
             route: "quote".into(),
             hold_ttl_seconds: 60,
+            volume_tiers: Vec::new(),
         }
     };
 

@@ -49,6 +49,8 @@ fn pricing_config() -> String {
                   { "field": "size", "allowed": ["small", "large"] }
               ],
               "max_request_body_bytes": 1024 },
+            { "name": "volume", "match": { "path_prefix": "/paid/volume" },
+              "pricing": { "volume": { "tiers": [ { "from_requests": 0, "price": "0.01" }, { "from_requests": 2, "price": "0.004" } ] } } },
             { "name": "by-hour", "match": { "path_prefix": "/paid/by-hour" },
               "price": "0.004",
               "pricing": { "time_of_day": { "windows": [ { "from_hour": 0, "to_hour": 12, "price": "0.003" } ] } } }
@@ -353,6 +355,25 @@ async fn prices_computed_from_the_request_are_exact_and_bad_requests_cost_nothin
         .wait_for_settled_balance(&account, expect(charged))
         .await
         .unwrap();
+
+    // Volume tiers quoted by settlement: the first two paid requests this month cost
+    // 0.01, from the third on 0.004; the challenge states the most it can cost.
+    let challenge = stack
+        .send_unpaid("GET", "/paid/volume")
+        .await
+        .unwrap()
+        .challenge()
+        .unwrap();
+    assert_eq!(challenge.accepts[0].amount, "10000");
+    for tier_price in [10_000u64, 10_000, 4_000, 4_000] {
+        let paid = pay(&stack, &key, Method::GET, "/paid/volume", None).await;
+        assert_eq!(paid.status.as_u16(), 200);
+        assert_eq!(paid.receipt.unwrap().amount, tier_price.to_string());
+        stack
+            .wait_for_settled_balance(&account, expect(tier_price))
+            .await
+            .unwrap();
+    }
 
     // Refusals before any charge: each names the field, and nothing is held.
     let payments_before = stack.settlement.payments_of(&account).await.unwrap().len();

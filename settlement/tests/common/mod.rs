@@ -267,6 +267,7 @@ pub fn item(request_id: &str, proof: PaymentProof, hold_amount: u64) -> Authoriz
         hold_amount,
         route: "quote".into(),
         hold_ttl_seconds: 300,
+        volume_tiers: Vec::new(),
     }
 }
 
