@@ -82,6 +82,7 @@ invalid_fixture_tests!(
     validate_bad_field_path,
     validate_empty_allowed,
     request_body_limit_zero,
+    pricing_volume_tiers_not_ascending,
 );
 
 #[test]

@@ -57,6 +57,10 @@ pub const INVALID: &[(&str, &str)] = &[
     ("validate_bad_field_path", "routes[0].validate[0].field"),
     ("validate_empty_allowed", "routes[0].validate[0].allowed"),
     ("request_body_limit_zero", "routes[0].max_request_body_bytes"),
+    (
+        "pricing_volume_tiers_not_ascending",
+        "routes[0].pricing.volume.tiers[1].from_requests",
+    ),
 ];
 
 pub const VALID: &[&str] = &["minimal", "no_routes", "full", "policy", "pricing"];
