@@ -293,8 +293,10 @@ async fn notify(
     Ok(())
 }
 
-/// Announces authorize outcomes (not part of a money transaction: the hold already
-/// committed) and records them for analytics, in two statements per call.
+/// Records authorize outcomes for analytics in one statement per batch. They are not
+/// announced on the event channel: at full load that doubled the work of every
+/// authorization for a feed whose readers care about money that moved (captures,
+/// voids, expiries, refunds).
 pub async fn record_authorizations(pool: &PgPool, items: &[Authorization]) {
     if items.is_empty() {
         return;
@@ -320,33 +322,6 @@ pub async fn record_authorizations(pool: &PgPool, items: &[Authorization]) {
     .await;
     if let Err(e) = inserted {
         tracing::warn!(error = %e, "recording authorize analytics failed");
-    }
-    let bodies: Vec<String> = items
-        .iter()
-        .filter(|a| a.event == "authorized")
-        .map(|a| {
-            Event {
-                kind: "authorized",
-                transaction_id: &a.transaction_id,
-                payer: &a.payer,
-                merchant: &a.merchant,
-                asset: &a.asset,
-                route: &a.route,
-                amount: a.amount,
-            }
-            .json()
-            .to_string()
-        })
-        .collect();
-    if !bodies.is_empty() {
-        let sent = sqlx::query("SELECT count(pg_notify($1, b)) FROM unnest($2::text[]) b")
-            .bind(CHANNEL)
-            .bind(&bodies)
-            .execute(pool)
-            .await;
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, "announcing authorizations failed");
-        }
     }
 }
 
@@ -393,6 +368,12 @@ pub async fn listen(
     sender: broadcast::Sender<PaymentEvent>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // LISTEN holds its connection for good: take it from a pool of its own so the
+    // request pool keeps every connection it was sized with.
+    let options = (*pool.connect_options()).clone();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options);
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
