@@ -611,9 +611,9 @@ async fn watch_streams_events_and_analytics_count_them() {
     );
     assert_eq!(captured.route, "quote");
 
-    // A replayed request id is one more call; analytics must account for every call.
-    let replay = h.authorize(paid(&p, "w-0", 1_000)).await;
-    assert_eq!(outcome(&replay), AuthorizeOutcome::Authorized);
+    // One refused call (more than the payer has); analytics must account for every call.
+    let refused = h.authorize(paid(&p, "w-too-much", 10_000_000)).await;
+    assert_eq!(outcome(&refused), AuthorizeOutcome::InsufficientFunds);
     let n = paid_txs.len() as u64;
     let a = wait_for_analytics(&h, |a| {
         a.totals
@@ -622,6 +622,7 @@ async fn watch_streams_events_and_analytics_count_them() {
     })
     .await;
     let t = a.totals.unwrap();
+    assert_eq!((t.paid, t.refused), (n, 1));
     assert_eq!(t.revenue, 900 * n);
     assert_eq!(t.upstream_errors, 1);
     assert!(t.latency_p50_micros >= 3_000, "{t:?}");
