@@ -23,10 +23,14 @@ use crate::request::AuthorizeAnswer;
 pub const SERVICE: &str = "x402.settlement.v1.DataPlane";
 /// Most items in one call.
 pub const MAX_BATCH: usize = 64;
-/// Sends of one capture or void before it is left to expire.
-pub const MAX_RESOLVE_ATTEMPTS: u32 = 4;
-/// Delay before the n-th resend of a capture or void: n times this.
+/// Sends of one capture or void before it is left to expire. A lost capture is revenue
+/// the merchant never gets, so the filter keeps trying for about half a minute (a
+/// settlement restart) before it leaves the hold to expire.
+pub const MAX_RESOLVE_ATTEMPTS: u32 = 12;
+/// Delay before the n-th resend of a capture or void: n times this, at most
+/// [`MAX_RETRY_BACKOFF_NANOS`].
 pub const RETRY_BACKOFF_NANOS: u64 = 500_000_000;
+pub const MAX_RETRY_BACKOFF_NANOS: u64 = 5_000_000_000;
 /// gRPC status code OK.
 pub const GRPC_OK: u32 = 0;
 /// gRPC status reported for a call the host never finished.
@@ -418,8 +422,10 @@ fn requeue<T>(
             );
             continue;
         }
-        r.not_before_nanos =
-            now.saturating_add(RETRY_BACKOFF_NANOS.saturating_mul(u64::from(r.attempts)));
+        let backoff = RETRY_BACKOFF_NANOS
+            .saturating_mul(u64::from(r.attempts))
+            .min(MAX_RETRY_BACKOFF_NANOS);
+        r.not_before_nanos = now.saturating_add(backoff);
         queue.push_back(r);
     }
 }
