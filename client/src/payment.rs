@@ -208,7 +208,7 @@ mod tests {
     fn requirement(scheme: &str, amount: &str) -> PaymentRequirements {
         PaymentRequirements {
             scheme: scheme.into(),
-            network: "402x-local".into(),
+            network: "402x:local".into(),
             amount: amount.into(),
             asset: "USD".into(),
             pay_to: "merchant-demo".into(),
@@ -429,7 +429,7 @@ mod tests {
         let receipt = SettleResponse {
             success: true,
             transaction: "tx-1".into(),
-            network: "402x-local".into(),
+            network: "402x:local".into(),
             payer: "ab".repeat(32),
             amount: "10000".into(),
             error_reason: None,
@@ -463,12 +463,12 @@ mod tests {
         ];
         let (chosen, amount) = choose_requirement(
             &accepts,
-            &Budget::max_per_request(25_000).with_networks(["402x-local"]),
+            &Budget::max_per_request(25_000).with_networks(["402x:local"]),
         )
         .unwrap();
         assert_eq!((chosen.scheme.as_str(), amount), ("upto", 20_000));
         let (chosen, amount) =
-            choose_requirement(&accepts, &Budget::unlimited().with_networks(["402x-local"]))
+            choose_requirement(&accepts, &Budget::unlimited().with_networks(["402x:local"]))
                 .unwrap();
         assert_eq!((chosen.scheme.as_str(), amount), ("exact", 30_000));
         let (chosen, _) = choose_requirement(&accepts, &Budget::unlimited()).unwrap();

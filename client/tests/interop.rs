@@ -58,16 +58,16 @@ fn decode_with_x402_core(input: &Value) -> Value {
 
 /// The filter's challenge for `network`, a proof for it and a receipt, as header values,
 /// plus the JSON our side encoded.
-fn exchange(network: &str) -> (Value, Value) {
-    let config = Config::from_json(
-        json!({
-            "settlement_cluster": "settlement", "pay_to": "merchant-demo", "network": network,
-            "routes": [{"name": "quote", "match": {"path_prefix": "/paid"}, "price": "0.01", "description": "A quote"}]
-        })
-        .to_string()
-        .as_bytes(),
-    )
-    .unwrap();
+fn exchange(network: Option<&str>) -> (Value, Value) {
+    let mut raw = json!({
+        "settlement_cluster": "settlement", "pay_to": "merchant-demo",
+        "routes": [{"name": "quote", "match": {"path_prefix": "/paid"}, "price": "0.01", "description": "A quote"}]
+    });
+    if let Some(network) = network {
+        raw["network"] = network.into();
+    }
+    let config = Config::from_json(raw.to_string().as_bytes()).unwrap();
+    let network = config.network.clone();
     let input = ChallengeInput {
         scheme: "http".into(),
         authority: "127.0.0.1:10000".into(),
@@ -91,7 +91,7 @@ fn exchange(network: &str) -> (Value, Value) {
     let receipt = SettleResponse {
         success: true,
         transaction: "6c0e0d2a".into(),
-        network: network.into(),
+        network,
         payer: key.public_key_hex(),
         amount: "10000".into(),
         error_reason: None,
@@ -116,8 +116,8 @@ fn x402_core_decodes_and_accepts_our_challenge_proof_and_receipt() {
         println!("skipped: `node` is not installed, so @x402/core cannot run");
         return;
     }
-    // A CAIP-2 style network id (`namespace:reference`), as x402 v2 asks for.
-    let (headers, ours) = exchange("x402x:local");
+    // The filter's default network id is CAIP-2 (`namespace:reference`), as x402 v2 asks.
+    let (headers, ours) = exchange(None);
     let decoded = decode_with_x402_core(&headers);
     // Field for field, what the independent decoder read is what we encoded.
     assert_eq!(decoded["challenge"], ours["challenge"]);
@@ -141,8 +141,8 @@ fn a_network_id_without_a_namespace_is_the_only_thing_x402_core_objects_to() {
         println!("skipped: `node` is not installed, so @x402/core cannot run");
         return;
     }
-    // The default network `402x-local` is not CAIP-2; everything else still passes.
-    let (headers, ours) = exchange("402x-local");
+    // An operator-chosen id without a namespace is not CAIP-2; everything else still passes.
+    let (headers, ours) = exchange(Some("402x-local"));
     let decoded = decode_with_x402_core(&headers);
     assert_eq!(decoded["challenge"], ours["challenge"]);
     assert_eq!(decoded["payment"], ours["payment"]);

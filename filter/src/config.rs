@@ -100,7 +100,7 @@ fn default_settlement_timeout_ms() -> u32 {
     2000
 }
 fn default_network() -> String {
-    "402x-local".to_owned()
+    "402x:local".to_owned()
 }
 fn default_asset() -> String {
     "USD".to_owned()
@@ -476,7 +476,7 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let c = Config::from_json(minimal().to_string().as_bytes()).unwrap();
         assert_eq!(c.settlement_timeout_ms, 2000);
-        assert_eq!(c.network, "402x-local");
+        assert_eq!(c.network, "402x:local");
         assert_eq!(c.asset, "USD");
         assert_eq!(c.asset_decimals, 6);
         assert_eq!(c.max_timeout_seconds, 60);

@@ -135,7 +135,7 @@ fn proof(seed: u8, path: &str, nonce: u8, valid_for: u64) -> String {
         x402_version: 2,
         accepted: PaymentRequirements {
             scheme: "exact".into(),
-            network: "402x-local".into(),
+            network: "402x:local".into(),
             amount: "10000".into(),
             asset: "USD".into(),
             pay_to: "merchant-demo".into(),

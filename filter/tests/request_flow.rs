@@ -160,7 +160,7 @@ fn payload(method: &str, path: &str, nonce_byte: u8) -> PaymentPayload {
         x402_version: 2,
         accepted: PaymentRequirements {
             scheme: "exact".into(),
-            network: "402x-local".into(),
+            network: "402x:local".into(),
             amount: "10000".into(),
             asset: "USD".into(),
             pay_to: "merchant-demo".into(),
@@ -239,7 +239,7 @@ fn a_request_without_proof_gets_the_challenge() {
             r.amount.as_str(),
             r.asset.as_str()
         ),
-        ("exact", "402x-local", "10000", "USD")
+        ("exact", "402x:local", "10000", "USD")
     );
     assert_eq!(r.pay_to, "merchant-demo");
     assert_eq!(r.max_timeout_seconds, 60);
@@ -404,7 +404,7 @@ fn a_paid_request_is_authorized_resumed_receipted_and_captured() {
             receipt.network.as_str(),
             receipt.amount.as_str()
         ),
-        ("tx-0", "402x-local", "10000")
+        ("tx-0", "402x:local", "10000")
     );
     assert_eq!(receipt.payer, p.payload.payer);
 

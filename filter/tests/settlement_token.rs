@@ -42,7 +42,7 @@ fn authorize_metadata(token: Option<&str>) -> Vec<(String, String)> {
         x402_version: 2,
         accepted: PaymentRequirements {
             scheme: "exact".into(),
-            network: "402x-local".into(),
+            network: "402x:local".into(),
             amount: "10000".into(),
             asset: "USD".into(),
             pay_to: "merchant-demo".into(),

@@ -65,7 +65,7 @@ fn main() {
             x402_version: 2,
             accepted: PaymentRequirements {
                 scheme: scheme.into(),
-                network: "402x-local".into(),
+                network: "402x:local".into(),
                 amount: amount.into(),
                 asset: if seed_byte == 3 {
                     "CREDIT".into()

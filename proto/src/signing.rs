@@ -148,7 +148,7 @@ mod tests {
     fn fields() -> SignedFields<'static> {
         SignedFields {
             scheme: "exact",
-            network: "402x-local",
+            network: "402x:local",
             asset: "USD",
             amount: "10000",
             pay_to: "merchant-demo",
@@ -163,7 +163,7 @@ mod tests {
         let bytes = fields().canonical_bytes().unwrap();
         assert_eq!(
             String::from_utf8(bytes).unwrap(),
-            "x402x-payment-v1\nscheme=exact\nnetwork=402x-local\nasset=USD\namount=10000\npayTo=merchant-demo\nresource=GET api.example.com/v1/quote?sym=ABC\nnonce=00112233445566778899aabbccddeeff\nvalidBefore=1900000000\n"
+            "x402x-payment-v1\nscheme=exact\nnetwork=402x:local\nasset=USD\namount=10000\npayTo=merchant-demo\nresource=GET api.example.com/v1/quote?sym=ABC\nnonce=00112233445566778899aabbccddeeff\nvalidBefore=1900000000\n"
         );
     }
 

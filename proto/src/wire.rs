@@ -363,7 +363,7 @@ mod tests {
             x402_version: 2,
             accepted: PaymentRequirements {
                 scheme: "exact".into(),
-                network: "402x-local".into(),
+                network: "402x:local".into(),
                 amount: "10000".into(),
                 asset: "USD".into(),
                 pay_to: "merchant-demo".into(),

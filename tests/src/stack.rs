@@ -27,7 +27,7 @@ use crate::upstream::Upstream;
 /// The merchant every stack is seeded with (`pay_to` of [`default_filter_config`]).
 pub const MERCHANT: &str = "merchant-demo";
 pub const ASSET: &str = "USD";
-pub const NETWORK: &str = "402x-local";
+pub const NETWORK: &str = "402x:local";
 /// Price of `/paid` and `/status` in [`default_filter_config`]: 0.01 USD.
 pub const PAID_PRICE: u64 = 10_000;
 /// Price of the `named` Envoy route in [`default_filter_config`]: 0.02 USD.

@@ -615,7 +615,7 @@ async fn unauthenticated_data_plane_and_operator_calls_are_refused() {
     extra.insert("decimals".into(), 6.into());
     let requirements = x402_client::wire::PaymentRequirements {
         scheme: "exact".into(),
-        network: "402x-local".into(),
+        network: "402x:local".into(),
         amount: PAID_PRICE.to_string(),
         asset: "USD".into(),
         pay_to: "merchant-demo".into(),

@@ -183,7 +183,7 @@ pub fn now() -> u64 {
 pub fn requirement(amount: &str) -> PaymentRequirements {
     PaymentRequirements {
         scheme: "exact".into(),
-        network: "402x-local".into(),
+        network: "402x:local".into(),
         amount: amount.into(),
         asset: "USD".into(),
         pay_to: "merchant-demo".into(),

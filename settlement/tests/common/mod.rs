@@ -238,7 +238,7 @@ pub fn signed_proof(payer: &Payer, t: &Terms) -> PaymentProof {
     let valid_before = t.valid_before.to_string();
     let fields = SignedFields {
         scheme: "exact",
-        network: "402x-local",
+        network: "402x:local",
         asset: ASSET,
         amount: &amount,
         pay_to: &t.pay_to,
@@ -248,7 +248,7 @@ pub fn signed_proof(payer: &Payer, t: &Terms) -> PaymentProof {
     };
     PaymentProof {
         scheme: "exact".into(),
-        network: "402x-local".into(),
+        network: "402x:local".into(),
         asset: ASSET.into(),
         signature: sign_hex(&payer.key, &fields).unwrap(),
         amount: amount.clone(),
