@@ -380,6 +380,10 @@ impl Host for AbiHost {
             _ => Err(SharedDataError::Failed),
         }
     }
+
+    fn trap(&mut self) {
+        core::arch::wasm32::unreachable()
+    }
 }
 
 /// A gRPC token and its outcome, as [`Vm::on_grpc_result`] takes them.

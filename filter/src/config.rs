@@ -41,6 +41,11 @@ pub struct RawConfig {
     /// (settlement's `--dataplane-token`); none when unset.
     #[serde(default)]
     pub settlement_token: Option<String>,
+    /// Test only: a request carrying this header (lowercase name) makes the VM trap,
+    /// so fault tests can prove Envoy's `failure_policy: FAIL_RELOAD` reloads it.
+    /// Never set in production; off when unset.
+    #[serde(default)]
+    pub debug_crash_on_header: Option<String>,
     pub routes: Vec<RawRoute>,
 }
 
@@ -186,6 +191,8 @@ pub struct Config {
     pub verify_signatures_in_filter: bool,
     /// Where [`crate::discovery`] answers; `None` turns discovery off.
     pub discovery_path: Option<String>,
+    /// Test only: the lowercase header name whose presence traps the VM.
+    pub debug_crash_on_header: Option<String>,
     pub routes: Vec<Route>,
 }
 
@@ -334,6 +341,17 @@ impl TryFrom<RawConfig> for Config {
         if let Some(path) = &raw.discovery_path {
             check_path("discovery_path".to_owned(), path)?;
         }
+        if let Some(name) = &raw.debug_crash_on_header {
+            let token = |b: u8| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+            };
+            if name.is_empty() || name.len() > 256 || !name.bytes().all(token) {
+                return Err(invalid(
+                    "debug_crash_on_header",
+                    "must be a lowercase HTTP header name (token characters, no ':' pseudo-headers)",
+                ));
+            }
+        }
         if raw.routes.len() > MAX_ROUTES {
             return Err(ConfigError::TooManyRoutes);
         }
@@ -454,6 +472,7 @@ impl TryFrom<RawConfig> for Config {
             capture_below_status: raw.capture_below_status,
             verify_signatures_in_filter: raw.verify_signatures_in_filter,
             discovery_path: raw.discovery_path,
+            debug_crash_on_header: raw.debug_crash_on_header,
             routes,
         })
     }

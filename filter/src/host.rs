@@ -63,6 +63,9 @@ pub trait Host {
     /// Writes `key` if its CAS token is still `cas` (0 writes unconditionally).
     fn set_shared_data(&mut self, key: &str, value: &[u8], cas: u32)
         -> Result<(), SharedDataError>;
+    /// Stops the VM at once with a wasm trap; Envoy's `failure_policy` decides what
+    /// follows. Only the test-only `debug_crash_on_header` switch calls it.
+    fn trap(&mut self);
 }
 
 /// A recorded call on [`FakeHost`].
@@ -128,6 +131,8 @@ pub struct FakeHost {
     pub shared_data_interference: Option<(String, Vec<u8>)>,
     /// When set, shared-data writes fail.
     pub shared_data_broken: bool,
+    /// Set by `trap` (the real host never returns from it).
+    pub trapped: bool,
 }
 
 impl FakeHost {
@@ -299,5 +304,9 @@ impl Host for FakeHost {
         self.shared_data
             .insert(key.to_owned(), (value.to_vec(), self.shared_data_cas));
         Ok(())
+    }
+
+    fn trap(&mut self) {
+        self.trapped = true;
     }
 }

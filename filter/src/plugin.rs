@@ -141,6 +141,15 @@ impl Vm {
         let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
             return Action::Continue;
         };
+        // Test-only fault switch: the real host never returns from `trap`.
+        let crash_header = self
+            .plugins
+            .get(&root_id)
+            .and_then(|p| p.config.debug_crash_on_header.as_deref());
+        if crash_header.is_some_and(|name| host.request_header(name).is_some()) {
+            host.trap();
+            return Action::Pause;
+        }
         let mut info = read_request(host);
         info.body_follows = body_follows;
         if let Some(plugin) = self.plugins.get(&root_id) {

@@ -83,6 +83,7 @@ invalid_fixture_tests!(
     validate_empty_allowed,
     request_body_limit_zero,
     pricing_volume_tiers_not_ascending,
+    debug_crash_header_uppercase,
 );
 
 #[test]

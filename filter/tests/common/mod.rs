@@ -36,31 +36,80 @@ pub const INVALID: &[(&str, &str)] = &[
     ("failure_mode_unknown", "routes[0].failure_mode"),
     ("timeout_ms_zero", "routes[0].timeout_ms"),
     ("pricing_unknown_model", "per_minute"),
-    ("pricing_zero_max_units", "routes[0].pricing.per_second.max_units"),
-    ("pricing_negative_unit_price", "routes[0].pricing.per_kb.unit_price"),
-    ("pricing_unit_price_rounds_to_zero", "routes[0].pricing.per_token.unit_price"),
-    ("pricing_max_amount_too_large", "routes[0].pricing.per_token.max_units"),
-    ("pricing_bad_usage_header", "routes[0].pricing.per_token.tokens_from.header"),
-    ("pricing_relative_json_pointer", "routes[0].pricing.per_token.tokens_from.json_pointer"),
-    ("pricing_relative_items_pointer", "routes[0].pricing.per_item.items_pointer"),
-    ("pricing_expression_unknown_function", "routes[0].pricing.expression.expr"),
-    ("pricing_expression_type_error", "routes[0].pricing.expression.expr"),
-    ("pricing_expression_syntax_error", "routes[0].pricing.expression.expr"),
-    ("pricing_graphql_bad_field", "routes[0].pricing.graphql.fields[\"user\"]"),
-    ("pricing_graphql_nothing_priced", "routes[0].pricing.graphql.fields"),
-    ("pricing_time_window_empty", "routes[0].pricing.time_of_day.windows[0]"),
-    ("pricing_time_window_past_midnight", "routes[0].pricing.time_of_day.windows[0]"),
-    ("pricing_time_windows_overlap", "routes[0].pricing.time_of_day.windows[1]"),
+    (
+        "pricing_zero_max_units",
+        "routes[0].pricing.per_second.max_units",
+    ),
+    (
+        "pricing_negative_unit_price",
+        "routes[0].pricing.per_kb.unit_price",
+    ),
+    (
+        "pricing_unit_price_rounds_to_zero",
+        "routes[0].pricing.per_token.unit_price",
+    ),
+    (
+        "pricing_max_amount_too_large",
+        "routes[0].pricing.per_token.max_units",
+    ),
+    (
+        "pricing_bad_usage_header",
+        "routes[0].pricing.per_token.tokens_from.header",
+    ),
+    (
+        "pricing_relative_json_pointer",
+        "routes[0].pricing.per_token.tokens_from.json_pointer",
+    ),
+    (
+        "pricing_relative_items_pointer",
+        "routes[0].pricing.per_item.items_pointer",
+    ),
+    (
+        "pricing_expression_unknown_function",
+        "routes[0].pricing.expression.expr",
+    ),
+    (
+        "pricing_expression_type_error",
+        "routes[0].pricing.expression.expr",
+    ),
+    (
+        "pricing_expression_syntax_error",
+        "routes[0].pricing.expression.expr",
+    ),
+    (
+        "pricing_graphql_bad_field",
+        "routes[0].pricing.graphql.fields[\"user\"]",
+    ),
+    (
+        "pricing_graphql_nothing_priced",
+        "routes[0].pricing.graphql.fields",
+    ),
+    (
+        "pricing_time_window_empty",
+        "routes[0].pricing.time_of_day.windows[0]",
+    ),
+    (
+        "pricing_time_window_past_midnight",
+        "routes[0].pricing.time_of_day.windows[0]",
+    ),
+    (
+        "pricing_time_windows_overlap",
+        "routes[0].pricing.time_of_day.windows[1]",
+    ),
     ("pricing_price_with_meter", "routes[0].price"),
     ("pricing_missing_price", "routes[0].price"),
     ("validate_rule_without_check", "routes[0].validate[0]"),
     ("validate_bad_field_path", "routes[0].validate[0].field"),
     ("validate_empty_allowed", "routes[0].validate[0].allowed"),
-    ("request_body_limit_zero", "routes[0].max_request_body_bytes"),
+    (
+        "request_body_limit_zero",
+        "routes[0].max_request_body_bytes",
+    ),
     (
         "pricing_volume_tiers_not_ascending",
         "routes[0].pricing.volume.tiers[1].from_requests",
     ),
+    ("debug_crash_header_uppercase", "debug_crash_on_header"),
 ];
 
 pub const VALID: &[&str] = &["minimal", "no_routes", "full", "policy", "pricing"];

@@ -1,0 +1,180 @@
+//! The filter VM crashes and Envoy's `failure_policy: FAIL_RELOAD` brings it back: the
+//! test-only `debug_crash_on_header` switch makes the VM trap on a request carrying
+//! that header. The crashing request gets a non-2xx answer in bounded time, the
+//! paywall never opens (unpaid requests during and after the reload are refused),
+//! paid requests work again without restarting Envoy, the payer is charged exactly
+//! the successful paid requests, a proof sent with the crashing request is not
+//! consumed, and the ledger invariant checker finds nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use x402_e2e::stack::{default_filter_config, Stack, PAID_PRICE};
+use x402_proto::wire::{encode_header, HEADER_PAYMENT_SIGNATURE};
+use x402_settlement::check::{check_ledger, check_paid_responses, CheckOptions, PaidResponse};
+
+const CRASH_HEADER: &str = "x-debug-crash";
+const PATH: &str = "/paid/quote?sym=ABC";
+/// Any request without an answer after this is a hang.
+const ANSWER_LIMIT: Duration = Duration::from_secs(15);
+/// How long the VM may take to come back after the crash.
+const RELOAD_LIMIT: Duration = Duration::from_secs(30);
+
+fn crashing_config() -> String {
+    let mut config: serde_json::Value = serde_json::from_str(&default_filter_config()).unwrap();
+    config["debug_crash_on_header"] = CRASH_HEADER.into();
+    config.to_string()
+}
+
+/// Sends GET `PATH` with `headers`; `Ok(status)`, or `Err` when the connection was
+/// refused or reset instead of answered. Panics if nothing came within the limit.
+async fn send(stack: &Stack, headers: &[(&str, String)]) -> Result<u16, String> {
+    let mut request = stack.http.get(stack.url(PATH));
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let started = Instant::now();
+    match tokio::time::timeout(ANSWER_LIMIT, request.send()).await {
+        Ok(Ok(response)) => {
+            let status = response.status().as_u16();
+            // Read the body too: the answer is complete, not just its headers.
+            let _ = tokio::time::timeout(ANSWER_LIMIT, response.bytes()).await;
+            Ok(status)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => panic!(
+            "no answer within {ANSWER_LIMIT:?} (sent {:?} ago)\n{}",
+            started.elapsed(),
+            stack.logs()
+        ),
+    }
+}
+
+/// Pays for `PATH` once; the receipt when the answer was a paid 200.
+async fn paid_once(stack: &Stack, key: &x402_client::PayerKey) -> Option<PaidResponse> {
+    let answer = tokio::time::timeout(ANSWER_LIMIT, stack.pay_get(key, PATH))
+        .await
+        .unwrap_or_else(|_| panic!("paid request hung\n{}", stack.logs()));
+    let answer = answer.ok()?;
+    if answer.status.as_u16() != 200 {
+        // A failed request must not have been charged.
+        assert!(answer.paid.is_none(), "{:?}", answer.status);
+        return None;
+    }
+    let receipt = answer.receipt.expect("a paid 200 carries a receipt");
+    Some(PaidResponse {
+        transaction: receipt.transaction,
+        amount: receipt.amount.parse().unwrap(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_vm_is_reloaded_and_nothing_is_charged_twice_or_lost() {
+    let stack = Stack::start(&crashing_config()).await.unwrap();
+    let funds = 1_000_000;
+    let (payer, key) = stack.new_payer(funds).await.unwrap();
+    let mut paid: Vec<PaidResponse> = Vec::new();
+
+    // Before the crash: the paywall and the paid path work.
+    assert_eq!(send(&stack, &[]).await, Ok(402), "{}", stack.logs());
+    paid.push(
+        paid_once(&stack, &key)
+            .await
+            .unwrap_or_else(|| panic!("paid request failed\n{}", stack.logs())),
+    );
+
+    // The crash, with a valid proof on it, and an unpaid request at the same time.
+    let proof = stack.signed_proof(&key, "GET", PATH, PAID_PRICE).unwrap();
+    let crash_headers = [
+        (CRASH_HEADER, "1".to_owned()),
+        (HEADER_PAYMENT_SIGNATURE, encode_header(&proof)),
+    ];
+    let (crashed, unpaid_during) = tokio::join!(send(&stack, &crash_headers), send(&stack, &[]));
+    eprintln!("crashing request: {crashed:?}; unpaid request beside it: {unpaid_during:?}");
+    if let Ok(status) = crashed {
+        assert!(
+            !(200..300).contains(&status),
+            "the crashing request was let through: {status}"
+        );
+    }
+    if let Ok(status) = unpaid_during {
+        assert!(
+            !(200..300).contains(&status),
+            "an unpaid request got through during the crash: {status}"
+        );
+    }
+
+    // After the reload: unpaid requests are challenged again (never let through while
+    // the VM comes back), and paid requests succeed, without restarting Envoy.
+    let started = Instant::now();
+    let mut unpaid_statuses = Vec::new();
+    loop {
+        let status = send(&stack, &[]).await;
+        unpaid_statuses.push(status.clone());
+        if let Ok(s) = status {
+            assert!(
+                !(200..300).contains(&s),
+                "an unpaid request got through after the crash: {unpaid_statuses:?}"
+            );
+        }
+        if status == Ok(402) {
+            break;
+        }
+        assert!(
+            started.elapsed() < RELOAD_LIMIT,
+            "the filter did not come back: {unpaid_statuses:?}\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut attempts = 0;
+    let after = loop {
+        attempts += 1;
+        if let Some(receipt) = paid_once(&stack, &key).await {
+            break receipt;
+        }
+        assert!(
+            started.elapsed() < RELOAD_LIMIT,
+            "paid requests did not work again after {attempts} attempts\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    paid.push(after);
+    eprintln!(
+        "reloaded: unpaid answers {unpaid_statuses:?}, paid after {attempts} attempt(s), {:?} after the crash",
+        started.elapsed()
+    );
+
+    // The proof the crashed VM saw was never held: it pays, once, now.
+    let reused = tokio::time::timeout(ANSWER_LIMIT, stack.send_with_payment("GET", PATH, &proof))
+        .await
+        .unwrap_or_else(|_| panic!("reused proof hung\n{}", stack.logs()))
+        .unwrap();
+    assert_eq!(
+        reused.status,
+        200,
+        "{}\n{}",
+        reused.body_text(),
+        stack.logs()
+    );
+    let receipt = x402_client::parse_receipt(&reused.headers).expect("a receipt");
+    paid.push(PaidResponse {
+        transaction: receipt.transaction,
+        amount: receipt.amount.parse().unwrap(),
+    });
+
+    // Exactly the successful paid requests are charged, each once.
+    stack
+        .wait_for_settled_balance(&payer, (funds - paid.len() as u64 * PAID_PRICE) as i64)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
+    let pool = x402_settlement::db::connect(stack.settlement.database_url(), 2)
+        .await
+        .unwrap();
+    let report = check_ledger(&pool, CheckOptions::default()).await.unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
+    let violations = check_paid_responses(&pool, &paid, false).await.unwrap();
+    assert!(violations.is_empty(), "{violations:?}");
+}
