@@ -36,18 +36,7 @@ fn proof_of(key: &PayerKey, resource: &str) -> Result<PaymentProof> {
         &x402_client::random_nonce_hex(),
         x402_e2e::stack::unix_now() + 60,
     )?;
-    Ok(PaymentProof {
-        scheme: p.accepted.scheme,
-        network: p.accepted.network,
-        asset: p.accepted.asset,
-        amount: p.accepted.amount,
-        pay_to: p.accepted.pay_to,
-        resource: p.payload.resource,
-        nonce: p.payload.nonce,
-        valid_before: p.payload.valid_before,
-        payer: p.payload.payer,
-        signature: p.payload.signature,
-    })
+    Ok(p.into())
 }
 
 /// Authorize + capture pairs for `duration` after `warmup`; `hot` puts every pair on

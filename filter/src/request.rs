@@ -14,7 +14,7 @@
 //! Authorizing --stream end--> Abandoned --AUTHORIZED--> Finished (Void)
 //! ```
 
-use x402_proto::settlement::v1::{AuthorizeItem, CaptureItem, PaymentProof, VoidItem, VolumeTier};
+use x402_proto::settlement::v1::{AuthorizeItem, CaptureItem, VoidItem, VolumeTier};
 use x402_proto::signing::resource_string;
 use x402_proto::wire::{
     self, ErrorBody, ErrorCode, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse,
@@ -465,21 +465,10 @@ fn price_request(
             Effect::Count(Metric::Rejected, 1),
         ]);
     }
-    let p = payment.payload;
+    let payer = payment.payload.payload.payer.clone();
     let item = AuthorizeItem {
         request_id: info.request_id,
-        proof: Some(PaymentProof {
-            scheme: p.accepted.scheme,
-            network: p.accepted.network,
-            asset: p.accepted.asset,
-            amount: p.accepted.amount,
-            pay_to: p.accepted.pay_to,
-            resource: p.payload.resource,
-            nonce: p.payload.nonce,
-            valid_before: p.payload.valid_before,
-            payer: p.payload.payer.clone(),
-            signature: p.payload.signature,
-        }),
+        proof: Some(payment.payload.into()),
         hold_amount: quote.amount,
         route: route.name.clone(),
         hold_ttl_seconds: config.hold_ttl_seconds,
@@ -497,7 +486,7 @@ fn price_request(
     let pending = Pending {
         route: route.name.clone(),
         price: quote.amount,
-        payer: p.payload.payer,
+        payer,
         challenge,
         quote,
         meter: route.pricing.meter().map(|m| Box::new(m.clone())),

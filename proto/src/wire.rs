@@ -304,6 +304,25 @@ impl PaymentPayload {
     }
 }
 
+impl From<PaymentPayload> for crate::settlement::v1::PaymentProof {
+    /// The signed fields as settlement's data-plane API carries them, verbatim, so
+    /// settlement rebuilds exactly the bytes the payer signed.
+    fn from(p: PaymentPayload) -> Self {
+        Self {
+            scheme: p.accepted.scheme,
+            network: p.accepted.network,
+            asset: p.accepted.asset,
+            amount: p.accepted.amount,
+            pay_to: p.accepted.pay_to,
+            resource: p.payload.resource,
+            nonce: p.payload.nonce,
+            valid_before: p.payload.valid_before,
+            payer: p.payload.payer,
+            signature: p.payload.signature,
+        }
+    }
+}
+
 /// Decodes a `PAYMENT-SIGNATURE` header and checks its syntax: version 2, every
 /// signed field present and well formed, amounts and times exact integers.
 /// Semantic checks (price, payTo, expiry, resource) belong to the caller.

@@ -174,24 +174,12 @@ pub fn unix_now() -> u64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use x402_proto::settlement::v1::PaymentProof;
 
     fn item_from_vector(v: &x402_proto::vectors::Vector) -> AuthorizeItem {
         let p = &v.payload;
         AuthorizeItem {
             request_id: format!("req-{}", v.name),
-            proof: Some(PaymentProof {
-                scheme: p.accepted.scheme.clone(),
-                network: p.accepted.network.clone(),
-                asset: p.accepted.asset.clone(),
-                amount: p.accepted.amount.clone(),
-                pay_to: p.accepted.pay_to.clone(),
-                resource: p.payload.resource.clone(),
-                nonce: p.payload.nonce.clone(),
-                valid_before: p.payload.valid_before.clone(),
-                payer: p.payload.payer.clone(),
-                signature: p.payload.signature.clone(),
-            }),
+            proof: Some(p.clone().into()),
             hold_amount: 1,
             route: "r".into(),
             hold_ttl_seconds: 0,

@@ -522,8 +522,8 @@ async fn unauthenticated_data_plane_and_operator_calls_are_refused() {
     use x402_proto::settlement::v1::operator_client::OperatorClient;
     use x402_proto::settlement::v1::{
         AccountKind, AddKeyRequest, AuthorizeItem, AuthorizeOutcome, AuthorizeRequest, CaptureItem,
-        CaptureRequest, CreateAccountRequest, DepositRequest, GetBalanceRequest, PaymentProof,
-        VoidItem, VoidRequest,
+        CaptureRequest, CreateAccountRequest, DepositRequest, GetBalanceRequest, VoidItem,
+        VoidRequest,
     };
 
     const OPERATOR: &str = "operator-token-0123456789abcdef";
@@ -633,18 +633,7 @@ async fn unauthenticated_data_plane_and_operator_calls_are_refused() {
         .unwrap();
         AuthorizeItem {
             request_id: format!("req-{n}"),
-            proof: Some(PaymentProof {
-                scheme: p.accepted.scheme,
-                network: p.accepted.network,
-                asset: p.accepted.asset,
-                amount: p.accepted.amount,
-                pay_to: p.accepted.pay_to,
-                resource: p.payload.resource,
-                nonce: p.payload.nonce,
-                valid_before: p.payload.valid_before,
-                payer: p.payload.payer,
-                signature: p.payload.signature,
-            }),
+            proof: Some(p.into()),
             hold_amount: PAID_PRICE,
             route: "quote".into(),
             hold_ttl_seconds: 60,
