@@ -252,59 +252,6 @@ impl Drop for Upstream {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-
-    #[tokio::test]
-    async fn echoes_answers_chosen_statuses_and_counts_what_it_served() {
-        let upstream = Upstream::start().unwrap();
-        let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        let base = format!("http://127.0.0.1:{}", upstream.port());
-
-        let echo = http
-            .post(format!("{base}/paid/quote?sym=ABC"))
-            .header(HEADER_PAYMENT_SIGNATURE, "x")
-            .body("12345")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(echo.status().as_u16(), 200);
-        let json: serde_json::Value = echo.json().await.unwrap();
-        assert_eq!(json["method"], "POST");
-        assert_eq!(json["path"], "/paid/quote");
-        assert_eq!(json["query"], "sym=ABC");
-        assert_eq!(json["body_bytes"], 5);
-        assert_eq!(json["payment_header_seen"], true);
-        assert_eq!(json["quote"]["symbol"], "ABC");
-
-        assert_eq!(
-            http.get(format!("{base}/status/503"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16(),
-            503
-        );
-        assert_eq!(
-            http.get(format!("{base}/status/abc"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16(),
-            400
-        );
-
-        assert_eq!(upstream.served().total(), 3);
-        assert_eq!(upstream.served().count_path_prefix("/status/"), 2);
-        assert_eq!(upstream.served().count_path_prefix("/paid"), 1);
-        assert_eq!(upstream.served().requests()[0], "POST /paid/quote?sym=ABC");
-    }
-}
-
 /// A response body that is either complete or streamed chunk by chunk, so tests see
 /// responses that reach Envoy in several pieces.
 pub enum UpstreamBody {
@@ -433,5 +380,58 @@ pub async fn metered(request: Request<Incoming>, served: &Served) -> Response<Up
             StatusCode::NOT_FOUND,
             &serde_json::json!({ "error": "no such metered endpoint" }),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[tokio::test]
+    async fn echoes_answers_chosen_statuses_and_counts_what_it_served() {
+        let upstream = Upstream::start().unwrap();
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let base = format!("http://127.0.0.1:{}", upstream.port());
+
+        let echo = http
+            .post(format!("{base}/paid/quote?sym=ABC"))
+            .header(HEADER_PAYMENT_SIGNATURE, "x")
+            .body("12345")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(echo.status().as_u16(), 200);
+        let json: serde_json::Value = echo.json().await.unwrap();
+        assert_eq!(json["method"], "POST");
+        assert_eq!(json["path"], "/paid/quote");
+        assert_eq!(json["query"], "sym=ABC");
+        assert_eq!(json["body_bytes"], 5);
+        assert_eq!(json["payment_header_seen"], true);
+        assert_eq!(json["quote"]["symbol"], "ABC");
+
+        assert_eq!(
+            http.get(format!("{base}/status/503"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            503
+        );
+        assert_eq!(
+            http.get(format!("{base}/status/abc"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            400
+        );
+
+        assert_eq!(upstream.served().total(), 3);
+        assert_eq!(upstream.served().count_path_prefix("/status/"), 2);
+        assert_eq!(upstream.served().count_path_prefix("/paid"), 1);
+        assert_eq!(upstream.served().requests()[0], "POST /paid/quote?sym=ABC");
     }
 }
