@@ -182,7 +182,9 @@ impl AbiHost {
             return None;
         }
         let bytes = take_host_buffer(data, size).unwrap_or_default();
-        String::from_utf8(bytes).ok()
+        // A value that is not UTF-8 is still a value: hiding it would make a garbled
+        // payment header look like no payment at all (402) instead of malformed (400).
+        Some(String::from_utf8_lossy(&bytes).into_owned())
     }
 }
 

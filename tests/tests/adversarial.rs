@@ -423,8 +423,8 @@ async fn malformed_oversized_and_non_atomic_inputs_are_refused_and_move_nothing(
         }
     }
 
-    // Header bytes that are not UTF-8 at all (sent raw): the host hands the filter no
-    // readable value, so the request is treated as unpaid and gets the challenge.
+    // Header bytes that are not UTF-8 at all (sent raw): malformed, like any other
+    // undecodable payment header.
     let raw = reqwest::header::HeaderValue::from_bytes(b"eyJ\xff\xfe").unwrap();
     let a = Answer::read(
         stack
@@ -442,7 +442,7 @@ async fn malformed_oversized_and_non_atomic_inputs_are_refused_and_move_nothing(
         a.status,
         a.error_code().unwrap_or_default()
     ));
-    if (a.status, a.error_code().as_deref()) != (402, Some("payment_required")) {
+    if (a.status, a.error_code().as_deref()) != (400, Some("malformed_payment")) {
         failures.push(format!("raw non-UTF-8 header: got {}", a.status));
     }
 
