@@ -208,6 +208,7 @@ async fn the_dashboard_shows_the_ledger_numbers() {
     let profile = std::env::temp_dir().join(format!("x402-dashboard-{}", std::process::id()));
     let browser = chromium();
     let page = format!("{base}/dashboard#token={TOKEN}");
+    let profile_arg = format!("--user-data-dir={}", profile.display());
     let dom = tokio::task::spawn_blocking(move || {
         Command::new(browser)
             .args([
@@ -219,7 +220,7 @@ async fn the_dashboard_shows_the_ledger_numbers() {
                 "--disable-component-update",
                 "--disable-sync",
                 "--disable-dev-shm-usage",
-                &format!("--user-data-dir={}", profile.display()),
+                &profile_arg,
                 "--virtual-time-budget=8000",
                 "--dump-dom",
                 &page,
@@ -229,6 +230,8 @@ async fn the_dashboard_shows_the_ledger_numbers() {
     })
     .await
     .unwrap();
+    // The browser profile is scratch: leave nothing behind in the temp dir.
+    let _ = std::fs::remove_dir_all(&profile);
     let html = String::from_utf8_lossy(&dom.stdout).into_owned();
     assert!(
         html.contains("data-loaded=\"true\""),
