@@ -117,6 +117,23 @@ impl Envoy {
     /// Renders the template and starts Envoy; returns once the admin `/ready` says LIVE
     /// and the listener accepts connections.
     pub async fn start(options: EnvoyOptions) -> Result<Envoy> {
+        // A port that was free when picked can be taken by a parallel test before Envoy
+        // binds it; with ports of our own choosing, pick again.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(&options).await {
+                Err(e)
+                    if attempt < 3
+                        && options.listen_port == 0
+                        && options.admin_port == 0
+                        && e.to_string().contains("Address already in use") => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(options: &EnvoyOptions) -> Result<Envoy> {
         let envoy = paths::envoy_bin()?;
         let wasm = paths::filter_wasm()?;
         let template_path = paths::envoy_template()?;
