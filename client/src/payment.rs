@@ -229,6 +229,7 @@ mod tests {
             accepts: vec![requirement("exact", "10000")],
             price: Some("0.01".into()),
             payment_address: Some("merchant-demo".into()),
+            free_remaining: None,
         }
     }
 

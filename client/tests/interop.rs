@@ -72,6 +72,7 @@ fn exchange(network: Option<&str>) -> (Value, Value) {
         scheme: "http".into(),
         authority: "127.0.0.1:10000".into(),
         path: "/paid/quote?sym=ABC".into(),
+        free_remaining: None,
     };
     let ours = challenge(
         &config,

@@ -81,6 +81,7 @@ fn item(config: &Config, route: &Route, scheme: &str, authority: &str) -> Discov
         scheme: scheme.to_owned(),
         authority: authority.to_owned(),
         path,
+        free_remaining: None,
     };
     let challenge = request::challenge(config, route, &input, ErrorCode::PaymentRequired);
     DiscoveryItem {
@@ -212,6 +213,7 @@ mod tests {
             scheme: "http".into(),
             authority: "api.example.com:8080".into(),
             path: "/paid".into(),
+            free_remaining: None,
         };
         let challenge = request::challenge(&c, route, &input, ErrorCode::PaymentRequired);
         assert_eq!(

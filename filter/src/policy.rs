@@ -568,20 +568,11 @@ pub fn before_payment(
     }
 }
 
-/// Tells a client whose free tier is used up that none is left, on every 402.
-pub fn annotate_challenges(verdict: &Verdict, effects: &mut [Effect]) {
-    if *verdict != Verdict::ChargeFreeExhausted {
-        return;
-    }
-    for effect in effects.iter_mut() {
-        if let Effect::Reply {
-            status: 402,
-            headers,
-            ..
-        } = effect
-        {
-            headers.push((HEADER_FREE_REMAINING.to_owned(), "0".to_owned()));
-        }
+/// Free requests left that a challenge states: none once the free tier is used up.
+pub fn free_remaining(verdict: &Verdict) -> Option<u64> {
+    match verdict {
+        Verdict::ChargeFreeExhausted => Some(0),
+        _ => None,
     }
 }
 

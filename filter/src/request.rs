@@ -168,6 +168,9 @@ pub struct ChallengeInput {
     pub scheme: String,
     pub authority: String,
     pub path: String,
+    /// Free requests the client has left (the route's free tier), stated in the
+    /// challenge and in `x-402-free-remaining`.
+    pub free_remaining: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,13 +332,6 @@ fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
 }
 
 fn on_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>) {
-    let verdict = info.policy.clone();
-    let (state, mut effects) = on_priced_request_headers(config, info);
-    crate::policy::annotate_challenges(&verdict, &mut effects);
-    (state, effects)
-}
-
-fn on_priced_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>) {
     if let Some(listing) = crate::discovery::reply(config, &info) {
         return (State::Replied, vec![listing]);
     }
@@ -437,6 +433,7 @@ fn price_request(
         scheme: info.scheme.clone(),
         authority: info.authority.clone(),
         path: info.path.clone(),
+        free_remaining: crate::policy::free_remaining(&info.policy),
     };
     let Some(header) = info.payment.as_deref() else {
         return replied(vec![
@@ -705,6 +702,7 @@ pub fn quoted_challenge(
             config.asset_decimals,
         )),
         payment_address: Some(config.pay_to.clone()),
+        free_remaining: input.free_remaining,
     }
 }
 
@@ -728,6 +726,12 @@ fn quoted_challenge_reply(
         HEADER_PAYMENT_REQUIRED.to_owned(),
         wire::encode_header(&body),
     ));
+    if let Some(left) = body.free_remaining {
+        headers.push((
+            crate::policy::HEADER_FREE_REMAINING.to_owned(),
+            left.to_string(),
+        ));
+    }
     Effect::Reply {
         status: code.http_status(),
         headers,
@@ -788,6 +792,50 @@ mod tests {
             complete,
             metering: None,
         })
+    }
+
+    #[test]
+    fn a_used_up_free_tier_is_stated_in_the_challenge_json_and_a_header() {
+        let info = RequestInfo {
+            method: "GET".into(),
+            authority: "api".into(),
+            path: "/paid/x".into(),
+            policy: crate::policy::Verdict::ChargeFreeExhausted,
+            ..RequestInfo::default()
+        };
+        let (state, effects) = step(&config(), State::New, Event::RequestHeaders(info.clone()));
+        assert_eq!(state, State::Replied);
+        let Effect::Reply {
+            status: 402,
+            headers,
+            body,
+        } = &effects[0]
+        else {
+            panic!("{effects:?}");
+        };
+        let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(json["freeRemaining"], 0);
+        let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        let challenge =
+            wire::decode_header::<PaymentRequired>(header(HEADER_PAYMENT_REQUIRED).unwrap())
+                .unwrap();
+        assert_eq!(challenge.free_remaining, Some(0));
+        assert_eq!(header(crate::policy::HEADER_FREE_REMAINING).unwrap(), "0");
+
+        // Without a free tier the challenge says nothing about one.
+        let info = RequestInfo {
+            policy: crate::policy::Verdict::Charge,
+            ..info
+        };
+        let (_, effects) = step(&config(), State::New, Event::RequestHeaders(info));
+        let Effect::Reply { headers, body, .. } = &effects[0] else {
+            panic!("{effects:?}");
+        };
+        let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert!(json.get("freeRemaining").is_none(), "{json}");
+        assert!(!headers
+            .iter()
+            .any(|(n, _)| n == crate::policy::HEADER_FREE_REMAINING));
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub struct PaymentRequired {
     /// The merchant account that is paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_address: Option<String>,
+    /// Free requests this client has left on the route in the current window, on
+    /// routes with a free tier (`0`: used up, so the price applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_remaining: Option<u64>,
 }
 
 /// The signed part of an `exact`/`upto` payment.

@@ -116,6 +116,11 @@ async fn limits_and_free_tiers_are_exact_across_workers_and_allow_lists_pass_unp
     for charged in answers.iter().filter(|a| a.status == 402) {
         assert_eq!(charged.header("x-402-free-remaining"), Some("0"));
         assert_eq!(charged.error_code().as_deref(), Some("payment_required"));
+        // The challenge itself says so, in the body and in PAYMENT-REQUIRED.
+        assert_eq!(charged.json().unwrap()["freeRemaining"], 0);
+        let challenge: serde_json::Value =
+            x402_proto::wire::decode_header(charged.header("payment-required").unwrap()).unwrap();
+        assert_eq!(challenge["freeRemaining"], 0);
     }
     assert_eq!(
         stack.upstream.served().count_path_prefix("/paid/free"),

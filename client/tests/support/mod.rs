@@ -211,6 +211,7 @@ pub fn challenge_reply(req: &Recorded, error: &str, accepts: Vec<PaymentRequirem
         accepts,
         price: Some("0.01".into()),
         payment_address: Some("merchant-demo".into()),
+        free_remaining: None,
     };
     Reply::new(402, serde_json::to_vec(&challenge).unwrap())
         .header("content-type", "application/json")
