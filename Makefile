@@ -100,7 +100,7 @@ clean-run:
 
 ## Benchmark (not part of `make test`) ---------------------------------------------------
 
-.PHONY: bench setup-pgbench
+.PHONY: bench bench-analytics setup-pgbench
 
 # pgbench ships with PostgreSQL; Debian puts it in postgresql-contrib on older releases.
 setup-pgbench: setup-postgres
@@ -119,6 +119,11 @@ bench: setup-rust setup-envoy setup-pgbench
 	$(CARGO) build --release -p x402-settlement -p x402-e2e -p x402-bench --bins
 	$(CARGO) build -p x402-filter --target $(WASM_TARGET) --profile wasm
 	timeout --kill-after=30 900 $(CARGO) run --release -q -p x402-bench --bin x402-bench
+
+# Analytics query times on a seeded ledger (X402_ANALYTICS_ROWS minute rows, default
+# 1.7 million over a week), from the rollups and from minutes alone. See README.md.
+bench-analytics: setup-rust setup-postgres
+	timeout --kill-after=30 1800 $(CARGO) test -p x402-settlement --test analytics -- --ignored --nocapture analytics_at_scale
 
 ## Reliability --------------------------------------------------------------------------
 .PHONY: faults fuzz setup-fuzz

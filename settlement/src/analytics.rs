@@ -1,15 +1,17 @@
 //! Analytics over incremental aggregates.
 //!
 //! The paid path appends one row per event to `analytics_pending`; [`fold_pending`]
-//! (run by a background task every few hundred milliseconds) moves them into
-//! per-minute rows of `analytics_minute` and per-hour payer rows of
-//! `analytics_payer_hour` in one transaction, so each event counts exactly once. A
-//! query ([`query`]) reads the minutes of its range plus whatever is still pending,
-//! so answers are exact and their cost depends on the range and the number of
-//! routes, not on how many payments the ledger holds.
+//! (run by a background task every few hundred milliseconds) moves them into the
+//! per-minute, per-hour and per-day rows of `analytics_minute`, `analytics_hour` and
+//! `analytics_day` and the payer rows of `analytics_payer_hour` and
+//! `analytics_payer_day`, in one transaction, so each event counts exactly once in
+//! each. A query ([`query`]) reads the level of its bucket over whole buckets plus
+//! whatever is still pending, so answers are exact and their cost depends on the
+//! number of points and routes, not on how many payments the ledger holds.
 //!
-//! Upstream latency is kept as a histogram per minute with buckets a factor √2 apart
-//! from 100 µs; percentiles report the upper bound of the bucket they fall in.
+//! Upstream latency is kept as a histogram per cell with buckets a factor √2 apart
+//! from 100 µs (summed as the cells roll up); percentiles report the upper bound of
+//! the bucket they fall in.
 
 use std::collections::BTreeMap;
 
@@ -244,7 +246,154 @@ fn fold(events: &[PendingEvent]) -> (BTreeMap<CellKey, Cell>, BTreeMap<PayerKey,
     (cells, payers)
 }
 
-/// Folds up to `limit` pending events into the aggregates; returns how many.
+/// The aggregate tables, finest first, with the width of their buckets in seconds.
+const LEVELS: [(&str, i64); 3] = [
+    ("analytics_minute", 60),
+    ("analytics_hour", 3600),
+    ("analytics_day", 86_400),
+];
+
+/// `cells` regrouped into buckets of `width` seconds.
+fn coarsen(cells: &BTreeMap<CellKey, Cell>, width: i64) -> BTreeMap<CellKey, Cell> {
+    let mut out: BTreeMap<CellKey, Cell> = BTreeMap::new();
+    for ((start, route, merchant, asset), c) in cells {
+        out.entry((
+            start - start.rem_euclid(width),
+            route.clone(),
+            merchant.clone(),
+            asset.clone(),
+        ))
+        .or_default()
+        .add(c);
+    }
+    out
+}
+
+/// Adds `cells` to the aggregate `table` in one statement. The latency histograms
+/// travel as one flat array, [`LATENCY_BUCKETS`] entries per cell.
+async fn upsert_cells(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &str,
+    cells: &BTreeMap<CellKey, Cell>,
+) -> Result<(), sqlx::Error> {
+    if cells.is_empty() {
+        return Ok(());
+    }
+    let key = if table == "analytics_minute" {
+        "minute"
+    } else {
+        "start"
+    };
+    let mut starts = Vec::with_capacity(cells.len());
+    let (mut routes, mut merchants, mut assets) = (Vec::new(), Vec::new(), Vec::new());
+    let mut counters: [Vec<i64>; 11] = Default::default();
+    let mut latency = Vec::with_capacity(cells.len() * LATENCY_BUCKETS);
+    for ((start, route, merchant, asset), c) in cells {
+        starts.push(*start as f64);
+        routes.push(route.as_str());
+        merchants.push(merchant.as_str());
+        assets.push(asset.as_str());
+        let values = [
+            c.requests,
+            c.paid,
+            c.refused,
+            c.captures,
+            c.revenue,
+            c.fees,
+            c.voids,
+            c.expiries,
+            c.upstream_errors,
+            c.refunds,
+            c.refunded,
+        ];
+        for (column, v) in counters.iter_mut().zip(values) {
+            column.push(v);
+        }
+        let mut histogram = c.latency.clone();
+        histogram.resize(LATENCY_BUCKETS, 0);
+        latency.extend(histogram);
+    }
+    const SUMMED: [&str; 11] = [
+        "requests",
+        "paid",
+        "refused",
+        "captures",
+        "revenue",
+        "fees",
+        "voids",
+        "expiries",
+        "upstream_errors",
+        "refunds",
+        "refunded",
+    ];
+    let updates: Vec<String> = SUMMED
+        .iter()
+        .map(|c| format!("{c} = {table}.{c} + EXCLUDED.{c}"))
+        .collect();
+    let sql = format!(
+        "INSERT INTO {table} ({key}, route, merchant, asset, {cols}, latency) \
+         SELECT to_timestamp(k.t), k.route, k.merchant, k.asset, {kcols}, \
+           ($16::bigint[])[(k.n - 1) * {LATENCY_BUCKETS} + 1 : k.n * {LATENCY_BUCKETS}] \
+         FROM unnest($1::float8[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], \
+           $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], \
+           $13::bigint[], $14::bigint[], $15::bigint[]) \
+           WITH ORDINALITY AS k(t, route, merchant, asset, {cols}, n) \
+         ON CONFLICT ({key}, route, merchant, asset) DO UPDATE SET {updates}, \
+           latency = ARRAY(SELECT a + b FROM unnest({table}.latency, EXCLUDED.latency) AS x(a, b))",
+        cols = SUMMED.join(", "),
+        kcols = SUMMED.map(|c| format!("k.{c}")).join(", "),
+        updates = updates.join(", "),
+    );
+    let mut q = sqlx::query(&sql)
+        .bind(&starts)
+        .bind(&routes)
+        .bind(&merchants)
+        .bind(&assets);
+    for column in &counters {
+        q = q.bind(column);
+    }
+    q.bind(&latency).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Adds payer totals to `table` (keyed by `key`: hour or day) in one statement.
+async fn upsert_payers(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &str,
+    key: &str,
+    payers: &BTreeMap<PayerKey, (i64, i64)>,
+) -> Result<(), sqlx::Error> {
+    if payers.is_empty() {
+        return Ok(());
+    }
+    let starts: Vec<f64> = payers.keys().map(|k| k.0 as f64).collect();
+    let ids: Vec<&str> = payers.keys().map(|k| k.1.as_str()).collect();
+    let merchants: Vec<&str> = payers.keys().map(|k| k.2.as_str()).collect();
+    let assets: Vec<&str> = payers.keys().map(|k| k.3.as_str()).collect();
+    let counts: Vec<i64> = payers.values().map(|v| v.0).collect();
+    let spent: Vec<i64> = payers.values().map(|v| v.1).collect();
+    sqlx::query(&format!(
+        "INSERT INTO {table} ({key}, payer, merchant, asset, payments, spent) \
+         SELECT to_timestamp(t), p, m, a, n, s \
+         FROM unnest($1::float8[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[]) \
+           AS k(t, p, m, a, n, s) \
+         ON CONFLICT ({key}, payer, merchant, asset) DO UPDATE SET \
+           payments = {table}.payments + EXCLUDED.payments, \
+           spent = {table}.spent + EXCLUDED.spent"
+    ))
+    .bind(&starts)
+    .bind(&ids)
+    .bind(&merchants)
+    .bind(&assets)
+    .bind(&counts)
+    .bind(&spent)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Folds up to `limit` pending events into the aggregates (minutes, hours, days and
+/// payer hours and days, all in one transaction); returns how many.
 pub async fn fold_pending(pool: &PgPool, limit: i64) -> Result<usize, LedgerError> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(&format!(
@@ -264,63 +413,72 @@ pub async fn fold_pending(pool: &PgPool, limit: i64) -> Result<usize, LedgerErro
         .collect::<Result<Vec<_>, _>>()?;
     let (cells, payers) = fold(&events);
     // Sorted keys: two folders (replicas) lock cells in the same order.
-    for ((minute, route, merchant, asset), c) in &cells {
-        sqlx::query(
-            "INSERT INTO analytics_minute (minute, route, merchant, asset, requests, paid, refused, captures, \
-               revenue, fees, voids, expiries, upstream_errors, refunds, refunded, latency) \
-             VALUES (to_timestamp($1), $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-             ON CONFLICT (minute, route, merchant, asset) DO UPDATE SET \
-               requests = analytics_minute.requests + EXCLUDED.requests, \
-               paid = analytics_minute.paid + EXCLUDED.paid, \
-               refused = analytics_minute.refused + EXCLUDED.refused, \
-               captures = analytics_minute.captures + EXCLUDED.captures, \
-               revenue = analytics_minute.revenue + EXCLUDED.revenue, \
-               fees = analytics_minute.fees + EXCLUDED.fees, \
-               voids = analytics_minute.voids + EXCLUDED.voids, \
-               expiries = analytics_minute.expiries + EXCLUDED.expiries, \
-               upstream_errors = analytics_minute.upstream_errors + EXCLUDED.upstream_errors, \
-               refunds = analytics_minute.refunds + EXCLUDED.refunds, \
-               refunded = analytics_minute.refunded + EXCLUDED.refunded, \
-               latency = ARRAY(SELECT a + b FROM unnest(analytics_minute.latency, EXCLUDED.latency) AS x(a, b))",
-        )
-        .bind(*minute as f64)
-        .bind(route)
-        .bind(merchant)
-        .bind(asset)
-        .bind(c.requests)
-        .bind(c.paid)
-        .bind(c.refused)
-        .bind(c.captures)
-        .bind(c.revenue)
-        .bind(c.fees)
-        .bind(c.voids)
-        .bind(c.expiries)
-        .bind(c.upstream_errors)
-        .bind(c.refunds)
-        .bind(c.refunded)
-        .bind(&c.latency)
-        .execute(&mut *tx)
-        .await?;
+    for (table, width) in LEVELS {
+        upsert_cells(&mut tx, table, &coarsen(&cells, width)).await?;
     }
+    upsert_payers(&mut tx, "analytics_payer_hour", "hour", &payers).await?;
+    let mut days: BTreeMap<PayerKey, (i64, i64)> = BTreeMap::new();
     for ((hour, payer, merchant, asset), (n, spent)) in &payers {
-        sqlx::query(
-            "INSERT INTO analytics_payer_hour (hour, payer, merchant, asset, payments, spent) \
-             VALUES (to_timestamp($1), $2, $3, $4, $5, $6) \
-             ON CONFLICT (hour, payer, merchant, asset) DO UPDATE SET \
-               payments = analytics_payer_hour.payments + EXCLUDED.payments, \
-               spent = analytics_payer_hour.spent + EXCLUDED.spent",
-        )
-        .bind(*hour as f64)
-        .bind(payer)
-        .bind(merchant)
-        .bind(asset)
-        .bind(n)
-        .bind(spent)
-        .execute(&mut *tx)
-        .await?;
+        let e = days
+            .entry((
+                hour - hour.rem_euclid(86_400),
+                payer.clone(),
+                merchant.clone(),
+                asset.clone(),
+            ))
+            .or_default();
+        e.0 += n;
+        e.1 += spent;
     }
+    upsert_payers(&mut tx, "analytics_payer_day", "day", &days).await?;
     tx.commit().await?;
     Ok(events.len())
+}
+
+/// Recomputes the hourly and daily rollups from the minutes and payer hours, in one
+/// transaction (the same statements the migration that added them backfilled with).
+/// For repair after editing the minutes by hand; the fold keeps them in step otherwise.
+pub async fn rebuild_rollups(pool: &PgPool) -> Result<(), LedgerError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("LOCK TABLE analytics_minute, analytics_payer_hour IN SHARE MODE")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM analytics_hour")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM analytics_day")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM analytics_payer_day")
+        .execute(&mut *tx)
+        .await?;
+    for (target, width, source, column) in [
+        ("analytics_hour", 3600, "analytics_minute", "minute"),
+        ("analytics_day", 86_400, "analytics_hour", "start"),
+    ] {
+        sqlx::query(&format!(
+            "INSERT INTO {target} \
+             SELECT to_timestamp(floor(extract(epoch FROM {column}) / {width}) * {width}), route, merchant, asset, \
+               sum(requests), sum(paid), sum(refused), sum(captures), sum(revenue), sum(fees), sum(voids), \
+               sum(expiries), sum(upstream_errors), sum(refunds), sum(refunded), \
+               (SELECT array_agg(s ORDER BY i) FROM ( \
+                  SELECT ((n - 1) % {LATENCY_BUCKETS}) + 1 AS i, sum(v)::bigint AS s \
+                  FROM unnest(array_agg(latency)) WITH ORDINALITY AS u(v, n) GROUP BY 1) AS per_bucket) \
+             FROM {source} GROUP BY 1, 2, 3, 4"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO analytics_payer_day \
+         SELECT to_timestamp(floor(extract(epoch FROM hour) / 86400) * 86400), payer, merchant, asset, \
+           sum(payments), sum(spent) \
+         FROM analytics_payer_hour GROUP BY 1, 2, 3, 4",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 fn bucket_seconds(b: AnalyticsBucket) -> i64 {
@@ -335,7 +493,50 @@ fn bucket_seconds(b: AnalyticsBucket) -> i64 {
 const MAX_POINTS: i64 = 10_000;
 
 /// Answers an analytics request from the aggregates plus the pending events.
+///
+/// Buckets are whole: the range widens to bucket boundaries (minutes, hours or UTC
+/// days), and the answer's `from_unix`/`to_unix` say what was counted. So each
+/// query reads the aggregate level of its bucket only — a week by day reads seven
+/// day rows per cell, a day by hour 24 hour rows per cell — and its cost depends on
+/// the number of points and routes, not on the number of payments. The reads share
+/// one snapshot, so an event being folded meanwhile counts exactly once.
 pub async fn query(pool: &PgPool, r: &AnalyticsRequest) -> Result<AnalyticsResponse, LedgerError> {
+    query_levels(pool, r, LEVELS.len()).await
+}
+
+/// The same answer as [`query`] computed from minutes alone (no rollups): slower on
+/// long ranges, for checking that the rollups agree with the minutes.
+pub async fn query_from_minutes(
+    pool: &PgPool,
+    r: &AnalyticsRequest,
+) -> Result<AnalyticsResponse, LedgerError> {
+    query_levels(pool, r, 1).await
+}
+
+fn cell_from_row(row: &sqlx::postgres::PgRow) -> Result<Cell, sqlx::Error> {
+    let mut latency: Vec<i64> = row.try_get("latency")?;
+    latency.resize(LATENCY_BUCKETS, 0);
+    Ok(Cell {
+        requests: row.try_get("requests")?,
+        paid: row.try_get("paid")?,
+        refused: row.try_get("refused")?,
+        captures: row.try_get("captures")?,
+        revenue: row.try_get("revenue")?,
+        fees: row.try_get("fees")?,
+        voids: row.try_get("voids")?,
+        expiries: row.try_get("expiries")?,
+        upstream_errors: row.try_get("upstream_errors")?,
+        refunds: row.try_get("refunds")?,
+        refunded: row.try_get("refunded")?,
+        latency,
+    })
+}
+
+async fn query_levels(
+    pool: &PgPool,
+    r: &AnalyticsRequest,
+    levels: usize,
+) -> Result<AnalyticsResponse, LedgerError> {
     let now = crate::verify::unix_now();
     let now = i64::try_from(now).unwrap_or(i64::MAX);
     let to = if r.to_unix > 0 { r.to_unix } else { now + 1 };
@@ -350,8 +551,10 @@ pub async fn query(pool: &PgPool, r: &AnalyticsRequest) -> Result<AnalyticsRespo
         ));
     }
     let bucket = bucket_seconds(AnalyticsBucket::try_from(r.bucket).unwrap_or_default());
-    let first = from - from.rem_euclid(bucket);
-    if (to - first) / bucket > MAX_POINTS {
+    let floor = |t: i64, w: i64| t - t.rem_euclid(w);
+    let ceil = |t: i64, w: i64| t + (w - t.rem_euclid(w)) % w;
+    let (first, end) = (floor(from, bucket), ceil(to, bucket));
+    if (end - first) / bucket > MAX_POINTS {
         return Err(LedgerError::InvalidArgument(format!(
             "at most {MAX_POINTS} buckets per query: widen the bucket or shorten the range"
         )));
@@ -359,41 +562,51 @@ pub async fn query(pool: &PgPool, r: &AnalyticsRequest) -> Result<AnalyticsRespo
     let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     let merchant = opt(&r.merchant);
     let asset = opt(&r.asset);
-    // Minutes overlapping [from, to): a partial minute counts whole.
-    let from_minute = from - from.rem_euclid(60);
-    let rows = sqlx::query(
-        "SELECT extract(epoch FROM minute)::bigint AS minute, route, merchant, asset, requests, paid, refused, \
-           captures, revenue, fees, voids, expiries, upstream_errors, refunds, refunded, latency \
-         FROM analytics_minute WHERE minute >= to_timestamp($1) AND minute < to_timestamp($2) \
-           AND ($3::text IS NULL OR merchant = $3) AND ($4::text IS NULL OR asset = $4)",
-    )
-    .bind(from_minute as f64)
-    .bind(to as f64)
+    // The finest level whose buckets tile the range (the bucket's own, or minutes).
+    let (table, _) = LEVELS
+        .iter()
+        .take(levels)
+        .rev()
+        .find(|(_, w)| bucket % w == 0)
+        .unwrap_or(&LEVELS[0]);
+    // Payer totals are kept by hour and day: for minute buckets a partial hour at
+    // either edge counts whole.
+    let payer_width = bucket.max(3600);
+    let (payer_from, payer_to) = (floor(from, payer_width), ceil(to, payer_width));
+    let (payer_table, payer_column) = if payer_width == 86_400 && levels > 1 {
+        ("analytics_payer_day", "day")
+    } else {
+        ("analytics_payer_hour", "hour")
+    };
+
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let column = if *table == "analytics_minute" {
+        "minute"
+    } else {
+        "start"
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT extract(epoch FROM {column})::bigint AS start, route, merchant, asset, requests, \
+           paid, refused, captures, revenue, fees, voids, expiries, upstream_errors, refunds, \
+           refunded, latency \
+         FROM {table} WHERE {column} >= to_timestamp($1) AND {column} < to_timestamp($2) \
+           AND ($3::text IS NULL OR merchant = $3) AND ($4::text IS NULL OR asset = $4)"
+    ))
+    .bind(first as f64)
+    .bind(end as f64)
     .bind(&merchant)
     .bind(&asset)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let mut cells: BTreeMap<CellKey, Cell> = BTreeMap::new();
     for row in &rows {
-        let mut latency: Vec<i64> = row.try_get("latency")?;
-        latency.resize(LATENCY_BUCKETS, 0);
-        let cell = Cell {
-            requests: row.try_get("requests")?,
-            paid: row.try_get("paid")?,
-            refused: row.try_get("refused")?,
-            captures: row.try_get("captures")?,
-            revenue: row.try_get("revenue")?,
-            fees: row.try_get("fees")?,
-            voids: row.try_get("voids")?,
-            expiries: row.try_get("expiries")?,
-            upstream_errors: row.try_get("upstream_errors")?,
-            refunds: row.try_get("refunds")?,
-            refunded: row.try_get("refunded")?,
-            latency,
-        };
+        let cell = cell_from_row(row)?;
         cells
             .entry((
-                row.try_get("minute")?,
+                row.try_get("start")?,
                 row.try_get("route")?,
                 row.try_get("merchant")?,
                 row.try_get("asset")?,
@@ -406,24 +619,44 @@ pub async fn query(pool: &PgPool, r: &AnalyticsRequest) -> Result<AnalyticsRespo
          WHERE at >= to_timestamp($1) AND at < to_timestamp($2) \
            AND ($3::text IS NULL OR merchant = $3) AND ($4::text IS NULL OR asset = $4)"
     ))
-    .bind(from_minute as f64)
-    .bind(to as f64)
+    .bind(payer_from as f64)
+    .bind(payer_to as f64)
     .bind(&merchant)
     .bind(&asset)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let pending = pending
         .iter()
         .map(pending_from_row)
         .collect::<Result<Vec<_>, _>>()?;
-    let (pending_cells, pending_payers) = fold(&pending);
+    // Pending payer totals over the payer range, pending cells over the points'
+    // range, as they will count once folded.
+    let (_, pending_payers) = fold(&pending);
+    let in_range: Vec<PendingEvent> = pending
+        .into_iter()
+        .filter(|e| e.minute >= first && e.minute < end)
+        .collect();
+    let (pending_cells, _) = fold(&in_range);
     for (k, c) in &pending_cells {
         cells.entry(k.clone()).or_default().add(c);
     }
+    let payer_rows = sqlx::query(&format!(
+        "SELECT payer, asset, sum(payments)::bigint AS payments, sum(spent)::bigint AS spent \
+         FROM {payer_table} WHERE {payer_column} >= to_timestamp($1) AND {payer_column} < to_timestamp($2) \
+           AND ($3::text IS NULL OR merchant = $3) AND ($4::text IS NULL OR asset = $4) \
+         GROUP BY payer, asset"
+    ))
+    .bind(payer_from as f64)
+    .bind(payer_to as f64)
+    .bind(&merchant)
+    .bind(&asset)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
 
     let mut points: BTreeMap<i64, Cell> = BTreeMap::new();
     let mut start = first;
-    while start < to {
+    while start < end {
         points.insert(start, Cell::default());
         start += bucket;
     }
@@ -443,19 +676,6 @@ pub async fn query(pool: &PgPool, r: &AnalyticsRequest) -> Result<AnalyticsRespo
         0 => 10,
         n => n.min(100),
     };
-    let from_hour = from - from.rem_euclid(3600);
-    let payer_rows = sqlx::query(
-        "SELECT payer, asset, sum(payments)::bigint AS payments, sum(spent)::bigint AS spent \
-         FROM analytics_payer_hour WHERE hour >= to_timestamp($1) AND hour < to_timestamp($2) \
-           AND ($3::text IS NULL OR merchant = $3) AND ($4::text IS NULL OR asset = $4) \
-         GROUP BY payer, asset",
-    )
-    .bind(from_hour as f64)
-    .bind(to as f64)
-    .bind(&merchant)
-    .bind(&asset)
-    .fetch_all(pool)
-    .await?;
     let mut payers: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
     for row in &payer_rows {
         let e = payers
@@ -501,8 +721,8 @@ pub async fn query(pool: &PgPool, r: &AnalyticsRequest) -> Result<AnalyticsRespo
             })
             .collect(),
         totals: Some(totals.point(first)),
-        from_unix: from,
-        to_unix: to,
+        from_unix: first,
+        to_unix: end,
     })
 }
 
