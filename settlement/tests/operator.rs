@@ -575,7 +575,17 @@ async fn watch_streams_events_and_analytics_count_them() {
     let mut paid_txs = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut i = 0;
-    while !seen.iter().any(|e| e.r#type == "captured") {
+    // Until one payment shows both its authorization and its capture (authorizations
+    // are announced in batches, so they may arrive after the capture).
+    let both = |seen: &[PaymentEvent]| {
+        seen.iter().any(|a| {
+            a.r#type == "authorized"
+                && seen
+                    .iter()
+                    .any(|c| c.r#type == "captured" && c.transaction_id == a.transaction_id)
+        })
+    };
+    while !both(&seen) {
         assert!(
             Instant::now() < deadline,
             "no events on the stream: {seen:?}"
@@ -610,6 +620,21 @@ async fn watch_streams_events_and_analytics_count_them() {
         (900, "wes")
     );
     assert_eq!(captured.route, "quote");
+    let authorized: Vec<_> = seen.iter().filter(|e| e.r#type == "authorized").collect();
+    for a in &authorized {
+        assert!(paid_txs.contains(&a.transaction_id), "{a:?}");
+        assert_eq!(
+            (
+                a.amount,
+                a.payer_account.as_str(),
+                a.merchant_account.as_str()
+            ),
+            (1_000, "wes", MERCHANT),
+            "an authorization announces the amount held"
+        );
+        assert_eq!(a.route, "quote");
+        assert!(a.at_unix_ms > 0);
+    }
 
     // One refused call (more than the payer has); analytics must account for every call.
     let refused = h.authorize(paid(&p, "w-too-much", 10_000_000)).await;
