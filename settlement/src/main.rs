@@ -123,6 +123,10 @@ struct ServeArgs {
     /// First webhook retry delay; it doubles per attempt up to an hour.
     #[arg(long, env = "X402_WEBHOOK_RETRY_BASE_MS", default_value_t = 2000)]
     webhook_retry_base_ms: u64,
+    /// PEM file of CA certificates trusted for https:// webhook receivers, besides
+    /// the system's roots (for receivers with a private CA).
+    #[arg(long, env = "X402_WEBHOOK_CA_FILE")]
+    webhook_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -259,6 +263,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         dataplane_token: x402_settlement::auth::BearerToken::new(args.dataplane_token.clone()),
         webhooks: x402_settlement::webhooks::WebhookConfig {
             base_backoff: Duration::from_millis(args.webhook_retry_base_ms),
+            extra_ca_pem: match &args.webhook_ca_file {
+                Some(path) => x402_settlement::webhooks::load_ca_file(path)?,
+                None => Vec::new(),
+            },
             ..Default::default()
         },
         ..server::ServerConfig::default()

@@ -7,6 +7,10 @@
 //! the outcome; failures retry with exponential backoff. Delivery is at least once:
 //! receivers deduplicate by the event id.
 //!
+//! Receivers may be `http://` or `https://`; TLS is rustls, trusting the system's
+//! roots plus an optional PEM file of extra CAs for private receivers
+//! ([`WebhookConfig::extra_ca_pem`], `--webhook-ca-file`).
+//!
 //! Each POST carries `X-402x-Event-Id`, `X-402x-Event-Type`, `X-402x-Timestamp` and
 //! `X-402x-Signature: t=<timestamp>,v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
 
@@ -29,6 +33,9 @@ pub struct WebhookConfig {
     pub max_attempts: i32,
     /// Timeout of one POST (also the lease of an event being delivered).
     pub timeout: Duration,
+    /// PEM certificates trusted for `https://` receivers besides the system's roots
+    /// (empty: the system's only); see [`load_ca_file`].
+    pub extra_ca_pem: Vec<u8>,
 }
 
 impl Default for WebhookConfig {
@@ -39,8 +46,55 @@ impl Default for WebhookConfig {
             max_backoff: Duration::from_secs(3600),
             max_attempts: 20,
             timeout: Duration::from_secs(10),
+            extra_ca_pem: Vec::new(),
         }
     }
+}
+
+/// Reads a PEM file of CA certificates for [`WebhookConfig::extra_ca_pem`], refusing
+/// one that cannot be read or holds no certificate.
+pub fn load_ca_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let pem = std::fs::read(path)
+        .with_context(|| format!("webhook_ca_file: cannot read {}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("webhook_ca_file: {} is not PEM", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "webhook_ca_file: {} holds no PEM certificate",
+            path.display()
+        );
+    }
+    Ok(pem)
+}
+
+/// The HTTP client deliveries use: rustls with the system's roots plus the extra CAs.
+pub fn client(config: &WebhookConfig) -> reqwest::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(config.timeout)
+        .use_rustls_tls()
+        .https_only(false);
+    if !config.extra_ca_pem.is_empty() {
+        for cert in reqwest::Certificate::from_pem_bundle(&config.extra_ca_pem)? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build()
+}
+
+/// `e` and its causes, so a TLS failure says why (an unknown issuer, a wrong name).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 /// `t=<timestamp>,v1=<hex>` for `body` sent at `timestamp` (unix seconds).
@@ -80,7 +134,7 @@ struct Due {
 
 /// Delivers due events until `stop`.
 pub async fn run(pool: PgPool, config: WebhookConfig, mut stop: watch::Receiver<bool>) {
-    let client = match reqwest::Client::builder().timeout(config.timeout).build() {
+    let client = match client(&config) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "webhook client cannot start");
@@ -197,7 +251,7 @@ async fn deliver_one(
             Some(format!("receiver answered {}", resp.status())),
         ),
         // The error names the URL but never the secret.
-        Err(e) => (None, Some(format!("delivery failed: {e}"))),
+        Err(e) => (None, Some(format!("delivery failed: {}", error_chain(&e)))),
     };
     let status_i32 = status.map(i32::from);
     match error {
@@ -245,6 +299,25 @@ mod tests {
         assert_eq!(s.len(), "t=1,v1=".len() + 64);
         assert_ne!(s, signature("0123456789abcdeg", 1, "{}"));
         assert_ne!(s, signature("0123456789abcdef", 2, "{}"));
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_ca_file_without_certificates_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("x402-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let e = load_ca_file(&path).unwrap_err().to_string();
+        assert!(e.contains("webhook_ca_file"), "{e}");
+        let e = load_ca_file(&dir.join("missing.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("webhook_ca_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

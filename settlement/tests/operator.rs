@@ -1,7 +1,8 @@
 //! Operator rules against a real PostgreSQL: refunds capped by the capture, the
 //! platform fee split, currencies kept apart, idempotent replays, key rotation,
 //! closing accounts, bearer tokens, Watch, analytics and webhook delivery with
-//! retries across a receiver outage and a settlement restart.
+//! retries across a receiver outage and a settlement restart, and over TLS to a
+//! receiver with a private CA.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -668,6 +669,15 @@ struct Receiver {
 }
 
 async fn receiver() -> Receiver {
+    receiver_with(None).await
+}
+
+/// A connection the receiver serves: plain TCP or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A receiver over TLS (`tls`) or plain HTTP.
+async fn receiver_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
     use http_body_util::BodyExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -681,7 +691,16 @@ async fn receiver() -> Receiver {
                 return;
             };
             let (d, r, n) = (d.clone(), r.clone(), n.clone());
+            let tls = tls.clone();
             tokio::spawn(async move {
+                let io: Box<dyn Io> = match tls {
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(s) => Box::new(s),
+                        // A client that does not trust the certificate hangs up.
+                        Err(_) => return,
+                    },
+                    None => Box::new(stream),
+                };
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
                         let (d, r, n) = (d.clone(), r.clone(), n.clone());
@@ -710,7 +729,7 @@ async fn receiver() -> Receiver {
                     },
                 );
                 let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
                     .await;
             });
         }
@@ -914,4 +933,110 @@ async fn the_cli_speaks_every_new_operator_call_with_the_token() {
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.starts_with("ASSET"), "{text}");
     assert!(text.contains("JPY"), "{text}");
+}
+
+/// A CA and a certificate it signed for 127.0.0.1: the CA's PEM and a TLS acceptor.
+fn private_ca() -> (String, tokio_rustls::TlsAcceptor) {
+    use tokio_rustls::rustls;
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "402x test receivers CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca.pem(), tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+#[tokio::test]
+async fn webhooks_reach_https_receivers_that_the_extra_ca_vouches_for() {
+    const SECRET: &str = "whsec-tls-0123456789";
+    let url = tokio::task::spawn_blocking(x402_e2e::stack::fresh_database)
+        .await
+        .unwrap()
+        .unwrap();
+    let (ca_pem, acceptor) = private_ca();
+    let rx = receiver_with(Some(acceptor)).await;
+    // Without the CA, the receiver's certificate is refused and the event waits.
+    let h = start_on(&url, fast_webhooks()).await;
+    h.merchant(MERCHANT).await;
+    h.op.clone()
+        .set_webhook(SetWebhookRequest {
+            merchant: MERCHANT.into(),
+            url: format!("https://{}/hooks", rx.addr),
+            secret: SECRET.into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    let p = h.payer("tess", 100_000).await;
+    let r = h.authorize(paid(&p, "tls-1", 4_000)).await;
+    h.capture(&r.transaction_id, 4_000).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let failed = loop {
+        let d =
+            h.op.clone()
+                .list_webhook_deliveries(ListWebhookDeliveriesRequest {
+                    merchant: MERCHANT.into(),
+                    page_size: 10,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .deliveries;
+        if d.first()
+            .is_some_and(|d| d.attempts >= 1 && !d.last_error.is_empty())
+        {
+            break d[0].clone();
+        }
+        assert!(Instant::now() < deadline, "no failed attempt: {d:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!failed.delivered);
+    assert!(
+        failed.last_error.to_lowercase().contains("certificate"),
+        "the error says the certificate is not trusted: {}",
+        failed.last_error
+    );
+    assert!(rx.received.lock().unwrap().is_empty());
+    drop(h);
+
+    // Trusting the private CA, a new process delivers it over TLS, signed.
+    let config = ServerConfig {
+        webhooks: x402_settlement::webhooks::WebhookConfig {
+            extra_ca_pem: ca_pem.into_bytes(),
+            ..fast_webhooks().webhooks
+        },
+        ..fast_webhooks()
+    };
+    let _h = start_on(&url, config).await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while rx.received.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "never delivered over TLS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (headers, body) = rx.received.lock().unwrap()[0].clone();
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(event["type"], "payment.captured");
+    assert_eq!(event["data"]["transaction_id"], r.transaction_id.as_str());
+    let ts: i64 = headers["x-402x-timestamp"].parse().unwrap();
+    assert_eq!(
+        headers["x-402x-signature"],
+        x402_settlement::webhooks::signature(SECRET, ts, &body)
+    );
 }
