@@ -23,6 +23,7 @@ const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 const BUFFER_GRPC_RECEIVE: u32 = 5;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
+const STREAM_HTTP_RESPONSE: u32 = 1;
 const METRIC_COUNTER: u32 = 0;
 const GRPC_UNKNOWN: u32 = 2;
 
@@ -70,6 +71,14 @@ extern "C" {
         grpc_status: i32,
     ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_close_stream(stream_type: u32) -> u32;
+    fn proxy_set_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        size: usize,
+        data: *const u8,
+        data_size: usize,
+    ) -> u32;
     #[allow(clippy::too_many_arguments)]
     fn proxy_grpc_call(
         upstream_data: *const u8,
@@ -236,6 +245,37 @@ impl Host for AbiHost {
     fn resume_request(&mut self) {
         // SAFETY: no pointers involved.
         unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) };
+    }
+
+    fn replace_response_body(&mut self, size: usize, bytes: &[u8]) {
+        // SAFETY: the data pointer/length describe a live slice.
+        unsafe {
+            proxy_set_buffer_bytes(
+                BUFFER_HTTP_RESPONSE_BODY,
+                0,
+                size,
+                bytes.as_ptr(),
+                bytes.len(),
+            )
+        };
+    }
+
+    fn replace_request_body(&mut self, size: usize, bytes: &[u8]) {
+        // SAFETY: the data pointer/length describe a live slice.
+        unsafe {
+            proxy_set_buffer_bytes(
+                BUFFER_HTTP_REQUEST_BODY,
+                0,
+                size,
+                bytes.as_ptr(),
+                bytes.len(),
+            )
+        };
+    }
+
+    fn close_stream(&mut self) {
+        // SAFETY: no pointers involved.
+        unsafe { proxy_close_stream(STREAM_HTTP_RESPONSE) };
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {

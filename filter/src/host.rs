@@ -38,6 +38,13 @@ pub trait Host {
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
     /// The response body chunk being delivered (`size` bytes).
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Replaces the first `size` bytes of the response body chunk being delivered.
+    fn replace_response_body(&mut self, size: usize, bytes: &[u8]);
+    /// Replaces the first `size` bytes of the request body chunk being delivered.
+    fn replace_request_body(&mut self, size: usize, bytes: &[u8]);
+    /// Resets the stream in both directions, upstream included. Envoy does it after
+    /// the current callback returns, so the data of that callback is lost.
+    fn close_stream(&mut self);
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// Starts a unary gRPC call; returns its token.
     fn grpc_call(
@@ -87,6 +94,19 @@ pub enum Call {
         body: Vec<u8>,
     },
     Resume {
+        context: u32,
+    },
+    ReplaceResponseBody {
+        context: u32,
+        size: usize,
+        bytes: Vec<u8>,
+    },
+    ReplaceRequestBody {
+        context: u32,
+        size: usize,
+        bytes: Vec<u8>,
+    },
+    CloseStream {
         context: u32,
     },
     Grpc {
@@ -206,6 +226,28 @@ impl Host for FakeHost {
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
         let body = self.response_bodies.get(&self.effective)?;
         Some(body[..size.min(body.len())].to_vec())
+    }
+
+    fn replace_response_body(&mut self, size: usize, bytes: &[u8]) {
+        self.calls.push(Call::ReplaceResponseBody {
+            context: self.effective,
+            size,
+            bytes: bytes.to_vec(),
+        });
+    }
+
+    fn replace_request_body(&mut self, size: usize, bytes: &[u8]) {
+        self.calls.push(Call::ReplaceRequestBody {
+            context: self.effective,
+            size,
+            bytes: bytes.to_vec(),
+        });
+    }
+
+    fn close_stream(&mut self) {
+        self.calls.push(Call::CloseStream {
+            context: self.effective,
+        });
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {

@@ -11,6 +11,8 @@
 //! - [`pricing`]: pricing models per route (flat, time of day, expression, GraphQL,
 //!   metered per token/second/KB/item), request validation and metering.
 //! - [`decimal`], [`expr`], [`graphql`]: exact decimals, price expressions, GraphQL root fields.
+//! - [`stream`], [`websocket`]: metering while a response streams (SSE, chunked,
+//!   WebSocket) and ending it when the hold is spent.
 //! - [`plugin`]: the glue that feeds host callbacks to the state machine and applies effects.
 //! - [`host`]: the host as a trait, with a recording test double.
 //! - [`metrics`]: the counters exported to Envoy.
@@ -29,6 +31,8 @@ pub mod policy;
 pub mod pricing;
 pub mod ratelimit;
 pub mod request;
+pub mod stream;
+pub mod websocket;
 
 #[cfg(target_arch = "wasm32")]
 mod abi;

@@ -189,6 +189,11 @@ impl Vm {
             return Action::Continue;
         };
         match self.state(context_id) {
+            Some(State::Paid(_)) => {
+                return self
+                    .streamed_chunk(host, context_id, root_id, size, end_of_stream, true)
+                    .unwrap_or(Action::Continue);
+            }
             Some(State::Buffering(_)) => {}
             Some(State::Authorizing(_) | State::Replied) => return Action::Pause,
             _ => return Action::Continue,
@@ -216,6 +221,11 @@ impl Vm {
         let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
             return Action::Continue;
         };
+        if let Some(action) =
+            self.streamed_chunk(host, context_id, root_id, size, end_of_stream, false)
+        {
+            return action;
+        }
         let Some(State::Paid(paid)) = self.state(context_id) else {
             return Action::Continue;
         };
@@ -274,7 +284,124 @@ impl Vm {
             let value = host.response_header(&name);
             self.advance(host, context_id, root_id, Event::MeterHeader(value));
         }
+        if let Some(State::Paid(paid)) = self.requests.get_mut(&context_id).map(|r| &mut r.state) {
+            if let Some(m) = paid.metering.as_deref_mut() {
+                let content_type = host.response_header("content-type");
+                crate::stream::on_response_headers(
+                    &mut m.stream,
+                    &m.meter,
+                    status,
+                    content_type.as_deref(),
+                );
+            }
+        }
         Action::Continue
+    }
+
+    /// A body chunk of a paid request whose meter counts while streaming
+    /// ([`crate::stream`]); `None` when the meter does not.
+    fn streamed_chunk(
+        &mut self,
+        host: &mut dyn Host,
+        context_id: u32,
+        root_id: u32,
+        size: usize,
+        end_of_stream: bool,
+        from_client: bool,
+    ) -> Option<Action> {
+        let now = host.now_nanos();
+        let mut mask = [0u8; 4];
+        if from_client {
+            host.random_bytes(&mut mask);
+        }
+        let Some(State::Paid(paid)) = self.requests.get_mut(&context_id).map(|r| &mut r.state)
+        else {
+            return None;
+        };
+        let m = paid.metering.as_deref_mut()?;
+        if !crate::stream::meters_while_streaming(&m.meter) {
+            return None;
+        }
+        let chunk = match (size, from_client) {
+            (0, _) => Vec::new(),
+            (_, true) => host.request_body(size).unwrap_or_default(),
+            (_, false) => host.response_body(size).unwrap_or_default(),
+        };
+        let elapsed = now.saturating_sub(paid.resumed_at_nanos) / 1_000;
+        let verdict = if from_client {
+            crate::stream::on_request_chunk(
+                &mut m.stream,
+                &m.meter,
+                &mut m.usage,
+                &chunk,
+                elapsed,
+                mask,
+            )
+        } else {
+            crate::stream::on_response_chunk(
+                &mut m.stream,
+                &m.meter,
+                &mut m.usage,
+                &chunk,
+                end_of_stream,
+                elapsed,
+                crate::stream::Payment {
+                    transaction: &paid.transaction,
+                    held: paid.held_amount,
+                },
+            )
+        };
+        match (&verdict.replace, from_client) {
+            (Some(bytes), true) => host.replace_request_body(size, bytes),
+            (Some(bytes), false) => host.replace_response_body(size, bytes),
+            (None, _) => {}
+        }
+        if verdict.close_now {
+            host.close_stream();
+        }
+        if verdict.ended {
+            let event = Event::ResponseBody {
+                chunk: Vec::new(),
+                end_of_stream: true,
+                now_nanos: now,
+            };
+            self.advance(host, context_id, root_id, event);
+        }
+        Some(Action::Continue)
+    }
+
+    /// Resets streams whose final bytes went out, or whose time ran out.
+    fn tick_streams(&mut self, host: &mut dyn Host, root_id: u32) {
+        let now = host.now_nanos();
+        let mut ended = Vec::new();
+        for (id, request) in &mut self.requests {
+            let State::Paid(paid) = &mut request.state else {
+                continue;
+            };
+            let Some(m) = paid.metering.as_deref_mut() else {
+                continue;
+            };
+            if request.root_id != root_id || !crate::stream::meters_while_streaming(&m.meter) {
+                continue;
+            }
+            let elapsed = now.saturating_sub(paid.resumed_at_nanos) / 1_000;
+            let verdict = crate::stream::on_tick(&mut m.stream, &m.meter, &mut m.usage, elapsed);
+            if verdict.close_now && host.set_effective_context(*id) {
+                host.close_stream();
+            }
+            if verdict.ended {
+                ended.push(*id);
+            }
+        }
+        for id in ended {
+            let event = Event::ResponseBody {
+                chunk: Vec::new(),
+                end_of_stream: true,
+                now_nanos: now,
+            };
+            self.advance(host, id, root_id, event);
+        }
+        host.set_effective_context(root_id);
     }
 
     /// Response body or trailers; `end_of_stream` marks a complete response.
@@ -321,6 +448,7 @@ impl Vm {
     }
 
     pub fn on_tick(&mut self, host: &mut dyn Host, root_id: u32) {
+        self.tick_streams(host, root_id);
         let stale = match self.plugins.get_mut(&root_id) {
             Some(p) => p.dispatcher.expire_stale(host, &p.target, &p.metrics),
             None => return,

@@ -36,6 +36,7 @@ pub enum RawPricing {
     PerSecond(RawMeter),
     PerKb(RawMeter),
     PerItem(RawItemMeter),
+    PerMessage(RawMessageMeter),
     Expression(RawExpression),
     Graphql(RawGraphQl),
     TimeOfDay(RawTimeOfDay),
@@ -87,6 +88,9 @@ pub enum RawTokenSource {
     OpenaiUsage,
     /// The last `usage` object in a server-sent-events stream's `data:` events.
     SseUsage,
+    /// One token per server-sent event with data (a `data: [DONE]` marker is free),
+    /// counted as the stream passes, so the stream is cut when the hold is spent.
+    SseEvents,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +100,38 @@ pub struct RawItemMeter {
     pub max_units: u64,
     /// JSON pointer to the array whose length is charged, e.g. `/objects`.
     pub items_pointer: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMessageMeter {
+    pub unit_price: String,
+    pub max_units: u64,
+    /// Which WebSocket messages are charged: `both` (default), `client` or `upstream`.
+    #[serde(default)]
+    pub count: Direction,
+}
+
+/// Which side's WebSocket messages a `per_message` meter counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    #[default]
+    Both,
+    /// Messages the client sends.
+    Client,
+    /// Messages the upstream sends.
+    Upstream,
+}
+
+impl Direction {
+    pub fn counts_client(self) -> bool {
+        matches!(self, Direction::Both | Direction::Client)
+    }
+
+    pub fn counts_upstream(self) -> bool {
+        matches!(self, Direction::Both | Direction::Upstream)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,6 +189,7 @@ pub enum TokenSource {
     JsonPointer(String),
     OpenAiUsage,
     SseUsage,
+    SseEvents,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +198,8 @@ pub enum Unit {
     Seconds,
     Kilobytes,
     Items(String),
+    /// WebSocket messages, counted in the given direction(s).
+    Messages(Direction),
 }
 
 impl Unit {
@@ -170,6 +209,17 @@ impl Unit {
             Unit::Seconds => "second",
             Unit::Kilobytes => "kilobyte",
             Unit::Items(_) => "item",
+            Unit::Messages(_) => "message",
+        }
+    }
+
+    /// How many of the meter's counting units make one priced unit: microseconds per
+    /// second, bytes per kilobyte, otherwise one.
+    pub fn per(&self) -> u64 {
+        match self {
+            Unit::Seconds => MICROS_PER_SECOND,
+            Unit::Kilobytes => BYTES_PER_KB,
+            _ => 1,
         }
     }
 
@@ -291,11 +341,7 @@ fn meter(
     if max_units == 0 {
         return Err((format!("{field}.max_units"), "must be positive".into()));
     }
-    let per = match unit {
-        Unit::Seconds => MICROS_PER_SECOND,
-        Unit::Kilobytes => BYTES_PER_KB,
-        _ => 1,
-    };
+    let per = unit.per();
     let max_count = max_units
         .checked_mul(per)
         .ok_or_else(|| (format!("{field}.max_units"), "is too large".to_owned()))?;
@@ -388,6 +434,7 @@ pub fn compile(
                 )?),
                 RawTokenSource::OpenaiUsage => TokenSource::OpenAiUsage,
                 RawTokenSource::SseUsage => TokenSource::SseUsage,
+                RawTokenSource::SseEvents => TokenSource::SseEvents,
             };
             Model::Metered(meter(
                 "pricing.per_token",
@@ -425,6 +472,14 @@ pub fn compile(
                 max_response,
             )?)
         }
+        Some(RawPricing::PerMessage(m)) => Model::Metered(meter(
+            "pricing.per_message",
+            Unit::Messages(m.count),
+            &m.unit_price,
+            m.max_units,
+            decimals,
+            max_response,
+        )?),
         Some(RawPricing::Expression(e)) => Model::Expression(
             expr::parse(&e.expr)
                 .map_err(|err| ("pricing.expression.expr".to_owned(), err.to_string()))?,
@@ -727,6 +782,10 @@ pub struct Usage {
     pub sse_units: Option<u64>,
     /// Upstream time in microseconds, from resume to the last response byte.
     pub upstream_micros: u64,
+    /// Server-sent events with data that were forwarded (`sse_events` meters).
+    pub events: u64,
+    /// WebSocket messages forwarded in the counted direction(s).
+    pub messages: u64,
 }
 
 fn usage_tokens(value: &serde_json::Value) -> Option<u64> {
@@ -801,6 +860,8 @@ impl Usage {
             }
             Unit::Tokens(TokenSource::OpenAiUsage) => usage_tokens(&body_json()?),
             Unit::Tokens(TokenSource::SseUsage) => self.sse_units,
+            Unit::Tokens(TokenSource::SseEvents) => Some(self.events),
+            Unit::Messages(_) => Some(self.messages),
             Unit::Items(p) => body_json()?
                 .pointer(p)
                 .and_then(serde_json::Value::as_array)
@@ -826,11 +887,7 @@ pub fn metered_amount(meter: &Meter, usage: &Usage, held: u64) -> Metered {
     let Some(units) = usage.units(meter) else {
         return Metered::Unmetered;
     };
-    let per = match meter.unit {
-        Unit::Seconds => MICROS_PER_SECOND,
-        Unit::Kilobytes => BYTES_PER_KB,
-        _ => 1,
-    };
+    let per = meter.unit.per();
     match meter.unit_price.amount_for(units, per) {
         Some(amount) if amount <= held => Metered::Charge {
             capture: amount,

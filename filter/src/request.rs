@@ -161,6 +161,8 @@ pub struct Pending {
 pub struct Metering {
     pub meter: Meter,
     pub usage: Usage,
+    /// Counting and cutting while the response streams ([`crate::stream`]).
+    pub stream: crate::stream::StreamState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,7 +227,7 @@ pub fn step(config: &Config, state: State, event: Event) -> (State, Vec<Effect>)
                 paid.complete = paid.status.is_some();
             }
             if let Some(m) = paid.metering.as_mut() {
-                let Metering { meter, usage } = &mut **m;
+                let Metering { meter, usage, .. } = &mut **m;
                 usage.add_chunk(meter, &chunk);
                 usage.upstream_micros = paid.upstream_micros;
             }
@@ -286,8 +288,14 @@ fn void(transaction: String, reason: &str) -> Effect {
 /// otherwise release the hold.
 fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
     let transaction = paid.transaction.clone();
+    // A WebSocket has no complete response: what it used is what it pays.
+    let complete = paid.complete
+        || paid
+            .metering
+            .as_ref()
+            .is_some_and(|m| m.stream.settles_incomplete());
     match paid.status {
-        Some(status) if paid.complete && status < config.capture_below_status => {
+        Some(status) if complete && status < config.capture_below_status => {
             let mut effects = Vec::new();
             let amount = match &paid.metering {
                 None => paid.price.min(paid.held_amount),
@@ -594,6 +602,7 @@ fn on_answer(
                     Box::new(Metering {
                         meter: *meter,
                         usage: Usage::default(),
+                        stream: crate::stream::StreamState::default(),
                     })
                 }),
             };

@@ -62,6 +62,7 @@ invalid_fixture_tests!(
     timeout_ms_zero,
     pricing_unknown_model,
     pricing_zero_max_units,
+    pricing_message_unknown_direction,
     pricing_negative_unit_price,
     pricing_unit_price_rounds_to_zero,
     pricing_max_amount_too_large,

@@ -36,6 +36,7 @@ pub const INVALID: &[(&str, &str)] = &[
     ("failure_mode_unknown", "routes[0].failure_mode"),
     ("timeout_ms_zero", "routes[0].timeout_ms"),
     ("pricing_unknown_model", "per_minute"),
+    ("pricing_message_unknown_direction", "sideways"),
     (
         "pricing_zero_max_units",
         "routes[0].pricing.per_second.max_units",
@@ -112,7 +113,14 @@ pub const INVALID: &[(&str, &str)] = &[
     ("debug_crash_header_uppercase", "debug_crash_on_header"),
 ];
 
-pub const VALID: &[&str] = &["minimal", "no_routes", "full", "policy", "pricing"];
+pub const VALID: &[&str] = &[
+    "minimal",
+    "no_routes",
+    "full",
+    "policy",
+    "pricing",
+    "streaming",
+];
 
 pub fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
