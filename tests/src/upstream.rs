@@ -6,7 +6,10 @@
 //!   like the echo, so a client's retry after an upstream failure can be tested;
 //! - `/metered/...` answers what metered prices read (see [`metered`]): usage headers,
 //!   OpenAI-style usage JSON, SSE streams ending with a usage event, large bodies sent
-//!   in many chunks, JSON arrays of items, slow answers;
+//!   in many chunks, JSON arrays of items, slow answers, long streams that note when
+//!   the reader went away;
+//! - `/ws/echo` accepts a WebSocket upgrade and echoes every message, noting the close
+//!   code it received;
 //! - everything else (`/paid/...`, `/free/...`, `/named/...`) answers 200 with a JSON
 //!   echo of the request: method, path, query, body size and whether any payment header
 //!   reached it (the filter must strip them).
@@ -37,6 +40,11 @@ use x402_proto::wire::{HEADER_PAYMENT_SIGNATURE, HEADER_PAYMENT_SIGNATURE_ALIAS}
 pub struct Served {
     /// `METHOD path?query` of each request, in arrival order.
     requests: Mutex<Vec<String>>,
+    /// Streams whose reader went away before the upstream finished: `path?query`
+    /// and how many chunks had been handed over.
+    cancelled: Mutex<Vec<(String, usize)>>,
+    /// Close frames the WebSocket echo received: code and reason.
+    ws_closes: Mutex<Vec<(u16, String)>>,
 }
 
 impl Served {
@@ -64,6 +72,16 @@ impl Served {
 
     pub fn total(&self) -> usize {
         self.requests().len()
+    }
+
+    /// Streams that stopped because the reader went away, with the chunks sent.
+    pub fn cancelled(&self) -> Vec<(String, usize)> {
+        self.cancelled.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Close frames (code, reason) the WebSocket echo received.
+    pub fn ws_closes(&self) -> Vec<(u16, String)> {
+        self.ws_closes.lock().map(|c| c.clone()).unwrap_or_default()
     }
 }
 
@@ -177,12 +195,16 @@ pub async fn serve(listener: TcpListener, served: Arc<Served>, shutdown: impl Fu
                     if request.uri().path().starts_with("/metered/") {
                         return Ok::<_, Infallible>(metered(request, &served).await);
                     }
+                    if request.uri().path() == "/ws/echo" {
+                        return Ok(websocket_echo(request, served));
+                    }
                     let Ok(response) = answer(request, served).await;
                     Ok(response.map(UpstreamBody::Full))
                 }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -285,13 +307,28 @@ fn query_number(query: &str, name: &str) -> u64 {
 }
 
 fn streamed(content_type: &'static str, chunks: Vec<Bytes>, gap_ms: u64) -> Response<UpstreamBody> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    streamed_noting(content_type, chunks, gap_ms, None)
+}
+
+/// Streams `chunks`; when the reader goes away first, notes it in `cancelled`.
+fn streamed_noting(
+    content_type: &'static str,
+    chunks: Vec<Bytes>,
+    gap_ms: u64,
+    cancelled: Option<(Arc<Served>, String)>,
+) -> Response<UpstreamBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
-        for chunk in chunks {
+        for (sent, chunk) in chunks.into_iter().enumerate() {
             if gap_ms > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(gap_ms)).await;
             }
             if tx.send(chunk).await.is_err() {
+                if let Some((served, target)) = cancelled {
+                    if let Ok(mut c) = served.cancelled.lock() {
+                        c.push((target, sent));
+                    }
+                }
                 return;
             }
         }
@@ -312,8 +349,12 @@ fn streamed(content_type: &'static str, chunks: Vec<Bytes>, gap_ms: u64) -> Resp
 ///   completion tokens and `[DONE]`, each event its own chunk;
 /// - `/metered/bytes?n=N`: N bytes of body in 16 KiB chunks;
 /// - `/metered/items?n=N`: `{"objects": [N items]}`;
-/// - `/metered/slow?ms=M`: answers after M milliseconds.
-pub async fn metered(request: Request<Incoming>, served: &Served) -> Response<UpstreamBody> {
+/// - `/metered/slow?ms=M`: answers after M milliseconds;
+/// - `/metered/chunks?n=N&size=S`: N chunks of S bytes, 20 ms apart;
+/// - `/metered/sse-tokens?n=N`: N one-token SSE events, 20 ms apart, then `[DONE]`.
+///
+/// The last two note in [`Served::cancelled`] when the reader goes away early.
+pub async fn metered(request: Request<Incoming>, served: &Arc<Served>) -> Response<UpstreamBody> {
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
     served.record(format!("{} {path}?{query}", request.method()));
@@ -369,6 +410,25 @@ pub async fn metered(request: Request<Incoming>, served: &Served) -> Response<Up
                 "objects": (0..n).map(|i| serde_json::json!({"id": i, "label": "cat"})).collect::<Vec<_>>()
             }),
         )),
+        "/metered/chunks" => {
+            let size = usize::try_from(query_number(&query, "size")).unwrap_or(0);
+            let chunks = (0..n).map(|_| Bytes::from(vec![b'c'; size])).collect();
+            let note = Some((served.clone(), format!("{path}?{query}")));
+            streamed_noting("application/octet-stream", chunks, 20, note)
+        }
+        "/metered/sse-tokens" => {
+            let mut events: Vec<Bytes> = (0..n)
+                .map(|i| {
+                    Bytes::from(format!(
+                        "data: {}\n\n",
+                        serde_json::json!({"choices": [{"delta": {"content": format!("t{i} ")}}]})
+                    ))
+                })
+                .collect();
+            events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+            let note = Some((served.clone(), format!("{path}?{query}")));
+            streamed_noting("text/event-stream", events, 20, note)
+        }
         "/metered/slow" => {
             tokio::time::sleep(std::time::Duration::from_millis(query_number(&query, "ms"))).await;
             full(json_response(
@@ -381,6 +441,66 @@ pub async fn metered(request: Request<Incoming>, served: &Served) -> Response<Up
             &serde_json::json!({ "error": "no such metered endpoint" }),
         )),
     }
+}
+
+/// Accepts a WebSocket upgrade and echoes text and binary messages until the
+/// connection closes; close frames received are noted.
+fn websocket_echo(request: Request<Incoming>, served: Arc<Served>) -> Response<UpstreamBody> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+
+    served.record(format!("{} {}", request.method(), request.uri().path()));
+    let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({ "error": "not a WebSocket upgrade" }),
+        )
+        .map(UpstreamBody::Full);
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(request).await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = ws.next().await {
+            if let Message::Close(frame) = &message {
+                let noted = frame
+                    .as_ref()
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                if let Ok(mut c) = served.ws_closes.lock() {
+                    c.push(noted);
+                }
+                // tungstenite answers the close on the next flush.
+                let _ = ws.flush().await;
+                continue;
+            }
+            if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut response = Response::new(UpstreamBody::Full(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&accept) {
+        headers.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
 }
 
 #[cfg(test)]
