@@ -322,6 +322,10 @@ impl Vm {
         if !crate::stream::meters_while_streaming(&m.meter) {
             return None;
         }
+        if from_client && m.stream.kind != crate::stream::Kind::WebSocket {
+            // Only WebSocket frames are metered on the way in.
+            return Some(Action::Continue);
+        }
         let chunk = match (size, from_client) {
             (0, _) => Vec::new(),
             (_, true) => host.request_body(size).unwrap_or_default(),
