@@ -38,7 +38,7 @@ pub struct Event<'a> {
 }
 
 impl Event<'_> {
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         json!({
             "type": self.kind,
             "transaction_id": self.transaction_id,

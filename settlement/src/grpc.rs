@@ -3,10 +3,9 @@
 //! `accounts`.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch};
 use tonic::{Request, Response, Status};
 use x402_proto::settlement::v1::data_plane_server::DataPlane;
 use x402_proto::settlement::v1::operator_server::Operator;
@@ -26,6 +25,7 @@ use x402_proto::settlement::v1::{
 use crate::accounts;
 use crate::error::LedgerError;
 use crate::events::Authorization;
+use crate::group::{parse_grpc_timeout, Committers};
 use crate::ledger::{Ledger, Resolution};
 use crate::operator;
 use crate::verify::{check_authorize, MAX_ID_LEN};
@@ -33,57 +33,10 @@ use crate::verify::{check_authorize, MAX_ID_LEN};
 /// Most items in one data-plane call.
 pub const MAX_BATCH: usize = 1000;
 
-/// Items of one call that run at the same time: enough to overlap round trips to
-/// Postgres, few enough that one large batch cannot take the whole pool.
-pub const PER_CALL_CONCURRENCY: usize = 8;
-
-/// Runs `op` on every item, at most [`PER_CALL_CONCURRENCY`] at a time, and returns
-/// the results in item order. Any failure fails the whole call; items that did
-/// commit are safe to send again (request ids and resolutions are idempotent).
-async fn each_item<I, T, F, Fut>(items: Vec<I>, op: F) -> Result<Vec<T>, Status>
-where
-    I: Send + 'static,
-    T: Send + 'static,
-    F: Fn(I) -> Fut,
-    Fut: Future<Output = Result<T, Status>> + Send + 'static,
-{
-    if items.len() == 1 {
-        let mut out = Vec::with_capacity(1);
-        for item in items {
-            out.push(op(item).await?);
-        }
-        return Ok(out);
-    }
-    let limit = Arc::new(Semaphore::new(PER_CALL_CONCURRENCY));
-    let handles: Vec<_> = items
-        .into_iter()
-        .map(|item| {
-            let limit = limit.clone();
-            let fut = op(item);
-            tokio::spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                fut.await
-            })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(handles.len());
-    let mut failure = None;
-    for handle in handles {
-        match handle.await {
-            Ok(Ok(v)) => out.push(v),
-            Ok(Err(status)) => {
-                failure.get_or_insert(status);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "batch item task failed");
-                failure.get_or_insert(Status::internal("settlement failed to process an item"));
-            }
-        }
-    }
-    match failure {
-        Some(status) => Err(status),
-        None => Ok(out),
-    }
+/// When the caller stops waiting, from its `grpc-timeout` header.
+fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
+    let timeout = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    Instant::now().checked_add(parse_grpc_timeout(timeout)?)
 }
 
 fn check_batch(len: usize) -> Result<(), Status> {
@@ -98,15 +51,19 @@ fn check_batch(len: usize) -> Result<(), Status> {
 /// The data-plane service over one ledger.
 #[derive(Debug, Clone)]
 pub struct DataPlaneService {
-    ledger: Ledger,
+    /// Group commit of the items of concurrent calls.
+    committers: Committers,
     /// Where authorize outcomes go for analytics and `Watch` (none: not recorded).
     recorder: Option<mpsc::Sender<Authorization>>,
 }
 
 impl DataPlaneService {
-    pub fn new(ledger: Ledger) -> Self {
+    /// Starts `committers` group-commit tasks for authorizations and as many for
+    /// resolutions; needs a Tokio runtime.
+    pub fn new(ledger: Ledger, committers: usize) -> Self {
+        let per_kind = committers.max(1);
         DataPlaneService {
-            ledger,
+            committers: Committers::start(ledger, per_kind),
             recorder: None,
         }
     }
@@ -125,20 +82,31 @@ impl DataPlane for DataPlaneService {
         &self,
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
+        let deadline = deadline_of(&request);
         let items = request.into_inner().items;
         check_batch(items.len())?;
         // Every signature is checked before any row is touched.
-        let checked: Vec<_> = items.iter().map(check_authorize).collect();
-        let results = each_item(checked, |item| {
-            let ledger = self.ledger.clone();
-            async move {
-                match item {
-                    Ok(item) => Ok(ledger.authorize_hold(&item).await?),
-                    Err(refused) => Ok(refused),
+        let mut results = Vec::with_capacity(items.len());
+        let mut checked = Vec::with_capacity(items.len());
+        for item in &items {
+            match check_authorize(item) {
+                Ok(c) => {
+                    checked.push(c);
+                    results.push(None);
                 }
+                Err(refused) => results.push(Some(refused)),
             }
-        })
-        .await?;
+        }
+        let mut placed = self
+            .committers
+            .authorize
+            .submit(checked, deadline)
+            .await?
+            .into_iter();
+        let results: Vec<_> = results
+            .into_iter()
+            .map(|r| r.or_else(|| placed.next()).unwrap_or_default())
+            .collect();
         if let Some(recorder) = &self.recorder {
             record_authorizations(recorder, &items, &results);
         }
@@ -150,11 +118,12 @@ impl DataPlane for DataPlaneService {
         &self,
         request: Request<CaptureRequest>,
     ) -> Result<Response<CaptureResponse>, Status> {
+        let deadline = deadline_of(&request);
         let items = request.into_inner().items;
         check_batch(items.len())?;
-        let results = each_item(items, |item| {
-            let ledger = self.ledger.clone();
-            async move {
+        let items = items
+            .into_iter()
+            .map(|item| {
                 crate::metrics::METRICS
                     .upstream_latency
                     .observe(std::time::Duration::from_micros(item.upstream_micros));
@@ -163,26 +132,26 @@ impl DataPlane for DataPlaneService {
                     http_status: item.http_status,
                     upstream_micros: item.upstream_micros,
                 };
-                Ok(ledger.resolve(&item.transaction_id, &resolution).await?)
-            }
-        })
-        .await?;
+                (item.transaction_id, resolution)
+            })
+            .collect();
+        let results = self.committers.resolve.submit(items, deadline).await?;
         Ok(Response::new(CaptureResponse { results }))
     }
 
     #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
     async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
+        let deadline = deadline_of(&request);
         let items = request.into_inner().items;
         check_batch(items.len())?;
-        let results = each_item(items, |item| {
-            let ledger = self.ledger.clone();
-            async move {
+        let items = items
+            .into_iter()
+            .map(|item| {
                 let reason: String = item.reason.chars().take(MAX_ID_LEN).collect();
-                let resolution = Resolution::Void { reason };
-                Ok(ledger.resolve(&item.transaction_id, &resolution).await?)
-            }
-        })
-        .await?;
+                (item.transaction_id, Resolution::Void { reason })
+            })
+            .collect();
+        let results = self.committers.resolve.submit(items, deadline).await?;
         Ok(Response::new(VoidResponse { results }))
     }
 }

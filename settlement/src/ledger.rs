@@ -28,9 +28,12 @@ const MAX_ATTEMPTS: u32 = 6;
 pub const SYSTEM_CREDIT_ACCOUNT: &str = "system:credit";
 
 /// Why one attempt of an operation stopped.
-enum Attempt {
+pub(crate) enum Attempt {
     /// Run the whole transaction again.
     Retry(sqlx::Error),
+    /// Run the whole transaction again at once: what it read has changed (a group
+    /// met a concurrent call, or a caller's deadline passed).
+    Again,
     Fail(LedgerError),
 }
 
@@ -50,7 +53,7 @@ impl From<LedgerError> for Attempt {
     }
 }
 
-async fn retrying<T, F, Fut>(mut op: F) -> Result<T, LedgerError>
+pub(crate) async fn retrying<T, F, Fut>(mut op: F) -> Result<T, LedgerError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Attempt>>,
@@ -60,6 +63,14 @@ where
         match op().await {
             Ok(v) => return Ok(v),
             Err(Attempt::Fail(e)) => return Err(e),
+            Err(Attempt::Again) => {
+                attempt += 1;
+                if attempt >= MAX_ATTEMPTS {
+                    return Err(LedgerError::FailedPrecondition(
+                        "the transaction kept meeting concurrent changes".into(),
+                    ));
+                }
+            }
             Err(Attempt::Retry(e)) => {
                 attempt += 1;
                 if attempt >= MAX_ATTEMPTS {
@@ -74,11 +85,11 @@ where
 
 /// Signed changes to the four counters of one balance row.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Delta {
-    debits_pending: i64,
-    debits_posted: i64,
-    credits_pending: i64,
-    credits_posted: i64,
+pub(crate) struct Delta {
+    pub(crate) debits_pending: i64,
+    pub(crate) debits_posted: i64,
+    pub(crate) credits_pending: i64,
+    pub(crate) credits_posted: i64,
 }
 
 impl Delta {
@@ -92,14 +103,62 @@ impl Delta {
 
 /// Balance changes of one transaction, applied in sorted key order.
 #[derive(Debug, Default)]
-struct Moves(BTreeMap<(String, String), Delta>);
+pub(crate) struct Moves(BTreeMap<(String, String), Delta>);
 
 impl Moves {
-    fn push(&mut self, account: &str, asset: &str, delta: Delta) {
+    pub(crate) fn push(&mut self, account: &str, asset: &str, delta: Delta) {
         self.0
             .entry((account.to_owned(), asset.to_owned()))
             .or_default()
             .add(delta);
+    }
+
+    /// Applies every change in one statement (rows in key order); returns how many
+    /// balance rows it changed.
+    pub(crate) async fn apply_set(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> Result<u64, sqlx::Error> {
+        if self.0.is_empty() {
+            return Ok(0);
+        }
+        let n = self.0.len();
+        let (mut accounts, mut assets) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut dpe, mut dpo, mut cpe, mut cpo) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for ((account, asset), d) in &self.0 {
+            accounts.push(account.as_str());
+            assets.push(asset.as_str());
+            dpe.push(d.debits_pending);
+            dpo.push(d.debits_posted);
+            cpe.push(d.credits_pending);
+            cpo.push(d.credits_posted);
+        }
+        let done = sqlx::query(
+            "UPDATE balances b SET debits_pending = b.debits_pending + d.dpe, \
+               debits_posted = b.debits_posted + d.dpo, credits_pending = b.credits_pending + d.cpe, \
+               credits_posted = b.credits_posted + d.cpo \
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) \
+               AS d(account_id, asset, dpe, dpo, cpe, cpo) \
+             WHERE b.account_id = d.account_id AND b.asset = d.asset",
+        )
+        .bind(&accounts)
+        .bind(&assets)
+        .bind(&dpe)
+        .bind(&dpo)
+        .bind(&cpe)
+        .bind(&cpo)
+        .execute(&mut **tx)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
     }
 
     /// Applies every change; returns the accounts whose balance row is missing.
@@ -129,7 +188,7 @@ impl Moves {
 
 /// Creates the balance row of `(account, asset)` if it does not exist yet; payers
 /// get the overdraft guard.
-async fn ensure_balance(
+pub(crate) async fn ensure_balance(
     tx: &mut Transaction<'_, Postgres>,
     account: &str,
     asset: &str,
@@ -146,11 +205,11 @@ async fn ensure_balance(
     Ok(())
 }
 
-fn to_i64(v: u64) -> Result<i64, LedgerError> {
+pub(crate) fn to_i64(v: u64) -> Result<i64, LedgerError> {
     i64::try_from(v).map_err(|_| LedgerError::InvalidArgument("amount is too large".into()))
 }
 
-fn to_u64(v: i64) -> u64 {
+pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -168,7 +227,7 @@ pub enum Resolution {
 }
 
 /// A hold as stored.
-struct Hold {
+pub(crate) struct Hold {
     payer: String,
     merchant: String,
     asset: String,
@@ -828,7 +887,7 @@ impl Ledger {
 }
 
 /// The payer's overdraft CHECK (or a counter overflowing) refused a debit.
-fn is_overdraft(err: &sqlx::Error) -> bool {
+pub(crate) fn is_overdraft(err: &sqlx::Error) -> bool {
     match sqlstate(err).as_deref() {
         Some("23514") => constraint(err) == Some("balances_debits_within_credits"),
         Some("22003") => true,

@@ -27,6 +27,7 @@ pub mod check;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod group;
 pub mod grpc;
 pub mod http;
 pub mod ledger;

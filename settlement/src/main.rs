@@ -108,6 +108,10 @@ struct ServeArgs {
     /// Size of the Postgres connection pool.
     #[arg(long, env = "X402_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
+    /// Group-commit tasks for authorizations (and as many for captures and voids);
+    /// each commits the items that arrived meanwhile in one transaction.
+    #[arg(long, env = "X402_GROUP_COMMITTERS", default_value_t = x402_settlement::server::DEFAULT_GROUP_COMMITTERS)]
+    group_committers: usize,
     /// Log as JSON lines.
     #[arg(long, env = "X402_LOG_JSON")]
     log_json: bool,
@@ -269,6 +273,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             },
             ..Default::default()
         },
+        group_committers: args.group_committers,
         ..server::ServerConfig::default()
     };
     server::run_with_http(listener, http, pool, config, shutdown_signal()).await?;

@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub analytics_interval: Duration,
     /// Webhook delivery from the outbox.
     pub webhooks: WebhookConfig,
+    /// Group-commit tasks for authorizations, and as many for captures and voids:
+    /// each applies the items queued meanwhile in one transaction.
+    pub group_committers: usize,
 }
 
 impl Default for ServerConfig {
@@ -46,9 +49,13 @@ impl Default for ServerConfig {
             dataplane_token: BearerToken::default(),
             analytics_interval: Duration::from_millis(500),
             webhooks: WebhookConfig::default(),
+            group_committers: DEFAULT_GROUP_COMMITTERS,
         }
     }
 }
+
+/// Default of [`ServerConfig::group_committers`].
+pub const DEFAULT_GROUP_COMMITTERS: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -145,7 +152,8 @@ pub async fn run_with_http(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(DataPlaneServer::with_interceptor(
-            DataPlaneService::new(ledger.clone()).with_recorder(recorder_tx),
+            DataPlaneService::new(ledger.clone(), config.group_committers)
+                .with_recorder(recorder_tx),
             config.dataplane_token.interceptor(),
         ))
         .add_service(OperatorServer::with_interceptor(

@@ -997,3 +997,133 @@ async fn the_serve_binary_migrates_serves_and_stops_on_sigterm() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn one_call_with_repeats_decides_each_item_as_separate_calls_would() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("gus", 10_000).await;
+    let q = h.payer("hal", 1_500).await;
+    let r = h.payer("ivy", 10_000).await;
+    let mut op = h.op.clone();
+    op.revoke_key(RevokeKeyRequest {
+        public_key: r.public_key.clone(),
+        idempotency_key: String::new(),
+    })
+    .await
+    .unwrap();
+    let prior_item = paid(&p, "g-prior", 1_000);
+    let prior = h.authorize(prior_item.clone()).await;
+    assert_eq!(outcome(&prior), AuthorizeOutcome::Authorized);
+
+    let first = paid(&p, "g-1", 1_000);
+    let mut same_nonce = first.clone();
+    same_nonce.request_id = "g-2".into();
+    let mut old_nonce = prior_item.clone();
+    old_nonce.request_id = "g-old-nonce".into();
+    let items = vec![
+        first.clone(),
+        same_nonce,
+        first,
+        prior_item,
+        old_nonce,
+        paid(&q, "h-1", 1_000),
+        paid(&q, "h-2", 1_000),
+        paid(&r, "i-1", 100),
+        paid(&q, "h-3", 500),
+    ];
+    let results = h
+        .data
+        .clone()
+        .authorize(AuthorizeRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let outcomes: Vec<_> = results.iter().map(outcome).collect();
+    use AuthorizeOutcome::*;
+    assert_eq!(
+        outcomes,
+        vec![
+            Authorized,
+            NonceReused,
+            Authorized,
+            Authorized,
+            NonceReused,
+            Authorized,
+            InsufficientFunds,
+            KeyRevoked,
+            Authorized
+        ]
+    );
+    assert_eq!(results[2].transaction_id, results[0].transaction_id);
+    assert_eq!(results[3].transaction_id, prior.transaction_id);
+    assert_eq!(h.balance("gus").await.debits_pending, 2_000);
+    assert_eq!(h.balance("hal").await.available, 0);
+    assert_eq!(h.balance("ivy").await.debits_pending, 0);
+
+    let capture = |tx: &str, amount: u64| CaptureItem {
+        transaction_id: tx.into(),
+        amount,
+        upstream_micros: 0,
+        http_status: 200,
+    };
+    let g1 = results[0].transaction_id.clone();
+    let h1 = results[5].transaction_id.clone();
+    let captured = h
+        .data
+        .clone()
+        .capture(CaptureRequest {
+            items: vec![
+                capture(&g1, 600),
+                capture(&g1, 600),
+                capture(&h1, 2_000),
+                capture(&prior.transaction_id, 1_000),
+                capture(&h1, 1_000),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let outcomes: Vec<_> = captured.iter().map(resolved).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            ResolveOutcome::Captured,
+            ResolveOutcome::Captured,
+            ResolveOutcome::ExceedsHold,
+            ResolveOutcome::Captured,
+            ResolveOutcome::Captured
+        ]
+    );
+    let gus = h.balance("gus").await;
+    assert_eq!((gus.debits_pending, gus.debits_posted), (0, 1_600));
+    let hal = h.balance("hal").await;
+    assert_eq!((hal.debits_pending, hal.debits_posted), (500, 1_000));
+    let m = h.balance(MERCHANT).await;
+    assert_eq!((m.credits_pending, m.credits_posted), (500, 2_600));
+}
+
+#[tokio::test]
+async fn an_authorize_past_its_deadline_holds_nothing() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("jay", 10_000).await;
+    let mut late = tonic::Request::new(AuthorizeRequest {
+        items: vec![paid(&p, "too-late", 1_000)],
+    });
+    late.set_timeout(Duration::from_nanos(1));
+    assert!(h.data.clone().authorize(late).await.is_err());
+    // A call with time to spare goes through; the late one never holds money.
+    let on_time = h.authorize(paid(&p, "on-time", 2_000)).await;
+    assert_eq!(outcome(&on_time), AuthorizeOutcome::Authorized);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM transfers WHERE request_id = 'too-late'")
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(held, 0);
+    assert_eq!(h.balance("jay").await.debits_pending, 2_000);
+}

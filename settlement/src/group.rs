@@ -1,0 +1,1104 @@
+//! Group commit: the data-plane items of many concurrent calls applied in one
+//! transaction per group, with set-based statements.
+//!
+//! Calls hand their items to a queue; a few committer tasks each take whatever is
+//! queued (up to [`MAX_GROUP`] items), apply it in one transaction and answer every
+//! call. A call that arrives while the committers are busy joins the next group, so a
+//! lone call starts at once and a busy server commits many items per transaction: the
+//! merchant's balance row, which every payment shares, is written once per group.
+//!
+//! Results stay exact per item. The group transaction decides every outcome it can
+//! decide alone (replays, unknown merchant or key, revoked key, signature, expiry,
+//! nonce reuse, insufficient funds, holds not found or already resolved); an item
+//! whose outcome depends on another item of the same group (a repeated request id,
+//! nonce or hold) or on history (volume tiers, a prior resolution) runs on its own
+//! after the group commits, through the one-item path of [`Ledger`]. If the group
+//! transaction fails as a whole, every item of it runs on its own, so one bad item
+//! never fails the others.
+//!
+//! Lock order inside a group: payer balance rows first (sorted), then merchant and
+//! platform rows (sorted), so groups never wait on each other in a cycle.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tonic::Status;
+use x402_proto::settlement::v1::{
+    AuthorizeOutcome, AuthorizeResult, ResolveOutcome, ResolveResult,
+};
+
+use crate::error::{constraint, LedgerError};
+use crate::events::{Event, CHANNEL, PLATFORM_ACCOUNT};
+use crate::ledger::{retrying, to_i64, to_u64, Attempt, Delta, Ledger, Moves, Resolution};
+use crate::verify::{refused, unix_now, CheckedAuthorize};
+
+/// Most items one group transaction takes (a single larger call still goes whole).
+pub const MAX_GROUP: usize = 256;
+
+/// What became of one item of a group.
+#[derive(Debug)]
+pub(crate) enum Slot<R> {
+    Done(R),
+    /// Decided on its own, after the group commits.
+    Alone,
+    /// The caller's deadline passed before the group committed: nothing was written.
+    Late,
+}
+
+/// One call's items waiting for a committer.
+struct Job<I, R> {
+    items: Vec<I>,
+    deadline: Option<Instant>,
+    reply: oneshot::Sender<Result<Vec<R>, Status>>,
+}
+
+/// The queue calls put their items on; committers take them in groups.
+pub struct Queue<I, R> {
+    tx: mpsc::UnboundedSender<Job<I, R>>,
+}
+
+impl<I, R> Clone for Queue<I, R> {
+    fn clone(&self) -> Self {
+        Queue {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<I, R> std::fmt::Debug for Queue<I, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Queue")
+    }
+}
+
+impl<I: Send + 'static, R: Send + 'static> Queue<I, R> {
+    /// Starts `committers` tasks that apply groups with `apply` (they end when the
+    /// last handle on the queue is dropped).
+    fn start<F, Fut>(committers: usize, apply: F) -> Self
+    where
+        F: Fn(Vec<(I, Option<Instant>)>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Vec<Result<R, Status>>> + Send,
+    {
+        let (tx, rx) = mpsc::unbounded_channel::<Job<I, R>>();
+        let rx = Arc::new(Mutex::new(rx));
+        let apply = Arc::new(apply);
+        for _ in 0..committers.max(1) {
+            let rx = rx.clone();
+            let apply = apply.clone();
+            tokio::spawn(async move {
+                loop {
+                    let jobs = {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else {
+                            return;
+                        };
+                        let mut n = first.items.len();
+                        let mut jobs = vec![first];
+                        while n < MAX_GROUP {
+                            match rx.try_recv() {
+                                Ok(job) => {
+                                    n += job.items.len();
+                                    jobs.push(job);
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        jobs
+                    };
+                    run_jobs(jobs, apply.as_ref()).await;
+                }
+            });
+        }
+        Queue { tx }
+    }
+
+    /// Queues `items` and waits for their results, in item order. Any failed item
+    /// fails the call (items that did commit are safe to send again).
+    pub async fn submit(&self, items: Vec<I>, deadline: Option<Instant>) -> Result<Vec<R>, Status> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Job {
+                items,
+                deadline,
+                reply,
+            })
+            .map_err(|_| Status::unavailable("settlement is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::internal("settlement failed to process a batch"))?
+    }
+}
+
+async fn run_jobs<I, R, F, Fut>(jobs: Vec<Job<I, R>>, apply: &F)
+where
+    F: Fn(Vec<(I, Option<Instant>)>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<R, Status>>>,
+{
+    let mut sizes = Vec::with_capacity(jobs.len());
+    let mut replies = Vec::with_capacity(jobs.len());
+    let mut items = Vec::new();
+    for job in jobs {
+        sizes.push(job.items.len());
+        replies.push(job.reply);
+        items.extend(job.items.into_iter().map(|i| (i, job.deadline)));
+    }
+    let mut results = apply(items).await.into_iter();
+    for (size, reply) in sizes.into_iter().zip(replies) {
+        let mut out = Vec::with_capacity(size);
+        let mut failure = None;
+        for result in results.by_ref().take(size) {
+            match result {
+                Ok(r) => out.push(r),
+                Err(status) => {
+                    failure.get_or_insert(status);
+                }
+            }
+        }
+        let _ = reply.send(match failure {
+            Some(status) => Err(status),
+            None if out.len() == size => Ok(out),
+            None => Err(Status::internal("settlement lost an item of a batch")),
+        });
+    }
+}
+
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("the call's deadline passed before its items were committed")
+}
+
+fn past(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| d <= Instant::now())
+}
+
+/// The group-commit queues of the data plane.
+#[derive(Debug, Clone)]
+pub struct Committers {
+    pub authorize: Queue<CheckedAuthorize, AuthorizeResult>,
+    pub resolve: Queue<(String, Resolution), ResolveResult>,
+}
+
+impl Committers {
+    /// Starts `per_kind` committers for authorizations and as many for resolutions.
+    pub fn start(ledger: Ledger, per_kind: usize) -> Self {
+        let l = ledger.clone();
+        let authorize = Queue::start(per_kind, move |items| {
+            let ledger = l.clone();
+            async move { authorize_items(&ledger, items).await }
+        });
+        let resolve = Queue::start(per_kind, move |items| {
+            let ledger = ledger.clone();
+            async move { resolve_items(&ledger, items).await }
+        });
+        Committers { authorize, resolve }
+    }
+}
+
+async fn authorize_items(
+    ledger: &Ledger,
+    items: Vec<(CheckedAuthorize, Option<Instant>)>,
+) -> Vec<Result<AuthorizeResult, Status>> {
+    let slots = match ledger.authorize_group(&items).await {
+        Ok(slots) => slots,
+        Err(e) => {
+            tracing::warn!(error = %e, "group transaction failed; its items run one by one");
+            items.iter().map(|_| Slot::Alone).collect()
+        }
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for ((item, deadline), slot) in items.iter().zip(slots) {
+        out.push(match slot {
+            Slot::Done(r) => Ok(r),
+            Slot::Late => Err(deadline_exceeded()),
+            Slot::Alone if past(*deadline) => Err(deadline_exceeded()),
+            Slot::Alone => ledger.authorize_hold(item).await.map_err(Status::from),
+        });
+    }
+    out
+}
+
+async fn resolve_items(
+    ledger: &Ledger,
+    items: Vec<((String, Resolution), Option<Instant>)>,
+) -> Vec<Result<ResolveResult, Status>> {
+    let slots = match ledger.resolve_group(&items).await {
+        Ok(slots) => slots,
+        Err(e) => {
+            tracing::warn!(error = %e, "group transaction failed; its items run one by one");
+            items.iter().map(|_| Slot::Alone).collect()
+        }
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (((id, resolution), _), slot) in items.iter().zip(slots) {
+        out.push(match slot {
+            Slot::Done(r) => Ok(r),
+            Slot::Late => Err(deadline_exceeded()),
+            Slot::Alone => ledger.resolve(id, resolution).await.map_err(Status::from),
+        });
+    }
+    out
+}
+
+/// Accepted so far: what the group will write for one authorize item.
+struct NewHold {
+    index: usize,
+    payer_account: String,
+    amount: i64,
+}
+
+/// Balance row of a payer as locked by the group.
+struct Locked {
+    debits_pending: i64,
+    debits_posted: i64,
+    credits_posted: i64,
+    guarded: bool,
+}
+
+impl Ledger {
+    /// Places the holds of a group of checked authorize items in one transaction.
+    pub(crate) async fn authorize_group(
+        &self,
+        items: &[(CheckedAuthorize, Option<Instant>)],
+    ) -> Result<Vec<Slot<AuthorizeResult>>, LedgerError> {
+        let late: Vec<AtomicBool> = items.iter().map(|_| AtomicBool::new(false)).collect();
+        retrying(|| self.try_authorize_group(items, &late)).await
+    }
+
+    async fn try_authorize_group(
+        &self,
+        items: &[(CheckedAuthorize, Option<Instant>)],
+        late: &[AtomicBool],
+    ) -> Result<Vec<Slot<AuthorizeResult>>, Attempt> {
+        let mut out: Vec<Option<Slot<AuthorizeResult>>> = items.iter().map(|_| None).collect();
+        let done = |out: &mut Vec<Option<Slot<AuthorizeResult>>>, i: usize, r: AuthorizeResult| {
+            out[i] = Some(Slot::Done(r));
+        };
+        let mut live = Vec::with_capacity(items.len());
+        let mut request_ids = HashSet::with_capacity(items.len());
+        for (i, (item, deadline)) in items.iter().enumerate() {
+            if past(*deadline) {
+                late[i].store(true, Ordering::Relaxed);
+            }
+            if late[i].load(Ordering::Relaxed) {
+                out[i] = Some(Slot::Late);
+            } else if !item.volume_tiers.is_empty() || !request_ids.insert(&item.request_id) {
+                out[i] = Some(Slot::Alone);
+            } else {
+                live.push(i);
+            }
+        }
+        if live.is_empty() {
+            return Ok(finish(out));
+        }
+        let mut tx = self.pool().begin().await?;
+
+        // Replays of request ids already used.
+        let ids: Vec<&str> = live
+            .iter()
+            .map(|&i| items[i].0.request_id.as_str())
+            .collect();
+        let rows = sqlx::query(
+            "SELECT request_id, id, request_hash, amount, debit_account FROM transfers \
+             WHERE request_id = ANY($1) AND kind = 'hold'",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut prior = HashMap::with_capacity(rows.len());
+        for row in rows {
+            prior.insert(row.try_get::<String, _>("request_id")?, row);
+        }
+        let mut kept = Vec::with_capacity(live.len());
+        for i in live {
+            let item = &items[i].0;
+            match prior.get(&item.request_id) {
+                None => kept.push(i),
+                Some(row) => {
+                    let hash: String = row.try_get("request_hash")?;
+                    let result = if hash != item.request_hash {
+                        refused(
+                            &item.request_id,
+                            AuthorizeOutcome::IdempotencyConflict,
+                            "request_id was already used for a different request",
+                        )
+                    } else {
+                        AuthorizeResult {
+                            request_id: item.request_id.clone(),
+                            outcome: AuthorizeOutcome::Authorized as i32,
+                            transaction_id: row.try_get("id")?,
+                            held_amount: to_u64(row.try_get("amount")?),
+                            payer_account: row.try_get("debit_account")?,
+                            message: String::new(),
+                        }
+                    };
+                    done(&mut out, i, result);
+                }
+            }
+        }
+        let live = kept;
+        if live.is_empty() {
+            tx.commit().await?;
+            return Ok(finish(out));
+        }
+
+        // Merchants and payer keys. FOR SHARE: a revocation that commits before this
+        // group stops its holds.
+        let merchants: Vec<&str> = distinct(
+            live.iter()
+                .map(|&i| items[i].0.payload.accepted.pay_to.as_str()),
+        );
+        let merchants_found: HashSet<String> =
+            sqlx::query_scalar("SELECT id FROM accounts WHERE id = ANY($1) AND kind = 'merchant'")
+                .bind(&merchants)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let keys: Vec<&str> = distinct(
+            live.iter()
+                .map(|&i| items[i].0.payload.payload.payer.as_str()),
+        );
+        let rows = sqlx::query(
+            "SELECT public_key, account_id, revoked_at IS NOT NULL AS revoked FROM payer_keys \
+             WHERE public_key = ANY($1) ORDER BY public_key FOR SHARE",
+        )
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut key_rows: HashMap<String, (String, bool)> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            key_rows.insert(
+                row.try_get("public_key")?,
+                (row.try_get("account_id")?, row.try_get("revoked")?),
+            );
+        }
+        let now = unix_now();
+        let mut accepted: Vec<NewHold> = Vec::with_capacity(live.len());
+        let mut nonces = HashSet::with_capacity(live.len());
+        for i in live {
+            let item = &items[i].0;
+            let no = |o: AuthorizeOutcome, m: &str| refused(&item.request_id, o, m);
+            let refusal = if !merchants_found.contains(&item.payload.accepted.pay_to) {
+                Some(no(
+                    AuthorizeOutcome::UnknownMerchant,
+                    "payTo is not a merchant account",
+                ))
+            } else {
+                match key_rows.get(&item.payload.payload.payer) {
+                    None => Some(no(
+                        AuthorizeOutcome::UnknownKey,
+                        "payer key is not registered",
+                    )),
+                    Some((_, true)) => {
+                        Some(no(AuthorizeOutcome::KeyRevoked, "payer key was revoked"))
+                    }
+                    Some(_) if !item.signature_valid => Some(no(
+                        AuthorizeOutcome::InvalidSignature,
+                        "signature does not match the payment",
+                    )),
+                    Some(_) if item.valid_before <= now => {
+                        Some(no(AuthorizeOutcome::Expired, "payment proof has expired"))
+                    }
+                    Some(_) if item.hold_amount > item.amount_authorized => Some(no(
+                        AuthorizeOutcome::InvalidRequest,
+                        "hold amount exceeds the authorized amount",
+                    )),
+                    Some(_) => None,
+                }
+            };
+            if let Some(r) = refusal {
+                done(&mut out, i, r);
+                continue;
+            }
+            let payer_account = key_rows
+                .get(&item.payload.payload.payer)
+                .map(|(a, _)| a.clone())
+                .unwrap_or_default();
+            // A nonce repeated inside the group is decided after the group commits.
+            if !nonces.insert((payer_account.clone(), item.payload.payload.nonce.as_str())) {
+                out[i] = Some(Slot::Alone);
+                continue;
+            }
+            accepted.push(NewHold {
+                index: i,
+                payer_account,
+                amount: to_i64(item.hold_amount)?,
+            });
+        }
+        if accepted.is_empty() {
+            tx.commit().await?;
+            return Ok(finish(out));
+        }
+
+        // Nonces already used.
+        let payers: Vec<&str> = accepted.iter().map(|h| h.payer_account.as_str()).collect();
+        let nonce_list: Vec<&str> = accepted
+            .iter()
+            .map(|h| items[h.index].0.payload.payload.nonce.as_str())
+            .collect();
+        let used: HashSet<(String, String)> = sqlx::query(
+            "SELECT t.debit_account, t.nonce FROM unnest($1::text[], $2::text[]) AS k(account, nonce) \
+             JOIN transfers t ON t.debit_account = k.account AND t.nonce = k.nonce AND t.kind = 'hold'",
+        )
+        .bind(&payers)
+        .bind(&nonce_list)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, _>>()?;
+        if !used.is_empty() {
+            accepted.retain(|h| {
+                let item = &items[h.index].0;
+                let key = (h.payer_account.clone(), item.payload.payload.nonce.clone());
+                if used.contains(&key) {
+                    out[h.index] = Some(Slot::Done(refused(
+                        &item.request_id,
+                        AuthorizeOutcome::NonceReused,
+                        "nonce was already used",
+                    )));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if accepted.is_empty() {
+            tx.commit().await?;
+            return Ok(finish(out));
+        }
+
+        // Funds: lock the payers' balance rows (sorted) and take the items in order.
+        let mut payer_rows: BTreeMap<(String, String), Option<Locked>> = BTreeMap::new();
+        for h in &accepted {
+            let asset = &items[h.index].0.payload.accepted.asset;
+            payer_rows.insert((h.payer_account.clone(), asset.clone()), None);
+        }
+        let (lock_accounts, lock_assets): (Vec<&str>, Vec<&str>) = payer_rows
+            .keys()
+            .map(|(a, s)| (a.as_str(), s.as_str()))
+            .unzip();
+        let rows = sqlx::query(
+            "SELECT account_id, asset, debits_pending, debits_posted, credits_posted, \
+               debits_must_not_exceed_credits FROM balances \
+             WHERE (account_id, asset) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+             ORDER BY account_id, asset FOR UPDATE",
+        )
+        .bind(&lock_accounts)
+        .bind(&lock_assets)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in rows {
+            let key: (String, String) = (row.try_get("account_id")?, row.try_get("asset")?);
+            payer_rows.insert(
+                key,
+                Some(Locked {
+                    debits_pending: row.try_get("debits_pending")?,
+                    debits_posted: row.try_get("debits_posted")?,
+                    credits_posted: row.try_get("credits_posted")?,
+                    guarded: row.try_get("debits_must_not_exceed_credits")?,
+                }),
+            );
+        }
+        accepted.retain(|h| {
+            let item = &items[h.index].0;
+            let key = (h.payer_account.clone(), item.payload.accepted.asset.clone());
+            let funded = match payer_rows.get_mut(&key) {
+                Some(Some(b)) => match b.debits_pending.checked_add(h.amount) {
+                    Some(pending) => {
+                        let within = !b.guarded
+                            || pending
+                                .checked_add(b.debits_posted)
+                                .is_some_and(|owed| owed <= b.credits_posted);
+                        if within {
+                            b.debits_pending = pending;
+                        }
+                        within
+                    }
+                    None => false,
+                },
+                _ => false,
+            };
+            if !funded {
+                out[h.index] = Some(Slot::Done(refused(
+                    &item.request_id,
+                    AuthorizeOutcome::InsufficientFunds,
+                    "insufficient funds",
+                )));
+            }
+            funded
+        });
+        if accepted.is_empty() {
+            tx.commit().await?;
+            return Ok(finish(out));
+        }
+
+        // Merchant balance rows, created on first use.
+        let mut merchant_rows: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for h in &accepted {
+            let a = &items[h.index].0.payload.accepted;
+            *merchant_rows
+                .entry((a.pay_to.as_str(), a.asset.as_str()))
+                .or_default() += h.amount;
+        }
+        let (m_accounts, m_assets): (Vec<&str>, Vec<&str>) = merchant_rows.keys().copied().unzip();
+        sqlx::query(
+            "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \
+             SELECT a.id, d.asset, a.kind = 'payer' FROM unnest($1::text[], $2::text[]) AS d(id, asset) \
+             JOIN accounts a ON a.id = d.id ON CONFLICT (account_id, asset) DO NOTHING",
+        )
+        .bind(&m_accounts)
+        .bind(&m_assets)
+        .execute(&mut *tx)
+        .await?;
+
+        // The holds and their open-hold rows, in one statement.
+        let col = |f: &dyn Fn(&NewHold) -> String| accepted.iter().map(f).collect::<Vec<_>>();
+        let item_of = |h: &NewHold| &items[h.index].0;
+        let payer_col = col(&|h| h.payer_account.clone());
+        let merchant_col = col(&|h| item_of(h).payload.accepted.pay_to.clone());
+        let asset_col = col(&|h| item_of(h).payload.accepted.asset.clone());
+        let amount_col: Vec<i64> = accepted.iter().map(|h| h.amount).collect();
+        let request_col = col(&|h| item_of(h).request_id.clone());
+        let hash_col = col(&|h| item_of(h).request_hash.clone());
+        let key_col = col(&|h| item_of(h).payload.payload.payer.clone());
+        let nonce_col = col(&|h| item_of(h).payload.payload.nonce.clone());
+        let route_col = col(&|h| item_of(h).route.clone());
+        let resource_col = col(&|h| item_of(h).payload.payload.resource.clone());
+        let ttl_col: Vec<i32> = accepted
+            .iter()
+            .map(|h| i32::try_from(item_of(h).hold_ttl_seconds).unwrap_or(i32::MAX))
+            .collect();
+        let authorized_col = accepted
+            .iter()
+            .map(|h| to_i64(item_of(h).amount_authorized))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = sqlx::query(
+            "WITH hold AS ( \
+               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, request_id, request_hash, \
+                 payer_key, nonce, route, resource, expires_at, amount_authorized) \
+               SELECT 'hold', d.payer, d.merchant, d.asset, d.amount, d.request_id, d.request_hash, d.payer_key, \
+                 d.nonce, d.route, d.resource, now() + d.ttl * interval '1 second', d.authorized \
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[], \
+                 $8::text[], $9::text[], $10::text[], $11::int[], $12::bigint[]) \
+                 AS d(payer, merchant, asset, amount, request_id, request_hash, payer_key, nonce, route, resource, \
+                   ttl, authorized) \
+               ON CONFLICT DO NOTHING \
+               RETURNING id, request_id, expires_at), \
+             opened AS (INSERT INTO open_holds (hold_id, expires_at) SELECT id, expires_at FROM hold) \
+             SELECT request_id, id FROM hold",
+        )
+        .bind(&payer_col)
+        .bind(&merchant_col)
+        .bind(&asset_col)
+        .bind(&amount_col)
+        .bind(&request_col)
+        .bind(&hash_col)
+        .bind(&key_col)
+        .bind(&nonce_col)
+        .bind(&route_col)
+        .bind(&resource_col)
+        .bind(&ttl_col)
+        .bind(&authorized_col)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.len() != accepted.len() {
+            // A concurrent call took a nonce or request id of this group since it
+            // looked: run the group again, which sees that call's rows.
+            return Err(Attempt::Again);
+        }
+        let mut ids: HashMap<String, String> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            ids.insert(row.try_get("request_id")?, row.try_get("id")?);
+        }
+
+        // Balances: payers (locked above), then merchants, once per row.
+        let mut payers = Moves::default();
+        for h in &accepted {
+            payers.push(
+                &h.payer_account,
+                &item_of(h).payload.accepted.asset,
+                Delta {
+                    debits_pending: h.amount,
+                    ..Delta::default()
+                },
+            );
+        }
+        let mut merchants = Moves::default();
+        for ((merchant, asset), amount) in &merchant_rows {
+            merchants.push(
+                merchant,
+                asset,
+                Delta {
+                    credits_pending: *amount,
+                    ..Delta::default()
+                },
+            );
+        }
+        for moves in [&payers, &merchants] {
+            let changed = moves.apply_set(&mut tx).await?;
+            if changed != moves.len() as u64 {
+                return Err(LedgerError::FailedPrecondition(
+                    "a balance row of a hold is missing".into(),
+                )
+                .into());
+            }
+        }
+
+        // A caller that has given up must not leave money held: leave its items out.
+        let mut gone = false;
+        for h in &accepted {
+            if past(items[h.index].1) {
+                late[h.index].store(true, Ordering::Relaxed);
+                gone = true;
+            }
+        }
+        if gone {
+            return Err(Attempt::Again);
+        }
+        tx.commit().await?;
+        for h in accepted {
+            let item = &items[h.index].0;
+            let transaction_id = ids.remove(&item.request_id).unwrap_or_default();
+            out[h.index] = Some(Slot::Done(AuthorizeResult {
+                request_id: item.request_id.clone(),
+                outcome: AuthorizeOutcome::Authorized as i32,
+                transaction_id,
+                held_amount: item.hold_amount,
+                payer_account: h.payer_account,
+                message: String::new(),
+            }));
+        }
+        Ok(finish(out))
+    }
+
+    /// Captures and voids a group of holds in one transaction.
+    pub(crate) async fn resolve_group(
+        &self,
+        items: &[((String, Resolution), Option<Instant>)],
+    ) -> Result<Vec<Slot<ResolveResult>>, LedgerError> {
+        retrying(|| self.try_resolve_group(items)).await
+    }
+
+    async fn try_resolve_group(
+        &self,
+        items: &[((String, Resolution), Option<Instant>)],
+    ) -> Result<Vec<Slot<ResolveResult>>, Attempt> {
+        let mut out: Vec<Option<Slot<ResolveResult>>> = items.iter().map(|_| None).collect();
+        let result =
+            |id: &str, outcome: ResolveOutcome, amount: u64, message: &str| ResolveResult {
+                transaction_id: id.to_owned(),
+                outcome: outcome as i32,
+                amount,
+                message: message.to_owned(),
+            };
+        let mut seen = HashSet::with_capacity(items.len());
+        let mut live = Vec::with_capacity(items.len());
+        for (i, ((id, _), _)) in items.iter().enumerate() {
+            if seen.insert(id.as_str()) {
+                live.push(i);
+            } else {
+                out[i] = Some(Slot::Alone);
+            }
+        }
+        let mut tx = self.pool().begin().await?;
+        let ids: Vec<&str> = live.iter().map(|&i| items[i].0 .0.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT id, debit_account, credit_account, asset, amount, coalesce(route, '') AS route \
+             FROM transfers WHERE id = ANY($1) AND kind = 'hold'",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut holds = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let payer: String = row.try_get("debit_account")?;
+            let merchant: String = row.try_get("credit_account")?;
+            let asset: String = row.try_get("asset")?;
+            let amount: i64 = row.try_get("amount")?;
+            let route: String = row.try_get("route")?;
+            holds.insert(id, (payer, merchant, asset, amount, route));
+        }
+        let mut candidates = Vec::with_capacity(live.len());
+        for i in live {
+            let (id, resolution) = &items[i].0;
+            let Some(hold) = holds.get(id) else {
+                out[i] = Some(Slot::Done(result(
+                    id,
+                    ResolveOutcome::NotFound,
+                    0,
+                    "no such hold",
+                )));
+                continue;
+            };
+            let hold_amount = to_u64(hold.3);
+            if let Resolution::Capture { amount, .. } = resolution {
+                if *amount > hold_amount {
+                    out[i] = Some(Slot::Done(result(
+                        id,
+                        ResolveOutcome::ExceedsHold,
+                        hold_amount,
+                        "capture amount exceeds the hold",
+                    )));
+                    continue;
+                }
+            }
+            candidates.push(i);
+        }
+        if candidates.is_empty() {
+            tx.commit().await?;
+            return Ok(finish(out));
+        }
+
+        // Deleting the open-hold rows is the lock every resolution (and the sweeper)
+        // takes; a hold someone else resolved is answered on its own afterwards.
+        let mut open_ids: Vec<&str> = candidates.iter().map(|&i| items[i].0 .0.as_str()).collect();
+        open_ids.sort_unstable();
+        let opened: HashSet<String> =
+            sqlx::query_scalar("DELETE FROM open_holds WHERE hold_id = ANY($1) RETURNING hold_id")
+                .bind(&open_ids)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let mut mine = Vec::with_capacity(candidates.len());
+        for i in candidates {
+            if opened.contains(&items[i].0 .0) {
+                mine.push(i);
+            } else {
+                out[i] = Some(Slot::Alone);
+            }
+        }
+        if mine.is_empty() {
+            tx.commit().await?;
+            return Ok(finish(out));
+        }
+
+        // Platform fees of the captures.
+        let fee_merchants: Vec<&str> =
+            distinct(mine.iter().filter_map(|&i| match &items[i].0 .1 {
+                Resolution::Capture { .. } => holds.get(&items[i].0 .0).map(|h| h.1.as_str()),
+                Resolution::Void { .. } => None,
+            }));
+        let bps: HashMap<String, i32> = if fee_merchants.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query("SELECT id, fee_bps FROM accounts WHERE id = ANY($1) AND fee_bps > 0")
+                .bind(&fee_merchants)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, _>>()?
+        };
+
+        struct Done<'a> {
+            index: usize,
+            id: &'a str,
+            kind: &'static str,
+            payer: &'a str,
+            merchant: &'a str,
+            asset: &'a str,
+            route: &'a str,
+            hold: i64,
+            posted: i64,
+            fee: i64,
+        }
+        let mut done = Vec::with_capacity(mine.len());
+        for i in mine {
+            let (id, resolution) = &items[i].0;
+            let Some((payer, merchant, asset, hold, route)) = holds.get(id) else {
+                continue;
+            };
+            let (kind, posted, fee) = match resolution {
+                Resolution::Capture { amount, .. } => {
+                    let posted = to_i64(*amount)?;
+                    let bps = i128::from(bps.get(merchant).copied().unwrap_or(0));
+                    let fee = i64::try_from(i128::from(posted) * bps / 10_000).unwrap_or(0);
+                    ("capture", posted, fee)
+                }
+                Resolution::Void { .. } => ("void", *hold, 0),
+            };
+            done.push(Done {
+                index: i,
+                id,
+                kind,
+                payer,
+                merchant,
+                asset,
+                route,
+                hold: *hold,
+                posted,
+                fee,
+            });
+        }
+        let fee_assets: Vec<&str> = distinct(done.iter().filter(|d| d.fee > 0).map(|d| d.asset));
+        if !fee_assets.is_empty() {
+            sqlx::query(
+                "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \
+                 SELECT $1, a, false FROM unnest($2::text[]) AS a ON CONFLICT (account_id, asset) DO NOTHING",
+            )
+            .bind(PLATFORM_ACCOUNT)
+            .bind(&fee_assets)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        // Resolution rows, fee transfers and refund-cap rows in one statement.
+        let reasons: Vec<Option<&str>> = done
+            .iter()
+            .map(|d| match &items[d.index].0 .1 {
+                Resolution::Void { reason } => Some(reason.as_str()),
+                Resolution::Capture { .. } => None,
+            })
+            .collect();
+        let statuses: Vec<Option<i32>> = done
+            .iter()
+            .map(|d| match &items[d.index].0 .1 {
+                Resolution::Capture { http_status, .. } => {
+                    Some(i32::try_from(*http_status).unwrap_or(i32::MAX))
+                }
+                Resolution::Void { .. } => None,
+            })
+            .collect();
+        let micros: Vec<Option<i64>> = done
+            .iter()
+            .map(|d| match &items[d.index].0 .1 {
+                Resolution::Capture {
+                    upstream_micros, ..
+                } => Some(i64::try_from(*upstream_micros).unwrap_or(i64::MAX)),
+                Resolution::Void { .. } => None,
+            })
+            .collect();
+        let kinds: Vec<&str> = done.iter().map(|d| d.kind).collect();
+        let payers: Vec<&str> = done.iter().map(|d| d.payer).collect();
+        let merchants: Vec<&str> = done.iter().map(|d| d.merchant).collect();
+        let assets: Vec<&str> = done.iter().map(|d| d.asset).collect();
+        let posted: Vec<i64> = done.iter().map(|d| d.posted).collect();
+        let hold_ids: Vec<&str> = done.iter().map(|d| d.id).collect();
+        let held: Vec<i64> = done.iter().map(|d| d.hold).collect();
+        let fees: Vec<i64> = done.iter().map(|d| d.fee).collect();
+        let written = sqlx::query(
+            "WITH r AS ( \
+               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
+                 reason, http_status, upstream_micros) \
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
+                 $7::bigint[], $8::text[], $9::int[], $10::bigint[])), \
+             f AS ( \
+               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, reason) \
+               SELECT 'fee', x.merchant, $11, x.asset, x.fee, x.hold_id, 'platform_fee' \
+               FROM unnest($3::text[], $4::text[], $12::bigint[], $6::text[], $1::text[]) \
+                 AS x(merchant, asset, fee, hold_id, kind) WHERE x.fee > 0) \
+             INSERT INTO payment_refunds (hold_id, captured, fee) \
+             SELECT x.hold_id, x.posted, x.fee FROM unnest($6::text[], $5::bigint[], $12::bigint[], $1::text[]) \
+               AS x(hold_id, posted, fee, kind) WHERE x.kind = 'capture'",
+        )
+        .bind(&kinds)
+        .bind(&payers)
+        .bind(&merchants)
+        .bind(&assets)
+        .bind(&posted)
+        .bind(&hold_ids)
+        .bind(&held)
+        .bind(&reasons)
+        .bind(&statuses)
+        .bind(&micros)
+        .bind(PLATFORM_ACCOUNT)
+        .bind(&fees)
+        .execute(&mut *tx)
+        .await;
+        match written {
+            Ok(_) => {}
+            Err(e) if constraint(&e) == Some("transfers_one_resolution") => {
+                return Err(Attempt::Retry(e))
+            }
+            Err(e) => return Err(e.into()),
+        }
+
+        // Analytics, webhook outbox rows and notifications, in one statement.
+        let events: Vec<&str> = done
+            .iter()
+            .map(|d| {
+                if d.kind == "capture" {
+                    "captured"
+                } else {
+                    "voided"
+                }
+            })
+            .collect();
+        let routes: Vec<&str> = done.iter().map(|d| d.route).collect();
+        let amounts: Vec<i64> = done
+            .iter()
+            .map(|d| {
+                if d.kind == "capture" {
+                    d.posted
+                } else {
+                    d.hold
+                }
+            })
+            .collect();
+        let bodies: Vec<String> = done
+            .iter()
+            .zip(&statuses)
+            .zip(&amounts)
+            .map(|((d, status), amount)| {
+                let event = Event {
+                    kind: if d.kind == "capture" {
+                        "captured"
+                    } else {
+                        "voided"
+                    },
+                    transaction_id: d.id,
+                    payer: d.payer,
+                    merchant: d.merchant,
+                    asset: d.asset,
+                    route: d.route,
+                    amount: *amount,
+                };
+                let mut body = event.json();
+                if d.kind == "capture" {
+                    body["fee"] = json!(d.fee);
+                    body["http_status"] = json!(status.unwrap_or(0));
+                }
+                body.to_string()
+            })
+            .collect();
+        sqlx::query(
+            "WITH a AS ( \
+               INSERT INTO analytics_pending (event, route, merchant, payer, asset, amount, fee, http_status, \
+                 upstream_micros) \
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
+                 $7::bigint[], $8::int[], $9::bigint[])), \
+             w AS ( \
+               INSERT INTO webhook_outbox (merchant, event_type, payload) \
+               SELECT e.merchant, 'payment.captured', e.body::jsonb \
+               FROM unnest($3::text[], $10::text[], $1::text[]) AS e(merchant, body, event) \
+               JOIN webhook_endpoints h ON h.merchant = e.merchant WHERE e.event = 'captured') \
+             SELECT count(pg_notify($11, b)) FROM unnest($10::text[]) AS b",
+        )
+        .bind(&events)
+        .bind(&routes)
+        .bind(&merchants)
+        .bind(&payers)
+        .bind(&assets)
+        .bind(&amounts)
+        .bind(&fees)
+        .bind(&statuses)
+        .bind(&micros)
+        .bind(&bodies)
+        .bind(CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+
+        // Balances: payers first, then merchants and the platform, once per row.
+        let mut payer_moves = Moves::default();
+        let mut other_moves = Moves::default();
+        for d in &done {
+            let released = Delta {
+                debits_pending: -d.hold,
+                debits_posted: if d.kind == "capture" { d.posted } else { 0 },
+                ..Delta::default()
+            };
+            payer_moves.push(d.payer, d.asset, released);
+            other_moves.push(
+                d.merchant,
+                d.asset,
+                Delta {
+                    credits_pending: -d.hold,
+                    credits_posted: if d.kind == "capture" { d.posted } else { 0 },
+                    debits_posted: d.fee,
+                    ..Delta::default()
+                },
+            );
+            if d.fee > 0 {
+                other_moves.push(
+                    PLATFORM_ACCOUNT,
+                    d.asset,
+                    Delta {
+                        credits_posted: d.fee,
+                        ..Delta::default()
+                    },
+                );
+            }
+        }
+        for moves in [&payer_moves, &other_moves] {
+            let changed = moves.apply_set(&mut tx).await?;
+            if changed != moves.len() as u64 {
+                return Err(LedgerError::FailedPrecondition(
+                    "balance of a held account is missing".into(),
+                )
+                .into());
+            }
+        }
+        tx.commit().await?;
+        for d in done {
+            let posted = to_u64(d.posted);
+            crate::metrics::METRICS.resolved(d.kind, posted, d.fee);
+            let outcome = if d.kind == "capture" {
+                ResolveOutcome::Captured
+            } else {
+                ResolveOutcome::Voided
+            };
+            out[d.index] = Some(Slot::Done(result(d.id, outcome, posted, "")));
+        }
+        Ok(finish(out))
+    }
+}
+
+fn finish<R>(out: Vec<Option<Slot<R>>>) -> Vec<Slot<R>> {
+    out.into_iter().map(|s| s.unwrap_or(Slot::Alone)).collect()
+}
+
+fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = values.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Parses a `grpc-timeout` header value ("100m", "5S", ...).
+pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+}
