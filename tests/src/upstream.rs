@@ -8,7 +8,7 @@
 //!   OpenAI-style usage JSON, SSE streams ending with a usage event, large bodies sent
 //!   in many chunks, JSON arrays of items, slow answers, long streams that note when
 //!   the reader went away;
-//! - `/ws/echo` accepts a WebSocket upgrade and echoes every message, noting the close
+//! - `/ws/...` accepts a WebSocket upgrade and echoes every message, noting the close
 //!   code it received;
 //! - everything else (`/paid/...`, `/free/...`, `/named/...`) answers 200 with a JSON
 //!   echo of the request: method, path, query, body size and whether any payment header
@@ -195,7 +195,7 @@ pub async fn serve(listener: TcpListener, served: Arc<Served>, shutdown: impl Fu
                     if request.uri().path().starts_with("/metered/") {
                         return Ok::<_, Infallible>(metered(request, &served).await);
                     }
-                    if request.uri().path() == "/ws/echo" {
+                    if request.uri().path().starts_with("/ws/") {
                         return Ok(websocket_echo(request, served));
                     }
                     let Ok(response) = answer(request, served).await;

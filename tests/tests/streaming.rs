@@ -2,8 +2,8 @@
 //! PostgreSQL, the real upstream. A chunked body and a server-sent-events stream are
 //! cut exactly where their hold is spent (the SSE one with a final event saying
 //! why), the upstream sees its reader go away, and settlement captures exactly the
-//! hold; a WebSocket billed per message is closed with a 1008 close frame seen by a
-//! real WebSocket client, and captures the messages it carried.
+//! hold; WebSockets billed per message or per second are closed with a 1008 close
+//! frame seen by a real WebSocket client, and capture what they used.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -36,7 +36,10 @@ fn streaming_config() -> String {
               "pricing": { "per_token": { "unit_price": "0.0001", "max_units": 5, "tokens_from": "sse_events" } } },
             // 3 client messages at 0.001: a hold of 3000.
             { "name": "echo", "match": { "path_prefix": "/ws/echo" },
-              "pricing": { "per_message": { "unit_price": "0.001", "max_units": 3, "count": "client" } } }
+              "pricing": { "per_message": { "unit_price": "0.001", "max_units": 3, "count": "client" } } },
+            // 3 seconds at 0.001 per second: a hold of 3000.
+            { "name": "timed", "match": { "path_prefix": "/ws/timed" },
+              "pricing": { "per_second": { "unit_price": "0.001", "max_units": 3 } } }
         ]
     })
     .to_string()
@@ -170,6 +173,44 @@ async fn streams_are_cut_exactly_at_the_hold_and_capture_the_hold() {
     assert_captured(&stack, &receipt.transaction, 500, 300).await;
 }
 
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `path` through Envoy, paying `offer`; returns it and the receipt.
+async fn connect_paid(
+    stack: &Stack,
+    key: &PayerKey,
+    path: &str,
+    offer: &x402_client::wire::PaymentRequirements,
+) -> (Socket, x402_client::wire::SettleResponse) {
+    let url = stack.parsed_url(path).unwrap();
+    let resource = x402_client::resource_for("GET", &url).unwrap();
+    let proof = x402_client::sign_payment(
+        key,
+        offer,
+        &resource,
+        &x402_client::random_nonce_hex(),
+        unix_now() + 30,
+    )
+    .unwrap();
+    let ws_url = stack.url(path).replacen("http://", "ws://", 1);
+    let mut request = ws_url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        x402_client::wire::HEADER_PAYMENT_SIGNATURE,
+        x402_client::wire::encode_header(&proof).parse().unwrap(),
+    );
+    let (ws, upgrade) = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("the upgrade within 30 s")
+    .unwrap();
+    assert_eq!(upgrade.status().as_u16(), 101);
+    let receipt = x402_client::parse_receipt(upgrade.headers()).expect("a receipt");
+    (ws, receipt)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_is_billed_per_message_and_closed_when_the_hold_is_spent() {
     let stack = Stack::start(&streaming_config()).await.unwrap();
@@ -184,31 +225,7 @@ async fn a_websocket_is_billed_per_message_and_closed_when_the_hold_is_spent() {
     assert_eq!(offer.amount, "3000");
     assert_eq!(offer.extra["unit"], "message");
 
-    let url = stack.parsed_url("/ws/echo").unwrap();
-    let resource = x402_client::resource_for("GET", &url).unwrap();
-    let proof = x402_client::sign_payment(
-        &key,
-        offer,
-        &resource,
-        &x402_client::random_nonce_hex(),
-        unix_now() + 30,
-    )
-    .unwrap();
-    let ws_url = stack.url("/ws/echo").replacen("http://", "ws://", 1);
-    let mut request = ws_url.into_client_request().unwrap();
-    request.headers_mut().insert(
-        x402_client::wire::HEADER_PAYMENT_SIGNATURE,
-        x402_client::wire::encode_header(&proof).parse().unwrap(),
-    );
-    let (mut ws, upgrade) = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio_tungstenite::connect_async(request),
-    )
-    .await
-    .expect("the upgrade within 30 s")
-    .unwrap();
-    assert_eq!(upgrade.status().as_u16(), 101);
-    let receipt = x402_client::parse_receipt(upgrade.headers()).expect("a receipt");
+    let (mut ws, receipt) = connect_paid(&stack, &key, "/ws/echo", offer).await;
     assert_eq!(receipt.amount, "3000");
 
     // Three paid messages, each echoed.
@@ -242,6 +259,54 @@ async fn a_websocket_is_billed_per_message_and_closed_when_the_hold_is_spent() {
         .served()
         .ws_closes()
         .contains(&(1008, "payment exhausted".to_owned())));
+
+    stack
+        .wait_for_settled_balance(&account, i64::try_from(FUNDS - 3000).unwrap())
+        .await
+        .unwrap();
+    assert_captured(&stack, &receipt.transaction, 3000, 3000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_billed_per_second_is_closed_when_its_time_is_spent() {
+    let stack = Stack::start(&streaming_config()).await.unwrap();
+    let (account, key) = stack.new_payer(FUNDS).await.unwrap();
+    let challenge = stack
+        .send_unpaid("GET", "/ws/timed")
+        .await
+        .unwrap()
+        .challenge()
+        .expect("a challenge");
+    let offer = &challenge.accepts[0];
+    assert_eq!(offer.amount, "3000");
+    assert_eq!(offer.extra["unit"], "second");
+    let (mut ws, receipt) = connect_paid(&stack, &key, "/ws/timed", offer).await;
+
+    // Talk until the 3 paid seconds are over: the answer is then the close frame.
+    let mut echoed = 0;
+    let mut close = None;
+    for i in 0..200 {
+        ws.send(Message::Text(format!("tick {i}"))).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("an answer within 30 s")
+        {
+            Some(Ok(Message::Text(text))) => {
+                assert_eq!(text, format!("tick {i}"));
+                echoed += 1;
+            }
+            Some(Ok(Message::Close(frame))) => {
+                close = frame;
+                break;
+            }
+            other => panic!("expected an echo or the close frame, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(echoed > 0, "messages within the paid time are echoed");
+    let close = close.expect("a close frame once the time is spent");
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason, "payment exhausted");
 
     stack
         .wait_for_settled_balance(&account, i64::try_from(FUNDS - 3000).unwrap())
