@@ -79,6 +79,8 @@ pub struct RawRoute {
     #[serde(default)]
     pub free_tier: Option<crate::policy::RawFreeTier>,
     #[serde(default)]
+    pub global_limit: Option<crate::policy::RawGlobalLimit>,
+    #[serde(default)]
     pub allow: Option<crate::policy::RawAllow>,
     /// `closed` (default) or `open`.
     #[serde(default)]
@@ -440,6 +442,7 @@ impl TryFrom<RawConfig> for Config {
                     crate::policy::RawRoutePolicy {
                         rate_limit: r.rate_limit,
                         free_tier: r.free_tier,
+                        global_limit: r.global_limit,
                         allow: r.allow,
                         failure_mode: r.failure_mode,
                         timeout_ms: r.timeout_ms,

@@ -469,6 +469,9 @@ pub fn answer_for(host: &dyn Host, result: &AuthorizeResult) -> AuthorizeAnswer 
         AuthorizeOutcome::Expired => refused(ErrorCode::Expired),
         // The same request id came with other content: its proof is spent.
         AuthorizeOutcome::IdempotencyConflict => refused(ErrorCode::NonceReused),
+        AuthorizeOutcome::RateLimited => AuthorizeAnswer::Limited {
+            retry_after_seconds: u64::from(result.retry_after_seconds),
+        },
         // The operator's side is wrong (unknown merchant, a hold above the proof,
         // an answer without a transaction): fail closed without leaking details.
         other => {

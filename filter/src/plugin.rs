@@ -154,6 +154,7 @@ impl Vm {
         info.body_follows = body_follows;
         if let Some(plugin) = self.plugins.get(&root_id) {
             info.policy = crate::policy::evaluate_request(host, &plugin.config, &info);
+            info.limit_client = crate::policy::global_limit_client(host, &plugin.config, &info);
             // Only the headers some price expression reads are copied.
             for route in &plugin.config.routes {
                 for name in &route.pricing.headers {
@@ -635,6 +636,7 @@ fn read_request(host: &mut dyn Host) -> RequestInfo {
         request_id,
         now_secs: host.now_nanos() / 1_000_000_000,
         policy: crate::policy::Verdict::Charge,
+        limit_client: None,
         body_follows: false,
         headers: Vec::new(),
     }

@@ -9,6 +9,12 @@
 //!
 //! Order of the checks on a priced route: allow-list (an allowed identity is neither
 //! limited nor charged), then the rate limit, then the free tier, then payment.
+//!
+//! A route's `global_limit` is not counted here but by settlement, in Postgres, so it
+//! holds across every Envoy: it rides on the Authorize call a paid request makes
+//! anyway (no extra round trip) and settlement answers RATE_LIMITED before it holds
+//! anything. Requests that never reach settlement (challenges, rejected proofs) never
+//! reach the upstream either, so they are not counted; `rate_limit` bounds them per Envoy.
 
 use serde::Deserialize;
 use x402_proto::wire::{self, ErrorBody};
@@ -49,6 +55,22 @@ pub struct RawFreeTier {
     /// whose signature the filter verifies).
     #[serde(default)]
     pub per: Option<String>,
+}
+
+/// `routes[i].global_limit` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobalLimit {
+    pub max_requests: u32,
+    #[serde(default = "default_window_seconds")]
+    pub window_seconds: u64,
+    /// `payer` (default: the payer account settlement verified) or `client` (the
+    /// client address).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The `message` of the 429 JSON body.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// `routes[i].allow` as written: any one match lets the request through unpaid.
@@ -108,6 +130,23 @@ pub struct RateLimit {
     pub message: String,
 }
 
+/// What a global limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GlobalLimitKey {
+    Payer,
+    Client,
+}
+
+/// A limit settlement enforces across all Envoys: `max_requests` paid requests per
+/// fixed window of `window_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalLimit {
+    pub max_requests: u32,
+    pub window_seconds: u32,
+    pub key: GlobalLimitKey,
+    pub message: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FreeTierKey {
     Client,
@@ -147,6 +186,7 @@ impl AllowList {
 pub struct RoutePolicy {
     pub rate_limit: Option<RateLimit>,
     pub free_tier: Option<FreeTier>,
+    pub global_limit: Option<GlobalLimit>,
     pub allow: AllowList,
     pub failure_mode: FailureMode,
     /// Settlement call timeout for this route; the global one when unset.
@@ -158,6 +198,7 @@ pub struct RoutePolicy {
 pub struct RawRoutePolicy {
     pub rate_limit: Option<RawRateLimit>,
     pub free_tier: Option<RawFreeTier>,
+    pub global_limit: Option<RawGlobalLimit>,
     pub allow: Option<RawAllow>,
     pub failure_mode: Option<String>,
     pub timeout_ms: Option<u32>,
@@ -178,6 +219,17 @@ fn check_window(field: String, seconds: u64) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+fn check_message(field: String, message: Option<String>) -> Result<String, ConfigError> {
+    let message = message.unwrap_or_else(|| "too many requests; retry later".to_owned());
+    if message.len() > 1024 || message.contains(char::is_control) {
+        return Err(invalid(
+            field,
+            "must be at most 1024 characters without control characters",
+        ));
+    }
+    Ok(message)
 }
 
 fn check_values(field: String, values: &[String]) -> Result<(), ConfigError> {
@@ -212,15 +264,7 @@ pub fn compile(index: usize, raw: RawRoutePolicy) -> Result<RoutePolicy, ConfigE
                 ));
             }
             check_window(at("rate_limit.window_seconds"), r.window_seconds)?;
-            let message = r
-                .message
-                .unwrap_or_else(|| "too many requests; retry later".to_owned());
-            if message.len() > 1024 || message.contains(char::is_control) {
-                return Err(invalid(
-                    at("rate_limit.message"),
-                    "must be at most 1024 characters without control characters",
-                ));
-            }
+            let message = check_message(at("rate_limit.message"), r.message)?;
             Some(RateLimit {
                 max_requests: r.max_requests,
                 window_seconds: r.window_seconds,
@@ -255,6 +299,42 @@ pub fn compile(index: usize, raw: RawRoutePolicy) -> Result<RoutePolicy, ConfigE
             })
         }
     };
+    let global_limit = match raw.global_limit {
+        None => None,
+        Some(g) => {
+            if g.max_requests == 0 {
+                return Err(invalid(
+                    at("global_limit.max_requests"),
+                    "must be positive (remove the route or its price to block it)",
+                ));
+            }
+            check_window(at("global_limit.window_seconds"), g.window_seconds)?;
+            let key = match g.key.as_deref() {
+                None | Some("payer") => GlobalLimitKey::Payer,
+                Some("client") => GlobalLimitKey::Client,
+                Some(other) => {
+                    return Err(invalid(
+                        at("global_limit.key"),
+                        format!("{other:?} is neither \"payer\" nor \"client\""),
+                    ))
+                }
+            };
+            if free_tier.is_some() {
+                // Free requests pass without a call to settlement, which counts the
+                // global limit.
+                return Err(invalid(
+                    at("global_limit"),
+                    "cannot be combined with free_tier: free requests are not counted by settlement",
+                ));
+            }
+            Some(GlobalLimit {
+                max_requests: g.max_requests,
+                window_seconds: u32::try_from(g.window_seconds).unwrap_or(u32::MAX),
+                key,
+                message: check_message(at("global_limit.message"), g.message)?,
+            })
+        }
+    };
     let allow = match raw.allow {
         None => AllowList::default(),
         Some(a) => compile_allow(index, a)?,
@@ -277,6 +357,7 @@ pub fn compile(index: usize, raw: RawRoutePolicy) -> Result<RoutePolicy, ConfigE
     Ok(RoutePolicy {
         rate_limit,
         free_tier,
+        global_limit,
         allow,
         failure_mode,
         timeout_ms: raw.timeout_ms,
@@ -543,29 +624,56 @@ pub fn before_payment(
                 .policy
                 .rate_limit
                 .as_ref()
-                .map(|l| l.message.clone())
+                .map(|l| l.message.as_str())
                 .unwrap_or_default();
-            let body = ErrorBody {
-                error: "rate_limited".to_owned(),
-                message,
-            };
-            Some((
-                State::Replied,
-                vec![
-                    Effect::Reply {
-                        status: 429,
-                        headers: vec![
-                            ("content-type".to_owned(), "application/json".to_owned()),
-                            ("cache-control".to_owned(), "no-store".to_owned()),
-                            ("retry-after".to_owned(), retry_after_seconds.to_string()),
-                        ],
-                        body: serde_json::to_vec(&body).unwrap_or_default(),
-                    },
-                    Effect::Count(Metric::RateLimited, 1),
-                ],
-            ))
+            Some((State::Replied, rate_limited(message, *retry_after_seconds)))
         }
     }
+}
+
+/// The 429 of a rate limit: `Retry-After` and `{"error": "rate_limited", message}`.
+pub fn rate_limited(message: &str, retry_after_seconds: u64) -> Vec<Effect> {
+    let body = ErrorBody {
+        error: "rate_limited".to_owned(),
+        message: message.to_owned(),
+    };
+    vec![
+        Effect::Reply {
+            status: 429,
+            headers: vec![
+                ("content-type".to_owned(), "application/json".to_owned()),
+                ("cache-control".to_owned(), "no-store".to_owned()),
+                (
+                    "retry-after".to_owned(),
+                    retry_after_seconds.max(1).to_string(),
+                ),
+            ],
+            body: serde_json::to_vec(&body).unwrap_or_default(),
+        },
+        Effect::Count(Metric::RateLimited, 1),
+    ]
+}
+
+/// The client address a route's global limit counts by, when it counts by client.
+pub fn global_limit_client(
+    host: &dyn Host,
+    config: &crate::config::Config,
+    info: &RequestInfo,
+) -> Option<String> {
+    let key = crate::config::RouteKey {
+        route_name: info.route_name.as_deref(),
+        method: &info.method,
+        path: &info.path,
+    };
+    let limit = config.route_for(&key)?.policy.global_limit.as_ref()?;
+    if limit.key != GlobalLimitKey::Client {
+        return None;
+    }
+    Some(
+        property_string(host, &["source", "address"])
+            .map(|a| strip_port(&a).to_owned())
+            .unwrap_or_default(),
+    )
 }
 
 /// Free requests left that a challenge states: none once the free tier is used up.

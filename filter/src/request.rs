@@ -14,7 +14,7 @@
 //! Authorizing --stream end--> Abandoned --AUTHORIZED--> Finished (Void)
 //! ```
 
-use x402_proto::settlement::v1::{AuthorizeItem, CaptureItem, VoidItem, VolumeTier};
+use x402_proto::settlement::v1::{AuthorizeItem, CaptureItem, GlobalLimit, VoidItem, VolumeTier};
 use x402_proto::signing::resource_string;
 use x402_proto::wire::{
     self, ErrorBody, ErrorCode, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse,
@@ -49,6 +49,9 @@ pub struct RequestInfo {
     pub headers: Vec<(String, String)>,
     /// What the route's traffic policy decided ([`crate::policy::evaluate`]).
     pub policy: crate::policy::Verdict,
+    /// The client address a route's `global_limit` counts by, when it counts by client
+    /// ([`crate::policy::global_limit_client`]).
+    pub limit_client: Option<String>,
 }
 
 /// Settlement's verdict on one authorization, as the filter acts on it.
@@ -60,10 +63,15 @@ pub enum AuthorizeAnswer {
     },
     /// A payable problem: answer 402 with this code and a fresh challenge.
     Refused(ErrorCode),
+    /// Over the route's global limit: 429, nothing was held.
+    Limited { retry_after_seconds: u64 },
     /// No usable answer (transport failure, timeout, unexpected outcome): 503.
     Unavailable,
 }
 
+// One event is built per callback and moved straight into `step`, which keeps the
+// request's info in its state anyway: boxing it would add an allocation per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     RequestHeaders(RequestInfo),
@@ -487,6 +495,16 @@ fn price_request(
                 .collect(),
             _ => Vec::new(),
         },
+        global_limit: route.policy.global_limit.as_ref().map(|l| GlobalLimit {
+            max_requests: l.max_requests,
+            window_seconds: l.window_seconds,
+            client_address: match l.key {
+                crate::policy::GlobalLimitKey::Payer => String::new(),
+                crate::policy::GlobalLimitKey::Client => {
+                    info.limit_client.clone().unwrap_or_default()
+                }
+            },
+        }),
     };
     let pending = Pending {
         route: route.name.clone(),
@@ -625,6 +643,16 @@ fn on_answer(
                 quoted_challenge_reply(config, route, &pending.challenge, &pending.quote, code),
                 Effect::Count(Metric::Rejected, 1),
             ])
+        }
+        AuthorizeAnswer::Limited {
+            retry_after_seconds,
+        } => {
+            let message = config
+                .route_named(&pending.route)
+                .and_then(|r| r.policy.global_limit.as_ref())
+                .map(|l| l.message.as_str())
+                .unwrap_or_default();
+            replied(crate::policy::rate_limited(message, retry_after_seconds))
         }
         AuthorizeAnswer::Unavailable => {
             let fails_open = config

@@ -444,3 +444,77 @@ fn junk_proofs_in_a_payers_name_spend_the_senders_limit_not_the_payers() {
         assert!(w.reply_to(ctx).is_none());
     }
 }
+
+#[test]
+fn a_global_limit_rides_on_authorize_and_settlements_refusal_is_a_429() {
+    use prost::Message;
+    use x402_proto::settlement::v1::{
+        AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, AuthorizeResult,
+    };
+    let routes = serde_json::json!([
+        {"name": "payer", "match": {"path_prefix": "/payer"}, "price": "0.01",
+         "global_limit": {"max_requests": 100, "window_seconds": 3600, "message": "100 an hour"}},
+        {"name": "client", "match": {"path_prefix": "/client"}, "price": "0.01",
+         "global_limit": {"max_requests": 5, "key": "client"}}
+    ]);
+    let mut w = Workers::new(routes);
+    // An unpaid request is challenged without a callout.
+    w.request(2, "/payer", "10.0.0.1", None, &[]);
+    assert_eq!(w.reply_to(2).unwrap().0, 402);
+    assert_eq!(w.grpc_count(), 0);
+
+    let sent = |w: &Workers| match w.host.grpc_calls().last() {
+        Some(Call::Grpc { token, message, .. }) => (
+            *token,
+            AuthorizeRequest::decode(message.as_slice()).unwrap(),
+        ),
+        _ => panic!("no call"),
+    };
+    // Per payer: the limit goes to settlement with no client address.
+    w.request(
+        3,
+        "/payer",
+        "10.0.0.1",
+        Some(proof(1, "/payer", 3, 30)),
+        &[],
+    );
+    let (token, request) = sent(&w);
+    let limit = request.items[0].global_limit.clone().unwrap();
+    assert_eq!((limit.max_requests, limit.window_seconds), (100, 3600));
+    assert_eq!(limit.client_address, "");
+    // Settlement says the window is full: 429 with its Retry-After, nothing resumed.
+    let response = AuthorizeResponse {
+        results: vec![AuthorizeResult {
+            request_id: request.items[0].request_id.clone(),
+            outcome: AuthorizeOutcome::RateLimited as i32,
+            retry_after_seconds: 42,
+            ..Default::default()
+        }],
+    };
+    w.host.effective = ROOT;
+    w.vms[1].on_grpc_result(&mut w.host, token, Ok(response.encode_to_vec()));
+    let (status, headers, body) = w.reply_to(3).unwrap();
+    assert_eq!(status, 429);
+    assert_eq!(header_of(&headers, "retry-after"), Some("42"));
+    assert!(header_of(&headers, "payment-response").is_none());
+    let body: ErrorBody = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (body.error.as_str(), body.message.as_str()),
+        ("rate_limited", "100 an hour")
+    );
+    assert!(!w.host.calls.contains(&Call::Resume { context: 3 }));
+    assert_eq!(w.host.counter("x402_requests_rate_limited"), 1);
+
+    // Per client: the client address, without its port, goes along.
+    w.request(
+        4,
+        "/client",
+        "10.0.0.9",
+        Some(proof(1, "/client", 4, 30)),
+        &[],
+    );
+    let (_, request) = sent(&w);
+    let limit = request.items[0].global_limit.clone().unwrap();
+    assert_eq!((limit.max_requests, limit.window_seconds), (5, 60));
+    assert_eq!(limit.client_address, "10.0.0.9");
+}

@@ -200,6 +200,7 @@ fn authorized(request: &AuthorizeRequest, tx_prefix: &str) -> Vec<u8> {
                 held_amount: item.hold_amount,
                 payer_account: "payer-1".into(),
                 message: String::new(),
+                retry_after_seconds: 0,
             })
             .collect(),
     }

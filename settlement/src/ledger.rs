@@ -18,6 +18,7 @@ use x402_proto::settlement::v1::{
 };
 
 use crate::error::{constraint, is_retryable, sqlstate, LedgerError};
+use crate::limits::{self, Take};
 use crate::verify::{refused, unix_now, CheckedAuthorize};
 
 /// Attempts of one operation before a serialization failure or deadlock is
@@ -290,6 +291,7 @@ impl Ledger {
                 held_amount: to_u64(row.try_get("amount")?),
                 payer_account: row.try_get("debit_account")?,
                 message: String::new(),
+                retry_after_seconds: 0,
             });
         }
 
@@ -365,6 +367,22 @@ impl Ledger {
                 .find(|(from, _)| *from <= used)
                 .map_or(item.hold_amount, |(_, price)| *price);
         }
+        if let Some(limit) = &item.global_limit {
+            let identity = limit.identity(&payer_account);
+            if let Take::Limited {
+                retry_after_seconds,
+            } = limits::take(&mut tx, &item.route, &identity, limit).await?
+            {
+                return Ok(AuthorizeResult {
+                    retry_after_seconds,
+                    ..refused(
+                        &item.request_id,
+                        AuthorizeOutcome::RateLimited,
+                        "over the route's global rate limit",
+                    )
+                });
+            }
+        }
         let amount = to_i64(hold_amount)?;
         ensure_balance(&mut tx, &accepted.pay_to, &accepted.asset).await?;
         // The hold row goes in before the balance rows are locked, so the locks (the
@@ -438,6 +456,7 @@ impl Ledger {
             held_amount: hold_amount,
             payer_account,
             message: String::new(),
+            retry_after_seconds: 0,
         })
     }
 

@@ -4,6 +4,8 @@
 //!   ed25519 signature, request hash).
 //! - [`ledger`]: money movements, one Postgres transaction each: holds,
 //!   captures, voids, expiry, deposits.
+//! - [`limits`]: global rate limits, a fixed-window counter per route and
+//!   identity that authorize takes in the hold's transaction.
 //! - [`accounts`]: accounts, payer keys, balances and payment reports.
 //! - [`grpc`]: the `DataPlane` and `Operator` services over the ledger.
 //! - [`server`]: [`server::run`] serves them (plus health and reflection) on a
@@ -31,6 +33,7 @@ pub mod group;
 pub mod grpc;
 pub mod http;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod operator;
 pub mod server;

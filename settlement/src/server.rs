@@ -205,7 +205,8 @@ async fn fold_analytics(pool: PgPool, interval: Duration, mut stop: watch::Recei
     }
 }
 
-/// Expires holds nobody resolved, every `interval`, until told to stop.
+/// Expires holds nobody resolved, and forgets rate-limit windows that are over, every
+/// `interval`, until told to stop.
 async fn sweep_expired_holds(ledger: Ledger, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -224,6 +225,9 @@ async fn sweep_expired_holds(ledger: Ledger, interval: Duration, mut stop: watch
                     break;
                 }
             }
+        }
+        if let Err(e) = crate::limits::prune_ended_windows(ledger.pool()).await {
+            tracing::warn!(error = %e, "pruning ended rate-limit windows failed");
         }
     }
 }

@@ -13,6 +13,8 @@ pub const MAX_ID_LEN: usize = 256;
 /// Hold lifetime when the caller sends 0, and the longest one accepted.
 pub const DEFAULT_HOLD_TTL_SECONDS: u32 = 300;
 pub const MAX_HOLD_TTL_SECONDS: u32 = 7 * 24 * 3600;
+/// Longest window of a global rate limit (30 days, as the filter allows).
+pub const MAX_LIMIT_WINDOW_SECONDS: u32 = 30 * 86_400;
 
 /// An authorize item whose syntax is valid, with its signature already checked.
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ pub struct CheckedAuthorize {
     pub hold_ttl_seconds: u32,
     /// Volume tiers `(from_requests, price)`, ascending; empty for a fixed hold.
     pub volume_tiers: Vec<(u64, u64)>,
+    /// A rate limit across all Envoys, counted before the hold is placed.
+    pub global_limit: Option<crate::limits::GlobalLimit>,
     /// Whether the signature verified; reported only after the key checks, so the
     /// outcomes follow the documented order.
     pub signature_valid: bool,
@@ -101,6 +105,30 @@ pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, Authori
     if item.hold_amount > x402_proto::amount::MAX_ATOMIC {
         return Err(invalid("hold_amount is too large".into()));
     }
+    let global_limit = match &item.global_limit {
+        None => None,
+        Some(g) => {
+            if g.max_requests == 0
+                || g.window_seconds == 0
+                || g.window_seconds > MAX_LIMIT_WINDOW_SECONDS
+            {
+                return Err(invalid(format!(
+                    "global_limit needs max_requests > 0 and window_seconds between 1 and {MAX_LIMIT_WINDOW_SECONDS}"
+                )));
+            }
+            if g.client_address.len() > MAX_ID_LEN || g.client_address.chars().any(char::is_control)
+            {
+                return Err(invalid(format!(
+                    "global_limit.client_address must be at most {MAX_ID_LEN} characters without control characters"
+                )));
+            }
+            Some(crate::limits::GlobalLimit {
+                max_requests: g.max_requests,
+                window_seconds: g.window_seconds,
+                client_address: (!g.client_address.is_empty()).then(|| g.client_address.clone()),
+            })
+        }
+    };
     let fields = checked.signed_fields();
     let signature_valid = verify_signature(
         &checked.payload.payload.payer,
@@ -126,6 +154,7 @@ pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, Authori
             .iter()
             .map(|t| (t.from_requests, t.price.min(item.hold_amount)))
             .collect(),
+        global_limit,
         signature_valid,
         request_hash,
     })
@@ -184,6 +213,7 @@ mod tests {
             route: "r".into(),
             hold_ttl_seconds: 0,
             volume_tiers: Vec::new(),
+            global_limit: None,
         }
     }
 

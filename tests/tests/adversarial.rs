@@ -638,6 +638,7 @@ async fn unauthenticated_data_plane_and_operator_calls_are_refused() {
             route: "quote".into(),
             hold_ttl_seconds: 60,
             volume_tiers: Vec::new(),
+            global_limit: None,
         }
     };
 

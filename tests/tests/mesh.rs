@@ -2,7 +2,9 @@
 //! settlement processes on one PostgreSQL database, one payer under concurrent load.
 //! Balances come out exact, a payer short of funds is charged for exactly as many
 //! requests as it can afford, and the same proof sent through both Envoys at once is
-//! paid once. The ledger checker runs after.
+//! paid once. A route's global rate limit, counted by settlement in Postgres, holds
+//! exactly across both Envoys and both settlement processes. The ledger checker runs
+//! after.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -22,15 +24,11 @@ struct SecondSide {
     settlement: Settlement,
 }
 
-async fn second_side(stack: &Stack) -> SecondSide {
+async fn second_side(stack: &Stack, filter_config: &str) -> SecondSide {
     let settlement = Settlement::start(stack.settlement.database_url())
         .await
         .unwrap();
-    let mut options = EnvoyOptions::new(
-        stack.upstream.port(),
-        settlement.port(),
-        &default_filter_config(),
-    );
+    let mut options = EnvoyOptions::new(stack.upstream.port(), settlement.port(), filter_config);
     options.concurrency = 2;
     let envoy = Envoy::start(options).await.unwrap();
     SecondSide { envoy, settlement }
@@ -46,12 +44,24 @@ fn send(
     envoy_authority: String,
     proof: &PaymentPayload,
 ) {
+    send_to(tasks, stack, envoy_index, envoy_authority, PATH, proof);
+}
+
+/// [`send`] for another path.
+fn send_to(
+    tasks: &mut JoinSet<(usize, Answer)>,
+    stack: &Stack,
+    envoy_index: usize,
+    envoy_authority: String,
+    path: &'static str,
+    proof: &PaymentPayload,
+) {
     let http = stack.http.clone();
     let host = stack.envoy.authority();
     let header = encode_header(proof);
     tasks.spawn(async move {
         let response = http
-            .get(format!("http://{envoy_authority}{PATH}"))
+            .get(format!("http://{envoy_authority}{path}"))
             .header("host", host)
             .header(HEADER_PAYMENT_SIGNATURE, header)
             .send()
@@ -74,7 +84,7 @@ async fn two_envoys_and_two_settlements_on_one_ledger_charge_exactly() {
     let stack = Stack::start_with(&default_filter_config(), |o| o.concurrency = 2)
         .await
         .unwrap();
-    let second = second_side(&stack).await;
+    let second = second_side(&stack, &default_filter_config()).await;
     let authorities = [stack.envoy.authority(), second.envoy.authority()];
     let mut paid: Vec<PaidResponse> = Vec::new();
     let mut paid_per_envoy = [0usize; 2];
@@ -174,6 +184,169 @@ async fn two_envoys_and_two_settlements_on_one_ledger_charge_exactly() {
     // Both settlement processes read the same ledger.
     let seen_by_second = second.settlement.balance(MERCHANT, "USD").await.unwrap();
     assert_eq!(seen_by_second.available, total as i64);
+
+    let pool = x402_settlement::db::connect(stack.settlement.database_url(), 2)
+        .await
+        .unwrap();
+    let report = check_ledger(&pool, CheckOptions::default()).await.unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
+    let violations = check_paid_responses(&pool, &paid, false).await.unwrap();
+    assert!(violations.is_empty(), "{violations:?}");
+}
+
+/// The default routes behind two with a global limit: 30 per payer, and 10 per client
+/// address. The window is the longest allowed (30 days, aligned to the epoch), so a run
+/// never straddles two windows.
+fn global_limit_config() -> String {
+    let mut config: serde_json::Value = serde_json::from_str(&default_filter_config()).unwrap();
+    let window = 30 * 86_400;
+    let limited = serde_json::json!([
+        { "name": "per-payer", "match": { "path_prefix": "/paid/global" }, "price": "0.01",
+          "global_limit": { "max_requests": PER_PAYER_LIMIT, "window_seconds": window, "message": "30 a month" } },
+        { "name": "per-client", "match": { "path_prefix": "/paid/byclient" }, "price": "0.01",
+          "global_limit": { "max_requests": PER_CLIENT_LIMIT, "window_seconds": window, "key": "client" } }
+    ]);
+    let routes = config["routes"].as_array_mut().unwrap();
+    for (i, route) in limited.as_array().unwrap().iter().enumerate() {
+        routes.insert(i, route.clone());
+    }
+    config.to_string()
+}
+
+const PER_PAYER_LIMIT: usize = 30;
+const PER_CLIENT_LIMIT: usize = 10;
+const GLOBAL_PATH: &str = "/paid/global?sym=G";
+const BY_CLIENT_PATH: &str = "/paid/byclient?sym=C";
+
+/// Sends `count` fresh proofs per key for `path` at once, alternating between the two
+/// Envoys; returns the answers with the Envoy each came through.
+async fn burst(
+    stack: &Stack,
+    authorities: &[String; 2],
+    keys: &[&x402_client::PayerKey],
+    path: &'static str,
+    count: usize,
+) -> Vec<(usize, Answer)> {
+    let mut tasks = JoinSet::new();
+    for i in 0..count {
+        for key in keys {
+            let proof = stack.signed_proof(key, "GET", path, PAID_PRICE).unwrap();
+            send_to(
+                &mut tasks,
+                stack,
+                i % 2,
+                authorities[i % 2].clone(),
+                path,
+                &proof,
+            );
+        }
+    }
+    let mut answers = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        answers.push(joined.unwrap());
+    }
+    answers
+}
+
+/// Asserts that every answer is a 200 or a global-limit 429; returns the receipts and
+/// how many 200s each Envoy gave.
+fn paid_or_limited(
+    stack: &Stack,
+    answers: &[(usize, Answer)],
+    message: &str,
+) -> (Vec<PaidResponse>, [usize; 2]) {
+    let mut paid = Vec::new();
+    let mut per_envoy = [0usize; 2];
+    for (envoy_index, answer) in answers {
+        match answer.status {
+            200 => {
+                paid.push(receipt(answer));
+                per_envoy[*envoy_index] += 1;
+            }
+            429 => {
+                let retry_after: u64 = answer.header("retry-after").unwrap().parse().unwrap();
+                assert!((1..=30 * 86_400).contains(&retry_after), "{retry_after}");
+                let json = answer.json().unwrap();
+                assert_eq!(json["error"], "rate_limited");
+                assert_eq!(json["message"], message);
+                assert!(answer.header("payment-response").is_none());
+            }
+            other => panic!(
+                "unexpected {other}: {}\n{}",
+                answer.body_text(),
+                stack.logs()
+            ),
+        }
+    }
+    (paid, per_envoy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_limit_is_exact_across_two_envoys_and_two_settlements() {
+    let config = global_limit_config();
+    let stack = Stack::start_with(&config, |o| o.concurrency = 2)
+        .await
+        .unwrap();
+    let second = second_side(&stack, &config).await;
+    let authorities = [stack.envoy.authority(), second.envoy.authority()];
+    let funds = 1_000 * PAID_PRICE;
+
+    // Per payer: 80 concurrent paid requests from one payer, half through each Envoy
+    // (each with its own settlement process): exactly 30 are served and charged.
+    let (payer, key) = stack.new_payer(funds).await.unwrap();
+    let answers = burst(&stack, &authorities, &[&key], GLOBAL_PATH, 80).await;
+    let (mut paid, per_envoy) = paid_or_limited(&stack, &answers, "30 a month");
+    assert_eq!(paid.len(), PER_PAYER_LIMIT, "{}", stack.logs());
+    assert!(
+        per_envoy.iter().all(|n| *n > 0),
+        "both Envoys served: {per_envoy:?}"
+    );
+    // Another payer has a window of its own.
+    let (payer2, key2) = stack.new_payer(funds).await.unwrap();
+    let answers = burst(&stack, &authorities, &[&key2], GLOBAL_PATH, 4).await;
+    let (paid2, _) = paid_or_limited(&stack, &answers, "30 a month");
+    assert_eq!(paid2.len(), 4);
+    paid.extend(paid2);
+    // An unpaid request never reaches settlement: it is challenged as usual.
+    let unpaid = stack.send_unpaid("GET", GLOBAL_PATH).await.unwrap();
+    assert_eq!(unpaid.status, 402);
+
+    // Per client address: two payers on one address share its 10.
+    let (payer3, key3) = stack.new_payer(funds).await.unwrap();
+    let (payer4, key4) = stack.new_payer(funds).await.unwrap();
+    let answers = burst(&stack, &authorities, &[&key3, &key4], BY_CLIENT_PATH, 15).await;
+    let (paid3, _) = paid_or_limited(&stack, &answers, "too many requests; retry later");
+    assert_eq!(paid3.len(), PER_CLIENT_LIMIT, "{}", stack.logs());
+    paid.extend(paid3);
+
+    // The upstream saw only what was paid, and payers paid only for it: a 429 held
+    // nothing.
+    assert_eq!(
+        stack.upstream.served().count_path_prefix("/paid/global"),
+        PER_PAYER_LIMIT + 4
+    );
+    assert_eq!(
+        stack.upstream.served().count_path_prefix("/paid/byclient"),
+        PER_CLIENT_LIMIT
+    );
+    let price = PAID_PRICE as i64;
+    let funds = funds as i64;
+    stack
+        .wait_for_settled_balance(&payer, funds - PER_PAYER_LIMIT as i64 * price)
+        .await
+        .unwrap();
+    stack
+        .wait_for_settled_balance(&payer2, funds - 4 * price)
+        .await
+        .unwrap();
+    let served = (PER_PAYER_LIMIT + 4 + PER_CLIENT_LIMIT) as i64;
+    stack
+        .wait_for_settled_balance(MERCHANT, served * price)
+        .await
+        .unwrap();
+    let spent3 = funds - stack.balance(&payer3).await.unwrap();
+    let spent4 = funds - stack.balance(&payer4).await.unwrap();
+    assert_eq!(spent3 + spent4, PER_CLIENT_LIMIT as i64 * price);
 
     let pool = x402_settlement::db::connect(stack.settlement.database_url(), 2)
         .await

@@ -25,6 +25,12 @@ pub const INVALID: &[(&str, &str)] = &[
     ("rate_limit_unknown_field", "max_request"),
     ("free_tier_bad_per", "routes[0].free_tier.per"),
     (
+        "global_limit_zero_requests",
+        "routes[0].global_limit.max_requests",
+    ),
+    ("global_limit_bad_key", "routes[0].global_limit.key"),
+    ("global_limit_with_free_tier", "routes[0].global_limit"),
+    (
         "free_tier_zero_window",
         "routes[0].free_tier.window_seconds",
     ),

@@ -268,6 +268,7 @@ pub fn item(request_id: &str, proof: PaymentProof, hold_amount: u64) -> Authoriz
         route: "quote".into(),
         hold_ttl_seconds: 300,
         volume_tiers: Vec::new(),
+        global_limit: None,
     }
 }
 
