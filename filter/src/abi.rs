@@ -18,6 +18,7 @@ const STATUS_OK: u32 = 0;
 const STATUS_CAS_MISMATCH: u32 = 8;
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+const MAP_RESPONSE_TRAILERS: u32 = 3;
 const BUFFER_HTTP_REQUEST_BODY: u32 = 0;
 const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 const BUFFER_GRPC_RECEIVE: u32 = 5;
@@ -206,6 +207,10 @@ impl Host for AbiHost {
         AbiHost::header(MAP_RESPONSE_HEADERS, name)
     }
 
+    fn response_trailer(&self, name: &str) -> Option<String> {
+        AbiHost::header(MAP_RESPONSE_TRAILERS, name)
+    }
+
     fn remove_request_header(&mut self, name: &str) {
         // SAFETY: pointer/length of a live str.
         unsafe { proxy_remove_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len()) };
@@ -238,6 +243,28 @@ impl Host for AbiHost {
                 headers.as_ptr(),
                 headers.len(),
                 -1,
+            )
+        };
+    }
+
+    fn send_grpc_reply(&mut self, grpc_status: u32, headers: &[(String, String)], message: &str) {
+        let headers = serialize_pairs(headers);
+        let details = "x402";
+        // Envoy answers a gRPC request's local reply as trailers-only (HTTP 200) with this
+        // grpc-status and the body text as grpc-message; the HTTP code only matters when
+        // no grpc-status is given.
+        let grpc_status = i32::try_from(grpc_status).unwrap_or(2);
+        // SAFETY: every pointer/length pair describes a live buffer for the call's duration.
+        unsafe {
+            proxy_send_local_response(
+                200,
+                details.as_ptr(),
+                details.len(),
+                message.as_ptr(),
+                message.len(),
+                headers.as_ptr(),
+                headers.len(),
+                grpc_status,
             )
         };
     }
@@ -585,7 +612,7 @@ pub extern "C" fn proxy_on_response_body(
 #[no_mangle]
 pub extern "C" fn proxy_on_response_trailers(context_id: u32, _num_trailers: usize) -> u32 {
     action(with_vm(Action::Continue, |vm, host| {
-        vm.on_response_data(host, context_id, true)
+        vm.on_response_trailers(host, context_id)
     }))
 }
 

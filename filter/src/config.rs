@@ -32,6 +32,10 @@ pub struct RawConfig {
     pub clock_skew_seconds: u64,
     #[serde(default = "default_capture_below_status")]
     pub capture_below_status: u16,
+    /// gRPC status codes (numbers or names) that void a paid call's hold; every
+    /// non-OK code when unset ([`crate::grpc`]).
+    #[serde(default)]
+    pub grpc_void_codes: Option<Vec<crate::grpc::RawCode>>,
     #[serde(default)]
     pub verify_signatures_in_filter: bool,
     /// Path answered with the discovery document (e.g. `/.well-known/x402`); off when unset.
@@ -101,6 +105,9 @@ pub struct RawMatch {
     pub path_prefix: Option<String>,
     #[serde(default)]
     pub path_exact: Option<String>,
+    /// `package.Service/Method` or `package.Service/*` ([`crate::grpc::method_path`]).
+    #[serde(default)]
+    pub grpc_method: Option<String>,
 }
 
 fn default_settlement_timeout_ms() -> u32 {
@@ -145,7 +152,7 @@ pub enum ConfigError {
     },
     #[error("field `routes[{index}].name`: duplicate route name {name:?}")]
     DuplicateRoute { index: usize, name: String },
-    #[error("field `routes[{index}].match` has no criteria: set route_name, method, path_prefix or path_exact")]
+    #[error("field `routes[{index}].match` has no criteria: set route_name, method, path_prefix, path_exact or grpc_method")]
     EmptyMatch { index: usize },
     #[error("field `routes[{index}].match` sets both path_prefix and path_exact")]
     AmbiguousPath { index: usize },
@@ -190,6 +197,8 @@ pub struct Config {
     pub clock_skew_seconds: u64,
     /// Upstream statuses below this are captured; the rest void the hold.
     pub capture_below_status: u16,
+    /// A paid gRPC call answered with one of these `grpc-status` codes is voided.
+    pub grpc_void_codes: crate::grpc::CodeSet,
     pub verify_signatures_in_filter: bool,
     /// Where [`crate::discovery`] answers; `None` turns discovery off.
     pub discovery_path: Option<String>,
@@ -340,6 +349,11 @@ impl TryFrom<RawConfig> for Config {
                 "must be an HTTP status between 100 and 600",
             ));
         }
+        let grpc_void_codes = match &raw.grpc_void_codes {
+            None => crate::grpc::CodeSet::ALL_ERRORS,
+            Some(codes) => crate::grpc::CodeSet::compile(codes)
+                .map_err(|reason| invalid("grpc_void_codes", reason))?,
+        };
         if let Some(path) = &raw.discovery_path {
             check_path("discovery_path".to_owned(), path)?;
         }
@@ -397,6 +411,7 @@ impl TryFrom<RawConfig> for Config {
                 && m.method.is_none()
                 && m.path_prefix.is_none()
                 && m.path_exact.is_none()
+                && m.grpc_method.is_none()
             {
                 return Err(ConfigError::EmptyMatch { index });
             }
@@ -414,23 +429,39 @@ impl TryFrom<RawConfig> for Config {
                     ));
                 }
             }
-            let path = match (m.path_prefix, m.path_exact) {
-                (Some(_), Some(_)) => return Err(ConfigError::AmbiguousPath { index }),
-                (Some(prefix), None) => {
+            let grpc_field = format!("routes[{index}].match.grpc_method");
+            let method = match (&m.grpc_method, m.method) {
+                (Some(_), Some(method)) if !method.eq_ignore_ascii_case("POST") => {
+                    return Err(invalid(grpc_field, "gRPC calls are POST; drop `method`"));
+                }
+                (Some(_), _) => Some("POST".to_owned()),
+                (None, method) => method,
+            };
+            let path = match (m.path_prefix, m.path_exact, m.grpc_method) {
+                (Some(_), Some(_), _) => return Err(ConfigError::AmbiguousPath { index }),
+                (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                    return Err(invalid(
+                        grpc_field,
+                        "names the path itself; drop path_prefix and path_exact",
+                    ))
+                }
+                (None, None, Some(grpc_method)) => crate::grpc::method_path(&grpc_method)
+                    .map_err(|reason| invalid(grpc_field, reason))?,
+                (Some(prefix), None, None) => {
                     check_path(format!("routes[{index}].match.path_prefix"), &prefix)?;
                     PathMatch::Prefix(prefix)
                 }
-                (None, Some(exact)) => {
+                (None, Some(exact), None) => {
                     check_path(format!("routes[{index}].match.path_exact"), &exact)?;
                     PathMatch::Exact(exact)
                 }
-                (None, None) => PathMatch::Any,
+                (None, None, None) => PathMatch::Any,
             };
             routes.push(Route {
                 name: r.name,
                 matcher: Matcher {
                     route_name: m.route_name,
-                    method: m.method.map(|s| s.to_ascii_uppercase()),
+                    method: method.map(|s| s.to_ascii_uppercase()),
                     path,
                 },
                 price,
@@ -473,6 +504,7 @@ impl TryFrom<RawConfig> for Config {
             hold_ttl_seconds: raw.hold_ttl_seconds,
             clock_skew_seconds: raw.clock_skew_seconds,
             capture_below_status: raw.capture_below_status,
+            grpc_void_codes,
             verify_signatures_in_filter: raw.verify_signatures_in_filter,
             discovery_path: raw.discovery_path,
             debug_crash_on_header: raw.debug_crash_on_header,

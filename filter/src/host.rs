@@ -28,10 +28,15 @@ pub enum SharedDataError {
 pub trait Host {
     fn request_header(&self, name: &str) -> Option<String>;
     fn response_header(&self, name: &str) -> Option<String>;
+    /// A response trailer (only during the trailers callback).
+    fn response_trailer(&self, name: &str) -> Option<String>;
     fn remove_request_header(&mut self, name: &str);
     /// Sets (replaces) a response header.
     fn set_response_header(&mut self, name: &str, value: &str);
     fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]);
+    /// Answers a gRPC request with a trailers-only gRPC response: HTTP 200,
+    /// `grpc-status`, `grpc-message` and `headers` as metadata.
+    fn send_grpc_reply(&mut self, grpc_status: u32, headers: &[(String, String)], message: &str);
     /// Lets a paused request continue upstream.
     fn resume_request(&mut self);
     /// The first `size` bytes of the request body buffered so far.
@@ -93,6 +98,12 @@ pub enum Call {
         headers: Vec<(String, String)>,
         body: Vec<u8>,
     },
+    GrpcReply {
+        context: u32,
+        grpc_status: u32,
+        headers: Vec<(String, String)>,
+        message: String,
+    },
     Resume {
         context: u32,
     },
@@ -127,6 +138,7 @@ pub struct FakeHost {
     pub effective: u32,
     pub headers: HashMap<u32, Vec<(String, String)>>,
     pub response_headers: HashMap<u32, Vec<(String, String)>>,
+    pub response_trailers: HashMap<u32, Vec<(String, String)>>,
     pub properties: HashMap<(u32, String), Vec<u8>>,
     pub calls: Vec<Call>,
     pub now_nanos: u64,
@@ -185,6 +197,14 @@ impl Host for FakeHost {
             .map(|(_, v)| v.clone())
     }
 
+    fn response_trailer(&self, name: &str) -> Option<String> {
+        self.response_trailers
+            .get(&self.effective)?
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+
     fn remove_request_header(&mut self, name: &str) {
         if let Some(h) = self.headers.get_mut(&self.effective) {
             h.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
@@ -209,6 +229,15 @@ impl Host for FakeHost {
             status,
             headers: headers.to_vec(),
             body: body.to_vec(),
+        });
+    }
+
+    fn send_grpc_reply(&mut self, grpc_status: u32, headers: &[(String, String)], message: &str) {
+        self.calls.push(Call::GrpcReply {
+            context: self.effective,
+            grpc_status,
+            headers: headers.to_vec(),
+            message: message.to_owned(),
         });
     }
 

@@ -13,6 +13,8 @@
 //! - [`decimal`], [`expr`], [`graphql`]: exact decimals, price expressions, GraphQL root fields.
 //! - [`stream`], [`websocket`]: metering while a response streams (SSE, chunked,
 //!   WebSocket) and ending it when the hold is spent.
+//! - [`grpc`]: gRPC methods as routes, `grpc-status` deciding capture or void, and
+//!   payment answers as gRPC statuses.
 //! - [`plugin`]: the glue that feeds host callbacks to the state machine and applies effects.
 //! - [`host`]: the host as a trait, with a recording test double.
 //! - [`metrics`]: the counters exported to Envoy.
@@ -24,6 +26,7 @@ pub mod discovery;
 pub mod dispatcher;
 pub mod expr;
 pub mod graphql;
+pub mod grpc;
 pub mod host;
 pub mod metrics;
 pub mod plugin;

@@ -38,6 +38,8 @@ pub struct Plugin {
 struct RequestContext {
     root_id: u32,
     state: State,
+    /// A gRPC request: the filter's own answers become gRPC statuses ([`crate::grpc`]).
+    grpc: bool,
 }
 
 /// Everything one wasm VM (one Envoy worker) keeps.
@@ -60,6 +62,7 @@ impl Vm {
                 RequestContext {
                     root_id,
                     state: State::New,
+                    grpc: false,
                 },
             );
         }
@@ -152,6 +155,11 @@ impl Vm {
         }
         let mut info = read_request(host);
         info.body_follows = body_follows;
+        if let Some(request) = self.requests.get_mut(&context_id) {
+            request.grpc = host
+                .request_header("content-type")
+                .is_some_and(|ct| crate::grpc::is_grpc_content_type(&ct));
+        }
         if let Some(plugin) = self.plugins.get(&root_id) {
             info.policy = crate::policy::evaluate_request(host, &plugin.config, &info);
             info.limit_client = crate::policy::global_limit_client(host, &plugin.config, &info);
@@ -296,6 +304,15 @@ impl Vm {
                 );
             }
         }
+        if matches!(self.state(context_id), Some(State::Paid(_))) {
+            let grpc = crate::grpc::GrpcResponse::from_headers(
+                host.response_header("content-type").as_deref(),
+                host.response_header("grpc-status").as_deref(),
+            );
+            if grpc != crate::grpc::GrpcResponse::NotGrpc {
+                self.advance(host, context_id, root_id, Event::Grpc(grpc));
+            }
+        }
         Action::Continue
     }
 
@@ -407,6 +424,20 @@ impl Vm {
             self.advance(host, id, root_id, event);
         }
         host.set_effective_context(root_id);
+    }
+
+    /// Response trailers: a gRPC call's `grpc-status` arrives here; they end the response.
+    pub fn on_response_trailers(&mut self, host: &mut dyn Host, context_id: u32) -> Action {
+        if matches!(self.state(context_id), Some(State::Paid(_))) {
+            if let (Some(root_id), Some(status)) = (
+                self.requests.get(&context_id).map(|r| r.root_id),
+                host.response_trailer("grpc-status"),
+            ) {
+                let seen = crate::grpc::GrpcResponse::from_status(&status);
+                self.advance(host, context_id, root_id, Event::Grpc(seen));
+            }
+        }
+        self.on_response_data(host, context_id, true)
     }
 
     /// Response body or trailers; `end_of_stream` marks a complete response.
@@ -559,6 +590,7 @@ impl Vm {
         root_id: u32,
         effects: Vec<Effect>,
     ) -> Action {
+        let grpc_request = self.requests.get(&context_id).is_some_and(|r| r.grpc);
         let Some(plugin) = self.plugins.get_mut(&root_id) else {
             return Action::Continue;
         };
@@ -577,7 +609,10 @@ impl Vm {
                     headers,
                     body,
                 } => {
-                    host.send_local_reply(status, &headers, &body);
+                    match crate::grpc::reply(status, &headers, &body).filter(|_| grpc_request) {
+                        Some(g) => host.send_grpc_reply(g.grpc_status, &g.headers, &g.message),
+                        None => host.send_local_reply(status, &headers, &body),
+                    }
                     action = Action::Pause;
                 }
                 Effect::Authorize(item) => {

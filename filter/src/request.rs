@@ -94,6 +94,8 @@ pub enum Event {
     },
     /// The value of a metered route's usage header.
     MeterHeader(Option<String>),
+    /// What a gRPC response said about its `grpc-status` (headers, then trailers).
+    Grpc(crate::grpc::GrpcResponse),
     /// A response body chunk of a paid request (empty for trailers); the chunk is
     /// only read for meters that need the body.
     ResponseBody {
@@ -195,6 +197,8 @@ pub struct Paid {
     pub complete: bool,
     /// Set on `upto` routes: the capture is metered, at most the hold.
     pub metering: Option<Box<Metering>>,
+    /// The call's `grpc-status`, when the response is gRPC.
+    pub grpc: crate::grpc::GrpcResponse,
 }
 
 /// Advances one request by one event.
@@ -215,6 +219,10 @@ pub fn step(config: &Config, state: State, event: Event) -> (State, Vec<Effect>)
             on_request_body(config, *info, size, body)
         }
         (State::Buffering(_), Event::StreamEnd) => (State::Finished, vec![]),
+        (State::Paid(mut paid), Event::Grpc(seen)) => {
+            paid.grpc = paid.grpc.then(seen);
+            (State::Paid(paid), vec![])
+        }
         (State::Paid(mut paid), Event::MeterHeader(value)) => {
             if let Some(m) = paid.metering.as_mut() {
                 m.usage.set_header(value.as_deref());
@@ -302,6 +310,12 @@ fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
             .metering
             .as_ref()
             .is_some_and(|m| m.stream.settles_incomplete());
+    if complete {
+        // A failed gRPC call answers HTTP 200: its grpc-status decides.
+        if let Some(reason) = paid.grpc.void_reason(config.grpc_void_codes) {
+            return vec![void(transaction, &reason)];
+        }
+    }
     match paid.status {
         Some(status) if complete && status < config.capture_below_status => {
             let mut effects = Vec::new();
@@ -623,6 +637,7 @@ fn on_answer(
                         stream: crate::stream::StreamState::default(),
                     })
                 }),
+                grpc: crate::grpc::GrpcResponse::NotGrpc,
             };
             let effects = vec![
                 Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE),
@@ -828,6 +843,7 @@ mod tests {
             upstream_micros: 0,
             complete,
             metering: None,
+            grpc: crate::grpc::GrpcResponse::NotGrpc,
         })
     }
 
@@ -931,6 +947,37 @@ mod tests {
         assert!(matches!(&effects[..], [Effect::Capture(c)] if c.upstream_micros == 5));
         // Nothing happens twice.
         assert_eq!(step(&config(), State::Finished, Event::StreamEnd).1, vec![]);
+    }
+
+    #[test]
+    fn a_grpc_call_voids_on_its_error_status_and_captures_on_ok() {
+        use crate::grpc::GrpcResponse;
+        let outcome = |seen: &[GrpcResponse]| {
+            let mut state = paid(Some(200), true);
+            for s in seen {
+                state = step(&config(), state, Event::Grpc(*s)).0;
+            }
+            step(&config(), state, Event::StreamEnd).1
+        };
+        // Trailers-only error (grpc-status in the headers).
+        let effects = outcome(&[GrpcResponse::Status(13)]);
+        assert!(matches!(&effects[..], [Effect::Void(v)] if v.reason == "grpc_internal"));
+        // Headers without a status, then OK in the trailers.
+        let effects = outcome(&[GrpcResponse::AwaitingStatus, GrpcResponse::Status(0)]);
+        assert!(matches!(&effects[..], [Effect::Capture(c)] if c.amount == 10_000));
+        // A gRPC response that ended without any status failed for its client.
+        let effects = outcome(&[GrpcResponse::AwaitingStatus]);
+        assert!(matches!(&effects[..], [Effect::Void(v)] if v.reason == "grpc_status_missing"));
+        // Codes left out of grpc_void_codes capture.
+        let only_internal = Config::from_json(br#"{"settlement_cluster":"s","pay_to":"m","grpc_void_codes":["INTERNAL"],"routes":[]}"#).unwrap();
+        let state = step(
+            &only_internal,
+            paid(Some(200), true),
+            Event::Grpc(GrpcResponse::Status(5)),
+        )
+        .0;
+        let (_, effects) = step(&only_internal, state, Event::StreamEnd);
+        assert!(matches!(&effects[..], [Effect::Capture(_)]));
     }
 
     #[test]

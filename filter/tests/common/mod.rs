@@ -16,6 +16,9 @@ pub const INVALID: &[(&str, &str)] = &[
     ("duplicate_route_name", "routes[1].name"),
     ("route_without_match", "routes[0].match"),
     ("route_with_two_paths", "routes[0].match"),
+    ("grpc_method_leading_slash", "routes[0].match.grpc_method"),
+    ("grpc_method_with_path", "routes[0].match.grpc_method"),
+    ("grpc_void_codes_ok", "grpc_void_codes"),
     ("capture_below_status_zero", "capture_below_status"),
     ("discovery_path_relative", "discovery_path"),
     (
@@ -126,6 +129,7 @@ pub const VALID: &[&str] = &[
     "policy",
     "pricing",
     "streaming",
+    "grpc",
 ];
 
 pub fn crate_dir() -> PathBuf {
