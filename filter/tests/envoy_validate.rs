@@ -61,6 +61,7 @@ fn render_template(wasm: &Path, filter_config: &str) -> String {
         .replace("${LISTEN_PORT}", "10000")
         .replace("${ADMIN_PORT}", "9901")
         .replace("${UPSTREAM_PORT}", "8080")
+        .replace("${GRPC_UPSTREAM_PORT}", "8081")
         .replace("${SETTLEMENT_PORT}", "50051")
         .replace("${WASM_PATH}", &wasm.display().to_string())
         .replace(

@@ -24,6 +24,9 @@ pub struct EnvoyOptions {
     /// Admin port (`${ADMIN_PORT}`); 0 picks a free one.
     pub admin_port: u16,
     pub upstream_port: u16,
+    /// The HTTP/2 gRPC upstream (`${GRPC_UPSTREAM_PORT}`); the HTTP upstream's port
+    /// when the test has none (no gRPC call is then made).
+    pub grpc_upstream_port: Option<u16>,
     pub settlement_port: u16,
     /// The plugin configuration JSON (`${FILTER_CONFIG}`).
     pub filter_config: String,
@@ -42,6 +45,7 @@ impl EnvoyOptions {
             listen_port: 0,
             admin_port: 0,
             upstream_port,
+            grpc_upstream_port: None,
             settlement_port,
             filter_config: filter_config.to_string(),
             concurrency: 1,
@@ -138,7 +142,14 @@ impl Envoy {
         let wasm = paths::filter_wasm()?;
         let template_path = paths::envoy_template()?;
         let template = std::fs::read_to_string(&template_path)
-            .with_context(|| format!("reading {}", template_path.display()))?;
+            .with_context(|| format!("reading {}", template_path.display()))?
+            .replace(
+                "${GRPC_UPSTREAM_PORT}",
+                &options
+                    .grpc_upstream_port
+                    .unwrap_or(options.upstream_port)
+                    .to_string(),
+            );
         let listen_port = if options.listen_port == 0 {
             free_port()?
         } else {

@@ -5,12 +5,14 @@
 //! - [`process`]: child processes that die with their owner, free ports, log tails.
 //! - [`settlement`]: the `x402-settlement` binary, its Operator gRPC API and CLI.
 //! - [`upstream`]: the HTTP upstream behind Envoy (echo, chosen status, request counts).
+//! - [`grpc_upstream`]: the gRPC upstream behind Envoy (a tonic quote service).
 //! - [`envoy`]: the Envoy config template rendered and Envoy started with the wasm filter.
 //! - [`stack`]: all of the above wired together, plus payer helpers, for one test.
 //!
 //! Binaries: `x402-dev` (the `make run` stack) and `x402-demo-upstream`.
 
 pub mod envoy;
+pub mod grpc_upstream;
 pub mod paths;
 pub mod pg;
 pub mod process;
