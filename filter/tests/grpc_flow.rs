@@ -112,7 +112,7 @@ fn paid_call(vm: &mut Vm, host: &mut FakeHost, ctx: u32) {
             transaction_id: "tx-0".into(),
             held_amount: 10_000,
             payer_account: "payer-1".into(),
-            message: String::new(),
+            ..AuthorizeResult::default()
         }],
     };
     host.effective = ROOT;
