@@ -472,6 +472,9 @@ pub fn answer_for(host: &dyn Host, result: &AuthorizeResult) -> AuthorizeAnswer 
         AuthorizeOutcome::RateLimited => AuthorizeAnswer::Limited {
             retry_after_seconds: u64::from(result.retry_after_seconds),
         },
+        // The seller's account is closed: no payment can succeed, whatever the client
+        // sends, and no route fails open on it (settlement answered).
+        AuthorizeOutcome::MerchantClosed => refused(ErrorCode::MerchantClosed),
         // The operator's side is wrong (unknown merchant, a hold above the proof,
         // an answer without a transaction): fail closed without leaking details.
         other => {

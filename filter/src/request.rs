@@ -647,6 +647,14 @@ fn on_answer(
             ];
             (State::Paid(paid), effects)
         }
+        // Not payable (the seller's account is closed): a JSON error, no challenge.
+        AuthorizeAnswer::Refused(code) if code.http_status() != 402 => replied(vec![
+            error_reply(
+                code,
+                "the seller's account is closed: this route accepts no payments",
+            ),
+            Effect::Count(Metric::Rejected, 1),
+        ]),
         AuthorizeAnswer::Refused(code) => {
             let Some(route) = config.route_named(&pending.route) else {
                 return replied(vec![

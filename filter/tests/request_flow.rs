@@ -505,6 +505,33 @@ fn refusals_are_402_with_the_settlement_reason() {
 }
 
 #[test]
+fn a_closed_merchant_is_a_503_with_its_reason_and_nothing_resumes() {
+    let mut h = Harness::new(false);
+    h.request(
+        2,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 1))),
+    );
+    let (token, _, _, body) = h.last_grpc();
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    let response = AuthorizeResponse {
+        results: vec![AuthorizeResult {
+            request_id: request.items[0].request_id.clone(),
+            outcome: AuthorizeOutcome::MerchantClosed as i32,
+            ..Default::default()
+        }],
+    };
+    h.grpc_ok(token, response.encode_to_vec());
+    let (status, _, body) = h.reply_to(2).unwrap();
+    assert_eq!(status, 503);
+    let body: ErrorBody = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body.error, "merchant_closed");
+    assert!(body.message.contains("closed"), "{}", body.message);
+    assert!(!h.host.calls.contains(&Call::Resume { context: 2 }));
+}
+
+#[test]
 fn settlement_trouble_is_a_503() {
     let check_503 = |h: &Harness| {
         let (status, _, body) = h.reply_to(2).unwrap();

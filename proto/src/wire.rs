@@ -145,10 +145,12 @@ pub enum ErrorCode {
     NonceReused,
     /// 503: settlement could not be reached and the route fails closed.
     SettlementUnavailable,
+    /// 503: the seller's merchant account is closed; no payment is taken.
+    MerchantClosed,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::PaymentRequired,
         ErrorCode::MalformedPayment,
         ErrorCode::Expired,
@@ -165,6 +167,7 @@ impl ErrorCode {
         ErrorCode::InsufficientFunds,
         ErrorCode::NonceReused,
         ErrorCode::SettlementUnavailable,
+        ErrorCode::MerchantClosed,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -185,6 +188,7 @@ impl ErrorCode {
             ErrorCode::InsufficientFunds => "insufficient_funds",
             ErrorCode::NonceReused => "nonce_reused",
             ErrorCode::SettlementUnavailable => "settlement_unavailable",
+            ErrorCode::MerchantClosed => "merchant_closed",
         }
     }
 
@@ -196,7 +200,7 @@ impl ErrorCode {
     pub const fn http_status(self) -> u16 {
         match self {
             ErrorCode::MalformedPayment => 400,
-            ErrorCode::SettlementUnavailable => 503,
+            ErrorCode::SettlementUnavailable | ErrorCode::MerchantClosed => 503,
             _ => 402,
         }
     }
@@ -485,6 +489,7 @@ mod tests {
         }
         assert_eq!(ErrorCode::MalformedPayment.http_status(), 400);
         assert_eq!(ErrorCode::SettlementUnavailable.http_status(), 503);
+        assert_eq!(ErrorCode::MerchantClosed.http_status(), 503);
         assert_eq!(ErrorCode::NonceReused.http_status(), 402);
     }
 }

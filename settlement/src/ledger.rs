@@ -295,16 +295,28 @@ impl Ledger {
             });
         }
 
-        let merchant_kind: Option<String> =
-            sqlx::query_scalar("SELECT kind FROM accounts WHERE id = $1")
+        // A close racing this call may still see the hold placed; it then resolves
+        // (capture, void, expiry) like any other.
+        let merchant: Option<(String, bool)> =
+            sqlx::query_as("SELECT kind, closed_at IS NOT NULL FROM accounts WHERE id = $1")
                 .bind(&accepted.pay_to)
                 .fetch_optional(&mut *tx)
                 .await?;
-        if merchant_kind.as_deref() != Some("merchant") {
-            return no(
-                AuthorizeOutcome::UnknownMerchant,
-                "payTo is not a merchant account",
-            );
+        match merchant {
+            Some((kind, closed)) if kind == "merchant" => {
+                if closed {
+                    return no(
+                        AuthorizeOutcome::MerchantClosed,
+                        "payTo is a closed merchant account",
+                    );
+                }
+            }
+            _ => {
+                return no(
+                    AuthorizeOutcome::UnknownMerchant,
+                    "payTo is not a merchant account",
+                )
+            }
         }
 
         // FOR SHARE: a revocation that commits before this hold does stops it.

@@ -465,6 +465,42 @@ async fn rotated_and_closed_accounts_stop_paying() {
 }
 
 #[tokio::test]
+async fn a_closed_merchant_takes_no_new_payments() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("mona", 100_000).await;
+    let before = h.authorize(paid(&p, "before-close", 1_000)).await;
+    assert_eq!(outcome(&before), AuthorizeOutcome::Authorized);
+    h.capture(&before.transaction_id, 1_000).await;
+    let mut op = h.op.clone();
+    let closed = op
+        .close_account(CloseAccountRequest {
+            account_id: MERCHANT.into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(closed.closed);
+
+    let after = h.authorize(paid(&p, "after-close", 1_000)).await;
+    assert_eq!(outcome(&after), AuthorizeOutcome::MerchantClosed);
+    assert!(after.transaction_id.is_empty());
+    assert!(after.message.contains("closed"), "{}", after.message);
+    // Nothing was held: the payer keeps everything but the one capture.
+    let balances = op
+        .get_balances(GetBalancesRequest {
+            account_id: "mona".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .balances;
+    let usd = balances.iter().find(|b| b.asset == ASSET).unwrap();
+    assert_eq!((usd.available, usd.debits_pending), (99_000, 0));
+}
+
+#[tokio::test]
 async fn tokens_guard_both_apis_when_set() {
     let config = ServerConfig {
         operator_token: x402_settlement::auth::BearerToken::new(Some("op-secret-token".into())),

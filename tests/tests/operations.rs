@@ -1,6 +1,8 @@
 //! Operating a paid API end to end, with both settlement credentials on: a paid
 //! request through Envoy (the filter sends its `settlement_token`) shows up in the
-//! Watch stream, in analytics and as a signed webhook delivered to the merchant.
+//! Watch stream (authorized and captured), in analytics and as a signed webhook
+//! delivered to the merchant; once the operator closes the merchant, a paid request
+//! is answered 503 `merchant_closed` and nothing is charged.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
@@ -11,8 +13,8 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use x402_e2e::stack::{default_filter_config, Stack, MERCHANT, PAID_PRICE};
 use x402_proto::settlement::v1::{
-    AnalyticsBucket, AnalyticsRequest, ListWebhookDeliveriesRequest, SetWebhookRequest,
-    WatchRequest,
+    AnalyticsBucket, AnalyticsRequest, CloseAccountRequest, GetBalancesRequest,
+    ListWebhookDeliveriesRequest, PaymentEvent, SetWebhookRequest, WatchRequest,
 };
 
 const OPERATOR_TOKEN: &str = "e2e-operator-token";
@@ -101,6 +103,7 @@ async fn a_paid_request_reaches_watch_analytics_and_the_merchant_webhook() {
     // stream shows this payer's capture.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut paid = Vec::new();
+    let mut authorized: Vec<PaymentEvent> = Vec::new();
     let captured = loop {
         assert!(
             Instant::now() < deadline,
@@ -115,7 +118,9 @@ async fn a_paid_request_reaches_watch_analytics_and_the_merchant_webhook() {
         while let Ok(Ok(Some(e))) =
             tokio::time::timeout(Duration::from_secs(3), events.message()).await
         {
-            if e.r#type == "captured" && e.payer_account == payer {
+            if e.r#type == "authorized" && e.payer_account == payer {
+                authorized.push(e);
+            } else if e.r#type == "captured" && e.payer_account == payer {
                 found = Some(e);
                 break;
             }
@@ -130,6 +135,29 @@ async fn a_paid_request_reaches_watch_analytics_and_the_merchant_webhook() {
         (PAID_PRICE, "quote")
     );
     let n = paid.len() as u64;
+    // Authorizations are announced too (in batches, so perhaps after the capture).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !authorized
+        .iter()
+        .any(|a| a.transaction_id == captured.transaction_id)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no authorized event: {authorized:?}"
+        );
+        if let Ok(Ok(Some(e))) =
+            tokio::time::timeout(Duration::from_secs(3), events.message()).await
+        {
+            if e.r#type == "authorized" && e.payer_account == payer {
+                authorized.push(e);
+            }
+        }
+    }
+    let a = authorized
+        .iter()
+        .find(|a| a.transaction_id == captured.transaction_id)
+        .unwrap();
+    assert_eq!((a.amount, a.route.as_str()), (PAID_PRICE, "quote"));
 
     // Analytics count every paid request, with the upstream time the filter reported.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -198,6 +226,37 @@ async fn a_paid_request_reaches_watch_analytics_and_the_merchant_webhook() {
     // The secret never reaches the logs.
     assert!(!stack.logs().contains(WEBHOOK_SECRET));
     assert!(!stack.logs().contains(DATAPLANE_TOKEN));
+
+    // The operator closes the merchant: a paid request is refused, nothing is held.
+    let balance = |op: &mut x402_proto::settlement::v1::operator_client::OperatorClient<_>| {
+        let request = GetBalancesRequest {
+            account_id: payer.clone(),
+        };
+        let mut op = op.clone();
+        async move {
+            let b = op
+                .get_balances(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .balances;
+            b.iter().map(|b| (b.available, b.held)).next().unwrap()
+        }
+    };
+    let before = balance(&mut op).await;
+    assert_eq!(before.1, 0, "every earlier payment is resolved");
+    op.close_account(CloseAccountRequest {
+        account_id: MERCHANT.into(),
+        idempotency_key: "close-merchant".into(),
+    })
+    .await
+    .unwrap();
+    let answer = stack.pay_get(&key, "/paid/quote").await.unwrap();
+    assert_eq!(answer.status, 503, "{}", stack.logs());
+    let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(body["error"], "merchant_closed", "{body}");
+    assert!(answer.paid.is_none());
+    assert_eq!(balance(&mut op).await, before);
 }
 
 /// `t=<ts>,v1=hex(HMAC-SHA256(secret, "<ts>.<body>"))`, computed independently.
