@@ -354,13 +354,16 @@ impl Ledger {
             live.iter()
                 .map(|&i| items[i].0.payload.accepted.pay_to.as_str()),
         );
-        let merchants_found: HashSet<String> =
-            sqlx::query_scalar("SELECT id FROM accounts WHERE id = ANY($1) AND kind = 'merchant'")
-                .bind(&merchants)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .collect();
+        // Merchant id -> closed. A close racing this group may still see its holds
+        // placed; they then resolve (capture, void, expiry) like any other.
+        let merchants_found: HashMap<String, bool> = sqlx::query_as(
+            "SELECT id, closed_at IS NOT NULL FROM accounts WHERE id = ANY($1) AND kind = 'merchant'",
+        )
+        .bind(&merchants)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
         let keys: Vec<&str> = distinct(
             live.iter()
                 .map(|&i| items[i].0.payload.payload.payer.as_str()),
@@ -385,10 +388,16 @@ impl Ledger {
         for i in live {
             let item = &items[i].0;
             let no = |o: AuthorizeOutcome, m: &str| refused(&item.request_id, o, m);
-            let refusal = if !merchants_found.contains(&item.payload.accepted.pay_to) {
+            let merchant = merchants_found.get(&item.payload.accepted.pay_to);
+            let refusal = if merchant.is_none() {
                 Some(no(
                     AuthorizeOutcome::UnknownMerchant,
                     "payTo is not a merchant account",
+                ))
+            } else if merchant == Some(&true) {
+                Some(no(
+                    AuthorizeOutcome::MerchantClosed,
+                    "payTo is a closed merchant account",
                 ))
             } else {
                 match key_rows.get(&item.payload.payload.payer) {

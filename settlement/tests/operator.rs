@@ -487,6 +487,24 @@ async fn a_closed_merchant_takes_no_new_payments() {
     assert_eq!(outcome(&after), AuthorizeOutcome::MerchantClosed);
     assert!(after.transaction_id.is_empty());
     assert!(after.message.contains("closed"), "{}", after.message);
+    // Concurrent calls (committed in groups) are refused the same way.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let mut data = h.data.clone();
+            let item = paid(&p, &format!("after-close-{i}"), 1_000);
+            tokio::spawn(async move {
+                data.authorize(AuthorizeRequest { items: vec![item] })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .results
+                    .remove(0)
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(outcome(&t.await.unwrap()), AuthorizeOutcome::MerchantClosed);
+    }
     // Nothing was held: the payer keeps everything but the one capture.
     let balances = op
         .get_balances(GetBalancesRequest {
