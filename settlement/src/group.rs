@@ -336,6 +336,7 @@ impl Ledger {
                             held_amount: to_u64(row.try_get("amount")?),
                             payer_account: row.try_get("debit_account")?,
                             message: String::new(),
+                            retry_after_seconds: 0,
                         }
                     };
                     done(&mut out, i, result);
@@ -683,6 +684,7 @@ impl Ledger {
                 held_amount: item.hold_amount,
                 payer_account: h.payer_account,
                 message: String::new(),
+                retry_after_seconds: 0,
             }));
         }
         Ok(finish(out))
