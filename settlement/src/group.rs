@@ -11,10 +11,10 @@
 //! decide alone (replays, unknown merchant or key, revoked key, signature, expiry,
 //! nonce reuse, insufficient funds, holds not found or already resolved); an item
 //! whose outcome depends on another item of the same group (a repeated request id,
-//! nonce or hold) or on history (volume tiers, a prior resolution) runs on its own
-//! after the group commits, through the one-item path of [`Ledger`]. If the group
-//! transaction fails as a whole, every item of it runs on its own, so one bad item
-//! never fails the others.
+//! nonce or hold) or on history (volume tiers, a global rate limit's window, a prior
+//! resolution) runs on its own after the group commits, through the one-item path of
+//! [`Ledger`]. If the group transaction fails as a whole, every item of it runs on its
+//! own, so one bad item never fails the others.
 //!
 //! Lock order inside a group: payer balance rows first (sorted), then merchant and
 //! platform rows (sorted), so groups never wait on each other in a cycle.
@@ -288,7 +288,10 @@ impl Ledger {
             }
             if late[i].load(Ordering::Relaxed) {
                 out[i] = Some(Slot::Late);
-            } else if !item.volume_tiers.is_empty() || !request_ids.insert(&item.request_id) {
+            } else if !item.volume_tiers.is_empty()
+                || item.global_limit.is_some()
+                || !request_ids.insert(&item.request_id)
+            {
                 out[i] = Some(Slot::Alone);
             } else {
                 live.push(i);

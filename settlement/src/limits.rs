@@ -4,7 +4,9 @@
 //! Authorize takes a slot inside the transaction that places the hold ([`take`]): the
 //! upsert increments the window's row only while it is below the limit, and row locks
 //! make concurrent takers of one key queue behind each other, so the count is exact.
-//! A refused authorization rolls back and takes nothing. Windows are aligned to the
+//! A refused authorization rolls back and takes nothing. Items with a global limit
+//! take the one-item path of [`crate::Ledger::authorize_hold`], not group commit
+//! ([`crate::group`]), so the window's row lock never holds up a whole group. Windows are aligned to the
 //! Unix epoch on the database's clock, the one clock all replicas share.
 
 use sqlx::{PgPool, Postgres, Transaction};
