@@ -1,7 +1,8 @@
 //! The ledger as a state machine against a model: random sequences of deposit,
 //! authorize (including overdrafts and reused nonces), capture (including more than
-//! the hold), void, expire and repeated resolutions run against the real service and
-//! real PostgreSQL. After every step each outcome matches what the model predicts;
+//! the hold), void, expire, refund (partial, full, more than is left, of a payment
+//! never captured, and replays of an earlier refund's idempotency key) and repeated
+//! resolutions run against the real service and real PostgreSQL. After every step each outcome matches what the model predicts;
 //! after every sequence the balances equal the model's and the invariant checker
 //! finds nothing.
 //!
@@ -56,6 +57,14 @@ enum Op {
     Expire {
         hold: usize,
     },
+    /// Refund `permille`/1000 of what the hold captured (0: everything not refunded
+    /// yet; above 1000: more than was captured); `replay` sends the hold's previous
+    /// refund again with its idempotency key instead.
+    Refund {
+        hold: usize,
+        permille: u64,
+        replay: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -67,6 +76,11 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..16, 0u64..1100).prop_map(|(hold, permille)| Op::Capture { hold, permille }),
         (0usize..16).prop_map(|hold| Op::Void { hold }),
         (0usize..16).prop_map(|hold| Op::Expire { hold }),
+        (0usize..16, 0u64..1200, any::<bool>()).prop_map(|(hold, permille, replay)| Op::Refund {
+            hold,
+            permille,
+            replay
+        }),
     ]
 }
 
@@ -85,6 +99,11 @@ struct ModelHold {
     amount: u64,
     nonce_item: common::Terms,
     state: HoldState,
+    /// Refunded so far.
+    refunded: u64,
+    /// The last refund that went through: (idempotency key, amount asked, refund id,
+    /// amount refunded).
+    last_refund: Option<(String, u64, String, u64)>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -92,6 +111,7 @@ struct ModelPayer {
     deposited: u64,
     held: u64,
     spent: u64,
+    refunded: u64,
 }
 
 struct Model {
@@ -99,6 +119,7 @@ struct Model {
     holds: Vec<ModelHold>,
     merchant_pending: u64,
     merchant_posted: u64,
+    merchant_refunded: u64,
 }
 
 async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCaseError> {
@@ -113,6 +134,7 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
         holds: Vec::new(),
         merchant_pending: 0,
         merchant_posted: 0,
+        merchant_refunded: 0,
     };
     let ledger = Ledger::new(h.pool.clone());
     for (step, op) in ops.iter().enumerate() {
@@ -140,7 +162,7 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                     .authorize(item(&format!("model-{case}-{step}"), proof, amount))
                     .await;
                 let p = &mut model.payers[payer];
-                let available = p.deposited - p.held - p.spent;
+                let available = p.deposited + p.refunded - p.held - p.spent;
                 if amount <= available {
                     prop_assert_eq!(outcome(&r), AuthorizeOutcome::Authorized, "{}", at);
                     p.held += amount;
@@ -151,6 +173,8 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                         amount,
                         nonce_item: t,
                         state: HoldState::Open,
+                        refunded: 0,
+                        last_refund: None,
                     });
                 } else {
                     prop_assert_eq!(outcome(&r), AuthorizeOutcome::InsufficientFunds, "{}", at);
@@ -248,18 +272,73 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                     prop_assert_eq!(expired, 0, "{}", at);
                 }
             }
+            Op::Refund {
+                hold,
+                permille,
+                replay,
+            } => {
+                let Some(mh) = model.holds.get(hold).cloned() else {
+                    continue;
+                };
+                let (key, amount) = match (&mh.last_refund, replay) {
+                    (Some((key, asked, _, _)), true) => (key.clone(), *asked),
+                    _ => {
+                        let captured = match mh.state {
+                            HoldState::Captured(c) => c,
+                            _ => mh.amount,
+                        };
+                        (
+                            format!("model-{case}-{step}"),
+                            captured * permille / 1000 + u64::from(permille > 1000),
+                        )
+                    }
+                };
+                let mut client = h.op.clone();
+                let answer = client
+                    .refund(x402_proto::settlement::v1::RefundRequest {
+                        transaction_id: mh.transaction.clone(),
+                        amount,
+                        reason: "model".into(),
+                        idempotency_key: key.clone(),
+                    })
+                    .await
+                    .map(|r| r.into_inner());
+                // The same key and request: the same refund, nothing moves again.
+                if let (Some((_, _, id, refunded)), true) = (&mh.last_refund, replay) {
+                    let r = answer.map_err(|e| TestCaseError::fail(format!("{at}: {e}")))?;
+                    prop_assert_eq!(&r.refund_id, id, "{}", at);
+                    prop_assert_eq!(r.amount, *refunded, "{}", at);
+                    continue;
+                }
+                let left = match mh.state {
+                    HoldState::Captured(c) => c - mh.refunded,
+                    _ => 0,
+                };
+                let want = if amount == 0 { left } else { amount };
+                if want == 0 || want > left {
+                    let code = answer.err().map(|e| e.code());
+                    prop_assert_eq!(code, Some(tonic::Code::FailedPrecondition), "{}", at);
+                    continue;
+                }
+                let r = answer.map_err(|e| TestCaseError::fail(format!("{at}: {e}")))?;
+                prop_assert_eq!(r.amount, want, "{}", at);
+                model.payers[mh.payer].refunded += want;
+                model.merchant_refunded += want;
+                model.holds[hold].refunded += want;
+                model.holds[hold].last_refund = Some((key, amount, r.refund_id, want));
+            }
         }
     }
 
     for (i, payer) in payers.iter().enumerate() {
         let b = h.balance(&payer.account).await;
         let m = model.payers[i];
-        prop_assert_eq!(b.credits_posted, m.deposited, "payer {}", i);
+        prop_assert_eq!(b.credits_posted, m.deposited + m.refunded, "payer {}", i);
         prop_assert_eq!(b.debits_pending, m.held, "payer {}", i);
         prop_assert_eq!(b.debits_posted, m.spent, "payer {}", i);
         prop_assert_eq!(
             b.available,
-            i64::try_from(m.deposited - m.held - m.spent).unwrap(),
+            i64::try_from(m.deposited + m.refunded - m.held - m.spent).unwrap(),
             "payer {}",
             i
         );
@@ -267,6 +346,7 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
     let b = h.balance(&merchant).await;
     prop_assert_eq!(b.credits_pending, model.merchant_pending);
     prop_assert_eq!(b.credits_posted, model.merchant_posted);
+    prop_assert_eq!(b.debits_posted, model.merchant_refunded);
 
     let report = check_ledger(&h.pool, CheckOptions::default())
         .await
@@ -309,6 +389,8 @@ fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
                     Op::Capture { .. } => "capture",
                     Op::Void { .. } => "void",
                     Op::Expire { .. } => "expire",
+                    Op::Refund { replay: true, .. } => "refund_or_replay",
+                    Op::Refund { .. } => "refund",
                 };
                 *seen.entry(name).or_default() += 1;
             }
