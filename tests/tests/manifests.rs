@@ -275,3 +275,63 @@ fn the_wasm_plugin_config_compiles_and_names_the_settlement_outbound_cluster() {
     let err = Config::from_json(&serde_json::to_vec(&broken).unwrap()).unwrap_err();
     assert!(err.to_string().contains("price"), "{err}");
 }
+
+/// One data-plane token, from one Secret, reaches both ends: settlement's
+/// `--dataplane-token` (env `X402_DATAPLANE_TOKEN` from the Secret) and the filter's
+/// `settlement_token`, whose placeholder the documented apply command replaces with the
+/// Secret's value.
+#[test]
+fn the_dataplane_token_is_wired_from_one_secret_to_settlement_and_the_filter() {
+    let all: Vec<Value> = manifests().into_iter().flat_map(|(_, d)| d).collect();
+    let deployment = all
+        .iter()
+        .find(|r| r["kind"] == "Deployment" && r["metadata"]["name"] == "settlement")
+        .expect("the settlement Deployment");
+    let namespace = deployment["metadata"]["namespace"].as_str().unwrap();
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let token_env = env
+        .iter()
+        .find(|e| e["name"] == "X402_DATAPLANE_TOKEN")
+        .expect("settlement gets X402_DATAPLANE_TOKEN (--dataplane-token)");
+    let secret_ref = &token_env["valueFrom"]["secretKeyRef"];
+    let (secret_name, key) = (
+        secret_ref["name"].as_str().unwrap(),
+        secret_ref["key"].as_str().unwrap(),
+    );
+    let secret = all
+        .iter()
+        .find(|r| {
+            r["kind"] == "Secret"
+                && r["metadata"]["name"] == secret_name
+                && r["metadata"]["namespace"] == namespace
+        })
+        .unwrap_or_else(|| panic!("the Secret {namespace}/{secret_name}"));
+    let placeholder = secret["stringData"][key].as_str().unwrap();
+
+    let plugin = all
+        .iter()
+        .find(|r| r["kind"] == "WasmPlugin")
+        .expect("a WasmPlugin");
+    let plugin_config = &plugin["spec"]["pluginConfig"];
+    assert_eq!(plugin_config["settlement_token"], placeholder);
+    // The apply command in the WasmPlugin's header reads that Secret and key and
+    // replaces that placeholder.
+    let text = std::fs::read_to_string(istio_dir().join("wasmplugin.yaml")).unwrap();
+    assert!(
+        text.contains(&format!("get secret {secret_name}")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{{.data.{key}}}")), "{text}");
+    assert!(text.contains(&format!("s/{placeholder}/$TOKEN/")), "{text}");
+
+    // With a generated token filled in, the filter sends it to settlement.
+    let token = "6f1c0e0a9b8d7c6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e";
+    let filled = text.replace(placeholder, token);
+    assert!(!filled.contains(placeholder));
+    let mut config_json = plugin_config.clone();
+    config_json["settlement_token"] = json!(token);
+    let config = Config::from_json(&serde_json::to_vec(&config_json).unwrap()).unwrap();
+    assert_eq!(config.settlement_token.map(|t| t.0).as_deref(), Some(token));
+}
