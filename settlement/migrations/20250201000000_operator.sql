@@ -23,7 +23,10 @@ INSERT INTO accounts (id, kind) VALUES ('system:platform', 'system');
 -- Operator adjustments are balanced against this account.
 INSERT INTO accounts (id, kind) VALUES ('system:adjust', 'system');
 
-ALTER TABLE transfers DROP CONSTRAINT transfers_kind_check;
+-- Migration 1 created the kind check unnamed: Postgres (and YugabyteDB) call it
+-- transfers_kind_check, CockroachDB check_kind. Drop whichever exists, then add it by name.
+ALTER TABLE transfers DROP CONSTRAINT IF EXISTS transfers_kind_check;
+ALTER TABLE transfers DROP CONSTRAINT IF EXISTS check_kind;
 ALTER TABLE transfers ADD CONSTRAINT transfers_kind_check
     CHECK (kind IN ('deposit', 'hold', 'capture', 'void', 'expire', 'refund', 'fee', 'fee_refund', 'adjust'));
 

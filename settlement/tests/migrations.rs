@@ -1,0 +1,130 @@
+//! Migrations keep working on databases migrated before a migration was rewritten for
+//! portability: `db::migrate` accepts the checksum such a database recorded for the
+//! rewritten migration's earlier text, and a fresh database gets the rewritten text.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::borrow::Cow;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use x402_settlement::db::{self, MIGRATOR};
+
+/// `20250201000000_operator.sql` as first released (and applied by existing databases).
+const OPERATOR_AS_RELEASED: &str = include_str!("fixtures/20250201000000_operator.released.sql");
+const OPERATOR_VERSION: i64 = 20250201000000;
+
+async fn fresh_pool() -> sqlx::PgPool {
+    let url = tokio::task::spawn_blocking(x402_e2e::stack::fresh_database)
+        .await
+        .unwrap()
+        .unwrap();
+    db::connect(&url, 2).await.unwrap()
+}
+
+async fn recorded_checksum(pool: &sqlx::PgPool, version: i64) -> Vec<u8> {
+    sqlx::query_scalar("SELECT checksum FROM _sqlx_migrations WHERE version = $1")
+        .bind(version)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The kind check of `transfers` exists under its explicit name and allows the kinds
+/// the operator migration added.
+async fn assert_kind_checked(pool: &sqlx::PgPool) {
+    let definition: String = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint \
+         WHERE conrelid = 'transfers'::regclass AND conname = 'transfers_kind_check'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(definition.contains("'adjust'"), "{definition}");
+    let checks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'transfers'::regclass \
+         AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%''capture''%''expire''%'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(checks, 1, "one kind check, not the old one beside the new");
+}
+
+#[tokio::test]
+async fn a_database_migrated_with_the_released_text_keeps_migrating() {
+    let pool = fresh_pool().await;
+    // What an existing database went through: every migration up to the operator one,
+    // the operator migration with its released text.
+    let released: Vec<Migration> = MIGRATOR
+        .iter()
+        .filter(|m| m.version <= OPERATOR_VERSION)
+        .map(|m| {
+            if m.version == OPERATOR_VERSION {
+                Migration::new(
+                    m.version,
+                    m.description.clone(),
+                    MigrationType::Simple,
+                    Cow::Borrowed(OPERATOR_AS_RELEASED),
+                    false,
+                )
+            } else {
+                m.clone()
+            }
+        })
+        .collect();
+    let old = Migrator {
+        migrations: Cow::Owned(released),
+        ..Migrator::DEFAULT
+    };
+    old.run(&pool).await.unwrap();
+    let current = MIGRATOR
+        .iter()
+        .find(|m| m.version == OPERATOR_VERSION)
+        .unwrap();
+    assert_ne!(
+        recorded_checksum(&pool, OPERATOR_VERSION).await,
+        current.checksum.to_vec(),
+        "the fixture must be the released text, not the current one"
+    );
+    // Without the acceptance this is sqlx's VersionMismatch; with it, it migrates
+    // (twice, as two replicas starting one after the other would).
+    db::migrate(&pool).await.unwrap();
+    db::migrate(&pool).await.unwrap();
+    assert_eq!(
+        recorded_checksum(&pool, OPERATOR_VERSION).await,
+        current.checksum.to_vec()
+    );
+    assert_kind_checked(&pool).await;
+}
+
+#[tokio::test]
+async fn a_fresh_database_migrates_with_the_current_text() {
+    let pool = fresh_pool().await;
+    db::migrate(&pool).await.unwrap();
+    db::migrate(&pool).await.unwrap();
+    for m in MIGRATOR.iter() {
+        assert_eq!(
+            recorded_checksum(&pool, m.version).await,
+            m.checksum.to_vec()
+        );
+    }
+    assert_kind_checked(&pool).await;
+}
+
+/// Migrations never drop a constraint by a name only Postgres generates: a drop says
+/// `IF EXISTS` (engines name unnamed constraints differently), and the constraints later
+/// migrations may change are created with explicit names.
+#[test]
+fn migrations_drop_constraints_portably() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let sql = std::fs::read_to_string(&path).unwrap().to_ascii_uppercase();
+        for (at, _) in sql.match_indices("DROP CONSTRAINT") {
+            assert!(
+                sql[at..].starts_with("DROP CONSTRAINT IF EXISTS"),
+                "{}: a DROP CONSTRAINT without IF EXISTS",
+                path.display()
+            );
+        }
+    }
+}
