@@ -16,8 +16,10 @@
 //! [`Ledger`]. If the group transaction fails as a whole, every item of it runs on its
 //! own, so one bad item never fails the others.
 //!
-//! Lock order inside a group: payer balance rows first (sorted), then merchant and
-//! platform rows (sorted), so groups never wait on each other in a cycle.
+//! Balance rows are written last, just before COMMIT, so their locks are held
+//! briefly: payer rows first, then merchant and platform rows, each from key-sorted
+//! arrays, so groups do not wait on each other in a cycle (a deadlock Postgres still
+//! reports runs the group again).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +36,9 @@ use x402_proto::settlement::v1::{
 
 use crate::error::{constraint, LedgerError};
 use crate::events::{Event, CHANNEL, PLATFORM_ACCOUNT};
-use crate::ledger::{retrying, to_i64, to_u64, Attempt, Delta, Ledger, Moves, Resolution};
+use crate::ledger::{
+    is_overdraft, retrying, to_i64, to_u64, Attempt, Delta, Ledger, Moves, Resolution,
+};
 use crate::verify::{refused, unix_now, CheckedAuthorize};
 
 /// Most items one group transaction takes (a single larger call still goes whole).
@@ -268,13 +272,15 @@ impl Ledger {
         items: &[(CheckedAuthorize, Option<Instant>)],
     ) -> Result<Vec<Slot<AuthorizeResult>>, LedgerError> {
         let late: Vec<AtomicBool> = items.iter().map(|_| AtomicBool::new(false)).collect();
-        retrying(|| self.try_authorize_group(items, &late)).await
+        let ensure_merchants = AtomicBool::new(false);
+        retrying(|| self.try_authorize_group(items, &late, &ensure_merchants)).await
     }
 
     async fn try_authorize_group(
         &self,
         items: &[(CheckedAuthorize, Option<Instant>)],
         late: &[AtomicBool],
+        ensure_merchants: &AtomicBool,
     ) -> Result<Vec<Slot<AuthorizeResult>>, Attempt> {
         let mut out: Vec<Option<Slot<AuthorizeResult>>> = items.iter().map(|_| None).collect();
         let done = |out: &mut Vec<Option<Slot<AuthorizeResult>>>, i: usize, r: AuthorizeResult| {
@@ -488,7 +494,10 @@ impl Ledger {
             return Ok(finish(out));
         }
 
-        // Funds: lock the payers' balance rows (sorted) and take the items in order.
+        // Funds: read the payers' balance rows and take the items in order. No lock
+        // yet: the rows are locked only by the update just before COMMIT, and if a
+        // concurrent debit got there first the overdraft CHECK refuses the update and
+        // the group runs again.
         let mut payer_rows: BTreeMap<(String, String), Option<Locked>> = BTreeMap::new();
         for h in &accepted {
             let asset = &items[h.index].0.payload.accepted.asset;
@@ -502,7 +511,7 @@ impl Ledger {
             "SELECT account_id, asset, debits_pending, debits_posted, credits_posted, \
                debits_must_not_exceed_credits FROM balances \
              WHERE (account_id, asset) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-             ORDER BY account_id, asset FOR UPDATE",
+             ORDER BY account_id, asset",
         )
         .bind(&lock_accounts)
         .bind(&lock_assets)
@@ -553,7 +562,8 @@ impl Ledger {
             return Ok(finish(out));
         }
 
-        // Merchant balance rows, created on first use.
+        // Merchant balance rows: created on first use (a group that finds one missing
+        // runs again and creates it).
         let mut merchant_rows: BTreeMap<(&str, &str), i64> = BTreeMap::new();
         for h in &accepted {
             let a = &items[h.index].0.payload.accepted;
@@ -561,16 +571,19 @@ impl Ledger {
                 .entry((a.pay_to.as_str(), a.asset.as_str()))
                 .or_default() += h.amount;
         }
-        let (m_accounts, m_assets): (Vec<&str>, Vec<&str>) = merchant_rows.keys().copied().unzip();
-        sqlx::query(
-            "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \
-             SELECT a.id, d.asset, a.kind = 'payer' FROM unnest($1::text[], $2::text[]) AS d(id, asset) \
-             JOIN accounts a ON a.id = d.id ON CONFLICT (account_id, asset) DO NOTHING",
-        )
-        .bind(&m_accounts)
-        .bind(&m_assets)
-        .execute(&mut *tx)
-        .await?;
+        if ensure_merchants.load(Ordering::Relaxed) {
+            let (m_accounts, m_assets): (Vec<&str>, Vec<&str>) =
+                merchant_rows.keys().copied().unzip();
+            sqlx::query(
+                "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \
+                 SELECT a.id, d.asset, a.kind = 'payer' FROM unnest($1::text[], $2::text[]) AS d(id, asset) \
+                 JOIN accounts a ON a.id = d.id ON CONFLICT (account_id, asset) DO NOTHING",
+            )
+            .bind(&m_accounts)
+            .bind(&m_assets)
+            .execute(&mut *tx)
+            .await?;
+        }
 
         // The holds and their open-hold rows, in one statement.
         let col = |f: &dyn Fn(&NewHold) -> String| accepted.iter().map(f).collect::<Vec<_>>();
@@ -655,14 +668,25 @@ impl Ledger {
                 },
             );
         }
-        for moves in [&payers, &merchants] {
-            let changed = moves.apply_set(&mut tx).await?;
-            if changed != moves.len() as u64 {
+        match payers.apply_set(&mut tx).await {
+            Ok(changed) if changed == payers.len() as u64 => {}
+            Ok(_) => {
                 return Err(LedgerError::FailedPrecondition(
-                    "a balance row of a hold is missing".into(),
+                    "a payer's balance row disappeared".into(),
+                )
+                .into())
+            }
+            Err(e) if is_overdraft(&e) => return Err(Attempt::Again),
+            Err(e) => return Err(e.into()),
+        }
+        if merchants.apply_set(&mut tx).await? != merchants.len() as u64 {
+            if ensure_merchants.swap(true, Ordering::Relaxed) {
+                return Err(LedgerError::FailedPrecondition(
+                    "a merchant's balance row is missing".into(),
                 )
                 .into());
             }
+            return Err(Attempt::Again);
         }
 
         // A caller that has given up must not leave money held: leave its items out.
@@ -725,13 +749,16 @@ impl Ledger {
         let mut tx = self.pool().begin().await?;
         let ids: Vec<&str> = live.iter().map(|&i| items[i].0 .0.as_str()).collect();
         let rows = sqlx::query(
-            "SELECT id, debit_account, credit_account, asset, amount, coalesce(route, '') AS route \
-             FROM transfers WHERE id = ANY($1) AND kind = 'hold'",
+            "SELECT t.id, t.debit_account, t.credit_account, t.asset, t.amount, \
+               coalesce(t.route, '') AS route, a.fee_bps \
+             FROM transfers t JOIN accounts a ON a.id = t.credit_account \
+             WHERE t.id = ANY($1) AND t.kind = 'hold'",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
         let mut holds = HashMap::with_capacity(rows.len());
+        let mut bps: HashMap<String, i32> = HashMap::new();
         for row in rows {
             let id: String = row.try_get("id")?;
             let payer: String = row.try_get("debit_account")?;
@@ -739,6 +766,7 @@ impl Ledger {
             let asset: String = row.try_get("asset")?;
             let amount: i64 = row.try_get("amount")?;
             let route: String = row.try_get("route")?;
+            bps.insert(merchant.clone(), row.try_get("fee_bps")?);
             holds.insert(id, (payer, merchant, asset, amount, route));
         }
         let mut candidates = Vec::with_capacity(live.len());
@@ -795,24 +823,6 @@ impl Ledger {
             tx.commit().await?;
             return Ok(finish(out));
         }
-
-        // Platform fees of the captures.
-        let fee_merchants: Vec<&str> =
-            distinct(mine.iter().filter_map(|&i| match &items[i].0 .1 {
-                Resolution::Capture { .. } => holds.get(&items[i].0 .0).map(|h| h.1.as_str()),
-                Resolution::Void { .. } => None,
-            }));
-        let bps: HashMap<String, i32> = if fee_merchants.is_empty() {
-            HashMap::new()
-        } else {
-            sqlx::query("SELECT id, fee_bps FROM accounts WHERE id = ANY($1) AND fee_bps > 0")
-                .bind(&fee_merchants)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
-                .collect::<Result<_, _>>()?
-        };
 
         struct Done<'a> {
             index: usize,
