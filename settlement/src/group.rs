@@ -16,10 +16,9 @@
 //! [`Ledger`]. If the group transaction fails as a whole, every item of it runs on its
 //! own, so one bad item never fails the others.
 //!
-//! Balance rows are written last, just before COMMIT, so their locks are held
-//! briefly: payer rows first, then merchant and platform rows, each from key-sorted
-//! arrays, so groups do not wait on each other in a cycle (a deadlock Postgres still
-//! reports runs the group again).
+//! Balance rows are locked last, just before COMMIT, so their locks are held
+//! briefly, and in key order like every other ledger operation, so nothing waits on
+//! anything in a cycle.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +27,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use sqlx::Row;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 use tonic::Status;
 use x402_proto::settlement::v1::{
     AuthorizeOutcome, AuthorizeResult, ResolveOutcome, ResolveResult,
@@ -216,13 +215,43 @@ async fn authorize_items(
             items.iter().map(|_| Slot::Alone).collect()
         }
     };
-    let mut out = Vec::with_capacity(items.len());
-    for ((item, deadline), slot) in items.iter().zip(slots) {
-        out.push(match slot {
-            Slot::Done(r) => Ok(r),
-            Slot::Late => Err(deadline_exceeded()),
-            Slot::Alone if past(*deadline) => Err(deadline_exceeded()),
-            Slot::Alone => ledger.authorize_hold(item).await.map_err(Status::from),
+    let limit = Arc::new(Semaphore::new(ALONE_CONCURRENCY));
+    let mut pending = Vec::with_capacity(items.len());
+    for ((item, deadline), slot) in items.into_iter().zip(slots) {
+        pending.push(match slot {
+            Slot::Done(r) => Answer::Ready(Ok(r)),
+            Slot::Late => Answer::Ready(Err(deadline_exceeded())),
+            Slot::Alone if past(deadline) => Answer::Ready(Err(deadline_exceeded())),
+            Slot::Alone => {
+                let ledger = ledger.clone();
+                let limit = limit.clone();
+                Answer::Running(tokio::spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    ledger.authorize_hold(&item).await.map_err(Status::from)
+                }))
+            }
+        });
+    }
+    collect(pending).await
+}
+
+/// Most items of one group that run on their own at the same time.
+const ALONE_CONCURRENCY: usize = 8;
+
+enum Answer<R> {
+    Ready(Result<R, Status>),
+    Running(tokio::task::JoinHandle<Result<R, Status>>),
+}
+
+async fn collect<R>(pending: Vec<Answer<R>>) -> Vec<Result<R, Status>> {
+    let mut out = Vec::with_capacity(pending.len());
+    for answer in pending {
+        out.push(match answer {
+            Answer::Ready(r) => r,
+            Answer::Running(handle) => handle.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a batch item task failed");
+                Err(Status::internal("settlement failed to process an item"))
+            }),
         });
     }
     out
@@ -239,15 +268,23 @@ async fn resolve_items(
             items.iter().map(|_| Slot::Alone).collect()
         }
     };
-    let mut out = Vec::with_capacity(items.len());
-    for (((id, resolution), _), slot) in items.iter().zip(slots) {
-        out.push(match slot {
-            Slot::Done(r) => Ok(r),
-            Slot::Late => Err(deadline_exceeded()),
-            Slot::Alone => ledger.resolve(id, resolution).await.map_err(Status::from),
+    let limit = Arc::new(Semaphore::new(ALONE_CONCURRENCY));
+    let mut pending = Vec::with_capacity(items.len());
+    for (((id, resolution), _), slot) in items.into_iter().zip(slots) {
+        pending.push(match slot {
+            Slot::Done(r) => Answer::Ready(Ok(r)),
+            Slot::Late => Answer::Ready(Err(deadline_exceeded())),
+            Slot::Alone => {
+                let ledger = ledger.clone();
+                let limit = limit.clone();
+                Answer::Running(tokio::spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    ledger.resolve(&id, &resolution).await.map_err(Status::from)
+                }))
+            }
         });
     }
-    out
+    collect(pending).await
 }
 
 /// Accepted so far: what the group will write for one authorize item.
@@ -668,25 +705,31 @@ impl Ledger {
                 },
             );
         }
-        match payers.apply_set(&mut tx).await {
-            Ok(changed) if changed == payers.len() as u64 => {}
+        // Every balance row locked in key order (as every other operation does),
+        // then written in one statement.
+        let mut moves = payers;
+        for ((merchant, asset), delta) in merchants.0.iter() {
+            moves.push(merchant, asset, *delta);
+        }
+        if moves.lock_sorted(&mut tx).await? != moves.len() as u64 {
+            if ensure_merchants.swap(true, Ordering::Relaxed) {
+                return Err(LedgerError::FailedPrecondition(
+                    "a balance row of a hold is missing".into(),
+                )
+                .into());
+            }
+            return Err(Attempt::Again);
+        }
+        match moves.apply_set(&mut tx).await {
+            Ok(changed) if changed == moves.len() as u64 => {}
             Ok(_) => {
                 return Err(LedgerError::FailedPrecondition(
-                    "a payer's balance row disappeared".into(),
+                    "a balance row of a hold disappeared".into(),
                 )
                 .into())
             }
             Err(e) if is_overdraft(&e) => return Err(Attempt::Again),
             Err(e) => return Err(e.into()),
-        }
-        if merchants.apply_set(&mut tx).await? != merchants.len() as u64 {
-            if ensure_merchants.swap(true, Ordering::Relaxed) {
-                return Err(LedgerError::FailedPrecondition(
-                    "a merchant's balance row is missing".into(),
-                )
-                .into());
-            }
-            return Err(Attempt::Again);
         }
 
         // A caller that has given up must not leave money held: leave its items out.
@@ -1053,14 +1096,16 @@ impl Ledger {
                 );
             }
         }
-        for moves in [&payer_moves, &other_moves] {
-            let changed = moves.apply_set(&mut tx).await?;
-            if changed != moves.len() as u64 {
-                return Err(LedgerError::FailedPrecondition(
-                    "balance of a held account is missing".into(),
-                )
-                .into());
-            }
+        let mut moves = payer_moves;
+        for ((account, asset), delta) in other_moves.0.iter() {
+            moves.push(account, asset, *delta);
+        }
+        let locked = moves.lock_sorted(&mut tx).await?;
+        if locked != moves.len() as u64 || moves.apply_set(&mut tx).await? != locked {
+            return Err(LedgerError::FailedPrecondition(
+                "balance of a held account is missing".into(),
+            )
+            .into());
         }
         tx.commit().await?;
         for d in done {

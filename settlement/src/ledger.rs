@@ -104,7 +104,7 @@ impl Delta {
 
 /// Balance changes of one transaction, applied in sorted key order.
 #[derive(Debug, Default)]
-pub(crate) struct Moves(BTreeMap<(String, String), Delta>);
+pub(crate) struct Moves(pub(crate) BTreeMap<(String, String), Delta>);
 
 impl Moves {
     pub(crate) fn push(&mut self, account: &str, asset: &str, delta: Delta) {
@@ -156,6 +156,26 @@ impl Moves {
         .execute(&mut **tx)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    /// Locks the balance rows of every change in key order, the order every other
+    /// operation locks them in; returns how many exist.
+    pub(crate) async fn lock_sorted(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> Result<u64, sqlx::Error> {
+        let (accounts, assets): (Vec<&str>, Vec<&str>) =
+            self.0.keys().map(|(a, s)| (a.as_str(), s.as_str())).unzip();
+        let rows = sqlx::query(
+            "SELECT account_id FROM balances \
+             WHERE (account_id, asset) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+             ORDER BY account_id, asset FOR UPDATE",
+        )
+        .bind(&accounts)
+        .bind(&assets)
+        .fetch_all(&mut **tx)
+        .await?;
+        Ok(rows.len() as u64)
     }
 
     pub(crate) fn len(&self) -> usize {
