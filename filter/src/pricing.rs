@@ -824,7 +824,9 @@ impl Usage {
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\r', '\n']);
             if let Some(data) = line.strip_prefix("data:") {
-                if let Ok(value) = serde_json::from_str::<serde_json::Value>(data.trim()) {
+                if let Ok(value) =
+                    serde_json::from_slice::<serde_json::Value>(data.trim().as_bytes())
+                {
                     if let Some(tokens) = usage_tokens(&value) {
                         self.sse_units = Some(tokens);
                     }
