@@ -25,8 +25,8 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::Request;
-use x402_client::sign_payment;
-use x402_client::wire::{encode_header, HEADER_PAYMENT_SIGNATURE};
+use x402_client::wire::{encode_header, PaymentRequirements, HEADER_PAYMENT_SIGNATURE};
+use x402_client::{parse_challenge, sign_payment};
 use x402_e2e::envoy::{Envoy, EnvoyOptions};
 use x402_e2e::paths;
 use x402_e2e::pg::{pg_bin_dir, TestPostgres};
@@ -43,6 +43,29 @@ use crate::report::{Report, RoundResult, Scenario};
 
 /// Path every HTTP scenario requests (priced at [`PRICE`] in the filter config).
 const PATH: &str = "/paid/bench";
+/// Path of the metered scenario: priced per token from the upstream's `x-usage-tokens`
+/// header (the demo upstream reports `n` tokens), so each request holds the maximum
+/// (1,000 tokens) and captures 250 tokens' worth.
+const METERED_PATH: &str = "/metered/tokens/header?n=250";
+
+/// The filter config of the benchmark: the tests' default routes plus a route priced
+/// per output token (`upto`), read from a response header.
+fn bench_filter_config() -> Result<String> {
+    let mut config: serde_json::Value = serde_json::from_str(&default_filter_config())?;
+    config["routes"]
+        .as_array_mut()
+        .context("default filter config has no routes")?
+        .push(serde_json::json!({
+            "name": "bench-metered",
+            "match": { "path_prefix": "/metered/tokens" },
+            "pricing": { "per_token": {
+                "unit_price": "0.00002",
+                "max_units": 1000,
+                "tokens_from": { "header": "x-usage-tokens" }
+            } }
+        }));
+    Ok(config.to_string())
+}
 
 struct Settings {
     quick: bool,
@@ -116,10 +139,19 @@ fn get(port: u16) -> MakeRequest {
     })
 }
 
-/// A GET with a fresh proof signed by a random payer (signed here, on the fly).
+/// A GET of [`PATH`] with a fresh proof signed by a random payer (signed here, on the fly).
 fn paid_get(port: u16, payers: Arc<Payers>) -> MakeRequest {
-    let resource = format!("GET 127.0.0.1:{port}{PATH}");
-    let requirements = requirements();
+    paid_get_of(port, PATH, requirements(), payers)
+}
+
+/// A GET of `path` with a fresh proof for `requirements` signed by a random payer.
+fn paid_get_of(
+    port: u16,
+    path: &'static str,
+    requirements: PaymentRequirements,
+    payers: Arc<Payers>,
+) -> MakeRequest {
+    let resource = format!("GET 127.0.0.1:{port}{path}");
     Arc::new(move || {
         let proof = sign_payment(
             payers.pick(),
@@ -128,7 +160,7 @@ fn paid_get(port: u16, payers: Arc<Payers>) -> MakeRequest {
             &x402_client::random_nonce_hex(),
             unix_now() + 50,
         )?;
-        Ok(Request::get(PATH)
+        Ok(Request::get(path)
             .header("host", format!("127.0.0.1:{port}"))
             .header(HEADER_PAYMENT_SIGNATURE, encode_header(&proof))
             .body(Empty::<Bytes>::new())?)
@@ -220,7 +252,7 @@ async fn main() -> Result<()> {
     let peer = ChildGuard::spawn("extauthz-peer", peer_cmd, &scratch.path().join("peer.log"))?;
     wait_port(peer_port).await?;
 
-    let mut options = EnvoyOptions::new(upstream_port, settlement.port(), &default_filter_config());
+    let mut options = EnvoyOptions::new(upstream_port, settlement.port(), &bench_filter_config()?);
     options.log_level = "warning".into();
     let x402 = Envoy::start(options).await?;
     let x402_port = x402.listen_port();
@@ -246,6 +278,24 @@ async fn main() -> Result<()> {
         .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
     let challenge_body = challenge.text().await?;
+    // The metered route's offer (`upto`, the maximum), as a client would read it.
+    let metered = http
+        .get(format!("http://127.0.0.1:{x402_port}{METERED_PATH}"))
+        .send()
+        .await?;
+    let (status, headers) = (metered.status(), metered.headers().clone());
+    let metered_offer = parse_challenge(status, &headers, &metered.bytes().await?)
+        .context("the metered route's challenge")?
+        .accepts
+        .into_iter()
+        .next()
+        .context("the metered route's challenge offers nothing")?;
+    if metered_offer.scheme != "upto" {
+        bail!(
+            "the metered route offers {:?}, not upto",
+            metered_offer.scheme
+        );
+    }
 
     let plain = BenchEnvoy::start("envoy-plain", 2, |admin, ports| {
         envoys::plain_config(
@@ -346,6 +396,7 @@ async fn main() -> Result<()> {
         settings.payers,
     );
     report.settlement_args = settings.settlement_args.join(" ");
+    report.only = settings.only.clone();
     let tck = procfs::ticks_per_second();
     let settle_stats_before = envoy_stats(&http, x402.admin_port()).await;
 
@@ -375,7 +426,20 @@ async fn main() -> Result<()> {
                     ))
                     .await?,
                 ),
-                Scenario::PaidMetered => None,
+                Scenario::PaidMetered => Some(
+                    load::run(http_load(
+                        x402_port,
+                        200,
+                        paid_get_of(
+                            x402_port,
+                            METERED_PATH,
+                            metered_offer.clone(),
+                            payers.clone(),
+                        ),
+                        None,
+                    ))
+                    .await?,
+                ),
                 Scenario::ExtAuthz => Some(
                     load::run(http_load(
                         authz_port,

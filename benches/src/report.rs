@@ -141,6 +141,8 @@ pub struct Report {
     settle_concurrency: usize,
     payers: usize,
     pub settlement_args: String,
+    /// `BENCH_ONLY`'s scenario keys (empty: every scenario ran).
+    pub only: Vec<String>,
     results: BTreeMap<Scenario, Vec<RoundResult>>,
     /// Total rate of the half-load runs, and per round (bare p50, bare p99, paid p50, paid p99).
     pub half_load_rate: f64,
@@ -183,6 +185,7 @@ impl Report {
             settle_concurrency,
             payers,
             settlement_args: String::new(),
+            only: Vec::new(),
             results: BTreeMap::new(),
             half_load_rate: 0.0,
             half_load: Vec::new(),
@@ -341,11 +344,14 @@ impl Report {
                     );
                 }
                 None => {
-                    let why = match scenario {
-                        Scenario::PaidMetered => {
-                            "not available: the filter has no metered (`upto`) pricing yet"
-                        }
-                        _ => "not available: pgbench not found",
+                    let why = if !self.only.is_empty()
+                        && !self.only.iter().any(|k| k == scenario.key())
+                    {
+                        "not run (`BENCH_ONLY`)"
+                    } else if scenario.is_pgbench() {
+                        "not available: pgbench not found"
+                    } else {
+                        "not available"
                     };
                     let _ = writeln!(s, "| {} | - | - | - | - | {why} |", scenario.label());
                 }
