@@ -1,8 +1,9 @@
 //! One dispatcher per plugin and Envoy worker: every settlement callout goes through
 //! it. Calls are made on behalf of the root context, so Envoy ties them to the
 //! plugin rather than to a request stream: a capture sent as its stream ends still
-//! arrives. Each RPC has at most one call in flight; work that arrives meanwhile is
-//! gathered and sent as one batch when the call returns. Captures and voids that
+//! arrives. Authorize has up to [`MAX_AUTHORIZE_IN_FLIGHT`] calls in flight, Capture and
+//! Void one each; work that arrives while an RPC is at its limit is gathered and sent
+//! as one batch when a call returns. Captures and voids that
 //! fail are retried a few times with a growing delay; a hold that is never resolved
 //! expires in settlement, so giving up loses no money.
 
@@ -10,9 +11,8 @@ use std::collections::{HashMap, VecDeque};
 
 use prost::Message;
 use x402_proto::settlement::v1::{
-    AuthorizeItem, AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, AuthorizeResult,
-    CaptureItem, CaptureRequest, CaptureResponse, ResolveOutcome, ResolveResult, VoidItem,
-    VoidRequest, VoidResponse,
+    AuthorizeItem, AuthorizeOutcome, AuthorizeResponse, AuthorizeResult, CaptureItem,
+    CaptureResponse, ResolveOutcome, ResolveResult, VoidItem, VoidResponse,
 };
 use x402_proto::wire::ErrorCode;
 
@@ -23,6 +23,10 @@ use crate::request::AuthorizeAnswer;
 pub const SERVICE: &str = "x402.settlement.v1.DataPlane";
 /// Most items in one call.
 pub const MAX_BATCH: usize = 64;
+/// Authorize calls in flight at once per worker. An authorization that arrives while
+/// fewer are in flight goes out at once (light load adds no wait); beyond that they
+/// gather, and batches pipeline instead of each waiting for the one before.
+pub const MAX_AUTHORIZE_IN_FLIGHT: usize = 4;
 /// Sends of one capture or void before it is left to expire. A lost capture is revenue
 /// the merchant never gets, so the filter keeps trying for about half a minute (a
 /// settlement restart) before it leaves the hold to expire.
@@ -61,7 +65,6 @@ impl Rpc {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Waiter {
     pub context_id: u32,
-    pub request_id: String,
     /// The route's own settlement timeout, when shorter than the plugin's.
     pub timeout_ms: Option<u32>,
 }
@@ -83,7 +86,8 @@ struct Retryable<T> {
 
 #[derive(Debug)]
 enum InFlight {
-    Authorize(Vec<Waiter>),
+    /// The items are kept (not copied) to match each result to its request id.
+    Authorize(Vec<(Waiter, AuthorizeItem)>),
     Capture(Vec<Retryable<CaptureItem>>),
     Void(Vec<Retryable<VoidItem>>),
 }
@@ -124,7 +128,6 @@ impl Dispatcher {
     ) {
         let waiter = Waiter {
             context_id,
-            request_id: item.request_id.clone(),
             timeout_ms,
         };
         self.authorize_queue.push_back((waiter, item));
@@ -170,7 +173,7 @@ impl Dispatcher {
         )
     }
 
-    /// Sends queued work on every RPC that has no call in flight. `current` is the
+    /// Sends queued work on every RPC below its in-flight limit. `current` is the
     /// context the host is running, restored after each call. Returns answers for
     /// authorizations whose call could not be started.
     pub fn flush(
@@ -182,27 +185,24 @@ impl Dispatcher {
     ) -> Vec<Delivery> {
         let mut deliveries = Vec::new();
         let now = host.now_nanos();
-        if self.in_flight(Rpc::Authorize) == 0 && !self.authorize_queue.is_empty() {
+        let mut authorize_in_flight = self.in_flight(Rpc::Authorize);
+        while authorize_in_flight < MAX_AUTHORIZE_IN_FLIGHT && !self.authorize_queue.is_empty() {
             let n = self.authorize_queue.len().min(MAX_BATCH);
-            let (waiters, items): (Vec<Waiter>, Vec<AuthorizeItem>) =
-                self.authorize_queue.drain(..n).unzip();
-            let message = AuthorizeRequest { items }.encode_to_vec();
+            let waiters: Vec<(Waiter, AuthorizeItem)> = self.authorize_queue.drain(..n).collect();
+            let message = encode_items(waiters.iter().map(|(_, item)| item));
             let shortest = waiters
                 .iter()
-                .filter_map(|w| w.timeout_ms)
+                .filter_map(|(w, _)| w.timeout_ms)
                 .fold(target.timeout_ms, u32::min);
-            let batch_target = Target {
-                timeout_ms: shortest,
-                ..target.clone()
-            };
-            match call(host, &batch_target, current, Rpc::Authorize, &message) {
+            match call(host, target, shortest, current, Rpc::Authorize, &message) {
                 Some(token) => {
                     self.in_flight.insert(token, InFlight::Authorize(waiters));
                     self.started_nanos.insert(token, now);
+                    authorize_in_flight += 1;
                 }
                 None => {
                     metrics.add(host, Metric::CalloutFailures, 1);
-                    deliveries.extend(waiters.into_iter().map(|w| Delivery {
+                    deliveries.extend(waiters.into_iter().map(|(w, _)| Delivery {
                         context_id: w.context_id,
                         answer: AuthorizeAnswer::Unavailable,
                     }));
@@ -212,11 +212,15 @@ impl Dispatcher {
         if self.in_flight(Rpc::Capture) == 0 {
             let batch = take_due(&mut self.capture_queue, now);
             if !batch.is_empty() {
-                let message = CaptureRequest {
-                    items: batch.iter().map(|r| r.item.clone()).collect(),
-                }
-                .encode_to_vec();
-                match call(host, target, current, Rpc::Capture, &message) {
+                let message = encode_items(batch.iter().map(|r| &r.item));
+                match call(
+                    host,
+                    target,
+                    target.timeout_ms,
+                    current,
+                    Rpc::Capture,
+                    &message,
+                ) {
                     Some(token) => {
                         self.in_flight.insert(token, InFlight::Capture(batch));
                         self.started_nanos.insert(token, now);
@@ -231,11 +235,15 @@ impl Dispatcher {
         if self.in_flight(Rpc::Void) == 0 {
             let batch = take_due(&mut self.void_queue, now);
             if !batch.is_empty() {
-                let message = VoidRequest {
-                    items: batch.iter().map(|r| r.item.clone()).collect(),
-                }
-                .encode_to_vec();
-                match call(host, target, current, Rpc::Void, &message) {
+                let message = encode_items(batch.iter().map(|r| &r.item));
+                match call(
+                    host,
+                    target,
+                    target.timeout_ms,
+                    current,
+                    Rpc::Void,
+                    &message,
+                ) {
                     Some(token) => {
                         self.in_flight.insert(token, InFlight::Void(batch));
                         self.started_nanos.insert(token, now);
@@ -318,9 +326,9 @@ impl Dispatcher {
                 waiters
                     .into_iter()
                     .enumerate()
-                    .map(|(i, w)| {
+                    .map(|(i, (w, item))| {
                         let answer = match results.as_ref().and_then(|r| r.get(i)) {
-                            Some(result) if result.request_id == w.request_id => {
+                            Some(result) if result.request_id == item.request_id => {
                                 answer_for(host, result)
                             }
                             Some(_) => {
@@ -361,6 +369,7 @@ impl Dispatcher {
 fn call(
     host: &mut dyn Host,
     target: &Target,
+    timeout_ms: u32,
     current: u32,
     rpc: Rpc,
     message: &[u8],
@@ -371,7 +380,7 @@ fn call(
         SERVICE,
         rpc.method(),
         message,
-        target.timeout_ms,
+        timeout_ms,
         &target.metadata,
     );
     host.set_effective_context(current);
@@ -389,6 +398,22 @@ fn call(
             None
         }
     }
+}
+
+/// The bytes of an `AuthorizeRequest`, `CaptureRequest` or `VoidRequest` (each is
+/// `repeated Item items = 1`) holding `items`, encoded from references: no copy of
+/// the items per call.
+fn encode_items<'a, M: Message + 'a>(items: impl Iterator<Item = &'a M> + Clone) -> Vec<u8> {
+    const ITEMS_TAG: u32 = 1;
+    let len: usize = items
+        .clone()
+        .map(|m| prost::encoding::message::encoded_len(ITEMS_TAG, m))
+        .sum();
+    let mut buf = Vec::with_capacity(len);
+    for m in items {
+        prost::encoding::message::encode(ITEMS_TAG, m, &mut buf);
+    }
+    buf
 }
 
 fn take_due<T>(queue: &mut VecDeque<Retryable<T>>, now: u64) -> Vec<Retryable<T>> {
@@ -489,5 +514,63 @@ pub fn answer_for(host: &dyn Host, result: &AuthorizeResult) -> AuthorizeAnswer 
             );
             AuthorizeAnswer::Unavailable
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use x402_proto::settlement::v1::{AuthorizeRequest, CaptureRequest, VoidRequest};
+
+    #[test]
+    fn items_encode_as_the_request_message_would() {
+        let authorize: Vec<AuthorizeItem> = (0..3)
+            .map(|i| AuthorizeItem {
+                request_id: format!("req-{i}"),
+                hold_amount: 10 + i,
+                route: "quote".into(),
+                ..Default::default()
+            })
+            .collect();
+        assert_eq!(
+            encode_items(authorize.iter()),
+            AuthorizeRequest {
+                items: authorize.clone()
+            }
+            .encode_to_vec()
+        );
+        let capture: Vec<CaptureItem> = (0..2)
+            .map(|i| CaptureItem {
+                transaction_id: format!("tx-{i}"),
+                amount: i,
+                upstream_micros: 1234,
+                http_status: 200,
+            })
+            .collect();
+        let bytes = encode_items(capture.iter());
+        assert_eq!(
+            bytes,
+            CaptureRequest {
+                items: capture.clone()
+            }
+            .encode_to_vec()
+        );
+        assert_eq!(
+            CaptureRequest::decode(bytes.as_slice()).unwrap().items,
+            capture
+        );
+        let void = vec![VoidItem {
+            transaction_id: "tx-9".into(),
+            ..Default::default()
+        }];
+        assert_eq!(
+            encode_items(void.iter()),
+            VoidRequest {
+                items: void.clone()
+            }
+            .encode_to_vec()
+        );
+        assert!(encode_items(Vec::<VoidItem>::new().iter()).is_empty());
     }
 }

@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use prost::Message;
-use x402_filter::dispatcher::{MAX_RESOLVE_ATTEMPTS, RETRY_BACKOFF_NANOS, SERVICE};
+use x402_filter::dispatcher::{
+    MAX_AUTHORIZE_IN_FLIGHT, MAX_RESOLVE_ATTEMPTS, RETRY_BACKOFF_NANOS, SERVICE,
+};
 use x402_filter::host::{Call, FakeHost, Host};
 use x402_filter::plugin::{Action, Vm};
 use x402_filter::request::State;
@@ -601,14 +603,27 @@ fn settlement_trouble_is_a_503() {
 #[test]
 fn authorizations_arriving_during_a_call_share_the_next_one() {
     let mut h = Harness::new(false);
-    h.request(
-        2,
-        "GET",
-        "/paid/quote",
-        Some(header(&payload("GET", "/paid/quote", 2))),
-    );
-    let (first, ..) = h.last_grpc();
-    for ctx in 3..=5 {
+    // Up to MAX_AUTHORIZE_IN_FLIGHT authorizations go out at once, each in its own call.
+    let n = u32::try_from(MAX_AUTHORIZE_IN_FLIGHT).unwrap();
+    let mut first = Vec::new();
+    for ctx in 2..2 + n {
+        h.request(
+            ctx,
+            "GET",
+            "/paid/quote",
+            Some(header(&payload(
+                "GET",
+                "/paid/quote",
+                u8::try_from(ctx).unwrap(),
+            ))),
+        );
+        let (token, _, _, body) = h.last_grpc();
+        first.push((token, body));
+    }
+    assert_eq!(h.host.grpc_calls().len(), MAX_AUTHORIZE_IN_FLIGHT);
+    // The next ones gather while those are in flight.
+    let gathered: Vec<u32> = (2 + n..5 + n).collect();
+    for &ctx in &gathered {
         h.request(
             ctx,
             "GET",
@@ -622,15 +637,16 @@ fn authorizations_arriving_during_a_call_share_the_next_one() {
     }
     assert_eq!(
         h.host.grpc_calls().len(),
-        1,
-        "one Authorize in flight at a time"
+        MAX_AUTHORIZE_IN_FLIGHT,
+        "at most MAX_AUTHORIZE_IN_FLIGHT Authorize calls in flight"
     );
-    let (_, _, _, body) = h.last_grpc();
+    let (token, body) = first.remove(0);
     h.grpc_ok(
-        first,
+        token,
         authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "a"),
     );
     assert!(h.host.calls.contains(&Call::Resume { context: 2 }));
+    assert_eq!(h.host.grpc_calls().len(), MAX_AUTHORIZE_IN_FLIGHT + 1);
     let (second, _, method, body) = h.last_grpc();
     assert_eq!(method, "Authorize");
     let batch = AuthorizeRequest::decode(body.as_slice()).unwrap();
@@ -640,17 +656,29 @@ fn authorizations_arriving_during_a_call_share_the_next_one() {
         .iter()
         .map(|i| i.request_id.split('.').next().unwrap().to_owned())
         .collect();
-    assert_eq!(ids, ["req-3", "req-4", "req-5"]);
-    // Answers reach their own contexts: 3 and 5 pay, 4 is short of funds.
+    let expected: Vec<String> = gathered.iter().map(|c| format!("req-{c}")).collect();
+    assert_eq!(ids, expected);
+    // Answers reach their own contexts: the first and last pay, the middle one is short
+    // of funds.
+    let [pays, short, pays_too] = [gathered[0], gathered[1], gathered[2]];
     let mut response = AuthorizeResponse::decode(authorized(&batch, "b").as_slice()).unwrap();
     response.results[1].outcome = AuthorizeOutcome::InsufficientFunds as i32;
     response.results[1].transaction_id.clear();
     h.grpc_ok(second, response.encode_to_vec());
-    assert!(h.host.calls.contains(&Call::Resume { context: 3 }));
-    assert!(h.host.calls.contains(&Call::Resume { context: 5 }));
-    assert!(!h.host.calls.contains(&Call::Resume { context: 4 }));
-    assert_eq!(h.challenge_error(4), "insufficient_funds");
-    assert!(matches!(h.vm.state(5), Some(State::Paid(p)) if p.transaction == "b2"));
+    assert!(h.host.calls.contains(&Call::Resume { context: pays }));
+    assert!(h.host.calls.contains(&Call::Resume { context: pays_too }));
+    assert!(!h.host.calls.contains(&Call::Resume { context: short }));
+    assert_eq!(h.challenge_error(short), "insufficient_funds");
+    assert!(matches!(h.vm.state(pays_too), Some(State::Paid(p)) if p.transaction == "b2"));
+    // The calls still in flight answer their own requests.
+    for (i, (token, body)) in first.into_iter().enumerate() {
+        h.grpc_ok(
+            token,
+            authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "c"),
+        );
+        let ctx = 3 + u32::try_from(i).unwrap();
+        assert!(h.host.calls.contains(&Call::Resume { context: ctx }));
+    }
 }
 
 #[test]
@@ -770,27 +798,32 @@ fn a_bad_configuration_is_refused_and_logged() {
 #[test]
 fn a_call_the_host_never_finishes_is_given_up_and_the_queue_moves_on() {
     let mut h = Harness::new(false);
-    h.request(
-        2,
-        "GET",
-        "/paid/quote",
-        Some(header(&payload("GET", "/paid/quote", 2))),
-    );
-    h.request(
-        3,
-        "GET",
-        "/paid/quote",
-        Some(header(&payload("GET", "/paid/quote", 3))),
-    );
-    assert_eq!(h.host.grpc_calls().len(), 1);
+    // Calls the host never finishes fill the in-flight limit; one more waits.
+    let n = u32::try_from(MAX_AUTHORIZE_IN_FLIGHT).unwrap();
+    let waiting = 2 + n;
+    for ctx in 2..=waiting {
+        h.request(
+            ctx,
+            "GET",
+            "/paid/quote",
+            Some(header(&payload(
+                "GET",
+                "/paid/quote",
+                u8::try_from(ctx).unwrap(),
+            ))),
+        );
+    }
+    assert_eq!(h.host.grpc_calls().len(), MAX_AUTHORIZE_IN_FLIGHT);
     h.vm.on_tick(&mut h.host, ROOT);
     assert!(h.reply_to(2).is_none(), "not before the timeout and grace");
     h.host.now_nanos += 2_000_000_000 + x402_filter::dispatcher::STALE_GRACE_NANOS + 1;
     h.vm.on_tick(&mut h.host, ROOT);
-    assert_eq!(h.reply_to(2).unwrap().0, 503);
+    for ctx in 2..waiting {
+        assert_eq!(h.reply_to(ctx).unwrap().0, 503);
+    }
     assert_eq!(
         h.host.grpc_calls().len(),
-        2,
+        MAX_AUTHORIZE_IN_FLIGHT + 1,
         "the waiting authorization is sent"
     );
     let (token, _, _, body) = h.last_grpc();
@@ -798,5 +831,5 @@ fn a_call_the_host_never_finishes_is_given_up_and_the_queue_moves_on() {
         token,
         authorized(&AuthorizeRequest::decode(body.as_slice()).unwrap(), "tx-"),
     );
-    assert!(h.host.calls.contains(&Call::Resume { context: 3 }));
+    assert!(h.host.calls.contains(&Call::Resume { context: waiting }));
 }
