@@ -247,7 +247,7 @@ const PAYMENT_SELECT: &str = "SELECT h.id, h.debit_account, h.credit_account, h.
       coalesce(h.route, '') AS route, coalesce(h.resource, '') AS resource, h.amount, \
       coalesce(h.payer_key, '') AS payer_key, coalesce(h.nonce, '') AS nonce, \
       extract(epoch FROM h.created_at)::bigint AS created_unix, r.kind AS resolution, r.amount AS resolved, \
-      r.http_status, r.upstream_micros, pr.refunded, pr.fee \
+      r.http_status, r.upstream_micros, pr.refunded, pr.fee, pr.captured AS captured_so_far \
     FROM transfers h \
     LEFT JOIN transfers r ON r.pending_id = h.id AND r.kind IN ('capture', 'void', 'expire') \
     LEFT JOIN payment_refunds pr ON pr.hold_id = h.id";
@@ -259,11 +259,14 @@ fn payment_from_row(row: &PgRow) -> Result<Payment, sqlx::Error> {
         .try_get::<Option<i64>, _>("resolved")?
         .and_then(|v| u64::try_from(v).ok())
         .unwrap_or(0);
+    // What partial captures posted counts as captured while the hold is open and
+    // after a void or expiry released the rest.
+    let partial = opt_u64(row.try_get("captured_so_far")?);
     let (status, captured, voided) = match resolution.as_deref() {
         Some("capture") => ("captured", resolved, held.saturating_sub(resolved)),
-        Some("void") => ("voided", 0, held),
-        Some(_) => ("expired", 0, held),
-        None => ("held", 0, 0),
+        Some("void") => ("voided", partial, resolved),
+        Some(_) => ("expired", partial, resolved),
+        None => ("held", partial, 0),
     };
     Ok(Payment {
         transaction_id: row.try_get("id")?,

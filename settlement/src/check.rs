@@ -102,22 +102,29 @@ struct Invariant {
 /// The balance rows as the transfers imply them. Every kind but a hold and its
 /// releases (deposit, capture, refund, fee, adjustment, ...) posts `amount` from
 /// `debit_account` to `credit_account`; a hold adds to both pending counters; each
-/// resolution of a hold (capture, void, expire) takes the hold's whole amount off
-/// them again.
+/// partial capture posts its step and takes it off them; the final resolution of a
+/// hold (capture, void, expire) takes off what partial captures left
+/// (`pending_amount - captured_before`), and a final capture posts its total less
+/// what the partial captures posted.
 const DERIVED_BALANCES: &str = "
-    WITH moves AS (
-        SELECT debit_account AS account_id, asset,
-               CASE WHEN kind NOT IN ('hold', 'void', 'expire') THEN amount ELSE 0 END AS debits_posted,
+    WITH t AS (
+        SELECT debit_account, credit_account, asset,
+               CASE WHEN kind IN ('hold', 'void', 'expire') THEN 0
+                    WHEN kind = 'capture' THEN amount - coalesce(captured_before, 0)
+                    ELSE amount END AS posted,
                CASE WHEN kind = 'hold' THEN amount
-                    WHEN kind IN ('capture', 'void', 'expire') THEN -pending_amount ELSE 0 END AS debits_pending,
+                    WHEN kind = 'partial_capture' THEN -amount
+                    WHEN kind IN ('capture', 'void', 'expire') THEN -(pending_amount - coalesce(captured_before, 0))
+                    ELSE 0 END AS pending
+        FROM transfers
+    ),
+    moves AS (
+        SELECT debit_account AS account_id, asset, posted AS debits_posted, pending AS debits_pending,
                0::bigint AS credits_posted, 0::bigint AS credits_pending
-        FROM transfers
+        FROM t
         UNION ALL
-        SELECT credit_account, asset, 0, 0,
-               CASE WHEN kind NOT IN ('hold', 'void', 'expire') THEN amount ELSE 0 END,
-               CASE WHEN kind = 'hold' THEN amount
-                    WHEN kind IN ('capture', 'void', 'expire') THEN -pending_amount ELSE 0 END
-        FROM transfers
+        SELECT credit_account, asset, 0, 0, posted, pending
+        FROM t
     )
     SELECT account_id, asset,
            sum(debits_pending)::numeric AS debits_pending, sum(debits_posted)::numeric AS debits_posted,
@@ -172,7 +179,7 @@ fn invariants() -> Vec<Invariant> {
                   LEFT JOIN transfers h ON h.id = t.pending_id \
                   WHERE (t.kind = 'deposit' AND (t.debit_account <> 'system:credit' OR c.kind <> 'payer')) \
                      OR (t.kind = 'hold' AND (d.kind <> 'payer' OR c.kind <> 'merchant')) \
-                     OR (t.kind IN ('capture', 'void', 'expire') AND (h.id IS NULL OR h.kind <> 'hold' \
+                     OR (t.kind IN ('capture', 'void', 'expire', 'partial_capture') AND (h.id IS NULL OR h.kind <> 'hold' \
                          OR h.debit_account <> t.debit_account OR h.credit_account <> t.credit_account \
                          OR h.asset <> t.asset))",
         },
@@ -202,17 +209,46 @@ fn invariants() -> Vec<Invariant> {
         },
         Invariant {
             name: "captured_within_held",
-            // A capture posts at most its hold, a void or expiry releases exactly it,
-            // and a hold is never more than the client authorized.
-            sql: "SELECT format('%s %s of hold %s: amount %s, hold %s, authorized %s', \
-                    r.kind, r.id, h.id, r.amount, h.amount, h.amount_authorized) \
+            // A capture posts at most its hold and no less than its partial
+            // captures, a void or expiry releases exactly what they left held, and a
+            // hold is never more than the client authorized.
+            sql: "SELECT format('%s %s of hold %s: amount %s, captured before %s, hold %s, authorized %s', \
+                    r.kind, r.id, h.id, r.amount, r.captured_before, h.amount, h.amount_authorized) \
                   FROM transfers r JOIN transfers h ON h.id = r.pending_id \
-                  WHERE r.kind IN ('capture', 'void', 'expire') AND ( \
+                  WHERE r.kind IN ('capture', 'void', 'expire', 'partial_capture') AND ( \
                      r.pending_amount <> h.amount OR r.amount > h.amount \
-                     OR (r.kind <> 'capture' AND r.amount <> h.amount)) \
+                     OR coalesce(r.captured_before, 0) < 0 \
+                     OR (r.kind = 'capture' AND coalesce(r.captured_before, 0) > r.amount) \
+                     OR (r.kind IN ('void', 'expire') AND r.amount + coalesce(r.captured_before, 0) <> h.amount) \
+                     OR (r.kind = 'partial_capture' AND (r.amount <= 0 OR r.captured_before IS NULL \
+                         OR r.captured_before + r.amount > h.amount))) \
                   UNION ALL \
                   SELECT format('hold %s: amount %s above authorized %s', id, amount, amount_authorized) \
                   FROM transfers WHERE kind = 'hold' AND (amount_authorized IS NULL OR amount > amount_authorized)",
+        },
+        Invariant {
+            name: "partial_captures_within_held",
+            // The partial captures of a hold sum to at most the hold, each starts
+            // where the previous ended, and the hold's final resolution (or, while
+            // it is open, its captured counter) accounts for exactly their sum.
+            sql: "WITH parts AS ( \
+                    SELECT pending_id AS id, sum(amount)::numeric AS total, count(*) AS n, \
+                      count(DISTINCT captured_before) AS starts, max(captured_before + amount)::numeric AS reached \
+                    FROM transfers WHERE kind = 'partial_capture' GROUP BY pending_id) \
+                  SELECT format('hold %s: partial captures %s (%s rows, %s starts, reaching %s), hold %s, \
+                    resolution %s with captured before %s, open counter %s', \
+                    h.id, coalesce(p.total, 0), coalesce(p.n, 0), coalesce(p.starts, 0), coalesce(p.reached, 0), \
+                    h.amount, coalesce(r.kind, 'none'), r.captured_before, o.captured) \
+                  FROM transfers h \
+                  LEFT JOIN parts p ON p.id = h.id \
+                  LEFT JOIN transfers r ON r.pending_id = h.id AND r.kind IN ('capture', 'void', 'expire') \
+                  LEFT JOIN open_holds o ON o.hold_id = h.id \
+                  WHERE h.kind = 'hold' AND (p.id IS NOT NULL OR coalesce(r.captured_before, 0) <> 0 \
+                      OR coalesce(o.captured, 0) <> 0) AND ( \
+                     coalesce(p.total, 0) > h.amount OR coalesce(p.starts, 0) <> coalesce(p.n, 0) \
+                     OR coalesce(p.reached, 0) <> coalesce(p.total, 0) \
+                     OR (r.id IS NOT NULL AND coalesce(r.captured_before, 0) <> coalesce(p.total, 0)) \
+                     OR (o.hold_id IS NOT NULL AND o.captured <> coalesce(p.total, 0)))",
         },
         Invariant {
             name: "refunded_within_captured",
@@ -220,8 +256,10 @@ fn invariants() -> Vec<Invariant> {
             // exceeds what it captured, and its fees never exceed the capture either.
             sql: "WITH per_hold AS ( \
                     SELECT h.id, \
-                      coalesce((SELECT sum(c.amount) FROM transfers c \
-                                WHERE c.pending_id = h.id AND c.kind = 'capture'), 0) AS captured, \
+                      coalesce((SELECT sum(CASE WHEN c.kind = 'capture' \
+                                  THEN c.amount - coalesce(c.captured_before, 0) ELSE c.amount END) \
+                                FROM transfers c WHERE c.pending_id = h.id \
+                                AND c.kind IN ('capture', 'partial_capture')), 0) AS captured, \
                       coalesce((SELECT sum(f.amount) FROM transfers f WHERE f.pending_id = h.id \
                                 AND f.kind IN ('refund', 'fee_refund') AND f.credit_account = h.debit_account), 0) AS returned, \
                       coalesce((SELECT sum(f.amount) FROM transfers f \

@@ -88,6 +88,8 @@ pub async fn capture_fee(
 }
 
 /// Records a capture: the fee transfer, the refund-cap row, analytics, webhook, notify.
+/// `posted` is the payment's total, `step` what this capture added to what partial
+/// captures posted before it, and `fee` the fee of that step.
 #[allow(clippy::too_many_arguments)]
 pub async fn after_capture(
     tx: &mut Transaction<'_, Postgres>,
@@ -96,6 +98,7 @@ pub async fn after_capture(
     merchant: &str,
     asset: &str,
     posted: i64,
+    step: i64,
     fee: i64,
     http_status: i32,
     upstream_micros: i64,
@@ -113,12 +116,7 @@ pub async fn after_capture(
         .execute(&mut **tx)
         .await?;
     }
-    sqlx::query("INSERT INTO payment_refunds (hold_id, captured, fee) VALUES ($1, $2, $3)")
-        .bind(hold_id)
-        .bind(posted)
-        .bind(fee)
-        .execute(&mut **tx)
-        .await?;
+    add_refundable(tx, hold_id, step, fee).await?;
     let route: Option<String> =
         sqlx::query_scalar("SELECT coalesce(route, '') FROM transfers WHERE id = $1")
             .bind(hold_id)
@@ -152,6 +150,26 @@ pub async fn after_capture(
     body["fee"] = json!(fee);
     body["http_status"] = json!(http_status);
     announce(tx, merchant, "payment.captured", &body).await
+}
+
+/// Adds a captured step and its fee to the payment's refund cap.
+pub async fn add_refundable(
+    tx: &mut Transaction<'_, Postgres>,
+    hold_id: &str,
+    step: i64,
+    fee: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO payment_refunds (hold_id, captured, fee) VALUES ($1, $2, $3) \
+         ON CONFLICT (hold_id) DO UPDATE SET captured = payment_refunds.captured + EXCLUDED.captured, \
+           fee = payment_refunds.fee + EXCLUDED.fee",
+    )
+    .bind(hold_id)
+    .bind(step)
+    .bind(fee)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Records a void of one hold: analytics, webhook-free (a void is the filter's own

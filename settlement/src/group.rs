@@ -848,7 +848,8 @@ impl Ledger {
         let mut open_ids: Vec<&str> = candidates.iter().map(|&i| items[i].0 .0.as_str()).collect();
         open_ids.sort_unstable();
         let opened: HashSet<String> =
-            sqlx::query_scalar("DELETE FROM open_holds WHERE hold_id = ANY($1) RETURNING hold_id")
+            // Holds with partial captures settle on their own path (ledger.rs).
+            sqlx::query_scalar("DELETE FROM open_holds WHERE hold_id = ANY($1) AND captured = 0 RETURNING hold_id")
                 .bind(&open_ids)
                 .fetch_all(&mut *tx)
                 .await?

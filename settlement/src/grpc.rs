@@ -53,6 +53,8 @@ fn check_batch(len: usize) -> Result<(), Status> {
 pub struct DataPlaneService {
     /// Group commit of the items of concurrent calls.
     committers: Committers,
+    /// Partial captures, one transaction per item (they are a few per long request).
+    ledger: Ledger,
     /// Where authorize outcomes go for analytics and `Watch` (none: not recorded).
     recorder: Option<mpsc::Sender<Authorization>>,
 }
@@ -63,7 +65,8 @@ impl DataPlaneService {
     pub fn new(ledger: Ledger, committers: usize) -> Self {
         let per_kind = committers.max(1);
         DataPlaneService {
-            committers: Committers::start(ledger, per_kind),
+            committers: Committers::start(ledger.clone(), per_kind),
+            ledger,
             recorder: None,
         }
     }
@@ -136,6 +139,25 @@ impl DataPlane for DataPlaneService {
             })
             .collect();
         let results = self.committers.resolve.submit(items, deadline).await?;
+        Ok(Response::new(CaptureResponse { results }))
+    }
+
+    #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
+    async fn capture_partial(
+        &self,
+        request: Request<CaptureRequest>,
+    ) -> Result<Response<CaptureResponse>, Status> {
+        let items = request.into_inner().items;
+        check_batch(items.len())?;
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            results.push(
+                self.ledger
+                    .capture_partial(&item.transaction_id, item.amount)
+                    .await
+                    .map_err(Status::from)?,
+            );
+        }
         Ok(Response::new(CaptureResponse { results }))
     }
 

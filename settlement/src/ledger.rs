@@ -535,12 +535,13 @@ impl Ledger {
 
         // Deleting the open-hold row is the lock every resolution (and the sweeper)
         // takes: whoever deletes it resolves the hold; the others see the result.
-        let open: Option<String> =
-            sqlx::query_scalar("DELETE FROM open_holds WHERE hold_id = $1 RETURNING hold_id")
+        // Its `captured` is what partial captures already posted.
+        let open: Option<i64> =
+            sqlx::query_scalar("DELETE FROM open_holds WHERE hold_id = $1 RETURNING captured")
                 .bind(transaction_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        if open.is_none() {
+        let Some(captured_before) = open else {
             let prior = sqlx::query(
                 "SELECT kind, amount FROM transfers WHERE pending_id = $1 AND kind IN ('capture', 'void', 'expire')",
             )
@@ -572,14 +573,34 @@ impl Ledger {
                     },
                 ),
             });
-        }
+        };
 
+        // After partial captures, a capture names the final total (never below what
+        // they posted) and posts the difference; a void releases what they left held.
+        let (posted, step, released) = match resolution {
+            Resolution::Capture { .. } => {
+                let total = to_i64(posted)?.max(captured_before);
+                (
+                    to_u64(total),
+                    total - captured_before,
+                    hold.amount - captured_before,
+                )
+            }
+            Resolution::Void { .. } => {
+                let rest = hold.amount - captured_before;
+                (to_u64(rest), 0, rest)
+            }
+        };
         let posted_i64 = to_i64(posted)?;
         let mut moves = Moves::default();
-        // The platform's share moves in the same locked update as the capture.
+        // The platform's share moves in the same locked update as the capture: the
+        // fee of the total less the fees of the partial captures.
         let fee = match resolution {
             Resolution::Capture { .. } => {
-                crate::events::capture_fee(&mut tx, &hold.merchant, &hold.asset, posted_i64).await?
+                let total_fee =
+                    crate::events::capture_fee(&mut tx, &hold.merchant, &hold.asset, posted_i64)
+                        .await?;
+                total_fee - partial_fees(&mut tx, transaction_id, captured_before).await?
             }
             Resolution::Void { .. } => 0,
         };
@@ -601,46 +622,24 @@ impl Ledger {
                 },
             );
         }
-        match resolution {
-            Resolution::Capture { .. } => {
-                moves.push(
-                    &hold.payer,
-                    &hold.asset,
-                    Delta {
-                        debits_pending: -hold.amount,
-                        debits_posted: posted_i64,
-                        ..Delta::default()
-                    },
-                );
-                moves.push(
-                    &hold.merchant,
-                    &hold.asset,
-                    Delta {
-                        credits_pending: -hold.amount,
-                        credits_posted: posted_i64,
-                        ..Delta::default()
-                    },
-                );
-            }
-            Resolution::Void { .. } => {
-                moves.push(
-                    &hold.payer,
-                    &hold.asset,
-                    Delta {
-                        debits_pending: -hold.amount,
-                        ..Delta::default()
-                    },
-                );
-                moves.push(
-                    &hold.merchant,
-                    &hold.asset,
-                    Delta {
-                        credits_pending: -hold.amount,
-                        ..Delta::default()
-                    },
-                );
-            }
-        }
+        moves.push(
+            &hold.payer,
+            &hold.asset,
+            Delta {
+                debits_pending: -released,
+                debits_posted: step,
+                ..Delta::default()
+            },
+        );
+        moves.push(
+            &hold.merchant,
+            &hold.asset,
+            Delta {
+                credits_pending: -released,
+                credits_posted: step,
+                ..Delta::default()
+            },
+        );
         let missing = moves.apply(&mut tx).await?;
         if !missing.is_empty() {
             return Err(LedgerError::FailedPrecondition(
@@ -662,8 +661,8 @@ impl Ledger {
         };
         let inserted = sqlx::query(
             "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
-               reason, http_status, upstream_micros) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+               reason, http_status, upstream_micros, captured_before) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULLIF($11, 0))",
         )
         .bind(kind)
         .bind(&hold.payer)
@@ -675,6 +674,7 @@ impl Ledger {
         .bind(reason)
         .bind(http_status)
         .bind(upstream_micros)
+        .bind(captured_before)
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -697,6 +697,7 @@ impl Ledger {
                     &hold.merchant,
                     &hold.asset,
                     posted_i64,
+                    step,
                     fee,
                     i32::try_from(*http_status).unwrap_or(i32::MAX),
                     i64::try_from(*upstream_micros).unwrap_or(i64::MAX),
@@ -710,7 +711,7 @@ impl Ledger {
                     &hold.payer,
                     &hold.merchant,
                     &hold.asset,
-                    hold.amount,
+                    released,
                 )
                 .await?
             }
@@ -723,6 +724,159 @@ impl Ledger {
             ResolveOutcome::Voided
         };
         Ok(result(outcome, posted, ""))
+    }
+
+    /// Posts what a running total adds to a hold's partial captures, keeping the
+    /// hold open. A total at or below what is already captured posts nothing and
+    /// answers the captured total, so a retried or late partial capture is harmless;
+    /// a total above the hold is EXCEEDS_HOLD. The final capture (or void, or
+    /// expiry) later settles the rest once.
+    #[tracing::instrument(skip(self))]
+    pub async fn capture_partial(
+        &self,
+        transaction_id: &str,
+        total: u64,
+    ) -> Result<ResolveResult, LedgerError> {
+        retrying(|| self.try_capture_partial(transaction_id, total)).await
+    }
+
+    async fn try_capture_partial(
+        &self,
+        transaction_id: &str,
+        total: u64,
+    ) -> Result<ResolveResult, Attempt> {
+        let result = |outcome: ResolveOutcome, amount: u64, message: &str| ResolveResult {
+            transaction_id: transaction_id.to_owned(),
+            outcome: outcome as i32,
+            amount,
+            message: message.to_owned(),
+        };
+        let mut tx = self.pool.begin().await?;
+        let Some(hold) = self.find_hold(&mut tx, transaction_id).await? else {
+            return Ok(result(ResolveOutcome::NotFound, 0, "no such hold"));
+        };
+        if total > to_u64(hold.amount) {
+            return Ok(result(
+                ResolveOutcome::ExceedsHold,
+                to_u64(hold.amount),
+                "capture amount exceeds the hold",
+            ));
+        }
+        // The open-hold row is the lock: a final resolution deletes it.
+        let captured: Option<i64> =
+            sqlx::query_scalar("SELECT captured FROM open_holds WHERE hold_id = $1 FOR UPDATE")
+                .bind(transaction_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(captured) = captured else {
+            let prior = sqlx::query(
+                "SELECT kind, amount FROM transfers WHERE pending_id = $1 AND kind IN ('capture', 'void', 'expire')",
+            )
+            .bind(transaction_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(prior) = prior else {
+                return Err(LedgerError::FailedPrecondition(
+                    "hold is neither open nor resolved".into(),
+                )
+                .into());
+            };
+            let kind: String = prior.try_get("kind")?;
+            return Ok(result(
+                ResolveOutcome::AlreadyResolved,
+                to_u64(prior.try_get("amount")?),
+                match kind.as_str() {
+                    "capture" => "hold was already captured",
+                    "void" => "hold was already voided",
+                    _ => "hold has expired",
+                },
+            ));
+        };
+        let total = to_i64(total)?;
+        if total <= captured {
+            return Ok(result(ResolveOutcome::Captured, to_u64(captured), ""));
+        }
+        let step = total - captured;
+        let fee = crate::events::capture_fee(&mut tx, &hold.merchant, &hold.asset, total).await?
+            - partial_fees(&mut tx, transaction_id, captured).await?;
+        let inserted = sqlx::query(
+            "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
+               captured_before) VALUES ('partial_capture', $1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&hold.payer)
+        .bind(&hold.merchant)
+        .bind(&hold.asset)
+        .bind(step)
+        .bind(transaction_id)
+        .bind(hold.amount)
+        .bind(captured)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if constraint(&e) == Some("transfers_partial_capture_once") => {
+                return Err(Attempt::Retry(e))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        sqlx::query("UPDATE open_holds SET captured = $2, held = $3 WHERE hold_id = $1")
+            .bind(transaction_id)
+            .bind(total)
+            .bind(hold.amount)
+            .execute(&mut *tx)
+            .await?;
+        let mut moves = Moves::default();
+        moves.push(
+            &hold.payer,
+            &hold.asset,
+            Delta {
+                debits_pending: -step,
+                debits_posted: step,
+                ..Delta::default()
+            },
+        );
+        moves.push(
+            &hold.merchant,
+            &hold.asset,
+            Delta {
+                credits_pending: -step,
+                credits_posted: step,
+                debits_posted: fee,
+                ..Delta::default()
+            },
+        );
+        if fee > 0 {
+            moves.push(
+                crate::events::PLATFORM_ACCOUNT,
+                &hold.asset,
+                Delta {
+                    credits_posted: fee,
+                    ..Delta::default()
+                },
+            );
+            sqlx::query(
+                "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, reason) \
+                 VALUES ('fee', $1, $2, $3, $4, $5, 'platform_fee')",
+            )
+            .bind(&hold.merchant)
+            .bind(crate::events::PLATFORM_ACCOUNT)
+            .bind(&hold.asset)
+            .bind(fee)
+            .bind(transaction_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let missing = moves.apply(&mut tx).await?;
+        if !missing.is_empty() {
+            return Err(LedgerError::FailedPrecondition(
+                "balance of a held account is missing".into(),
+            )
+            .into());
+        }
+        crate::events::add_refundable(&mut tx, transaction_id, step, fee).await?;
+        tx.commit().await?;
+        tracing::debug!(%transaction_id, total, step, "partial capture");
+        Ok(result(ResolveOutcome::Captured, to_u64(total), ""))
     }
 
     async fn find_hold(
@@ -758,8 +912,10 @@ impl Ledger {
             "WITH due AS ( \
                SELECT hold_id FROM open_holds WHERE expires_at <= now() \
                ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
-             gone AS (DELETE FROM open_holds o USING due WHERE o.hold_id = due.hold_id RETURNING o.hold_id) \
-             SELECT t.id, t.debit_account, t.credit_account, t.asset, t.amount \
+             gone AS (DELETE FROM open_holds o USING due WHERE o.hold_id = due.hold_id \
+               RETURNING o.hold_id, o.captured) \
+             SELECT t.id, t.debit_account, t.credit_account, t.asset, t.amount - gone.captured AS amount, \
+               gone.captured \
              FROM transfers t JOIN gone ON gone.hold_id = t.id",
         )
         .bind(limit)
@@ -770,7 +926,9 @@ impl Ledger {
         }
         let mut moves = Moves::default();
         let mut ids = Vec::with_capacity(rows.len());
+        let mut captured = Vec::with_capacity(rows.len());
         for r in &rows {
+            captured.push(r.try_get::<i64, _>("captured")?);
             let amount: i64 = r.try_get("amount")?;
             let payer: String = r.try_get("debit_account")?;
             let merchant: String = r.try_get("credit_account")?;
@@ -795,11 +953,15 @@ impl Ledger {
         }
         moves.apply(&mut tx).await?;
         sqlx::query(
-            "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, reason) \
-             SELECT 'expire', debit_account, credit_account, asset, amount, id, amount, 'hold_ttl' \
-             FROM transfers WHERE id = ANY($1) AND kind = 'hold'",
+            "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
+               reason, captured_before) \
+             SELECT 'expire', t.debit_account, t.credit_account, t.asset, t.amount - c.captured, t.id, t.amount, \
+               'hold_ttl', NULLIF(c.captured, 0) \
+             FROM transfers t JOIN unnest($1::text[], $2::bigint[]) AS c(id, captured) ON c.id = t.id \
+             WHERE t.kind = 'hold'",
         )
         .bind(&ids)
+        .bind(&captured)
         .execute(&mut *tx)
         .await?;
         crate::events::after_expire(&mut tx, &ids).await?;
@@ -935,6 +1097,22 @@ impl Ledger {
         tx.commit().await?;
         Ok(id)
     }
+}
+
+/// Fees the partial captures of a hold took so far (none when nothing was captured).
+async fn partial_fees(
+    tx: &mut Transaction<'_, Postgres>,
+    hold_id: &str,
+    captured: i64,
+) -> Result<i64, sqlx::Error> {
+    if captured == 0 {
+        return Ok(0);
+    }
+    let fee: Option<i64> = sqlx::query_scalar("SELECT fee FROM payment_refunds WHERE hold_id = $1")
+        .bind(hold_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(fee.unwrap_or(0))
 }
 
 /// The payer's overdraft CHECK (or a counter overflowing) refused a debit.
