@@ -91,7 +91,14 @@ pub struct RawRoute {
     pub failure_mode: Option<String>,
     #[serde(default)]
     pub timeout_ms: Option<u32>,
+    /// `per_second` routes: capture what the request has used so far every this
+    /// many seconds while it runs, so a crash loses at most one period of billing.
+    #[serde(default)]
+    pub capture_every_seconds: Option<u32>,
 }
+
+/// Longest period between partial captures (a day).
+pub const MAX_CAPTURE_EVERY_SECONDS: u32 = 86_400;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +228,8 @@ pub struct Route {
     pub pricing: crate::pricing::RoutePricing,
     /// Rate limit, free tier, allow-list, failure mode and timeout.
     pub policy: crate::policy::RoutePolicy,
+    /// `per_second` routes: seconds between partial captures while a request runs.
+    pub capture_every_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,6 +415,18 @@ impl TryFrom<RawConfig> for Config {
                 Some(meter) => meter.max_amount,
                 None => flat_price.unwrap_or(0),
             };
+            if let Some(every) = r.capture_every_seconds {
+                let field = format!("routes[{index}].capture_every_seconds");
+                if !(1..=MAX_CAPTURE_EVERY_SECONDS).contains(&every) {
+                    return Err(invalid(
+                        field,
+                        format!("must be 1-{MAX_CAPTURE_EVERY_SECONDS} seconds"),
+                    ));
+                }
+                if pricing.meter().map(|m| &m.unit) != Some(&crate::pricing::Unit::Seconds) {
+                    return Err(invalid(field, "applies to per_second pricing only"));
+                }
+            }
             let m = r.match_;
             if m.route_name.is_none()
                 && m.method.is_none()
@@ -479,6 +500,7 @@ impl TryFrom<RawConfig> for Config {
                         timeout_ms: r.timeout_ms,
                     },
                 )?,
+                capture_every_seconds: r.capture_every_seconds,
             });
         }
         if let Some(token) = &raw.settlement_token {
@@ -524,6 +546,36 @@ mod tests {
             "pay_to": "merchant-demo",
             "routes": [{"name": "quote", "match": {"path_prefix": "/paid"}, "price": "0.01"}]
         })
+    }
+
+    #[test]
+    fn capture_every_seconds_is_for_per_second_routes_only() {
+        let with = |pricing: serde_json::Value, every: u32| {
+            let mut c = minimal();
+            c["routes"][0] = serde_json::json!({
+                "name": "long", "match": {"path_prefix": "/long"},
+                "pricing": pricing, "capture_every_seconds": every
+            });
+            Config::from_json(c.to_string().as_bytes())
+        };
+        let per_second =
+            serde_json::json!({"per_second": {"unit_price": "0.001", "max_units": 30}});
+        let c = with(per_second.clone(), 5).unwrap();
+        assert_eq!(c.routes[0].capture_every_seconds, Some(5));
+        for (pricing, every) in [
+            (per_second, 0),
+            (
+                serde_json::json!({"per_kb": {"unit_price": "0.001", "max_units": 5}}),
+                5,
+            ),
+        ] {
+            match with(pricing, every) {
+                Err(ConfigError::Invalid { field, .. }) => {
+                    assert_eq!(field, "routes[0].capture_every_seconds")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

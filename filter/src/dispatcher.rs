@@ -49,6 +49,8 @@ pub enum Rpc {
     Authorize,
     Capture,
     Void,
+    /// Running totals of long requests (`capture_every_seconds`); the hold stays open.
+    CapturePartial,
 }
 
 impl Rpc {
@@ -57,6 +59,7 @@ impl Rpc {
             Rpc::Authorize => "Authorize",
             Rpc::Capture => "Capture",
             Rpc::Void => "Void",
+            Rpc::CapturePartial => "CapturePartial",
         }
     }
 }
@@ -90,6 +93,7 @@ enum InFlight {
     Authorize(Vec<(Waiter, AuthorizeItem)>),
     Capture(Vec<Retryable<CaptureItem>>),
     Void(Vec<Retryable<VoidItem>>),
+    CapturePartial(Vec<Retryable<CaptureItem>>),
 }
 
 /// Where the dispatcher sends its calls.
@@ -108,6 +112,7 @@ pub struct Dispatcher {
     authorize_queue: VecDeque<(Waiter, AuthorizeItem)>,
     capture_queue: VecDeque<Retryable<CaptureItem>>,
     void_queue: VecDeque<Retryable<VoidItem>>,
+    partial_queue: VecDeque<Retryable<CaptureItem>>,
     in_flight: HashMap<u32, InFlight>,
     /// When each call in flight was started.
     started_nanos: HashMap<u32, u64>,
@@ -141,6 +146,18 @@ impl Dispatcher {
         });
     }
 
+    /// Queues a partial capture; one still queued for the same hold is replaced,
+    /// since its running total is superseded.
+    pub fn capture_partial(&mut self, item: CaptureItem) {
+        self.partial_queue
+            .retain(|r| r.item.transaction_id != item.transaction_id);
+        self.partial_queue.push_back(Retryable {
+            item,
+            attempts: 0,
+            not_before_nanos: 0,
+        });
+    }
+
     pub fn void(&mut self, item: VoidItem) {
         self.void_queue.push_back(Retryable {
             item,
@@ -159,6 +176,7 @@ impl Dispatcher {
                     (InFlight::Authorize(_), Rpc::Authorize)
                         | (InFlight::Capture(_), Rpc::Capture)
                         | (InFlight::Void(_), Rpc::Void)
+                        | (InFlight::CapturePartial(_), Rpc::CapturePartial)
                 )
             })
             .count()
@@ -251,6 +269,30 @@ impl Dispatcher {
                     None => {
                         metrics.add(host, Metric::CalloutFailures, 1);
                         requeue(host, &mut self.void_queue, batch, now, metrics);
+                    }
+                }
+            }
+        }
+        if self.in_flight(Rpc::CapturePartial) == 0 {
+            let batch = take_due(&mut self.partial_queue, now);
+            if !batch.is_empty() {
+                let message = encode_items(batch.iter().map(|r| &r.item));
+                match call(
+                    host,
+                    target,
+                    target.timeout_ms,
+                    current,
+                    Rpc::CapturePartial,
+                    &message,
+                ) {
+                    Some(token) => {
+                        self.in_flight
+                            .insert(token, InFlight::CapturePartial(batch));
+                        self.started_nanos.insert(token, now);
+                    }
+                    None => {
+                        metrics.add(host, Metric::CalloutFailures, 1);
+                        requeue(host, &mut self.partial_queue, batch, now, metrics);
                     }
                 }
             }
@@ -362,6 +404,14 @@ impl Dispatcher {
                 }
                 Vec::new()
             }
+            InFlight::CapturePartial(batch) => {
+                match result.map(|body| CaptureResponse::decode(body.as_slice()).map(|r| r.results))
+                {
+                    Ok(Ok(results)) => record_partials(host, &results),
+                    _ => requeue(host, &mut self.partial_queue, batch, now, metrics),
+                }
+                Vec::new()
+            }
         }
     }
 }
@@ -467,6 +517,25 @@ fn record_resolutions(host: &mut dyn Host, metrics: &Metrics, results: &[Resolve
                 LogLevel::Warn,
                 &format!(
                     "settlement refused to resolve {}: {} {}",
+                    r.transaction_id,
+                    other.as_str_name(),
+                    r.message
+                ),
+            ),
+        }
+    }
+}
+
+/// Partial captures are counted when their hold's final capture is; a hold already
+/// resolved (the final capture overtook a partial one) is expected.
+fn record_partials(host: &mut dyn Host, results: &[ResolveResult]) {
+    for r in results {
+        match r.outcome() {
+            ResolveOutcome::Captured | ResolveOutcome::AlreadyResolved => {}
+            other => host.log(
+                LogLevel::Warn,
+                &format!(
+                    "settlement refused a partial capture of {}: {} {}",
                     r.transaction_id,
                     other.as_str_name(),
                     r.message

@@ -396,6 +396,7 @@ impl Vm {
     fn tick_streams(&mut self, host: &mut dyn Host, root_id: u32) {
         let now = host.now_nanos();
         let mut ended = Vec::new();
+        let mut partials = Vec::new();
         for (id, request) in &mut self.requests {
             let State::Paid(paid) = &mut request.state else {
                 continue;
@@ -407,12 +408,25 @@ impl Vm {
                 continue;
             }
             let elapsed = now.saturating_sub(paid.resumed_at_nanos) / 1_000;
+            if let Some(total) = m.partial_due(paid.held_amount, now, elapsed) {
+                partials.push(x402_proto::settlement::v1::CaptureItem {
+                    transaction_id: paid.transaction.clone(),
+                    amount: total,
+                    upstream_micros: elapsed,
+                    http_status: 0,
+                });
+            }
             let verdict = crate::stream::on_tick(&mut m.stream, &m.meter, &mut m.usage, elapsed);
             if verdict.close_now && host.set_effective_context(*id) {
                 host.close_stream();
             }
             if verdict.ended {
                 ended.push(*id);
+            }
+        }
+        if let Some(plugin) = self.plugins.get_mut(&root_id) {
+            for item in partials {
+                plugin.dispatcher.capture_partial(item);
             }
         }
         for id in ended {

@@ -26,7 +26,7 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 64 * 1024;
 pub const DEFAULT_MAX_RESPONSE_BODY_BYTES: u64 = 1024 * 1024;
 /// Bytes per kilobyte for `per_kb` (SI kilobyte).
 pub const BYTES_PER_KB: u64 = 1000;
-const MICROS_PER_SECOND: u64 = 1_000_000;
+pub(crate) const MICROS_PER_SECOND: u64 = 1_000_000;
 
 /// The `pricing` object of a route: exactly one model.
 #[derive(Debug, Clone, Deserialize)]

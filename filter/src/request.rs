@@ -173,6 +173,42 @@ pub struct Metering {
     pub usage: Usage,
     /// Counting and cutting while the response streams ([`crate::stream`]).
     pub stream: crate::stream::StreamState,
+    /// Partial captures (`capture_every_seconds`): the period (0: none), when the
+    /// next one is due, and the running total the last one named.
+    pub partial_every_nanos: u64,
+    pub partial_due_nanos: u64,
+    pub partial_sent: u64,
+}
+
+impl Metering {
+    /// The running total to capture now, when a partial capture is due at `now` and
+    /// the cost so far grew since the last one; `elapsed_micros` is the time since
+    /// the request was let through. Marks it sent.
+    pub fn partial_due(&mut self, held: u64, now: u64, elapsed_micros: u64) -> Option<u64> {
+        if self.partial_every_nanos == 0 || now < self.partial_due_nanos || self.stream.closed {
+            return None;
+        }
+        self.partial_due_nanos = now.saturating_add(self.partial_every_nanos);
+        let mut usage = Usage {
+            upstream_micros: self.usage.upstream_micros.max(elapsed_micros),
+            ..Usage::default()
+        };
+        // Never past the time the hold pays for.
+        usage.upstream_micros = usage.upstream_micros.min(
+            self.meter
+                .max_units
+                .saturating_mul(pricing::MICROS_PER_SECOND),
+        );
+        let total = match pricing::metered_amount(&self.meter, &usage, held) {
+            Metered::Charge { capture, .. } => capture,
+            Metered::Unmetered => return None,
+        };
+        if total <= self.partial_sent {
+            return None;
+        }
+        self.partial_sent = total;
+        Some(total)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -631,10 +667,17 @@ fn on_answer(
                 upstream_micros: 0,
                 complete: false,
                 metering: pending.meter.map(|meter| {
+                    let every = config
+                        .route_named(&pending.route)
+                        .and_then(|r| r.capture_every_seconds)
+                        .map_or(0, |s| u64::from(s).saturating_mul(1_000_000_000));
                     Box::new(Metering {
                         meter: *meter,
                         usage: Usage::default(),
                         stream: crate::stream::StreamState::default(),
+                        partial_every_nanos: every,
+                        partial_due_nanos: now_nanos.saturating_add(every),
+                        partial_sent: 0,
                     })
                 }),
                 grpc: crate::grpc::GrpcResponse::NotGrpc,
@@ -897,6 +940,47 @@ mod tests {
         assert!(!headers
             .iter()
             .any(|(n, _)| n == crate::policy::HEADER_FREE_REMAINING));
+    }
+
+    #[test]
+    fn partial_captures_name_the_running_cost_once_per_period_within_the_hold() {
+        let c = Config::from_json(
+            br#"{"settlement_cluster":"s","pay_to":"m","routes":[{"name":"long","match":{"path_prefix":"/long"},
+                "pricing":{"per_second":{"unit_price":"0.001","max_units":3}},"capture_every_seconds":1}]}"#,
+        )
+        .unwrap();
+        let pending = Pending {
+            route: "long".into(),
+            price: 3_000,
+            payer: "p".into(),
+            challenge: ChallengeInput {
+                scheme: "http".into(),
+                authority: "a".into(),
+                path: "/long".into(),
+                free_remaining: None,
+            },
+            quote: static_quote(&c.routes[0]),
+            meter: c.routes[0].pricing.meter().cloned().map(Box::new),
+        };
+        let second = 1_000_000_000u64;
+        let start = 7 * second;
+        let answer = AuthorizeAnswer::Authorized {
+            transaction: "tx".into(),
+            held_amount: 3_000,
+        };
+        let (State::Paid(mut paid), _) = on_answer(&c, pending, answer, start) else {
+            panic!("not paid");
+        };
+        let m = paid.metering.as_deref_mut().unwrap();
+        let at = |s: u64, extra: u64| start + s * second + extra;
+        // Not before the first period; then the cost so far, once per period.
+        assert_eq!(m.partial_due(3_000, at(0, second / 2), 500_000), None);
+        assert_eq!(m.partial_due(3_000, at(1, 0), 1_000_000), Some(1_000));
+        assert_eq!(m.partial_due(3_000, at(1, second / 2), 1_500_000), None);
+        assert_eq!(m.partial_due(3_000, at(2, 200), 2_000_000), Some(2_000));
+        // Past the time the hold pays for, the total stops at the hold, sent once.
+        assert_eq!(m.partial_due(3_000, at(9, 0), 9_000_000), Some(3_000));
+        assert_eq!(m.partial_due(3_000, at(10, 0), 10_000_000), None);
     }
 
     #[test]
