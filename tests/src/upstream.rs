@@ -351,7 +351,8 @@ fn streamed_noting(
 /// - `/metered/items?n=N`: `{"objects": [N items]}`;
 /// - `/metered/slow?ms=M`: answers after M milliseconds;
 /// - `/metered/chunks?n=N&size=S`: N chunks of S bytes, 20 ms apart;
-/// - `/metered/sse-tokens?n=N`: N one-token SSE events, 20 ms apart, then `[DONE]`.
+/// - `/metered/sse-tokens?n=N`: N one-token SSE events, 20 ms apart, then `[DONE]`;
+/// - `/metered/drip?n=N&ms=M`: N lines of `tick`, M milliseconds apart (a long request).
 ///
 /// The last two note in [`Served::cancelled`] when the reader goes away early.
 pub async fn metered(request: Request<Incoming>, served: &Arc<Served>) -> Response<UpstreamBody> {
@@ -428,6 +429,11 @@ pub async fn metered(request: Request<Incoming>, served: &Arc<Served>) -> Respon
             events.push(Bytes::from_static(b"data: [DONE]\n\n"));
             let note = Some((served.clone(), format!("{path}?{query}")));
             streamed_noting("text/event-stream", events, 20, note)
+        }
+        "/metered/drip" => {
+            let lines = (0..n).map(|_| Bytes::from_static(b"tick\n")).collect();
+            let note = Some((served.clone(), format!("{path}?{query}")));
+            streamed_noting("text/plain", lines, query_number(&query, "ms"), note)
         }
         "/metered/slow" => {
             tokio::time::sleep(std::time::Duration::from_millis(query_number(&query, "ms"))).await;

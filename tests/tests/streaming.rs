@@ -3,7 +3,8 @@
 //! cut exactly where their hold is spent (the SSE one with a final event saying
 //! why), the upstream sees its reader go away, and settlement captures exactly the
 //! hold; WebSockets billed per message or per second are closed with a 1008 close
-//! frame seen by a real WebSocket client, and capture what they used.
+//! frame seen by a real WebSocket client, and capture what they used; a long
+//! request billed per second is captured every second while it runs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -39,7 +40,11 @@ fn streaming_config() -> String {
               "pricing": { "per_message": { "unit_price": "0.001", "max_units": 3, "count": "client" } } },
             // 3 seconds at 0.001 per second: a hold of 3000.
             { "name": "timed", "match": { "path_prefix": "/ws/timed" },
-              "pricing": { "per_second": { "unit_price": "0.001", "max_units": 3 } } }
+              "pricing": { "per_second": { "unit_price": "0.001", "max_units": 3 } } },
+            // 60 seconds at 0.001 per second (a hold of 60000), captured every second.
+            { "name": "long", "match": { "path_prefix": "/metered/drip" },
+              "pricing": { "per_second": { "unit_price": "0.001", "max_units": 60 } },
+              "capture_every_seconds": 1 }
         ]
     })
     .to_string()
@@ -171,6 +176,121 @@ async fn streams_are_cut_exactly_at_the_hold_and_capture_the_hold() {
         .await
         .unwrap();
     assert_captured(&stack, &receipt.transaction, 500, 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_request_billed_per_second_is_captured_while_it_runs() {
+    let stack = Stack::start(&streaming_config()).await.unwrap();
+    let (account, key) = stack.new_payer(FUNDS).await.unwrap();
+
+    // Six lines a second apart: at least six seconds of upstream time.
+    let path = "/metered/drip?n=6&ms=1000";
+    let mut response = stream(&stack, &key, path).await;
+    let receipt = response.receipt.clone().expect("a receipt");
+    assert_eq!(receipt.amount, "60000", "the receipt carries the hold");
+
+    // While the response is still streaming, settlement already holds a partial
+    // capture of the time used so far, and the hold is still open.
+    let mut body = Vec::new();
+    let mut seen_partial = None;
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), response.chunk())
+            .await
+            .expect("the stream went silent for 30 s")
+            .expect("the stream was cut");
+        let Some(bytes) = chunk else { break };
+        body.extend_from_slice(&bytes);
+        if seen_partial.is_none() {
+            let payment = stack
+                .settlement
+                .payment(&receipt.transaction)
+                .await
+                .unwrap();
+            if payment.captured > 0 {
+                assert_eq!(
+                    payment.status, "held",
+                    "partial captures keep the hold open"
+                );
+                seen_partial = Some(payment.captured);
+            }
+        }
+    }
+    assert_eq!(body, b"tick\n".repeat(6), "the whole response arrives");
+    let partial = seen_partial.expect("a capture landed before the response ended");
+    assert!(
+        partial >= 1_000,
+        "at least a second was captured, not {partial}"
+    );
+
+    // The final capture is the cost of the whole request: at least the six seconds
+    // the upstream took, no less than the partial captures, within the hold; the
+    // payer pays it once, not the partials on top.
+    let mut payment = stack
+        .settlement
+        .payment(&receipt.transaction)
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if payment.status != "held" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        payment = stack
+            .settlement
+            .payment(&receipt.transaction)
+            .await
+            .unwrap();
+    }
+    assert_eq!(payment.status, "captured");
+    let captured = payment.captured;
+    assert!(
+        captured >= 6_000,
+        "six seconds cost at least 6000, captured {captured}"
+    );
+    assert!(
+        captured >= partial && captured < 60_000,
+        "{captured} vs {partial}"
+    );
+    assert_eq!(payment.held, 60_000);
+    stack
+        .wait_for_settled_balance(&account, i64::try_from(FUNDS - captured).unwrap())
+        .await
+        .unwrap();
+
+    // In the ledger: partial capture rows before the final one, which accounts for
+    // them; every invariant holds.
+    let pool = sqlx::PgPool::connect(stack.settlement.database_url())
+        .await
+        .unwrap();
+    let (parts, parts_total): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(amount), 0)::bigint FROM transfers \
+         WHERE pending_id = $1 AND kind = 'partial_capture'",
+    )
+    .bind(&receipt.transaction)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(parts >= 1, "no partial capture rows");
+    let (total, before): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT amount, captured_before FROM transfers WHERE pending_id = $1 AND kind = 'capture'",
+    )
+    .bind(&receipt.transaction)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(u64::try_from(total).unwrap(), captured);
+    assert_eq!(
+        before,
+        Some(parts_total),
+        "the final capture posts only the rest"
+    );
+    let report = x402_settlement::check::check_ledger(
+        &pool,
+        x402_settlement::check::CheckOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
 }
 
 type Socket =
