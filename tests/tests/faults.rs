@@ -5,7 +5,9 @@
 //! - `restart_postgres`: fast shutdown of PostgreSQL under the running service, start;
 //! - `restart_envoy`: Envoy stopped and started again on the same ports;
 //! - `slow_settlement`: a stalling TCP proxy between Envoy and settlement holds every
-//!   byte for longer than the filter's callout timeout, then lets them through.
+//!   byte for longer than the filter's callout timeout, then lets them through;
+//! - `crash_vm`: requests carrying the test-only crash header make the filter VM trap on
+//!   every worker; `failure_policy: FAIL_RELOAD` reloads it under the running load.
 //!
 //! After each phase: every request got a definite answer (an HTTP status, or a refused
 //! or reset connection while Envoy itself was down) within the limit, no hang; paid
@@ -48,6 +50,9 @@ const ANSWER_LIMIT: Duration = Duration::from_secs(20);
 /// dispatcher (4 sends with growing backoff, each bounded by the callout timeout, and
 /// queued behind a call to a killed settlement until that call is given up).
 const CAPTURE_PIPELINE: Duration = Duration::from_secs(10);
+/// The filter traps on a request carrying this header (`debug_crash_on_header`, a
+/// test-only switch); the `crash_vm` fault sends it.
+const CRASH_HEADER: &str = "x-debug-crash";
 
 fn filter_config() -> String {
     serde_json::json!({
@@ -62,6 +67,7 @@ fn filter_config() -> String {
         "clock_skew_seconds": 30,
         "capture_below_status": 500,
         "verify_signatures_in_filter": false,
+        "debug_crash_on_header": CRASH_HEADER,
         "routes": [
             { "name": "quote", "match": { "path_prefix": "/paid" }, "price": "0.01" }
         ]
@@ -145,6 +151,7 @@ enum Fault {
     RestartPostgres,
     RestartEnvoy,
     SlowSettlement,
+    CrashVm,
 }
 
 impl Fault {
@@ -154,6 +161,7 @@ impl Fault {
             Fault::RestartPostgres => "restart_postgres",
             Fault::RestartEnvoy => "restart_envoy",
             Fault::SlowSettlement => "slow_settlement",
+            Fault::CrashVm => "crash_vm",
         }
     }
 }
@@ -295,6 +303,32 @@ impl World {
                 self.proxy.stall(true);
                 tokio::time::sleep(Duration::from_millis(CALLOUT_TIMEOUT_MS * 2 + 500)).await;
                 self.proxy.stall(false);
+            }
+            Fault::CrashVm => {
+                // A few at once so every worker's VM (concurrency 2) gets one; each
+                // crashing request must itself get an answer (or a reset) in bounded
+                // time, and never a 2xx.
+                let url = format!("{}/paid/quote?sym=CRASH", self.base());
+                let sends = (0..4).map(|_| {
+                    let request = self.http.get(&url).header(CRASH_HEADER, "1").send();
+                    async move {
+                        match tokio::time::timeout(ANSWER_LIMIT, request).await {
+                            Ok(Ok(response)) => Some(response.status().as_u16()),
+                            Ok(Err(_)) => None,
+                            Err(_) => panic!("crash_vm: a crashing request got no answer"),
+                        }
+                    }
+                });
+                for status in futures_util::future::join_all(sends)
+                    .await
+                    .into_iter()
+                    .flatten()
+                {
+                    assert!(
+                        !(200..300).contains(&status),
+                        "crash_vm: a crashing request was let through ({status})"
+                    );
+                }
             }
         }
     }
@@ -535,8 +569,14 @@ async fn run(faults: &[Fault], payers: usize, rounds: usize, warm: Duration, aft
                 "{}: no paid request succeeded after the fault was healed",
                 fault.name()
             );
+            // A request the crashed VM had paused is never resumed by it: Envoy's
+            // `request_timeout` answers it with 408 (nothing was captured for it).
+            let allowed: &[u16] = match fault {
+                Fault::CrashVm => &[200, 402, 408, 503],
+                _ => &[200, 402, 503],
+            };
             assert!(
-                c.statuses.keys().all(|s| [200, 402, 503].contains(s)),
+                c.statuses.keys().all(|s| allowed.contains(s)),
                 "{}: unexpected statuses {:?}",
                 fault.name(),
                 c.statuses
@@ -588,6 +628,8 @@ async fn run(faults: &[Fault], payers: usize, rounds: usize, warm: Duration, aft
 async fn faults_short() {
     // Envoy restarts are in the long run only: see RELIABILITY.md (captures of
     // responses served by a restarted Envoy can be lost).
+    // The VM crash is in the long run only: a few of its paid responses can still lose
+    // their capture (RELIABILITY.md, open).
     let faults = [
         Fault::KillSettlement,
         Fault::RestartPostgres,
@@ -616,6 +658,7 @@ async fn faults_long() {
         Fault::RestartPostgres,
         Fault::RestartEnvoy,
         Fault::SlowSettlement,
+        Fault::CrashVm,
     ];
     run(
         &faults,
