@@ -167,6 +167,12 @@ impl Dispatcher {
     }
 
     /// Calls in flight, by RPC.
+    /// Records a call that went out.
+    fn started(&mut self, token: u32, call: InFlight, now: u64) {
+        self.in_flight.insert(token, call);
+        self.started_nanos.insert(token, now);
+    }
+
     pub fn in_flight(&self, rpc: Rpc) -> usize {
         self.in_flight
             .values()
@@ -214,8 +220,7 @@ impl Dispatcher {
                 .fold(target.timeout_ms, u32::min);
             match call(host, target, shortest, current, Rpc::Authorize, &message) {
                 Some(token) => {
-                    self.in_flight.insert(token, InFlight::Authorize(waiters));
-                    self.started_nanos.insert(token, now);
+                    self.started(token, InFlight::Authorize(waiters), now);
                     authorize_in_flight += 1;
                 }
                 None => {
@@ -228,73 +233,33 @@ impl Dispatcher {
             }
         }
         if self.in_flight(Rpc::Capture) == 0 {
-            let batch = take_due(&mut self.capture_queue, now);
-            if !batch.is_empty() {
-                let message = encode_items(batch.iter().map(|r| &r.item));
-                match call(
-                    host,
-                    target,
-                    target.timeout_ms,
-                    current,
-                    Rpc::Capture,
-                    &message,
-                ) {
-                    Some(token) => {
-                        self.in_flight.insert(token, InFlight::Capture(batch));
-                        self.started_nanos.insert(token, now);
-                    }
-                    None => {
-                        metrics.add(host, Metric::CalloutFailures, 1);
-                        requeue(host, &mut self.capture_queue, batch, now, metrics);
-                    }
-                }
+            let queue = &mut self.capture_queue;
+            if let Some((token, batch)) =
+                send_due(host, target, current, Rpc::Capture, queue, now, metrics)
+            {
+                self.started(token, InFlight::Capture(batch), now);
             }
         }
         if self.in_flight(Rpc::Void) == 0 {
-            let batch = take_due(&mut self.void_queue, now);
-            if !batch.is_empty() {
-                let message = encode_items(batch.iter().map(|r| &r.item));
-                match call(
-                    host,
-                    target,
-                    target.timeout_ms,
-                    current,
-                    Rpc::Void,
-                    &message,
-                ) {
-                    Some(token) => {
-                        self.in_flight.insert(token, InFlight::Void(batch));
-                        self.started_nanos.insert(token, now);
-                    }
-                    None => {
-                        metrics.add(host, Metric::CalloutFailures, 1);
-                        requeue(host, &mut self.void_queue, batch, now, metrics);
-                    }
-                }
+            let queue = &mut self.void_queue;
+            if let Some((token, batch)) =
+                send_due(host, target, current, Rpc::Void, queue, now, metrics)
+            {
+                self.started(token, InFlight::Void(batch), now);
             }
         }
         if self.in_flight(Rpc::CapturePartial) == 0 {
-            let batch = take_due(&mut self.partial_queue, now);
-            if !batch.is_empty() {
-                let message = encode_items(batch.iter().map(|r| &r.item));
-                match call(
-                    host,
-                    target,
-                    target.timeout_ms,
-                    current,
-                    Rpc::CapturePartial,
-                    &message,
-                ) {
-                    Some(token) => {
-                        self.in_flight
-                            .insert(token, InFlight::CapturePartial(batch));
-                        self.started_nanos.insert(token, now);
-                    }
-                    None => {
-                        metrics.add(host, Metric::CalloutFailures, 1);
-                        requeue(host, &mut self.partial_queue, batch, now, metrics);
-                    }
-                }
+            let queue = &mut self.partial_queue;
+            if let Some((token, batch)) = send_due(
+                host,
+                target,
+                current,
+                Rpc::CapturePartial,
+                queue,
+                now,
+                metrics,
+            ) {
+                self.started(token, InFlight::CapturePartial(batch), now);
             }
         }
         deliveries
@@ -464,6 +429,33 @@ fn encode_items<'a, M: Message + 'a>(items: impl Iterator<Item = &'a M> + Clone)
         prost::encoding::message::encode(ITEMS_TAG, m, &mut buf);
     }
     buf
+}
+
+/// Sends the due items of one resolution queue (capture, void or partial capture) as
+/// one call: `(token, items)` when it went out; a call that cannot be made puts the
+/// items back with their backoff.
+fn send_due<T: Message>(
+    host: &mut dyn Host,
+    target: &Target,
+    current: u32,
+    rpc: Rpc,
+    queue: &mut VecDeque<Retryable<T>>,
+    now: u64,
+    metrics: &Metrics,
+) -> Option<(u32, Vec<Retryable<T>>)> {
+    let batch = take_due(queue, now);
+    if batch.is_empty() {
+        return None;
+    }
+    let message = encode_items(batch.iter().map(|r| &r.item));
+    match call(host, target, target.timeout_ms, current, rpc, &message) {
+        Some(token) => Some((token, batch)),
+        None => {
+            metrics.add(host, Metric::CalloutFailures, 1);
+            requeue(host, queue, batch, now, metrics);
+            None
+        }
+    }
 }
 
 fn take_due<T>(queue: &mut VecDeque<Retryable<T>>, now: u64) -> Vec<Retryable<T>> {
