@@ -207,6 +207,35 @@ impl Moves {
     }
 }
 
+/// How a hold that is no longer open was resolved: the kind and amount of its final
+/// row (capture, void or expire).
+async fn final_resolution(
+    tx: &mut Transaction<'_, Postgres>,
+    hold_id: &str,
+) -> Result<(String, u64), Attempt> {
+    let prior = sqlx::query(
+        "SELECT kind, amount FROM transfers WHERE pending_id = $1 AND kind IN ('capture', 'void', 'expire')",
+    )
+    .bind(hold_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(prior) = prior else {
+        return Err(
+            LedgerError::FailedPrecondition("hold is neither open nor resolved".into()).into(),
+        );
+    };
+    Ok((prior.try_get("kind")?, to_u64(prior.try_get("amount")?)))
+}
+
+/// The message for a resolution that finds its hold resolved as `kind`.
+fn already_resolved(kind: &str) -> &'static str {
+    match kind {
+        "capture" => "hold was already captured",
+        "void" => "hold was already voided",
+        _ => "hold has expired",
+    }
+}
+
 /// Creates the balance row of `(account, asset)` if it does not exist yet; payers
 /// get the overdraft guard.
 pub(crate) async fn ensure_balance(
@@ -542,20 +571,7 @@ impl Ledger {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(captured_before) = open else {
-            let prior = sqlx::query(
-                "SELECT kind, amount FROM transfers WHERE pending_id = $1 AND kind IN ('capture', 'void', 'expire')",
-            )
-            .bind(transaction_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(prior) = prior else {
-                return Err(LedgerError::FailedPrecondition(
-                    "hold is neither open nor resolved".into(),
-                )
-                .into());
-            };
-            let prior_kind: String = prior.try_get("kind")?;
-            let prior_amount = to_u64(prior.try_get("amount")?);
+            let (prior_kind, prior_amount) = final_resolution(&mut tx, transaction_id).await?;
             return Ok(match (prior_kind.as_str(), resolution) {
                 ("capture", Resolution::Capture { amount, .. }) if *amount == prior_amount => {
                     result(ResolveOutcome::Captured, prior_amount, "")
@@ -566,11 +582,7 @@ impl Ledger {
                 (k, _) => result(
                     ResolveOutcome::AlreadyResolved,
                     prior_amount,
-                    match k {
-                        "capture" => "hold was already captured",
-                        "void" => "hold was already voided",
-                        _ => "hold has expired",
-                    },
+                    already_resolved(k),
                 ),
             });
         };
@@ -769,27 +781,11 @@ impl Ledger {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(captured) = captured else {
-            let prior = sqlx::query(
-                "SELECT kind, amount FROM transfers WHERE pending_id = $1 AND kind IN ('capture', 'void', 'expire')",
-            )
-            .bind(transaction_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(prior) = prior else {
-                return Err(LedgerError::FailedPrecondition(
-                    "hold is neither open nor resolved".into(),
-                )
-                .into());
-            };
-            let kind: String = prior.try_get("kind")?;
+            let (kind, amount) = final_resolution(&mut tx, transaction_id).await?;
             return Ok(result(
                 ResolveOutcome::AlreadyResolved,
-                to_u64(prior.try_get("amount")?),
-                match kind.as_str() {
-                    "capture" => "hold was already captured",
-                    "void" => "hold was already voided",
-                    _ => "hold has expired",
-                },
+                amount,
+                already_resolved(&kind),
             ));
         };
         let total = to_i64(total)?;
