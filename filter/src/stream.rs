@@ -308,11 +308,41 @@ fn on_upstream_frames(
     }
     track_time(meter, usage, elapsed_micros);
     let counts = matches!(meter.unit, Unit::Messages(d) if d.counts_upstream());
+    // Once the client's message was refused, the upstream's closing answer is
+    // replaced by ours.
+    let refused = state.exhausted;
+    let Some(offset) = first_unpaid(frames, meter, usage, counts, elapsed_micros, refused) else {
+        return Verdict::default();
+    };
+    state.exhausted = true;
+    state.close_sent_to_client = true;
+    state.close_pending = true;
+    let mut forward = chunk[..offset].to_vec();
+    forward.extend(websocket::close_frame_to_client(
+        websocket::CLOSE_POLICY,
+        websocket::CLOSE_REASON,
+    ));
+    Verdict {
+        replace: Some(forward),
+        close_now: false,
+        ended: false,
+    }
+}
+
+/// Counts the paid messages of `frames` (when `counts`) up to the first frame the
+/// budget does not cover (once `refused`: the first close frame); its offset in the
+/// chunk.
+fn first_unpaid(
+    frames: Vec<websocket::FrameStart>,
+    meter: &Meter,
+    usage: &mut Usage,
+    counts: bool,
+    elapsed_micros: u64,
+    refused: bool,
+) -> Option<usize> {
     let limit = budget(meter);
     for frame in frames {
-        // Once the client's message was refused, the upstream's closing answer is
-        // replaced by ours.
-        let over = if state.exhausted {
+        let over = if refused {
             frame.opcode == websocket::OPCODE_CLOSE
         } else if meter.unit == Unit::Seconds {
             elapsed_micros >= limit
@@ -320,25 +350,13 @@ fn on_upstream_frames(
             counts && frame.starts_message() && usage.messages >= limit
         };
         if over {
-            state.exhausted = true;
-            state.close_sent_to_client = true;
-            state.close_pending = true;
-            let mut forward = chunk[..frame.offset].to_vec();
-            forward.extend(websocket::close_frame_to_client(
-                websocket::CLOSE_POLICY,
-                websocket::CLOSE_REASON,
-            ));
-            return Verdict {
-                replace: Some(forward),
-                close_now: false,
-                ended: false,
-            };
+            return Some(frame.offset);
         }
         if counts && frame.starts_message() {
             usage.messages = usage.messages.saturating_add(1);
         }
     }
-    Verdict::default()
+    None
 }
 
 /// Client-to-upstream WebSocket bytes; `mask` masks a close frame to the upstream.
@@ -364,32 +382,21 @@ pub fn on_request_chunk(
     }
     track_time(meter, usage, elapsed_micros);
     let counts = matches!(meter.unit, Unit::Messages(d) if d.counts_client());
-    let limit = budget(meter);
-    for frame in frames {
-        let over = if meter.unit == Unit::Seconds {
-            elapsed_micros >= limit
-        } else {
-            counts && frame.starts_message() && usage.messages >= limit
-        };
-        if over {
-            state.exhausted = true;
-            let mut forward = chunk[..frame.offset].to_vec();
-            forward.extend(websocket::close_frame_to_server(
-                websocket::CLOSE_POLICY,
-                websocket::CLOSE_REASON,
-                mask,
-            ));
-            return Verdict {
-                replace: Some(forward),
-                close_now: false,
-                ended: false,
-            };
-        }
-        if counts && frame.starts_message() {
-            usage.messages = usage.messages.saturating_add(1);
-        }
+    let Some(offset) = first_unpaid(frames, meter, usage, counts, elapsed_micros, false) else {
+        return Verdict::default();
+    };
+    state.exhausted = true;
+    let mut forward = chunk[..offset].to_vec();
+    forward.extend(websocket::close_frame_to_server(
+        websocket::CLOSE_POLICY,
+        websocket::CLOSE_REASON,
+        mask,
+    ));
+    Verdict {
+        replace: Some(forward),
+        close_now: false,
+        ended: false,
     }
-    Verdict::default()
 }
 
 /// Per-second WebSockets are billed for their time, up to the budget.
