@@ -74,7 +74,9 @@ setup-chromium:
 
 ## Build ------------------------------------------------------------------------------
 
-WASM_OUT := target/$(WASM_TARGET)/wasm/x402_filter.wasm
+# Cargo's output directory: CARGO_TARGET_DIR when set, as cargo itself does.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+WASM_OUT := $(TARGET_DIR)/$(WASM_TARGET)/wasm/x402_filter.wasm
 # -Oz takes the module from ~470 KB to ~395 KB with the same behaviour. -ocimfs 50 stops it
 # inlining every function that has one caller, however large: those merged giant functions
 # cost Envoy ~9 MB more RSS (V8's compiled code) for 1 KB less module. The --enable flags
@@ -91,8 +93,8 @@ wasm: setup-rust
 # output in deps/ on every build, so the optimized module is cached next to it, keyed by that
 # output's inode, size and time and the flags, and copied over the link (never written through it: target/
 # files may be hard links shared with other checkouts). Skipped when wasm-opt is absent.
-WASM_DEPS_OUT := target/$(WASM_TARGET)/wasm/deps/x402_filter.wasm
-WASM_OPT_CACHE := target/$(WASM_TARGET)/wasm/x402_filter.opt.wasm
+WASM_DEPS_OUT := $(TARGET_DIR)/$(WASM_TARGET)/wasm/deps/x402_filter.wasm
+WASM_OPT_CACHE := $(TARGET_DIR)/$(WASM_TARGET)/wasm/x402_filter.opt.wasm
 wasm-opt:
 	@if ! command -v wasm-opt >/dev/null 2>&1; then \
 		echo "wasm-opt not found: $(WASM_OUT) left as cargo built it"; exit 0; \
