@@ -18,6 +18,23 @@ use crate::grpc::{DataPlaneService, OperatorService};
 use crate::ledger::Ledger;
 use crate::webhooks::WebhookConfig;
 
+/// Accepted connections with Nagle's algorithm off. A gRPC answer leaves as several small
+/// writes (headers, message, trailers); with Nagle on, the later ones wait for the peer's
+/// delayed ACK (40 ms on Linux), which added ~35 ms to every Authorize seen by Envoy.
+/// tonic sets `TCP_NODELAY` only on listeners it binds itself.
+pub fn without_nagle(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not turn Nagle's algorithm off");
+            }
+        })
+    })
+}
+
 /// Events folded into analytics per transaction.
 const FOLD_BATCH: i64 = 5000;
 
@@ -160,7 +177,7 @@ pub async fn run_with_http(
             operator,
             config.operator_token.interceptor(),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(without_nagle(listener), shutdown)
         .await;
     // In-flight calls have finished (and dropped the recorder's senders with the
     // services): the recorder writes what is queued, then each worker finishes its round.
@@ -229,5 +246,24 @@ async fn sweep_expired_holds(ledger: Ledger, interval: Duration, mut stop: watch
         if let Err(e) = crate::limits::prune_ended_windows(ledger.pool()).await {
             tracing::warn!(error = %e, "pruning ended rate-limit windows failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut incoming = Box::pin(without_nagle(listener));
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
+        // The client side is the caller's business: it is untouched.
+        assert!(!client.nodelay().unwrap());
     }
 }

@@ -11,7 +11,6 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use x402_proto::signing::{resource_string, verify_hex};
 use x402_proto::wire::{decode_payment, HEADER_PAYMENT_SIGNATURE};
@@ -166,7 +165,7 @@ async fn main() -> Result<()> {
     };
     tonic::transport::Server::builder()
         .add_service(AuthorizationServer::new(peer))
-        .serve_with_incoming(TcpListenerStream::new(listener))
+        .serve_with_incoming(x402_settlement::server::without_nagle(listener))
         .await
         .context("serving ext_authz")?;
     Ok(())
