@@ -1,145 +1,232 @@
 //! The plugin configuration: the JSON an operator writes into Envoy's
-//! `configuration` field, parsed once with serde and compiled into [`Config`], a
+//! `configuration` field, read once ([`crate::fields`]) and compiled into [`Config`], a
 //! validated form the request path can use without further checks.
 
-use serde::Deserialize;
 use thiserror::Error;
 use x402_proto::amount::{self, AmountError, MAX_DECIMALS};
+
+use crate::fields::Obj;
 
 /// Largest route table accepted; matching is a linear scan in table order.
 pub const MAX_ROUTES: usize = 256;
 
 /// The plugin JSON as written. Only `settlement_cluster`, `pay_to` and `routes` are
 /// required; every other field has the documented default.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawConfig {
     pub settlement_cluster: String,
-    #[serde(default = "default_settlement_timeout_ms")]
     pub settlement_timeout_ms: u32,
-    #[serde(default = "default_network")]
     pub network: String,
-    #[serde(default = "default_asset")]
     pub asset: String,
-    #[serde(default = "default_asset_decimals")]
     pub asset_decimals: u8,
     pub pay_to: String,
-    #[serde(default = "default_max_timeout_seconds")]
     pub max_timeout_seconds: u64,
-    #[serde(default = "default_hold_ttl_seconds")]
     pub hold_ttl_seconds: u32,
-    #[serde(default = "default_clock_skew_seconds")]
     pub clock_skew_seconds: u64,
-    #[serde(default = "default_capture_below_status")]
     pub capture_below_status: u16,
     /// gRPC status codes (numbers or names) that void a paid call's hold; every
     /// non-OK code when unset ([`crate::grpc`]).
-    #[serde(default)]
     pub grpc_void_codes: Option<Vec<crate::grpc::RawCode>>,
-    #[serde(default)]
     pub verify_signatures_in_filter: bool,
     /// Path answered with the discovery document (e.g. `/.well-known/x402`); off when unset.
-    #[serde(default)]
     pub discovery_path: Option<String>,
     /// Credential sent to settlement as `authorization: Bearer <token>` gRPC metadata
     /// (settlement's `--dataplane-token`); none when unset.
-    #[serde(default)]
     pub settlement_token: Option<String>,
     /// Test only: a request carrying this header (lowercase name) makes the VM trap,
     /// so fault tests can prove Envoy's `failure_policy: FAIL_RELOAD` reloads it.
     /// Never set in production; off when unset.
-    #[serde(default)]
     pub debug_crash_on_header: Option<String>,
     pub routes: Vec<RawRoute>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl RawConfig {
+    /// Reads the parsed plugin JSON; unknown, missing and mistyped fields are refused
+    /// by name.
+    pub fn read(value: &serde_json::Value) -> Result<RawConfig, ConfigError> {
+        let o = Obj::new(
+            String::new(),
+            value,
+            &[
+                "settlement_cluster",
+                "settlement_timeout_ms",
+                "network",
+                "asset",
+                "asset_decimals",
+                "pay_to",
+                "max_timeout_seconds",
+                "hold_ttl_seconds",
+                "clock_skew_seconds",
+                "capture_below_status",
+                "grpc_void_codes",
+                "verify_signatures_in_filter",
+                "discovery_path",
+                "settlement_token",
+                "debug_crash_on_header",
+                "routes",
+            ],
+        )?;
+        let grpc_void_codes = match o.opt("grpc_void_codes") {
+            None => None,
+            Some(_) => Some(
+                o.list("grpc_void_codes", true)?
+                    .into_iter()
+                    .map(|(field, v)| crate::grpc::RawCode::read(field, v))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let routes = o
+            .list("routes", true)?
+            .into_iter()
+            .map(|(field, v)| RawRoute::read(field, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RawConfig {
+            settlement_cluster: o.string("settlement_cluster")?,
+            settlement_timeout_ms: o.uint_or("settlement_timeout_ms", 2000)?,
+            network: o.string_or("network", "402x:local")?,
+            asset: o.string_or("asset", "USD")?,
+            asset_decimals: o.uint_or("asset_decimals", 6)?,
+            pay_to: o.string("pay_to")?,
+            max_timeout_seconds: o.uint_or("max_timeout_seconds", 60)?,
+            hold_ttl_seconds: o.uint_or("hold_ttl_seconds", 300)?,
+            clock_skew_seconds: o.uint_or("clock_skew_seconds", 30)?,
+            capture_below_status: o.uint_or("capture_below_status", 500)?,
+            grpc_void_codes,
+            verify_signatures_in_filter: o.flag("verify_signatures_in_filter")?,
+            discovery_path: o.opt_string("discovery_path")?,
+            settlement_token: o.opt_string("settlement_token")?,
+            debug_crash_on_header: o.opt_string("debug_crash_on_header")?,
+            routes,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct RawRoute {
     pub name: String,
-    #[serde(rename = "match")]
     pub match_: RawMatch,
     /// Decimal price in units of the asset, e.g. `"0.01"`; required unless `pricing`
     /// computes the price ([`crate::pricing`]).
-    #[serde(default)]
     pub price: Option<String>,
     /// A pricing model other than the flat `price` ([`crate::pricing::RawPricing`]).
-    #[serde(default)]
     pub pricing: Option<crate::pricing::RawPricing>,
     /// Checks on JSON body fields, answered with 400 before anything is held.
-    #[serde(default)]
     pub validate: Vec<crate::pricing::RawFieldRule>,
     /// Largest request body buffered for body-dependent prices or validation (413 above).
-    #[serde(default)]
     pub max_request_body_bytes: Option<u64>,
     /// Largest response body a meter keeps to read usage from.
-    #[serde(default)]
     pub max_response_body_bytes: Option<u64>,
-    #[serde(default)]
     pub description: String,
     /// Traffic policy ([`crate::policy`]).
-    #[serde(default)]
     pub rate_limit: Option<crate::policy::RawRateLimit>,
-    #[serde(default)]
     pub free_tier: Option<crate::policy::RawFreeTier>,
-    #[serde(default)]
     pub global_limit: Option<crate::policy::RawGlobalLimit>,
-    #[serde(default)]
     pub allow: Option<crate::policy::RawAllow>,
     /// `closed` (default) or `open`.
-    #[serde(default)]
     pub failure_mode: Option<String>,
-    #[serde(default)]
     pub timeout_ms: Option<u32>,
     /// `per_second` routes: capture what the request has used so far every this
     /// many seconds while it runs, so a crash loses at most one period of billing.
-    #[serde(default)]
     pub capture_every_seconds: Option<u32>,
+}
+
+impl RawRoute {
+    fn read(path: String, value: &serde_json::Value) -> Result<RawRoute, ConfigError> {
+        let o = Obj::new(
+            path,
+            value,
+            &[
+                "name",
+                "match",
+                "price",
+                "pricing",
+                "validate",
+                "max_request_body_bytes",
+                "max_response_body_bytes",
+                "description",
+                "rate_limit",
+                "free_tier",
+                "global_limit",
+                "allow",
+                "failure_mode",
+                "timeout_ms",
+                "capture_every_seconds",
+            ],
+        )?;
+        let match_ = Obj::new(
+            o.field("match"),
+            o.req("match")?,
+            &[
+                "route_name",
+                "method",
+                "path_prefix",
+                "path_exact",
+                "grpc_method",
+            ],
+        )?;
+        let pricing = match o.opt("pricing") {
+            None => None,
+            Some(v) => Some(crate::pricing::RawPricing::read(&o.field("pricing"), v)?),
+        };
+        let validate = o
+            .list("validate", false)?
+            .into_iter()
+            .map(|(field, v)| crate::pricing::RawFieldRule::read(field, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RawRoute {
+            name: o.string("name")?,
+            match_: RawMatch {
+                route_name: match_.opt_string("route_name")?,
+                method: match_.opt_string("method")?,
+                path_prefix: match_.opt_string("path_prefix")?,
+                path_exact: match_.opt_string("path_exact")?,
+                grpc_method: match_.opt_string("grpc_method")?,
+            },
+            price: o.opt_string("price")?,
+            pricing,
+            validate,
+            max_request_body_bytes: o.opt_uint("max_request_body_bytes")?,
+            max_response_body_bytes: o.opt_uint("max_response_body_bytes")?,
+            description: o.string_or("description", "")?,
+            rate_limit: o.opt_obj(
+                "rate_limit",
+                crate::policy::RawRateLimit::FIELDS,
+                crate::policy::RawRateLimit::read,
+            )?,
+            free_tier: o.opt_obj(
+                "free_tier",
+                crate::policy::RawFreeTier::FIELDS,
+                crate::policy::RawFreeTier::read,
+            )?,
+            global_limit: o.opt_obj(
+                "global_limit",
+                crate::policy::RawGlobalLimit::FIELDS,
+                crate::policy::RawGlobalLimit::read,
+            )?,
+            allow: o.opt_obj(
+                "allow",
+                crate::policy::RawAllow::FIELDS,
+                crate::policy::RawAllow::read,
+            )?,
+            failure_mode: o.opt_string("failure_mode")?,
+            timeout_ms: o.opt_uint("timeout_ms")?,
+            capture_every_seconds: o.opt_uint("capture_every_seconds")?,
+        })
+    }
 }
 
 /// Longest period between partial captures (a day).
 pub const MAX_CAPTURE_EVERY_SECONDS: u32 = 86_400;
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct RawMatch {
     /// Envoy route name (`xds.route_name`).
-    #[serde(default)]
     pub route_name: Option<String>,
-    #[serde(default)]
     pub method: Option<String>,
-    #[serde(default)]
     pub path_prefix: Option<String>,
-    #[serde(default)]
     pub path_exact: Option<String>,
     /// `package.Service/Method` or `package.Service/*` ([`crate::grpc::method_path`]).
-    #[serde(default)]
     pub grpc_method: Option<String>,
-}
-
-fn default_settlement_timeout_ms() -> u32 {
-    2000
-}
-fn default_network() -> String {
-    "402x:local".to_owned()
-}
-fn default_asset() -> String {
-    "USD".to_owned()
-}
-fn default_asset_decimals() -> u8 {
-    6
-}
-fn default_max_timeout_seconds() -> u64 {
-    60
-}
-fn default_hold_ttl_seconds() -> u32 {
-    300
-}
-fn default_clock_skew_seconds() -> u64 {
-    30
-}
-fn default_capture_below_status() -> u16 {
-    500
 }
 
 /// Why a configuration is refused; every variant names the offending field.
@@ -147,6 +234,10 @@ fn default_capture_below_status() -> u16 {
 pub enum ConfigError {
     #[error("invalid plugin configuration JSON: {0}")]
     Json(String),
+    #[error("field `{field}` is missing")]
+    Missing { field: String },
+    #[error("field `{field}` is not a known field (expected one of: {expected})")]
+    Unknown { field: String, expected: String },
     #[error("field `{field}` must not be empty")]
     Empty { field: String },
     #[error("field `{field}` is invalid: {reason}")]
@@ -280,9 +371,7 @@ impl Matcher {
 impl Config {
     /// Parses and validates the plugin JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
-        Config::try_from(raw)
+        Config::try_from(RawConfig::read(&crate::fields::parse(bytes)?)?)
     }
 
     /// The first route of the table that matches, in table order.
@@ -576,6 +665,63 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn mistyped_missing_and_repeated_fields_are_refused_by_name() {
+        let refused = |text: &str| Config::from_json(text.as_bytes()).unwrap_err().to_string();
+        let route =
+            |r: &str| format!(r#"{{"settlement_cluster":"s","pay_to":"m","routes":[{r}]}}"#);
+        let cases = [
+            (
+                route(r#"{"name":"q","match":{"path_prefix":"/p"},"price":1}"#),
+                "field `routes[0].price` is invalid: must be a string",
+            ),
+            (
+                route(r#"{"name":"q","match":{"path_prefix":"/p"},"price":"1","timeout_ms":-5}"#),
+                "field `routes[0].timeout_ms` is invalid",
+            ),
+            (
+                route(r#"{"match":{"path_prefix":"/p"},"price":"1"}"#),
+                "field `routes[0].name` is missing",
+            ),
+            (
+                route(
+                    r#"{"name":"q","match":{"path_prefix":"/p"},"price":"1","rate_limit":{"max_requests":1,"windows":2}}"#,
+                ),
+                "field `routes[0].rate_limit.windows` is not a known field",
+            ),
+            (
+                route(
+                    r#"{"name":"q","match":{"path_prefix":"/p"},"pricing":{"per_token":{"unit_price":"1","max_units":2,"tokens_from":{"header":7}}}}"#,
+                ),
+                "field `routes[0].pricing.per_token.tokens_from.header` is invalid",
+            ),
+            (
+                route(r#"{"name":"q","match":{"path_prefix":"/p"},"price":"1","price":"2"}"#),
+                "duplicate field `price`",
+            ),
+            (
+                r#"{"settlement_cluster":"s","pay_to":"m","routes":[],"asset_decimals":300}"#
+                    .to_owned(),
+                "field `asset_decimals` is invalid",
+            ),
+            (
+                r#"{"settlement_cluster":"s","pay_to":"m","routes":[],"grpc_void_codes":[1.5]}"#
+                    .to_owned(),
+                "field `grpc_void_codes[0]` is invalid",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = refused(&text);
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        // Optional fields may be written as null; tokens_from takes both spellings.
+        let c = Config::from_json(route(r#"{"name":"q","match":{"path_prefix":"/p","method":null},"pricing":{"per_token":{"unit_price":"1","max_units":2,"tokens_from":{"openai_usage":null}}}}"#).as_bytes()).unwrap();
+        assert_eq!(
+            c.routes[0].pricing.meter().unwrap().unit,
+            crate::pricing::Unit::Tokens(crate::pricing::TokenSource::OpenAiUsage)
+        );
     }
 
     #[test]

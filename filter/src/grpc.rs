@@ -15,9 +15,7 @@
 //!   `grpc-message`, and the same metadata as the HTTP answer (the x402 challenge in
 //!   `payment-required`, `retry-after`), so a gRPC client can pay and retry.
 
-use serde::Deserialize;
-
-use crate::config::PathMatch;
+use crate::config::{ConfigError, PathMatch};
 
 /// The canonical gRPC status codes, by number.
 pub const CODE_NAMES: [&str; 17] = [
@@ -52,11 +50,22 @@ pub const UNAUTHENTICATED: u32 = 16;
 
 /// A gRPC status code as an operator writes it: a number (`13`) or a name
 /// (`"INTERNAL"`, any case).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum RawCode {
     Number(u64),
     Name(String),
+}
+
+impl RawCode {
+    pub fn read(field: String, value: &serde_json::Value) -> Result<RawCode, ConfigError> {
+        match value {
+            serde_json::Value::String(name) => Ok(RawCode::Name(name.clone())),
+            v => v.as_u64().map(RawCode::Number).ok_or(ConfigError::Invalid {
+                field,
+                reason: "must be a gRPC status code number or name".to_owned(),
+            }),
+        }
+    }
 }
 
 /// A set of gRPC status codes (bit `n` = code `n`).

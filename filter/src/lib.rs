@@ -25,6 +25,7 @@ pub mod decimal;
 pub mod discovery;
 pub mod dispatcher;
 pub mod expr;
+pub mod fields;
 pub mod graphql;
 pub mod grpc;
 pub mod host;

@@ -16,10 +16,10 @@
 //! anything. Requests that never reach settlement (challenges, rejected proofs) never
 //! reach the upstream either, so they are not counted; `rate_limit` bounds them per Envoy.
 
-use serde::Deserialize;
 use x402_proto::wire::{self, ErrorBody};
 
 use crate::config::ConfigError;
+use crate::fields::Obj;
 use crate::host::Host;
 use crate::metrics::Metric;
 use crate::ratelimit::{self, FreeTierAnswer, LimitAnswer};
@@ -33,62 +33,123 @@ pub const MAX_WINDOW_SECONDS: u64 = 30 * 86_400;
 pub const MAX_ALLOW_ENTRIES: usize = 64;
 
 /// `routes[i].rate_limit` as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawRateLimit {
     pub max_requests: u32,
-    #[serde(default = "default_window_seconds")]
+    /// 60 when unset.
     pub window_seconds: u64,
     /// The `message` of the 429 JSON body.
-    #[serde(default)]
     pub message: Option<String>,
+}
+
+impl RawRateLimit {
+    pub const FIELDS: &'static [&'static str] = &["max_requests", "window_seconds", "message"];
+
+    pub fn read(o: &Obj<'_>) -> Result<RawRateLimit, ConfigError> {
+        Ok(RawRateLimit {
+            max_requests: o.uint("max_requests")?,
+            window_seconds: o.uint_or("window_seconds", DEFAULT_WINDOW_SECONDS)?,
+            message: o.opt_string("message")?,
+        })
+    }
 }
 
 /// `routes[i].free_tier` as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawFreeTier {
     pub requests: u32,
-    #[serde(default = "default_free_window_seconds")]
+    /// A day when unset.
     pub window_seconds: u64,
     /// `client` (default: by client address) or `payer` (by the payer key of a proof
     /// whose signature the filter verifies).
-    #[serde(default)]
     pub per: Option<String>,
 }
 
+impl RawFreeTier {
+    pub const FIELDS: &'static [&'static str] = &["requests", "window_seconds", "per"];
+
+    pub fn read(o: &Obj<'_>) -> Result<RawFreeTier, ConfigError> {
+        Ok(RawFreeTier {
+            requests: o.uint("requests")?,
+            window_seconds: o.uint_or("window_seconds", DEFAULT_FREE_WINDOW_SECONDS)?,
+            per: o.opt_string("per")?,
+        })
+    }
+}
+
 /// `routes[i].global_limit` as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawGlobalLimit {
     pub max_requests: u32,
-    #[serde(default = "default_window_seconds")]
+    /// 60 when unset.
     pub window_seconds: u64,
     /// `payer` (default: the payer account settlement verified) or `client` (the
     /// client address).
-    #[serde(default)]
     pub key: Option<String>,
     /// The `message` of the 429 JSON body.
-    #[serde(default)]
     pub message: Option<String>,
 }
 
+impl RawGlobalLimit {
+    pub const FIELDS: &'static [&'static str] =
+        &["max_requests", "window_seconds", "key", "message"];
+
+    pub fn read(o: &Obj<'_>) -> Result<RawGlobalLimit, ConfigError> {
+        Ok(RawGlobalLimit {
+            max_requests: o.uint("max_requests")?,
+            window_seconds: o.uint_or("window_seconds", DEFAULT_WINDOW_SECONDS)?,
+            key: o.opt_string("key")?,
+            message: o.opt_string("message")?,
+        })
+    }
+}
+
 /// `routes[i].allow` as written: any one match lets the request through unpaid.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct RawAllow {
-    #[serde(default)]
     pub headers: Vec<RawHeaderMatch>,
     /// Peer identities as Envoy sees them (`source.principal`), e.g. Istio's
     /// `spiffe://cluster.local/ns/billing/sa/reporter`.
-    #[serde(default)]
     pub source_principals: Vec<String>,
-    #[serde(default)]
     pub metadata: Vec<RawMetadataMatch>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl RawAllow {
+    pub const FIELDS: &'static [&'static str] = &["headers", "source_principals", "metadata"];
+
+    pub fn read(o: &Obj<'_>) -> Result<RawAllow, ConfigError> {
+        let headers = o
+            .list("headers", false)?
+            .into_iter()
+            .map(|(field, v)| {
+                let h = Obj::new(field, v, &["name", "values"])?;
+                Ok(RawHeaderMatch {
+                    name: h.string("name")?,
+                    values: h.strings("values", true)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let metadata = o
+            .list("metadata", false)?
+            .into_iter()
+            .map(|(field, v)| {
+                let m = Obj::new(field, v, &["filter", "path", "values"])?;
+                Ok(RawMetadataMatch {
+                    filter: m.string("filter")?,
+                    path: m.strings("path", true)?,
+                    values: m.strings("values", true)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(RawAllow {
+            headers,
+            source_principals: o.strings("source_principals", false)?,
+            metadata,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct RawHeaderMatch {
     pub name: String,
     pub values: Vec<String>,
@@ -96,8 +157,7 @@ pub struct RawHeaderMatch {
 
 /// A string in dynamic metadata, e.g. a JWT claim that `jwt_authn` (or Istio's
 /// `RequestAuthentication`) stored with `payload_in_metadata`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawMetadataMatch {
     /// Metadata namespace, e.g. `envoy.filters.http.jwt_authn`.
     pub filter: String,
@@ -106,12 +166,8 @@ pub struct RawMetadataMatch {
     pub values: Vec<String>,
 }
 
-fn default_window_seconds() -> u64 {
-    60
-}
-fn default_free_window_seconds() -> u64 {
-    86_400
-}
+const DEFAULT_WINDOW_SECONDS: u64 = 60;
+const DEFAULT_FREE_WINDOW_SECONDS: u64 = 86_400;
 
 /// What a route does when settlement gives no usable answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -14,10 +14,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde_json::Value;
 
+use crate::config::ConfigError;
 use crate::decimal::UnitPrice;
 use crate::expr::{self, Expr};
+use crate::fields::{self, Obj};
 use crate::graphql;
 
 /// Default limit on a buffered request body (bodies of priced or validated routes).
@@ -29,8 +31,7 @@ pub const BYTES_PER_KB: u64 = 1000;
 pub(crate) const MICROS_PER_SECOND: u64 = 1_000_000;
 
 /// The `pricing` object of a route: exactly one model.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub enum RawPricing {
     PerToken(RawTokenMeter),
     PerSecond(RawMeter),
@@ -43,23 +44,20 @@ pub enum RawPricing {
     Volume(RawVolume),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawVolume {
     /// Ascending by `from_requests`, the first from 0; settlement picks the tier from
     /// the payer's captured requests on this route this calendar month (UTC).
     pub tiers: Vec<RawTier>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawTier {
     pub from_requests: u64,
     pub price: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawMeter {
     /// Decimal price of one unit in asset units; may be finer than one atomic unit.
     pub unit_price: String,
@@ -67,8 +65,7 @@ pub struct RawMeter {
     pub max_units: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawTokenMeter {
     pub unit_price: String,
     pub max_units: u64,
@@ -76,8 +73,7 @@ pub struct RawTokenMeter {
 }
 
 /// Where the response says how many tokens it produced.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub enum RawTokenSource {
     /// A response header with a decimal count, e.g. `x-usage-tokens`.
     Header(String),
@@ -93,8 +89,7 @@ pub enum RawTokenSource {
     SseEvents,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawItemMeter {
     pub unit_price: String,
     pub max_units: u64,
@@ -102,19 +97,16 @@ pub struct RawItemMeter {
     pub items_pointer: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawMessageMeter {
     pub unit_price: String,
     pub max_units: u64,
     /// Which WebSocket messages are charged: `both` (default), `client` or `upstream`.
-    #[serde(default)]
     pub count: Direction,
 }
 
 /// Which side's WebSocket messages a `per_message` meter counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Direction {
     #[default]
     Both,
@@ -125,6 +117,19 @@ pub enum Direction {
 }
 
 impl Direction {
+    fn read(field: &str, value: Option<&Value>) -> Result<Direction, ConfigError> {
+        let Some(value) = value else {
+            return Ok(Direction::Both);
+        };
+        let (name, inner) = fields::variant(field, value, &["both", "client", "upstream"])?;
+        unit_variant(field, inner)?;
+        Ok(match name {
+            "client" => Direction::Client,
+            "upstream" => Direction::Upstream,
+            _ => Direction::Both,
+        })
+    }
+
     pub fn counts_client(self) -> bool {
         matches!(self, Direction::Both | Direction::Client)
     }
@@ -134,33 +139,28 @@ impl Direction {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawExpression {
     /// See [`crate::expr`]; the result is the price in asset units.
     pub expr: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawGraphQl {
     /// Price per root field, keyed `Type.field` (`Query.user`, `Mutation.createPost`).
     pub fields: BTreeMap<String, String>,
     /// Price of a root field not in `fields`; without it such a request is refused (400).
-    #[serde(default)]
     pub default_price: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawTimeOfDay {
     /// UTC hour ranges `[from_hour, to_hour)` with their own price; outside every
     /// window the route's `price` applies.
     pub windows: Vec<RawWindow>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawWindow {
     pub from_hour: u8,
     pub to_hour: u8,
@@ -168,19 +168,191 @@ pub struct RawWindow {
 }
 
 /// One request-validation rule over a JSON body field.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct RawFieldRule {
     /// Dotted path into the JSON body (`prompt`, `options.size`).
     pub field: String,
-    #[serde(default)]
     pub required: bool,
     /// Longest string (in characters) or array accepted.
-    #[serde(default)]
     pub max_length: Option<usize>,
     /// The only values accepted.
-    #[serde(default)]
-    pub allowed: Option<Vec<serde_json::Value>>,
+    pub allowed: Option<Vec<Value>>,
+}
+
+/// A variant without a value, written `"name"` (or `{"name": null}`).
+fn unit_variant(field: &str, inner: Option<&Value>) -> Result<(), ConfigError> {
+    match inner {
+        None | Some(Value::Null) => Ok(()),
+        Some(_) => Err(fields::invalid(field.to_owned(), "takes no value")),
+    }
+}
+
+impl RawPricing {
+    /// Reads `routes[i].pricing` (at `path`): an object with exactly one model.
+    pub fn read(path: &str, value: &Value) -> Result<RawPricing, ConfigError> {
+        const MODELS: &[&str] = &[
+            "per_token",
+            "per_second",
+            "per_kb",
+            "per_item",
+            "per_message",
+            "expression",
+            "graphql",
+            "time_of_day",
+            "volume",
+        ];
+        let (name, inner) = fields::variant(path, value, MODELS)?;
+        let field = fields::join(path, name);
+        let Some(inner) = inner else {
+            return Err(fields::invalid(field, "must be a JSON object"));
+        };
+        let meter = |extra: &[&str]| {
+            let mut known = vec!["unit_price", "max_units"];
+            known.extend_from_slice(extra);
+            Obj::new(field.clone(), inner, &known)
+        };
+        let plain = |o: &Obj<'_>| -> Result<RawMeter, ConfigError> {
+            Ok(RawMeter {
+                unit_price: o.string("unit_price")?,
+                max_units: o.uint("max_units")?,
+            })
+        };
+        Ok(match name {
+            "per_token" => {
+                let o = meter(&["tokens_from"])?;
+                let source = o.req("tokens_from")?;
+                let source_field = o.field("tokens_from");
+                let (kind, arg) = fields::variant(
+                    &source_field,
+                    source,
+                    &[
+                        "header",
+                        "json_pointer",
+                        "openai_usage",
+                        "sse_usage",
+                        "sse_events",
+                    ],
+                )?;
+                let text = |arg: Option<&Value>| {
+                    let f = fields::join(&source_field, kind);
+                    match arg {
+                        Some(v) => fields::string(f, v),
+                        None => Err(fields::invalid(f, "must be a string")),
+                    }
+                };
+                let tokens_from = match kind {
+                    "header" => RawTokenSource::Header(text(arg)?),
+                    "json_pointer" => RawTokenSource::JsonPointer(text(arg)?),
+                    other => {
+                        unit_variant(&source_field, arg)?;
+                        match other {
+                            "openai_usage" => RawTokenSource::OpenaiUsage,
+                            "sse_usage" => RawTokenSource::SseUsage,
+                            _ => RawTokenSource::SseEvents,
+                        }
+                    }
+                };
+                RawPricing::PerToken(RawTokenMeter {
+                    unit_price: o.string("unit_price")?,
+                    max_units: o.uint("max_units")?,
+                    tokens_from,
+                })
+            }
+            "per_second" => RawPricing::PerSecond(plain(&meter(&[])?)?),
+            "per_kb" => RawPricing::PerKb(plain(&meter(&[])?)?),
+            "per_item" => {
+                let o = meter(&["items_pointer"])?;
+                RawPricing::PerItem(RawItemMeter {
+                    unit_price: o.string("unit_price")?,
+                    max_units: o.uint("max_units")?,
+                    items_pointer: o.string("items_pointer")?,
+                })
+            }
+            "per_message" => {
+                let o = meter(&["count"])?;
+                RawPricing::PerMessage(RawMessageMeter {
+                    unit_price: o.string("unit_price")?,
+                    max_units: o.uint("max_units")?,
+                    count: Direction::read(&o.field("count"), o.get("count"))?,
+                })
+            }
+            "expression" => {
+                let o = Obj::new(field, inner, &["expr"])?;
+                RawPricing::Expression(RawExpression {
+                    expr: o.string("expr")?,
+                })
+            }
+            "graphql" => {
+                let o = Obj::new(field, inner, &["fields", "default_price"])?;
+                let prices_field = o.field("fields");
+                let Some(prices) = o.req("fields")?.as_object() else {
+                    return Err(fields::invalid(prices_field, "must be a JSON object"));
+                };
+                let priced = prices
+                    .iter()
+                    .map(|(k, v)| {
+                        let price = fields::string(format!("{prices_field}[{k:?}]"), v)?;
+                        Ok((k.clone(), price))
+                    })
+                    .collect::<Result<BTreeMap<_, _>, ConfigError>>()?;
+                RawPricing::Graphql(RawGraphQl {
+                    fields: priced,
+                    default_price: o.opt_string("default_price")?,
+                })
+            }
+            "time_of_day" => {
+                let o = Obj::new(field, inner, &["windows"])?;
+                let windows = o
+                    .list("windows", true)?
+                    .into_iter()
+                    .map(|(f, v)| {
+                        let w = Obj::new(f, v, &["from_hour", "to_hour", "price"])?;
+                        Ok(RawWindow {
+                            from_hour: w.uint("from_hour")?,
+                            to_hour: w.uint("to_hour")?,
+                            price: w.string("price")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, ConfigError>>()?;
+                RawPricing::TimeOfDay(RawTimeOfDay { windows })
+            }
+            _ => {
+                let o = Obj::new(field, inner, &["tiers"])?;
+                let tiers = o
+                    .list("tiers", true)?
+                    .into_iter()
+                    .map(|(f, v)| {
+                        let t = Obj::new(f, v, &["from_requests", "price"])?;
+                        Ok(RawTier {
+                            from_requests: t.uint("from_requests")?,
+                            price: t.string("price")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, ConfigError>>()?;
+                RawPricing::Volume(RawVolume { tiers })
+            }
+        })
+    }
+}
+
+impl RawFieldRule {
+    /// Reads one `routes[i].validate[j]` rule (at `path`).
+    pub fn read(path: String, value: &Value) -> Result<RawFieldRule, ConfigError> {
+        let o = Obj::new(path, value, &["field", "required", "max_length", "allowed"])?;
+        let allowed = match o.opt("allowed") {
+            None => None,
+            Some(v) => match v.as_array() {
+                Some(items) => Some(items.clone()),
+                None => return Err(fields::invalid(o.field("allowed"), "must be a JSON array")),
+            },
+        };
+        Ok(RawFieldRule {
+            field: o.string("field")?,
+            required: o.flag("required")?,
+            max_length: o.opt_uint("max_length")?,
+            allowed,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,7 +445,7 @@ pub struct FieldRule {
     pub path: Vec<String>,
     pub required: bool,
     pub max_length: Option<usize>,
-    pub allowed: Option<Vec<serde_json::Value>>,
+    pub allowed: Option<Vec<Value>>,
 }
 
 /// The compiled pricing of one route.
@@ -920,7 +1092,7 @@ mod tests {
         pricing: serde_json::Value,
         flat: Option<u64>,
     ) -> Result<RoutePricing, CompileError> {
-        let raw: RawPricing = serde_json::from_value(pricing).unwrap();
+        let raw = RawPricing::read("pricing", &pricing).unwrap();
         compile(Some(raw), vec![], None, None, flat, 6)
     }
 
@@ -1036,7 +1208,7 @@ mod tests {
             assert_eq!(usage.units(m), Some(units));
         }
         // Past the body limit nothing is charged rather than guessed.
-        let raw: RawPricing = serde_json::from_value(serde_json::json!({"per_item": {"unit_price": "1", "max_units": 10, "items_pointer": "/objects"}})).unwrap();
+        let raw = RawPricing::read("pricing", &serde_json::json!({"per_item": {"unit_price": "1", "max_units": 10, "items_pointer": "/objects"}})).unwrap();
         let p = compile(Some(raw), vec![], None, Some(16), None, 6).unwrap();
         let m = p.meter().unwrap();
         let mut usage = Usage::default();
@@ -1219,11 +1391,13 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let rules: Vec<RawFieldRule> = serde_json::from_value(serde_json::json!([
-            {"field": "prompt", "required": true, "max_length": 5},
-            {"field": "options.size", "allowed": ["small", "large"]}
-        ]))
-        .unwrap();
+        let rules: Vec<RawFieldRule> = [
+            serde_json::json!({"field": "prompt", "required": true, "max_length": 5}),
+            serde_json::json!({"field": "options.size", "allowed": ["small", "large"]}),
+        ]
+        .iter()
+        .map(|v| RawFieldRule::read("validate[0]".into(), v).unwrap())
+        .collect();
         let p = compile(None, rules, None, None, Some(1), 6).unwrap();
         assert!(p.needs_request_body());
         let check = |body: &str| quote(&p, 1, 6, &request(body)).map_err(|r| r.message);
