@@ -188,26 +188,22 @@ impl RawRoute {
             max_request_body_bytes: o.opt_uint("max_request_body_bytes")?,
             max_response_body_bytes: o.opt_uint("max_response_body_bytes")?,
             description: o.string_or("description", "")?,
-            rate_limit: o.opt_obj(
-                "rate_limit",
-                crate::policy::RawRateLimit::FIELDS,
-                crate::policy::RawRateLimit::read,
-            )?,
-            free_tier: o.opt_obj(
-                "free_tier",
-                crate::policy::RawFreeTier::FIELDS,
-                crate::policy::RawFreeTier::read,
-            )?,
-            global_limit: o.opt_obj(
-                "global_limit",
-                crate::policy::RawGlobalLimit::FIELDS,
-                crate::policy::RawGlobalLimit::read,
-            )?,
-            allow: o.opt_obj(
-                "allow",
-                crate::policy::RawAllow::FIELDS,
-                crate::policy::RawAllow::read,
-            )?,
+            rate_limit: o
+                .opt_obj("rate_limit", crate::policy::RawRateLimit::FIELDS)?
+                .map(|o| crate::policy::RawRateLimit::read(&o))
+                .transpose()?,
+            free_tier: o
+                .opt_obj("free_tier", crate::policy::RawFreeTier::FIELDS)?
+                .map(|o| crate::policy::RawFreeTier::read(&o))
+                .transpose()?,
+            global_limit: o
+                .opt_obj("global_limit", crate::policy::RawGlobalLimit::FIELDS)?
+                .map(|o| crate::policy::RawGlobalLimit::read(&o))
+                .transpose()?,
+            allow: o
+                .opt_obj("allow", crate::policy::RawAllow::FIELDS)?
+                .map(|o| crate::policy::RawAllow::read(&o))
+                .transpose()?,
             failure_mode: o.opt_string("failure_mode")?,
             timeout_ms: o.opt_uint("timeout_ms")?,
             capture_every_seconds: o.opt_uint("capture_every_seconds")?,

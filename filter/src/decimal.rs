@@ -264,9 +264,24 @@ impl Decimal {
     }
 }
 
+/// The decimal digits of `n`. Written out rather than `n.to_string()`, which links
+/// core's 128-bit integer formatter into the wasm module for this one caller.
+fn digits(mut n: u128) -> String {
+    let mut out = Vec::new();
+    loop {
+        out.push(b'0' + u8::try_from(n % 10).unwrap_or(0));
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}
+
 impl fmt::Display for Decimal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let digits = self.mantissa.unsigned_abs().to_string();
+        let digits = digits(self.mantissa.unsigned_abs());
         let sign = if self.mantissa < 0 { "-" } else { "" };
         let scale = self.scale as usize;
         if scale == 0 {
@@ -353,6 +368,8 @@ mod tests {
     #[test]
     fn parses_exactly_and_prints_normalised() {
         assert_eq!(d("0.10").to_string(), "0.1");
+        assert_eq!(digits(0), "0");
+        assert_eq!(digits(u128::MAX), u128::MAX.to_string());
         assert_eq!(d("1e-7").to_string(), "0.0000001");
         assert_eq!(d("2.5E3").to_string(), "2500");
         assert_eq!(d("-0.5").to_string(), "-0.5");

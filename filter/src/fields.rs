@@ -229,17 +229,11 @@ impl<'v> Obj<'v> {
             .collect()
     }
 
-    /// An object field read by `read`, `None` when absent or `null`.
-    pub fn opt_obj<T>(
-        &self,
-        name: &str,
-        known: &[&str],
-        read: impl FnOnce(&Obj<'v>) -> Result<T, ConfigError>,
-    ) -> Result<Option<T>, ConfigError> {
-        match self.opt(name) {
-            None => Ok(None),
-            Some(v) => read(&Obj::new(self.field(name), v, known)?).map(Some),
-        }
+    /// An object field with only `known` fields, `None` when absent or `null`.
+    pub fn opt_obj(&self, name: &str, known: &[&str]) -> Result<Option<Obj<'v>>, ConfigError> {
+        self.opt(name)
+            .map(|v| Obj::new(self.field(name), v, known))
+            .transpose()
     }
 }
 
@@ -250,17 +244,20 @@ pub fn string(field: String, value: &Value) -> Result<String, ConfigError> {
     }
 }
 
+/// A whole number that fits in `T` (one of the unsigned integer types).
 pub fn uint<T: TryFrom<u64>>(field: String, value: &Value) -> Result<T, ConfigError> {
-    value
-        .as_u64()
-        .and_then(|n| T::try_from(n).ok())
-        .ok_or_else(|| ConfigError::Invalid {
-            field,
-            reason: format!(
-                "must be a whole number that fits in {}",
-                std::any::type_name::<T>()
-            ),
-        })
+    let n = value.as_u64();
+    match n.and_then(|n| T::try_from(n).ok()) {
+        Some(v) => Ok(v),
+        None => Err(not_a_uint(field, std::mem::size_of::<T>())),
+    }
+}
+
+fn not_a_uint(field: String, bytes: usize) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: format!("must be a whole number from 0 to 2^{} - 1", bytes * 8),
+    }
 }
 
 /// An enum value written as `"name"` or as an object with one key, `{"name": value}`:
@@ -328,7 +325,7 @@ mod tests {
         assert_eq!(field(o.string("s").unwrap_err()), "routes[0].s");
         assert_eq!(field(o.string("m").unwrap_err()), "routes[0].m");
         assert_eq!(field(o.strings("l", true).unwrap_err()), "routes[0].l[0]");
-        let err = o.opt_obj("o", &["a"], |_| Ok(())).unwrap_err();
+        let err = o.opt_obj("o", &["a"]).err().unwrap();
         assert_eq!(field(err), "routes[0].o.zz");
         assert!(Obj::new(String::new(), &v, &["n"]).is_err());
     }
