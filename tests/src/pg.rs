@@ -51,8 +51,25 @@ pub fn pg_bin_dir() -> Result<PathBuf> {
         )
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A free port on 127.0.0.1 for a server a test starts.
 pub fn free_port() -> Result<u16> {
+    // Ports are handed out below the kernel's ephemeral range (Linux: 32768-60999), where
+    // neither `bind(0)` nor outgoing connections take them, so a port stays free between
+    // this check and the server binding it. Each process starts at its own offset and
+    // walks on, so parallel tests (and parallel test binaries) do not pick the same one.
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let seed = std::process::id().wrapping_mul(7_919) % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = u16::try_from(port).context("port out of range")?;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Every port of the range is in use: fall back to one the kernel picks.
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
