@@ -127,10 +127,6 @@ impl<'v> Obj<'v> {
         Ok(Obj { path, map })
     }
 
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
     /// The full path of field `name`.
     pub fn field(&self, name: &str) -> String {
         join(&self.path, name)
