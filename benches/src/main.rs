@@ -74,6 +74,8 @@ struct Settings {
     duration: Duration,
     connections: usize,
     settle_concurrency: usize,
+    /// Items per Authorize and per Capture call of the settlement load client.
+    settle_batch: usize,
     payers: usize,
     settlement_args: Vec<String>,
     peer_pool: u32,
@@ -101,6 +103,7 @@ impl Settings {
             duration: Duration::from_secs(secs),
             connections: num("BENCH_CONNECTIONS", 16).clamp(1, 512) as usize,
             settle_concurrency: num("BENCH_SETTLE_CONCURRENCY", 16).clamp(1, 512) as usize,
+            settle_batch: num("BENCH_SETTLE_BATCH", 8).clamp(1, 1000) as usize,
             payers: num("BENCH_PAYERS", 10_000).clamp(1, 1_000_000) as usize,
             settlement_args: std::env::var("BENCH_SETTLEMENT_ARGS")
                 .map(|v| v.split_whitespace().map(str::to_owned).collect())
@@ -396,6 +399,7 @@ async fn main() -> Result<()> {
         settings.payers,
     );
     report.settlement_args = settings.settlement_args.join(" ");
+    report.settle_batch = settings.settle_batch;
     report.only = settings.only.clone();
     let tck = procfs::ticks_per_second();
     let settle_stats_before = envoy_stats(&http, x402.admin_port()).await;
@@ -455,6 +459,7 @@ async fn main() -> Result<()> {
                         &payers,
                         scenario == Scenario::SettleHot,
                         settings.settle_concurrency,
+                        settings.settle_batch,
                         settings.warmup,
                         settings.duration,
                     )

@@ -141,6 +141,8 @@ pub struct Report {
     settle_concurrency: usize,
     payers: usize,
     pub settlement_args: String,
+    /// Items per Authorize and per Capture call of the settlement load client.
+    pub settle_batch: usize,
     /// `BENCH_ONLY`'s scenario keys (empty: every scenario ran).
     pub only: Vec<String>,
     results: BTreeMap<Scenario, Vec<RoundResult>>,
@@ -185,6 +187,7 @@ impl Report {
             settle_concurrency,
             payers,
             settlement_args: String::new(),
+            settle_batch: 1,
             only: Vec::new(),
             results: BTreeMap::new(),
             half_load_rate: 0.0,
@@ -309,11 +312,13 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "## 402x benchmark{}\n\n{} rounds x {} s per scenario, interleaved, medians; {} HTTP connections; settlement and pgbench at concurrency {}; {} payers; Envoy --concurrency 1; settlement args: `{}`; {:.0} s in all.\n",
+            "## 402x benchmark{}\n\n{} rounds x {} s per scenario, interleaved, medians; {} HTTP connections; settlement: {} calls in flight of {} items each (Authorize, then Capture of the same items); pgbench at concurrency {}; {} payers; Envoy --concurrency 1; settlement args: `{}`; {:.0} s in all.\n",
             if self.quick { " (quick)" } else { "" },
             self.rounds,
             self.duration.as_secs(),
             self.connections,
+            self.settle_concurrency,
+            self.settle_batch,
             self.settle_concurrency,
             self.payers,
             if self.settlement_args.is_empty() { "(defaults)" } else { &self.settlement_args },
@@ -445,6 +450,7 @@ impl Report {
             "seconds_per_scenario": self.duration.as_secs(),
             "http_connections": self.connections,
             "settlement_concurrency": self.settle_concurrency,
+            "settlement_items_per_call": self.settle_batch,
             "payers": self.payers,
             "settlement_args": self.settlement_args,
             "scenarios": scenarios,

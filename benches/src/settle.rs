@@ -1,6 +1,7 @@
 //! Scenario 7: settlement alone. A native gRPC client runs authorize + capture pairs
-//! (one item per call, as a lone filter request would) from `concurrency` tasks, next
-//! to `pgbench` running the peer's single statement at the same concurrency.
+//! from `concurrency` tasks, each sending `batch` items per call as the filter's
+//! batches do (one Authorize call of `batch` items, then one Capture call of them),
+//! next to `pgbench` running the peer's single statement at the same concurrency.
 
 use std::path::Path;
 use std::process::Command;
@@ -39,16 +40,19 @@ fn proof_of(key: &PayerKey, resource: &str) -> Result<PaymentProof> {
     Ok(p.into())
 }
 
-/// Authorize + capture pairs for `duration` after `warmup`; `hot` puts every pair on
-/// the first payer.
+/// Authorize + capture pairs for `duration` after `warmup`, `batch` pairs per
+/// Authorize and per Capture call; `hot` puts every pair on the first payer. Counts
+/// pairs; a latency is one batch's Authorize + Capture round trip.
 pub async fn run_pairs(
     channels: &[Channel],
     payers: &Arc<Payers>,
     hot: bool,
     concurrency: usize,
+    batch: usize,
     warmup: Duration,
     duration: Duration,
 ) -> Result<Measured> {
+    let batch = batch.max(1);
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
@@ -60,24 +64,23 @@ pub async fn run_pairs(
             let mut out = Measured::default();
             let mut seq = 0u64;
             while Instant::now() < end {
-                seq += 1;
-                let key = if hot { payers.hot() } else { payers.pick() };
-                let proof = proof_of(key, "POST bench.local/settle")?;
+                let mut items = Vec::with_capacity(batch);
+                for _ in 0..batch {
+                    seq += 1;
+                    let key = if hot { payers.hot() } else { payers.pick() };
+                    let proof = proof_of(key, "POST bench.local/settle")?;
+                    items.push((proof, format!("bench-{i}-{seq}-{}", proof_id())));
+                }
                 let sent = Instant::now();
-                let result = pair(
-                    &mut client,
-                    proof,
-                    format!("bench-{i}-{seq}-{}", proof_id()),
-                )
-                .await;
+                let result = pairs(&mut client, items).await;
                 let done = Instant::now();
                 let inside = sent >= measure_from && done <= end;
                 if result.is_ok() {
-                    out.ok_all += 1;
+                    out.ok_all += batch as u64;
                 }
                 match result {
                     Ok(()) if inside => {
-                        out.ok += 1;
+                        out.ok += batch as u64;
                         let us = done.duration_since(sent).as_micros();
                         out.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
                     }
@@ -108,45 +111,63 @@ fn proof_id() -> String {
 
 // `..Default::default()` stays valid whether or not the proto has grown new fields.
 #[allow(clippy::needless_update)]
-async fn pair(
+async fn pairs(
     client: &mut DataPlaneClient<Channel>,
-    proof: PaymentProof,
-    request_id: String,
+    items: Vec<(PaymentProof, String)>,
 ) -> Result<()> {
+    let n = items.len();
     let answer = client
         .authorize(AuthorizeRequest {
-            items: vec![AuthorizeItem {
-                request_id,
-                proof: Some(proof),
-                hold_amount: PRICE,
-                route: "bench".into(),
-                hold_ttl_seconds: 300,
-                // Fields added later (volume tiers, ...) keep their defaults.
-                ..Default::default()
-            }],
+            items: items
+                .into_iter()
+                .map(|(proof, request_id)| AuthorizeItem {
+                    request_id,
+                    proof: Some(proof),
+                    hold_amount: PRICE,
+                    route: "bench".into(),
+                    hold_ttl_seconds: 300,
+                    // Fields added later (volume tiers, ...) keep their defaults.
+                    ..Default::default()
+                })
+                .collect(),
         })
         .await?
         .into_inner();
-    let Some(result) = answer.results.into_iter().next() else {
-        bail!("authorize answered no result");
-    };
-    if result.outcome != AuthorizeOutcome::Authorized as i32 {
-        bail!("authorize: outcome {} {}", result.outcome, result.message);
+    if answer.results.len() != n {
+        bail!(
+            "authorize answered {} results for {n} items",
+            answer.results.len()
+        );
+    }
+    let mut captures = Vec::with_capacity(n);
+    for result in answer.results {
+        if result.outcome != AuthorizeOutcome::Authorized as i32 {
+            bail!("authorize: outcome {} {}", result.outcome, result.message);
+        }
+        captures.push(CaptureItem {
+            transaction_id: result.transaction_id,
+            amount: PRICE,
+            upstream_micros: 0,
+            http_status: 200,
+        });
     }
     let captured = client
-        .capture(CaptureRequest {
-            items: vec![CaptureItem {
-                transaction_id: result.transaction_id,
-                amount: PRICE,
-                upstream_micros: 0,
-                http_status: 200,
-            }],
-        })
+        .capture(CaptureRequest { items: captures })
         .await?
         .into_inner();
-    match captured.results.first() {
-        Some(r) if r.outcome == ResolveOutcome::Captured as i32 => Ok(()),
-        other => bail!("capture: {other:?}"),
+    if captured.results.len() != n {
+        bail!(
+            "capture answered {} results for {n} items",
+            captured.results.len()
+        );
+    }
+    match captured
+        .results
+        .iter()
+        .find(|r| r.outcome != ResolveOutcome::Captured as i32)
+    {
+        None => Ok(()),
+        Some(other) => bail!("capture: {other:?}"),
     }
 }
 

@@ -212,7 +212,9 @@ pub async fn after_void(
 }
 
 /// Records the expiry of a batch of holds: analytics, `payment.hold_expired`
-/// webhooks, notifies. Set-based, so a large sweep stays a few statements.
+/// webhooks, notifies. Set-based, so a large sweep stays a few statements. The
+/// holds are found by id alone (`hold_ids` are holds): a `kind = 'hold'` filter lets
+/// the planner scan a partial index of every hold.
 pub async fn after_expire(
     tx: &mut Transaction<'_, Postgres>,
     hold_ids: &[String],
@@ -220,7 +222,7 @@ pub async fn after_expire(
     sqlx::query(
         "INSERT INTO analytics_pending (event, route, merchant, payer, asset, amount) \
          SELECT 'expired', coalesce(route, ''), credit_account, debit_account, asset, amount \
-         FROM transfers WHERE id = ANY($1) AND kind = 'hold'",
+         FROM transfers WHERE id = ANY($1)",
     )
     .bind(hold_ids)
     .execute(&mut **tx)
@@ -231,7 +233,7 @@ pub async fn after_expire(
              'type', 'expired', 'transaction_id', t.id, 'payer_account', t.debit_account, \
              'merchant_account', t.credit_account, 'asset', t.asset, 'route', coalesce(t.route, ''), \
              'amount', t.amount, 'at_unix_ms', (extract(epoch FROM clock_timestamp()) * 1000)::bigint) AS body \
-           FROM transfers t WHERE t.id = ANY($1) AND t.kind = 'hold'), \
+           FROM transfers t WHERE t.id = ANY($1)), \
          hooks AS ( \
            INSERT INTO webhook_outbox (merchant, event_type, payload) \
            SELECT ev.merchant, 'payment.hold_expired', ev.body FROM ev \

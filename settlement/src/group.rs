@@ -294,12 +294,46 @@ struct NewHold {
     amount: i64,
 }
 
-/// Balance row of a payer as locked by the group.
+/// Balance row of a payer as the group read it.
+#[derive(Clone)]
 struct Locked {
     debits_pending: i64,
     debits_posted: i64,
     credits_posted: i64,
     guarded: bool,
+}
+
+impl Locked {
+    /// Holds `amount` more if the payer's funds cover it.
+    fn take(&mut self, amount: i64) -> bool {
+        let Some(pending) = self.debits_pending.checked_add(amount) else {
+            return false;
+        };
+        let within = !self.guarded
+            || pending
+                .checked_add(self.debits_posted)
+                .is_some_and(|owed| owed <= self.credits_posted);
+        if within {
+            self.debits_pending = pending;
+        }
+        within
+    }
+}
+
+/// Whether the funds as read cover every accepted hold, taken in order.
+fn all_funded(
+    accepted: &[NewHold],
+    items: &[(CheckedAuthorize, Option<Instant>)],
+    payer_rows: &BTreeMap<(String, String), Locked>,
+) -> bool {
+    let mut rows = payer_rows.clone();
+    accepted.iter().all(|h| {
+        let key = (
+            h.payer_account.clone(),
+            items[h.index].0.payload.accepted.asset.clone(),
+        );
+        rows.get_mut(&key).is_some_and(|b| b.take(h.amount))
+    })
 }
 
 impl Ledger {
@@ -310,7 +344,8 @@ impl Ledger {
     ) -> Result<Vec<Slot<AuthorizeResult>>, LedgerError> {
         let late: Vec<AtomicBool> = items.iter().map(|_| AtomicBool::new(false)).collect();
         let ensure_merchants = AtomicBool::new(false);
-        retrying(|| self.try_authorize_group(items, &late, &ensure_merchants)).await
+        let check_nonces = AtomicBool::new(false);
+        retrying(|| self.try_authorize_group(items, &late, &ensure_merchants, &check_nonces)).await
     }
 
     async fn try_authorize_group(
@@ -318,6 +353,7 @@ impl Ledger {
         items: &[(CheckedAuthorize, Option<Instant>)],
         late: &[AtomicBool],
         ensure_merchants: &AtomicBool,
+        check_nonces: &AtomicBool,
     ) -> Result<Vec<Slot<AuthorizeResult>>, Attempt> {
         let mut out: Vec<Option<Slot<AuthorizeResult>>> = items.iter().map(|_| None).collect();
         let done = |out: &mut Vec<Option<Slot<AuthorizeResult>>>, i: usize, r: AuthorizeResult| {
@@ -345,142 +381,144 @@ impl Ledger {
         }
         let mut tx = self.pool().begin().await?;
 
-        // Replays of request ids already used.
-        let ids: Vec<&str> = live
-            .iter()
-            .map(|&i| items[i].0.request_id.as_str())
-            .collect();
+        // Everything the group reads, in one statement, one row per live item: a
+        // hold already placed under its request id (a replay), its merchant, its
+        // payer key (FOR SHARE: a revocation that commits before this group stops
+        // its holds) and the payer's balance row. The lookups join on unique keys
+        // only, never on `kind = 'hold'`, so no plan scans a partial index of holds.
+        let col = |f: &dyn Fn(&CheckedAuthorize) -> &str| -> Vec<&str> {
+            live.iter().map(|&i| f(&items[i].0)).collect()
+        };
+        let request_ids = col(&|c| c.request_id.as_str());
+        let merchant_ids = col(&|c| c.payload.accepted.pay_to.as_str());
+        let key_ids = col(&|c| c.payload.payload.payer.as_str());
+        let asset_ids = col(&|c| c.payload.accepted.asset.as_str());
         let rows = sqlx::query(
-            "SELECT request_id, id, request_hash, amount, debit_account FROM transfers \
-             WHERE request_id = ANY($1) AND kind = 'hold'",
+            "WITH d AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY \
+               AS d(request_id, merchant, payer_key, asset, n)), \
+             k AS MATERIALIZED (SELECT public_key, account_id, revoked_at IS NOT NULL AS revoked FROM payer_keys \
+               WHERE public_key = ANY($3) ORDER BY public_key FOR SHARE) \
+             SELECT d.n, r.kind AS prior_kind, r.id AS prior_id, r.request_hash AS prior_hash, \
+               r.amount AS prior_amount, r.debit_account AS prior_payer, \
+               m.kind AS merchant_kind, m.closed_at IS NOT NULL AS merchant_closed, \
+               k.account_id, k.revoked, b.debits_pending, b.debits_posted, b.credits_posted, \
+               b.debits_must_not_exceed_credits AS guarded \
+             FROM d \
+             LEFT JOIN transfers r ON r.request_id = d.request_id \
+             LEFT JOIN accounts m ON m.id = d.merchant \
+             LEFT JOIN k ON k.public_key = d.payer_key \
+             LEFT JOIN balances b ON b.account_id = k.account_id AND b.asset = d.asset",
         )
-        .bind(&ids)
+        .bind(&request_ids)
+        .bind(&merchant_ids)
+        .bind(&key_ids)
+        .bind(&asset_ids)
         .fetch_all(&mut *tx)
         .await?;
-        let mut prior = HashMap::with_capacity(rows.len());
+        let mut looked: Vec<Option<sqlx::postgres::PgRow>> = live.iter().map(|_| None).collect();
         for row in rows {
-            prior.insert(row.try_get::<String, _>("request_id")?, row);
-        }
-        let mut kept = Vec::with_capacity(live.len());
-        for i in live {
-            let item = &items[i].0;
-            match prior.get(&item.request_id) {
-                None => kept.push(i),
-                Some(row) => {
-                    let hash: String = row.try_get("request_hash")?;
-                    let result = if hash != item.request_hash {
-                        refused(
-                            &item.request_id,
-                            AuthorizeOutcome::IdempotencyConflict,
-                            "request_id was already used for a different request",
-                        )
-                    } else {
-                        AuthorizeResult {
-                            request_id: item.request_id.clone(),
-                            outcome: AuthorizeOutcome::Authorized as i32,
-                            transaction_id: row.try_get("id")?,
-                            held_amount: to_u64(row.try_get("amount")?),
-                            payer_account: row.try_get("debit_account")?,
-                            message: String::new(),
-                            retry_after_seconds: 0,
-                        }
-                    };
-                    done(&mut out, i, result);
-                }
+            let n: i64 = row.try_get("n")?;
+            if let Some(slot) = usize::try_from(n)
+                .ok()
+                .and_then(|n| n.checked_sub(1))
+                .and_then(|n| looked.get_mut(n))
+            {
+                *slot = Some(row);
             }
-        }
-        let live = kept;
-        if live.is_empty() {
-            tx.commit().await?;
-            return Ok(finish(out));
-        }
-
-        // Merchants and payer keys. FOR SHARE: a revocation that commits before this
-        // group stops its holds.
-        let merchants: Vec<&str> = distinct(
-            live.iter()
-                .map(|&i| items[i].0.payload.accepted.pay_to.as_str()),
-        );
-        // Merchant id -> closed. A close racing this group may still see its holds
-        // placed; they then resolve (capture, void, expiry) like any other.
-        let merchants_found: HashMap<String, bool> = sqlx::query_as(
-            "SELECT id, closed_at IS NOT NULL FROM accounts WHERE id = ANY($1) AND kind = 'merchant'",
-        )
-        .bind(&merchants)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-        let keys: Vec<&str> = distinct(
-            live.iter()
-                .map(|&i| items[i].0.payload.payload.payer.as_str()),
-        );
-        let rows = sqlx::query(
-            "SELECT public_key, account_id, revoked_at IS NOT NULL AS revoked FROM payer_keys \
-             WHERE public_key = ANY($1) ORDER BY public_key FOR SHARE",
-        )
-        .bind(&keys)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut key_rows: HashMap<String, (String, bool)> = HashMap::with_capacity(rows.len());
-        for row in rows {
-            key_rows.insert(
-                row.try_get("public_key")?,
-                (row.try_get("account_id")?, row.try_get("revoked")?),
-            );
         }
         let now = unix_now();
         let mut accepted: Vec<NewHold> = Vec::with_capacity(live.len());
         let mut nonces = HashSet::with_capacity(live.len());
-        for i in live {
+        // The payers' balance rows as read (no lock yet: they are locked only by the
+        // update just before COMMIT; if a concurrent debit got there first the
+        // overdraft CHECK refuses the update and the group runs again).
+        let mut payer_rows: BTreeMap<(String, String), Locked> = BTreeMap::new();
+        for (&i, row) in live.iter().zip(looked) {
             let item = &items[i].0;
             let no = |o: AuthorizeOutcome, m: &str| refused(&item.request_id, o, m);
-            let merchant = merchants_found.get(&item.payload.accepted.pay_to);
-            let refusal = if merchant.is_none() {
+            let Some(row) = row else {
+                return Err(LedgerError::FailedPrecondition(
+                    "the group lookup lost an item".into(),
+                )
+                .into());
+            };
+            // Replays of request ids already used.
+            if row.try_get::<Option<String>, _>("prior_kind")?.as_deref() == Some("hold") {
+                let hash: String = row.try_get("prior_hash")?;
+                let result = if hash != item.request_hash {
+                    no(
+                        AuthorizeOutcome::IdempotencyConflict,
+                        "request_id was already used for a different request",
+                    )
+                } else {
+                    AuthorizeResult {
+                        request_id: item.request_id.clone(),
+                        outcome: AuthorizeOutcome::Authorized as i32,
+                        transaction_id: row.try_get("prior_id")?,
+                        held_amount: to_u64(row.try_get("prior_amount")?),
+                        payer_account: row.try_get("prior_payer")?,
+                        message: String::new(),
+                        retry_after_seconds: 0,
+                    }
+                };
+                done(&mut out, i, result);
+                continue;
+            }
+            // A close racing this group may still see its holds placed; they then
+            // resolve (capture, void, expiry) like any other.
+            let merchant_kind: Option<String> = row.try_get("merchant_kind")?;
+            let payer_account: Option<String> = row.try_get("account_id")?;
+            let refusal = if merchant_kind.as_deref() != Some("merchant") {
                 Some(no(
                     AuthorizeOutcome::UnknownMerchant,
                     "payTo is not a merchant account",
                 ))
-            } else if merchant == Some(&true) {
+            } else if row.try_get::<Option<bool>, _>("merchant_closed")? == Some(true) {
                 Some(no(
                     AuthorizeOutcome::MerchantClosed,
                     "payTo is a closed merchant account",
                 ))
+            } else if payer_account.is_none() {
+                Some(no(
+                    AuthorizeOutcome::UnknownKey,
+                    "payer key is not registered",
+                ))
+            } else if row.try_get::<Option<bool>, _>("revoked")? == Some(true) {
+                Some(no(AuthorizeOutcome::KeyRevoked, "payer key was revoked"))
+            } else if !item.signature_valid {
+                Some(no(
+                    AuthorizeOutcome::InvalidSignature,
+                    "signature does not match the payment",
+                ))
+            } else if item.valid_before <= now {
+                Some(no(AuthorizeOutcome::Expired, "payment proof has expired"))
+            } else if item.hold_amount > item.amount_authorized {
+                Some(no(
+                    AuthorizeOutcome::InvalidRequest,
+                    "hold amount exceeds the authorized amount",
+                ))
             } else {
-                match key_rows.get(&item.payload.payload.payer) {
-                    None => Some(no(
-                        AuthorizeOutcome::UnknownKey,
-                        "payer key is not registered",
-                    )),
-                    Some((_, true)) => {
-                        Some(no(AuthorizeOutcome::KeyRevoked, "payer key was revoked"))
-                    }
-                    Some(_) if !item.signature_valid => Some(no(
-                        AuthorizeOutcome::InvalidSignature,
-                        "signature does not match the payment",
-                    )),
-                    Some(_) if item.valid_before <= now => {
-                        Some(no(AuthorizeOutcome::Expired, "payment proof has expired"))
-                    }
-                    Some(_) if item.hold_amount > item.amount_authorized => Some(no(
-                        AuthorizeOutcome::InvalidRequest,
-                        "hold amount exceeds the authorized amount",
-                    )),
-                    Some(_) => None,
-                }
+                None
             };
             if let Some(r) = refusal {
                 done(&mut out, i, r);
                 continue;
             }
-            let payer_account = key_rows
-                .get(&item.payload.payload.payer)
-                .map(|(a, _)| a.clone())
-                .unwrap_or_default();
+            let payer_account = payer_account.unwrap_or_default();
             // A nonce repeated inside the group is decided after the group commits.
             if !nonces.insert((payer_account.clone(), item.payload.payload.nonce.as_str())) {
                 out[i] = Some(Slot::Alone);
                 continue;
+            }
+            if let Some(guarded) = row.try_get::<Option<bool>, _>("guarded")? {
+                payer_rows
+                    .entry((payer_account.clone(), item.payload.accepted.asset.clone()))
+                    .or_insert(Locked {
+                        debits_pending: row.try_get("debits_pending")?,
+                        debits_posted: row.try_get("debits_posted")?,
+                        credits_posted: row.try_get("credits_posted")?,
+                        guarded,
+                    });
             }
             accepted.push(NewHold {
                 index: i,
@@ -493,97 +531,51 @@ impl Ledger {
             return Ok(finish(out));
         }
 
-        // Nonces already used.
-        let payers: Vec<&str> = accepted.iter().map(|h| h.payer_account.as_str()).collect();
-        let nonce_list: Vec<&str> = accepted
-            .iter()
-            .map(|h| items[h.index].0.payload.payload.nonce.as_str())
-            .collect();
-        let used: HashSet<(String, String)> = sqlx::query(
-            "SELECT t.debit_account, t.nonce FROM unnest($1::text[], $2::text[]) AS k(account, nonce) \
-             JOIN transfers t ON t.debit_account = k.account AND t.nonce = k.nonce AND t.kind = 'hold'",
-        )
-        .bind(&payers)
-        .bind(&nonce_list)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
-        .collect::<Result<_, _>>()?;
-        if !used.is_empty() {
-            accepted.retain(|h| {
-                let item = &items[h.index].0;
-                let key = (h.payer_account.clone(), item.payload.payload.nonce.clone());
-                if used.contains(&key) {
-                    out[h.index] = Some(Slot::Done(refused(
-                        &item.request_id,
-                        AuthorizeOutcome::NonceReused,
-                        "nonce was already used",
-                    )));
-                    false
-                } else {
-                    true
-                }
-            });
-        }
-        if accepted.is_empty() {
-            tx.commit().await?;
-            return Ok(finish(out));
+        // Nonces already used: the hold insert's unique index finds them, so they are
+        // looked up only by an attempt after an insert came up short, or when an item
+        // is about to be refused for funds (a reused nonce is the earlier outcome).
+        if check_nonces.load(Ordering::Relaxed) || !all_funded(&accepted, items, &payer_rows) {
+            let payers: Vec<&str> = accepted.iter().map(|h| h.payer_account.as_str()).collect();
+            let nonce_list: Vec<&str> = accepted
+                .iter()
+                .map(|h| items[h.index].0.payload.payload.nonce.as_str())
+                .collect();
+            let used: HashSet<(String, String)> = sqlx::query(
+                "SELECT t.debit_account, t.nonce FROM unnest($1::text[], $2::text[]) AS k(account, nonce) \
+                 JOIN transfers t ON t.debit_account = k.account AND t.nonce = k.nonce AND t.kind = 'hold'",
+            )
+            .bind(&payers)
+            .bind(&nonce_list)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, _>>()?;
+            if !used.is_empty() {
+                accepted.retain(|h| {
+                    let item = &items[h.index].0;
+                    let key = (h.payer_account.clone(), item.payload.payload.nonce.clone());
+                    if used.contains(&key) {
+                        out[h.index] = Some(Slot::Done(refused(
+                            &item.request_id,
+                            AuthorizeOutcome::NonceReused,
+                            "nonce was already used",
+                        )));
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
         }
 
-        // Funds: read the payers' balance rows and take the items in order. No lock
-        // yet: the rows are locked only by the update just before COMMIT, and if a
-        // concurrent debit got there first the overdraft CHECK refuses the update and
-        // the group runs again.
-        let mut payer_rows: BTreeMap<(String, String), Option<Locked>> = BTreeMap::new();
-        for h in &accepted {
-            let asset = &items[h.index].0.payload.accepted.asset;
-            payer_rows.insert((h.payer_account.clone(), asset.clone()), None);
-        }
-        let (lock_accounts, lock_assets): (Vec<&str>, Vec<&str>) = payer_rows
-            .keys()
-            .map(|(a, s)| (a.as_str(), s.as_str()))
-            .unzip();
-        let rows = sqlx::query(
-            "SELECT account_id, asset, debits_pending, debits_posted, credits_posted, \
-               debits_must_not_exceed_credits FROM balances \
-             WHERE (account_id, asset) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-             ORDER BY account_id, asset",
-        )
-        .bind(&lock_accounts)
-        .bind(&lock_assets)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in rows {
-            let key: (String, String) = (row.try_get("account_id")?, row.try_get("asset")?);
-            payer_rows.insert(
-                key,
-                Some(Locked {
-                    debits_pending: row.try_get("debits_pending")?,
-                    debits_posted: row.try_get("debits_posted")?,
-                    credits_posted: row.try_get("credits_posted")?,
-                    guarded: row.try_get("debits_must_not_exceed_credits")?,
-                }),
-            );
-        }
+        // Funds: take the items in order against the balance rows as read.
         accepted.retain(|h| {
             let item = &items[h.index].0;
             let key = (h.payer_account.clone(), item.payload.accepted.asset.clone());
             let funded = match payer_rows.get_mut(&key) {
-                Some(Some(b)) => match b.debits_pending.checked_add(h.amount) {
-                    Some(pending) => {
-                        let within = !b.guarded
-                            || pending
-                                .checked_add(b.debits_posted)
-                                .is_some_and(|owed| owed <= b.credits_posted);
-                        if within {
-                            b.debits_pending = pending;
-                        }
-                        within
-                    }
-                    None => false,
-                },
-                _ => false,
+                Some(b) => b.take(h.amount),
+                None => false,
             };
             if !funded {
                 out[h.index] = Some(Slot::Done(refused(
@@ -598,7 +590,6 @@ impl Ledger {
             tx.commit().await?;
             return Ok(finish(out));
         }
-
         // Merchant balance rows: created on first use (a group that finds one missing
         // runs again and creates it).
         let mut merchant_rows: BTreeMap<(&str, &str), i64> = BTreeMap::new();
@@ -673,8 +664,10 @@ impl Ledger {
         .fetch_all(&mut *tx)
         .await?;
         if rows.len() != accepted.len() {
-            // A concurrent call took a nonce or request id of this group since it
-            // looked: run the group again, which sees that call's rows.
+            // A nonce was used already, or a concurrent call took a nonce or request
+            // id of this group since it looked: run the group again, looking up
+            // nonces, which sees that call's rows.
+            check_nonces.store(true, Ordering::Relaxed);
             return Err(Attempt::Again);
         }
         let mut ids: HashMap<String, String> = HashMap::with_capacity(rows.len());
@@ -711,17 +704,17 @@ impl Ledger {
         for ((merchant, asset), delta) in merchants.0.iter() {
             moves.push(merchant, asset, *delta);
         }
-        if moves.lock_sorted(&mut tx).await? != moves.len() as u64 {
-            if ensure_merchants.swap(true, Ordering::Relaxed) {
-                return Err(LedgerError::FailedPrecondition(
-                    "a balance row of a hold is missing".into(),
-                )
-                .into());
+        match moves.lock_and_apply(&mut tx).await {
+            Ok((locked, changed)) if locked == moves.len() as u64 && changed == locked => {}
+            Ok((locked, _)) if locked != moves.len() as u64 => {
+                if ensure_merchants.swap(true, Ordering::Relaxed) {
+                    return Err(LedgerError::FailedPrecondition(
+                        "a balance row of a hold is missing".into(),
+                    )
+                    .into());
+                }
+                return Err(Attempt::Again);
             }
-            return Err(Attempt::Again);
-        }
-        match moves.apply_set(&mut tx).await {
-            Ok(changed) if changed == moves.len() as u64 => {}
             Ok(_) => {
                 return Err(LedgerError::FailedPrecondition(
                     "a balance row of a hold disappeared".into(),
@@ -792,10 +785,10 @@ impl Ledger {
         let mut tx = self.pool().begin().await?;
         let ids: Vec<&str> = live.iter().map(|&i| items[i].0 .0.as_str()).collect();
         let rows = sqlx::query(
-            "SELECT t.id, t.debit_account, t.credit_account, t.asset, t.amount, \
+            "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.asset, t.amount, \
                coalesce(t.route, '') AS route, a.fee_bps \
              FROM transfers t JOIN accounts a ON a.id = t.credit_account \
-             WHERE t.id = ANY($1) AND t.kind = 'hold'",
+             WHERE t.id = ANY($1)",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
@@ -803,6 +796,11 @@ impl Ledger {
         let mut holds = HashMap::with_capacity(rows.len());
         let mut bps: HashMap<String, i32> = HashMap::new();
         for row in rows {
+            // Looked up by id alone: a `kind = 'hold'` filter lets the planner scan a
+            // partial index of every hold.
+            if row.try_get::<String, _>("kind")? != "hold" {
+                continue;
+            }
             let id: String = row.try_get("id")?;
             let payer: String = row.try_get("debit_account")?;
             let merchant: String = row.try_get("credit_account")?;
@@ -920,7 +918,6 @@ impl Ledger {
             .await?;
         }
 
-        // Resolution rows, fee transfers and refund-cap rows in one statement.
         let reasons: Vec<Option<&str>> = done
             .iter()
             .map(|d| match &items[d.index].0 .1 {
@@ -954,44 +951,7 @@ impl Ledger {
         let hold_ids: Vec<&str> = done.iter().map(|d| d.id).collect();
         let held: Vec<i64> = done.iter().map(|d| d.hold).collect();
         let fees: Vec<i64> = done.iter().map(|d| d.fee).collect();
-        let written = sqlx::query(
-            "WITH r AS ( \
-               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
-                 reason, http_status, upstream_micros) \
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
-                 $7::bigint[], $8::text[], $9::int[], $10::bigint[])), \
-             f AS ( \
-               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, reason) \
-               SELECT 'fee', x.merchant, $11, x.asset, x.fee, x.hold_id, 'platform_fee' \
-               FROM unnest($3::text[], $4::text[], $12::bigint[], $6::text[], $1::text[]) \
-                 AS x(merchant, asset, fee, hold_id, kind) WHERE x.fee > 0) \
-             INSERT INTO payment_refunds (hold_id, captured, fee) \
-             SELECT x.hold_id, x.posted, x.fee FROM unnest($6::text[], $5::bigint[], $12::bigint[], $1::text[]) \
-               AS x(hold_id, posted, fee, kind) WHERE x.kind = 'capture'",
-        )
-        .bind(&kinds)
-        .bind(&payers)
-        .bind(&merchants)
-        .bind(&assets)
-        .bind(&posted)
-        .bind(&hold_ids)
-        .bind(&held)
-        .bind(&reasons)
-        .bind(&statuses)
-        .bind(&micros)
-        .bind(PLATFORM_ACCOUNT)
-        .bind(&fees)
-        .execute(&mut *tx)
-        .await;
-        match written {
-            Ok(_) => {}
-            Err(e) if constraint(&e) == Some("transfers_one_resolution") => {
-                return Err(Attempt::Retry(e))
-            }
-            Err(e) => return Err(e.into()),
-        }
-
-        // Analytics, webhook outbox rows and notifications, in one statement.
+        // Analytics, webhook outbox rows and notifications: what every event says.
         let events: Vec<&str> = done
             .iter()
             .map(|d| {
@@ -1039,32 +999,61 @@ impl Ledger {
                 body.to_string()
             })
             .collect();
-        sqlx::query(
-            "WITH a AS ( \
+        // Resolution rows, fee transfers, refund-cap rows, analytics, webhook outbox
+        // rows and notifications, in one statement.
+        let written = sqlx::query(
+            "WITH r AS ( \
+               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
+                 reason, http_status, upstream_micros) \
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
+                 $7::bigint[], $8::text[], $9::int[], $10::bigint[])), \
+             f AS ( \
+               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, reason) \
+               SELECT 'fee', x.merchant, $11, x.asset, x.fee, x.hold_id, 'platform_fee' \
+               FROM unnest($3::text[], $4::text[], $12::bigint[], $6::text[], $1::text[]) \
+                 AS x(merchant, asset, fee, hold_id, kind) WHERE x.fee > 0), \
+             p AS ( \
+               INSERT INTO payment_refunds (hold_id, captured, fee) \
+               SELECT x.hold_id, x.posted, x.fee FROM unnest($6::text[], $5::bigint[], $12::bigint[], $1::text[]) \
+                 AS x(hold_id, posted, fee, kind) WHERE x.kind = 'capture'), \
+             a AS ( \
                INSERT INTO analytics_pending (event, route, merchant, payer, asset, amount, fee, http_status, \
                  upstream_micros) \
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
-                 $7::bigint[], $8::int[], $9::bigint[])), \
+               SELECT * FROM unnest($13::text[], $14::text[], $3::text[], $2::text[], $4::text[], $15::bigint[], \
+                 $12::bigint[], $9::int[], $10::bigint[])), \
              w AS ( \
                INSERT INTO webhook_outbox (merchant, event_type, payload) \
                SELECT e.merchant, 'payment.captured', e.body::jsonb \
-               FROM unnest($3::text[], $10::text[], $1::text[]) AS e(merchant, body, event) \
+               FROM unnest($3::text[], $16::text[], $13::text[]) AS e(merchant, body, event) \
                JOIN webhook_endpoints h ON h.merchant = e.merchant WHERE e.event = 'captured') \
-             SELECT count(pg_notify($11, b)) FROM unnest($10::text[]) AS b",
+             SELECT count(pg_notify($17, b)) FROM unnest($16::text[]) AS b",
         )
-        .bind(&events)
-        .bind(&routes)
-        .bind(&merchants)
+        .bind(&kinds)
         .bind(&payers)
+        .bind(&merchants)
         .bind(&assets)
-        .bind(&amounts)
-        .bind(&fees)
+        .bind(&posted)
+        .bind(&hold_ids)
+        .bind(&held)
+        .bind(&reasons)
         .bind(&statuses)
         .bind(&micros)
+        .bind(PLATFORM_ACCOUNT)
+        .bind(&fees)
+        .bind(&events)
+        .bind(&routes)
+        .bind(&amounts)
         .bind(&bodies)
         .bind(CHANNEL)
         .execute(&mut *tx)
-        .await?;
+        .await;
+        match written {
+            Ok(_) => {}
+            Err(e) if constraint(&e) == Some("transfers_one_resolution") => {
+                return Err(Attempt::Retry(e))
+            }
+            Err(e) => return Err(e.into()),
+        }
 
         // Balances: payers first, then merchants and the platform, once per row.
         let mut payer_moves = Moves::default();
@@ -1101,8 +1090,8 @@ impl Ledger {
         for ((account, asset), delta) in other_moves.0.iter() {
             moves.push(account, asset, *delta);
         }
-        let locked = moves.lock_sorted(&mut tx).await?;
-        if locked != moves.len() as u64 || moves.apply_set(&mut tx).await? != locked {
+        let (locked, changed) = moves.lock_and_apply(&mut tx).await?;
+        if locked != moves.len() as u64 || changed != locked {
             return Err(LedgerError::FailedPrecondition(
                 "balance of a held account is missing".into(),
             )

@@ -114,14 +114,16 @@ impl Moves {
             .add(delta);
     }
 
-    /// Applies every change in one statement (rows in key order); returns how many
-    /// balance rows it changed.
-    pub(crate) async fn apply_set(
+    /// Locks the balance rows of every change in key order (the order every other
+    /// operation locks them in) and applies every change, in one statement; returns
+    /// how many rows it locked and how many it changed (fewer than [`Moves::len`]:
+    /// a balance row is missing).
+    pub(crate) async fn lock_and_apply(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-    ) -> Result<u64, sqlx::Error> {
+    ) -> Result<(u64, u64), sqlx::Error> {
         if self.0.is_empty() {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let n = self.0.len();
         let (mut accounts, mut assets) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -139,13 +141,18 @@ impl Moves {
             cpe.push(d.credits_pending);
             cpo.push(d.credits_posted);
         }
-        let done = sqlx::query(
-            "UPDATE balances b SET debits_pending = b.debits_pending + d.dpe, \
+        let (locked, changed): (i64, i64) = sqlx::query_as(
+            "WITH d AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
+               $6::bigint[]) AS d(account_id, asset, dpe, dpo, cpe, cpo)), \
+             locked AS MATERIALIZED (SELECT b.account_id, b.asset FROM balances b \
+               JOIN d ON b.account_id = d.account_id AND b.asset = d.asset \
+               ORDER BY b.account_id, b.asset FOR UPDATE OF b), \
+             changed AS (UPDATE balances b SET debits_pending = b.debits_pending + d.dpe, \
                debits_posted = b.debits_posted + d.dpo, credits_pending = b.credits_pending + d.cpe, \
                credits_posted = b.credits_posted + d.cpo \
-             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) \
-               AS d(account_id, asset, dpe, dpo, cpe, cpo) \
-             WHERE b.account_id = d.account_id AND b.asset = d.asset",
+               FROM d JOIN locked l ON l.account_id = d.account_id AND l.asset = d.asset \
+               WHERE b.account_id = d.account_id AND b.asset = d.asset RETURNING 1) \
+             SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM changed)",
         )
         .bind(&accounts)
         .bind(&assets)
@@ -153,29 +160,9 @@ impl Moves {
         .bind(&dpo)
         .bind(&cpe)
         .bind(&cpo)
-        .execute(&mut **tx)
+        .fetch_one(&mut **tx)
         .await?;
-        Ok(done.rows_affected())
-    }
-
-    /// Locks the balance rows of every change in key order, the order every other
-    /// operation locks them in; returns how many exist.
-    pub(crate) async fn lock_sorted(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-    ) -> Result<u64, sqlx::Error> {
-        let (accounts, assets): (Vec<&str>, Vec<&str>) =
-            self.0.keys().map(|(a, s)| (a.as_str(), s.as_str())).unzip();
-        let rows = sqlx::query(
-            "SELECT account_id FROM balances \
-             WHERE (account_id, asset) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-             ORDER BY account_id, asset FOR UPDATE",
-        )
-        .bind(&accounts)
-        .bind(&assets)
-        .fetch_all(&mut **tx)
-        .await?;
-        Ok(rows.len() as u64)
+        Ok((to_u64(locked), to_u64(changed)))
     }
 
     pub(crate) fn len(&self) -> usize {
