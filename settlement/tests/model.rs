@@ -1,7 +1,10 @@
 //! The ledger as a state machine against a model: random sequences of deposit,
 //! authorize (including overdrafts and reused nonces), capture (including more than
 //! the hold), void, expire, refund (partial, full, more than is left, of a payment
-//! never captured, and replays of an earlier refund's idempotency key) and repeated
+//! never captured, and replays of an earlier refund's idempotency key), partial
+//! captures (running totals: new, repeated, going backwards, above the hold, after the
+//! hold was resolved; then a final capture below, at or above them, a void or an
+//! expiry that releases the rest, and refunds of what they captured) and repeated
 //! resolutions run against the real service and real PostgreSQL. After every step each outcome matches what the model predicts;
 //! after every sequence the balances equal the model's and the invariant checker
 //! finds nothing.
@@ -25,12 +28,17 @@ use std::time::Duration;
 use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use x402_proto::settlement::v1::{AuthorizeOutcome, ResolveOutcome};
+use x402_proto::settlement::v1::{
+    AuthorizeOutcome, CaptureItem, CaptureRequest, ResolveOutcome, ResolveResult,
+};
 use x402_settlement::check::{check_ledger, CheckOptions};
 use x402_settlement::server::ServerConfig;
 use x402_settlement::Ledger;
 
 const PAYERS: usize = 3;
+/// What each payer holds before the sequence starts (about two authorizations), so
+/// the holds that later operations name exist from the first steps.
+const OPENING: u64 = 40_000;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -50,6 +58,13 @@ enum Op {
     Capture {
         hold: usize,
         permille: u64,
+    },
+    /// A partial capture naming the running total `permille`/1000 of the hold (above
+    /// 1000: more than the hold); `repeat` sends the hold's previous total again.
+    Partial {
+        hold: usize,
+        permille: u64,
+        repeat: bool,
     },
     Void {
         hold: usize,
@@ -74,6 +89,18 @@ fn op() -> impl Strategy<Value = Op> {
         (0..PAYERS, 1u64..40_000).prop_map(|(payer, amount)| Op::Authorize { payer, amount }),
         (0usize..16).prop_map(|hold| Op::ReuseNonce { hold }),
         (0usize..16, 0u64..1100).prop_map(|(hold, permille)| Op::Capture { hold, permille }),
+        (0usize..12, 0u64..1100, any::<bool>()).prop_map(|(hold, permille, repeat)| {
+            Op::Partial {
+                hold,
+                permille,
+                repeat,
+            }
+        }),
+        (0usize..12, 0u64..1100).prop_map(|(hold, permille)| Op::Partial {
+            hold,
+            permille,
+            repeat: false
+        }),
         (0usize..16).prop_map(|hold| Op::Void { hold }),
         (0usize..16).prop_map(|hold| Op::Expire { hold }),
         (0usize..16, 0u64..1200, any::<bool>()).prop_map(|(hold, permille, replay)| Op::Refund {
@@ -99,6 +126,11 @@ struct ModelHold {
     amount: u64,
     nonce_item: common::Terms,
     state: HoldState,
+    /// Posted to the merchant so far: the partial captures' running total, then the
+    /// final capture's total.
+    captured: u64,
+    /// The last total a partial capture named.
+    last_partial: Option<u64>,
     /// Refunded so far.
     refunded: u64,
     /// The last refund that went through: (idempotency key, amount asked, refund id,
@@ -122,15 +154,62 @@ struct Model {
     merchant_refunded: u64,
 }
 
-async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCaseError> {
+type Seen = std::sync::Mutex<HashMap<&'static str, usize>>;
+
+fn count(seen: &Seen, what: &'static str) {
+    if let Ok(mut seen) = seen.lock() {
+        *seen.entry(what).or_default() += 1;
+    }
+}
+
+/// A partial capture naming the running total `total`.
+async fn partial(h: &Harness, tx: &str, total: u64) -> ResolveResult {
+    let item = CaptureItem {
+        transaction_id: tx.into(),
+        amount: total,
+        upstream_micros: 0,
+        http_status: 0,
+    };
+    let mut r = h
+        .data
+        .clone()
+        .capture_partial(CaptureRequest { items: vec![item] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), 1);
+    r.results.remove(0)
+}
+
+impl Model {
+    /// The hold an operation names: its index modulo the holds made so far.
+    fn pick(&self, hold: usize) -> Option<usize> {
+        (!self.holds.is_empty()).then(|| hold % self.holds.len())
+    }
+
+    /// Like `pick`, counted from the newest hold, which is the likeliest to be open.
+    fn recent(&self, hold: usize) -> Option<usize> {
+        self.pick(hold).map(|i| self.holds.len() - 1 - i)
+    }
+}
+
+async fn run_sequence(
+    h: &Harness,
+    case: usize,
+    ops: &[Op],
+    seen: &Seen,
+) -> Result<(), TestCaseError> {
     let merchant = format!("model-merchant-{case}");
     h.merchant(&merchant).await;
     let mut payers = Vec::new();
     for i in 0..PAYERS {
-        payers.push(h.payer(&format!("model-{case}-payer-{i}"), 0).await);
+        payers.push(h.payer(&format!("model-{case}-payer-{i}"), OPENING).await);
     }
     let mut model = Model {
-        payers: [ModelPayer::default(); PAYERS],
+        payers: [ModelPayer {
+            deposited: OPENING,
+            ..ModelPayer::default()
+        }; PAYERS],
         holds: Vec::new(),
         merchant_pending: 0,
         merchant_posted: 0,
@@ -173,6 +252,8 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                         amount,
                         nonce_item: t,
                         state: HoldState::Open,
+                        captured: 0,
+                        last_partial: None,
                         refunded: 0,
                         last_refund: None,
                     });
@@ -181,9 +262,10 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                 }
             }
             Op::ReuseNonce { hold } => {
-                let Some(mh) = model.holds.get(hold).cloned() else {
+                let Some(hold) = model.pick(hold) else {
                     continue;
                 };
+                let mh = model.holds[hold].clone();
                 let proof = signed_proof(&payers[mh.payer], &mh.nonce_item);
                 let r = h
                     .authorize(item(&format!("model-{case}-{step}"), proof, mh.amount))
@@ -191,9 +273,10 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                 prop_assert_eq!(outcome(&r), AuthorizeOutcome::NonceReused, "{}", at);
             }
             Op::Capture { hold, permille } => {
-                let Some(mh) = model.holds.get(hold).cloned() else {
+                let Some(hold) = model.pick(hold) else {
                     continue;
                 };
+                let mh = model.holds[hold].clone();
                 let amount = mh.amount * permille / 1000 + u64::from(permille > 1000);
                 let r = h.capture(&mh.transaction, amount).await;
                 let got = resolved(&r);
@@ -201,15 +284,25 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                     HoldState::Open if amount > mh.amount => {
                         prop_assert_eq!(got, ResolveOutcome::ExceedsHold, "{}", at);
                     }
+                    // After partial captures the capture names the final total, never
+                    // below what they posted: it posts the difference and releases
+                    // what is still held.
                     HoldState::Open => {
+                        let total = amount.max(mh.captured);
                         prop_assert_eq!(got, ResolveOutcome::Captured, "{}", at);
-                        prop_assert_eq!(r.amount, amount, "{}", at);
+                        prop_assert_eq!(r.amount, total, "{}", at);
+                        let rest = mh.amount - mh.captured;
+                        let step = total - mh.captured;
                         let p = &mut model.payers[mh.payer];
-                        p.held -= mh.amount;
-                        p.spent += amount;
-                        model.merchant_pending -= mh.amount;
-                        model.merchant_posted += amount;
-                        model.holds[hold].state = HoldState::Captured(amount);
+                        p.held -= rest;
+                        p.spent += step;
+                        model.merchant_pending -= rest;
+                        model.merchant_posted += step;
+                        model.holds[hold].state = HoldState::Captured(total);
+                        model.holds[hold].captured = total;
+                        if mh.captured > 0 {
+                            count(seen, "final_capture_after_partials");
+                        }
                     }
                     // The same capture again is answered the same; anything else is
                     // refused, and nothing moves.
@@ -231,26 +324,83 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                     }
                 }
             }
-            Op::Void { hold } => {
-                let Some(mh) = model.holds.get(hold).cloned() else {
+            Op::Partial {
+                hold,
+                permille,
+                repeat,
+            } => {
+                let Some(hold) = model.recent(hold) else {
                     continue;
                 };
-                let got = resolved(&h.void(&mh.transaction).await);
+                let mh = model.holds[hold].clone();
+                let total = match (mh.last_partial, repeat) {
+                    (Some(t), true) => t,
+                    _ => mh.amount * permille / 1000 + u64::from(permille > 1000),
+                };
+                let r = partial(h, &mh.transaction, total).await;
+                let got = resolved(&r);
+                model.holds[hold].last_partial = Some(total);
+                if total > mh.amount {
+                    prop_assert_eq!(got, ResolveOutcome::ExceedsHold, "{}", at);
+                    prop_assert_eq!(r.amount, mh.amount, "{}", at);
+                    count(seen, "partial_above_hold");
+                    continue;
+                }
+                if mh.state != HoldState::Open {
+                    prop_assert_eq!(got, ResolveOutcome::AlreadyResolved, "{}", at);
+                    count(seen, "partial_after_resolution");
+                    continue;
+                }
+                // A total at or below what is captured posts nothing and answers
+                // the captured total; a higher one posts what it adds.
+                prop_assert_eq!(got, ResolveOutcome::Captured, "{}", at);
+                let after = total.max(mh.captured);
+                prop_assert_eq!(r.amount, after, "{}", at);
+                let step = after - mh.captured;
+                if step == 0 {
+                    count(seen, "partial_unchanged");
+                    continue;
+                }
+                count(seen, "partial_posted");
+                let p = &mut model.payers[mh.payer];
+                p.held -= step;
+                p.spent += step;
+                model.merchant_pending -= step;
+                model.merchant_posted += step;
+                model.holds[hold].captured = after;
+            }
+            Op::Void { hold } => {
+                let Some(hold) = model.pick(hold) else {
+                    continue;
+                };
+                let mh = model.holds[hold].clone();
+                let r = h.void(&mh.transaction).await;
+                let got = resolved(&r);
+                // A void releases what partial captures left held, and answers that.
+                let rest = mh.amount - mh.captured;
                 match mh.state {
                     HoldState::Open => {
                         prop_assert_eq!(got, ResolveOutcome::Voided, "{}", at);
-                        model.payers[mh.payer].held -= mh.amount;
-                        model.merchant_pending -= mh.amount;
+                        prop_assert_eq!(r.amount, rest, "{}", at);
+                        model.payers[mh.payer].held -= rest;
+                        model.merchant_pending -= rest;
                         model.holds[hold].state = HoldState::Voided;
+                        if mh.captured > 0 {
+                            count(seen, "void_after_partials");
+                        }
                     }
-                    HoldState::Voided => prop_assert_eq!(got, ResolveOutcome::Voided, "{}", at),
+                    HoldState::Voided => {
+                        prop_assert_eq!(got, ResolveOutcome::Voided, "{}", at);
+                        prop_assert_eq!(r.amount, rest, "{}", at);
+                    }
                     _ => prop_assert_eq!(got, ResolveOutcome::AlreadyResolved, "{}", at),
                 }
             }
             Op::Expire { hold } => {
-                let Some(mh) = model.holds.get(hold).cloned() else {
+                let Some(hold) = model.pick(hold) else {
                     continue;
                 };
+                let mh = model.holds[hold].clone();
                 // Time passes for this hold only: its queue entry falls due.
                 sqlx::query(
                     "UPDATE open_holds SET expires_at = now() - interval '1 second' WHERE hold_id = $1",
@@ -265,9 +415,13 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                     .map_err(|e| TestCaseError::fail(format!("{at}: {e}")))?;
                 if mh.state == HoldState::Open {
                     prop_assert_eq!(expired, 1, "{}", at);
-                    model.payers[mh.payer].held -= mh.amount;
-                    model.merchant_pending -= mh.amount;
+                    let rest = mh.amount - mh.captured;
+                    model.payers[mh.payer].held -= rest;
+                    model.merchant_pending -= rest;
                     model.holds[hold].state = HoldState::Expired;
+                    if mh.captured > 0 {
+                        count(seen, "expire_after_partials");
+                    }
                 } else {
                     prop_assert_eq!(expired, 0, "{}", at);
                 }
@@ -277,15 +431,17 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                 permille,
                 replay,
             } => {
-                let Some(mh) = model.holds.get(hold).cloned() else {
+                let Some(hold) = model.pick(hold) else {
                     continue;
                 };
+                let mh = model.holds[hold].clone();
                 let (key, amount) = match (&mh.last_refund, replay) {
                     (Some((key, asked, _, _)), true) => (key.clone(), *asked),
                     _ => {
-                        let captured = match mh.state {
-                            HoldState::Captured(c) => c,
-                            _ => mh.amount,
+                        let captured = if mh.captured > 0 {
+                            mh.captured
+                        } else {
+                            mh.amount
                         };
                         (
                             format!("model-{case}-{step}"),
@@ -310,10 +466,9 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                     prop_assert_eq!(r.amount, *refunded, "{}", at);
                     continue;
                 }
-                let left = match mh.state {
-                    HoldState::Captured(c) => c - mh.refunded,
-                    _ => 0,
-                };
+                // What was captured is refundable, by partial captures too (while
+                // the hold is open, and after a void or expiry released the rest).
+                let left = mh.captured - mh.refunded;
                 let want = if amount == 0 { left } else { amount };
                 if want == 0 || want > left {
                     let code = answer.err().map(|e| e.code());
@@ -322,6 +477,9 @@ async fn run_sequence(h: &Harness, case: usize, ops: &[Op]) -> Result<(), TestCa
                 }
                 let r = answer.map_err(|e| TestCaseError::fail(format!("{at}: {e}")))?;
                 prop_assert_eq!(r.amount, want, "{}", at);
+                if mh.last_partial.is_some() {
+                    count(seen, "refund_after_partials");
+                }
                 model.payers[mh.payer].refunded += want;
                 model.merchant_refunded += want;
                 model.holds[hold].refunded += want;
@@ -377,7 +535,7 @@ fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
         ..Config::default()
     });
     let case = std::sync::atomic::AtomicUsize::new(0);
-    let seen: std::sync::Mutex<HashMap<&'static str, usize>> = Default::default();
+    let seen: Seen = Default::default();
     let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
         let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut seen) = seen.lock() {
@@ -387,6 +545,8 @@ fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
                     Op::Authorize { .. } => "authorize",
                     Op::ReuseNonce { .. } => "reuse_nonce",
                     Op::Capture { .. } => "capture",
+                    Op::Partial { repeat: true, .. } => "partial_or_repeat",
+                    Op::Partial { .. } => "partial",
                     Op::Void { .. } => "void",
                     Op::Expire { .. } => "expire",
                     Op::Refund { replay: true, .. } => "refund_or_replay",
@@ -395,7 +555,7 @@ fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
                 *seen.entry(name).or_default() += 1;
             }
         }
-        rt.block_on(run_sequence(&h, n, &ops))
+        rt.block_on(run_sequence(&h, n, &ops, &seen))
     });
     if let Err(e) = result {
         panic!("{e}");
