@@ -116,6 +116,9 @@ pub struct Dispatcher {
     in_flight: HashMap<u32, InFlight>,
     /// When each call in flight was started.
     started_nanos: HashMap<u32, u64>,
+    /// The captures owed to settlement changed since [`Dispatcher::take_captures_changed`]:
+    /// the VM's journal of them ([`crate::journal`]) is out of date.
+    captures_changed: bool,
 }
 
 impl Dispatcher {
@@ -139,6 +142,7 @@ impl Dispatcher {
     }
 
     pub fn capture(&mut self, item: CaptureItem) {
+        self.captures_changed = true;
         self.capture_queue.push_back(Retryable {
             item,
             attempts: 0,
@@ -166,13 +170,37 @@ impl Dispatcher {
         });
     }
 
-    /// Calls in flight, by RPC.
+    /// Final captures not answered by settlement yet: queued, waiting to be resent, or
+    /// in flight, oldest first.
+    pub fn owed_captures(&self) -> impl Iterator<Item = &CaptureItem> {
+        let mut in_flight: Vec<(&u32, &Vec<Retryable<CaptureItem>>)> = self
+            .in_flight
+            .iter()
+            .filter_map(|(token, f)| match f {
+                InFlight::Capture(batch) => Some((token, batch)),
+                _ => None,
+            })
+            .collect();
+        in_flight.sort_by_key(|(token, _)| self.started_nanos.get(token).copied());
+        in_flight
+            .into_iter()
+            .flat_map(|(_, batch)| batch.iter())
+            .chain(self.capture_queue.iter())
+            .map(|r| &r.item)
+    }
+
+    /// Whether [`Dispatcher::owed_captures`] changed since the last call.
+    pub fn take_captures_changed(&mut self) -> bool {
+        std::mem::take(&mut self.captures_changed)
+    }
+
     /// Records a call that went out.
     fn started(&mut self, token: u32, call: InFlight, now: u64) {
         self.in_flight.insert(token, call);
         self.started_nanos.insert(token, now);
     }
 
+    /// Calls of `rpc` in flight.
     pub fn in_flight(&self, rpc: Rpc) -> usize {
         self.in_flight
             .values()
@@ -355,6 +383,7 @@ impl Dispatcher {
                     .collect()
             }
             InFlight::Capture(batch) => {
+                self.captures_changed = true;
                 match result.map(|body| CaptureResponse::decode(body.as_slice()).map(|r| r.results))
                 {
                     Ok(Ok(results)) => record_resolutions(host, metrics, &results),

@@ -6,6 +6,8 @@
 //! - [`request`]: one pure state machine per request, `step(state, event) -> (state, effects)`.
 //! - [`discovery`]: the optional listing of priced routes (`GET /.well-known/x402`).
 //! - [`dispatcher`]: every settlement callout, batched per RPC, on behalf of the root context.
+//! - [`journal`]: a copy in Envoy's shared data of the captures a VM still owes, taken
+//!   over by another VM when it crashes.
 //! - [`policy`]: per-route traffic policy (allow-list, rate limit, free tier, failure mode).
 //! - [`ratelimit`]: token buckets and free-tier counters in shared data, updated with CAS.
 //! - [`pricing`]: pricing models per route (flat, time of day, expression, GraphQL,
@@ -29,6 +31,7 @@ pub mod fields;
 pub mod graphql;
 pub mod grpc;
 pub mod host;
+pub mod journal;
 pub mod metrics;
 pub mod plugin;
 pub mod policy;

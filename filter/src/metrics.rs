@@ -23,6 +23,8 @@ pub enum Metric {
     CalloutFailures,
     /// Captures or voids given up after their retries.
     ResolutionsDropped,
+    /// Captures taken over from a filter VM that stopped (crashed) before sending them.
+    CapturesRecovered,
     /// 429 answers: over a route's rate limit.
     RateLimited,
     /// Requests passed unpaid within a free tier.
@@ -38,7 +40,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 17] = [
         Metric::Unpriced,
         Metric::Challenged,
         Metric::Paid,
@@ -49,6 +51,7 @@ impl Metric {
         Metric::Voids,
         Metric::CalloutFailures,
         Metric::ResolutionsDropped,
+        Metric::CapturesRecovered,
         Metric::RateLimited,
         Metric::Free,
         Metric::Allowed,
@@ -69,6 +72,7 @@ impl Metric {
             Metric::Voids => "x402_voids",
             Metric::CalloutFailures => "x402_callout_failures",
             Metric::ResolutionsDropped => "x402_resolutions_dropped",
+            Metric::CapturesRecovered => "x402_captures_recovered",
             Metric::RateLimited => "x402_requests_rate_limited",
             Metric::Free => "x402_requests_free",
             Metric::Allowed => "x402_requests_allowed",

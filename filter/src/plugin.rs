@@ -10,7 +10,8 @@ use x402_proto::wire::{HEADER_PAYMENT_SIGNATURE, HEADER_PAYMENT_SIGNATURE_ALIAS}
 use crate::config::Config;
 use crate::dispatcher::{Delivery, Dispatcher, Target};
 use crate::host::{Host, LogLevel};
-use crate::metrics::Metrics;
+use crate::journal::Journal;
+use crate::metrics::{Metric, Metrics};
 use crate::request::{self, Effect, Event, RequestInfo, State};
 
 /// What a request callback tells Envoy.
@@ -32,6 +33,8 @@ pub struct Plugin {
     pub dispatcher: Dispatcher,
     pub metrics: Metrics,
     pub target: Target,
+    /// The captures this plugin still owes, kept outside the VM so they survive a crash.
+    pub journal: Journal,
 }
 
 #[derive(Debug)]
@@ -109,6 +112,7 @@ impl Vm {
                 config.pay_to
             ),
         );
+        let journal = Journal::new(host, &config.settlement_cluster);
         self.plugins.insert(
             root_id,
             Plugin {
@@ -116,9 +120,43 @@ impl Vm {
                 dispatcher: Dispatcher::default(),
                 metrics,
                 target,
+                journal,
             },
         );
+        // Listed at once, so captures are not lost even if this VM crashes before it ticks.
+        self.tick_journal(host, root_id);
         true
+    }
+
+    /// Beats the plugin's journal and queues the captures it takes over from VMs that
+    /// stopped ([`crate::journal`]).
+    fn tick_journal(&mut self, host: &mut dyn Host, root_id: u32) {
+        let Some(p) = self.plugins.get_mut(&root_id) else {
+            return;
+        };
+        let now = host.now_nanos();
+        let recovered = p.journal.tick(host, now);
+        if recovered.is_empty() {
+            return;
+        }
+        host.log(
+            LogLevel::Warn,
+            &format!(
+                "took over {} capture(s) of a filter VM that stopped before sending them",
+                recovered.len()
+            ),
+        );
+        p.metrics.add(
+            host,
+            Metric::CapturesRecovered,
+            u64::try_from(recovered.len()).unwrap_or(u64::MAX),
+        );
+        for item in recovered {
+            p.dispatcher.capture(item);
+        }
+        // In this VM's journal at once: they are no longer in the one they came from.
+        p.dispatcher.take_captures_changed();
+        p.journal.record(host, p.dispatcher.owed_captures());
     }
 
     pub fn plugin(&self, root_id: u32) -> Option<&Plugin> {
@@ -499,6 +537,7 @@ impl Vm {
 
     pub fn on_tick(&mut self, host: &mut dyn Host, root_id: u32) {
         self.tick_streams(host, root_id);
+        self.tick_journal(host, root_id);
         let stale = match self.plugins.get_mut(&root_id) {
             Some(p) => p.dispatcher.expire_stale(host, &p.target, &p.metrics),
             None => return,
@@ -561,10 +600,16 @@ impl Vm {
                 None => return,
             };
             if deliveries.is_empty() {
-                return;
+                break;
             }
             self.deliver(host, root_id, deliveries);
             host.set_effective_context(current);
+        }
+        // Every change to what is owed passes here (queued, answered, taken over).
+        if let Some(p) = self.plugins.get_mut(&root_id) {
+            if p.dispatcher.take_captures_changed() {
+                p.journal.record(host, p.dispatcher.owed_captures());
+            }
         }
     }
 

@@ -735,6 +735,87 @@ fn failed_captures_are_retried_then_left_to_expire() {
 }
 
 #[test]
+fn captures_of_a_crashed_vm_are_sent_by_the_vm_that_replaces_it() {
+    let mut h = Harness::new(false);
+    // One capture in flight, one queued behind it: both only in the VM's memory.
+    for ctx in [2, 3] {
+        h.request(
+            ctx,
+            "GET",
+            "/paid/quote",
+            Some(header(&payload("GET", "/paid/quote", ctx as u8))),
+        );
+        let (token, _, _, body) = h.last_grpc();
+        let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+        h.grpc_ok(token, authorized(&request, &format!("tx-{ctx}-")));
+        h.respond(ctx, 200, true);
+        h.end(ctx);
+    }
+    let captures = |h: &Harness| {
+        h.host
+            .grpc_calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Grpc { method, .. } if method == "Capture"))
+            .count()
+    };
+    assert_eq!(captures(&h), 1);
+    let sent_before = h.host.grpc_calls().len();
+
+    // The VM traps; Envoy starts a new one, with empty memory, for the same plugin.
+    let mut h = Harness {
+        vm: Vm::default(),
+        host: h.host,
+    };
+    h.vm.on_context_create(ROOT, 0);
+    assert!(h
+        .vm
+        .on_configure(&mut h.host, ROOT, config(false).as_bytes()));
+    // The old VM may only be slow: nothing is taken over while it might still tick.
+    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS / 2;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert_eq!(h.host.grpc_calls().len(), sent_before);
+
+    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    let (token, context, method, body) = h.last_grpc();
+    assert_eq!((context, method.as_str()), (ROOT, "Capture"));
+    let items = CaptureRequest::decode(body.as_slice()).unwrap().items;
+    let ids: Vec<&str> = items.iter().map(|i| i.transaction_id.as_str()).collect();
+    assert_eq!(ids, ["tx-2-0", "tx-3-0"]);
+    assert!(items
+        .iter()
+        .all(|i| i.amount == 10_000 && i.http_status == 200));
+    assert_eq!(h.host.counter("x402_captures_recovered"), 2);
+
+    // Answered: nothing is owed any more, by this VM or any other.
+    let answer = CaptureResponse {
+        results: items
+            .iter()
+            .map(|i| ResolveResult {
+                transaction_id: i.transaction_id.clone(),
+                outcome: ResolveOutcome::Captured as i32,
+                amount: i.amount,
+                ..Default::default()
+            })
+            .collect(),
+    };
+    h.grpc_ok(token, answer.encode_to_vec());
+    let sent = h.host.grpc_calls().len();
+    let mut other = Harness {
+        vm: Vm::default(),
+        host: h.host,
+    };
+    other.vm.on_context_create(ROOT, 0);
+    assert!(other
+        .vm
+        .on_configure(&mut other.host, ROOT, config(false).as_bytes()));
+    other.host.now_nanos += 3 * x402_filter::journal::ORPHAN_AFTER_NANOS;
+    other.vm.on_tick(&mut other.host, ROOT);
+    assert_eq!(other.host.grpc_calls().len(), sent);
+    assert_eq!(other.host.counter("x402_captures_recovered"), 2);
+}
+
+#[test]
 fn captured_revenue_is_counted() {
     let mut h = Harness::new(false);
     paid_request(&mut h, 2);

@@ -1,0 +1,296 @@
+//! A copy, outside the VM, of the captures a VM still owes settlement, so that a VM
+//! that crashes does not take them with it.
+//!
+//! A capture is queued when its response has ended: the client already holds a receipt.
+//! A VM that traps loses its memory, and `FAIL_RELOAD` starts a new, empty one; captures
+//! still queued (or waiting for a retry, or in flight) would be lost and their holds
+//! would expire, so the merchant would not be paid for responses the clients saw as
+//! paid. Envoy's shared data lives outside the VMs and outlives a reload, so each VM
+//! keeps there:
+//!
+//! - `<registry>`: the ids of the VMs that keep a journal (comma-separated);
+//! - `<registry>.<id>`: the captures that VM has not had answered yet (a
+//!   `CaptureRequest`), rewritten whenever that set changes;
+//! - `<registry>.<id>.beat`: when that VM last ticked.
+//!
+//! On every tick a VM beats, and takes over the journal of any listed VM that has not
+//! beaten for [`ORPHAN_AFTER_NANOS`]: it unlists it (compare-and-swap, so one VM wins)
+//! and queues its captures as its own. A VM taken for dead while it was only slow
+//! lists itself again on its next tick; its captures are then sent twice, which
+//! settlement answers `ALREADY_RESOLVED` (a hold is resolved at most once), so no one
+//! is charged twice.
+
+use prost::Message;
+use x402_proto::settlement::v1::{CaptureItem, CaptureRequest};
+
+use crate::host::{Host, SharedDataError};
+
+/// A VM that has not ticked for this long is taken for gone. Ticks come every
+/// [`crate::plugin::TICK_PERIOD_MS`]; the margin covers a worker that is busy for a while.
+pub const ORPHAN_AFTER_NANOS: u64 = 5_000_000_000;
+/// Most captures one journal keeps (the oldest, which expire first), so one write
+/// stays small while settlement is down and captures pile up.
+pub const MAX_JOURNALED: usize = 512;
+const REGISTRY_PREFIX: &str = "x402.capture_journals.";
+/// Compare-and-swap attempts on the registry before leaving it to the next tick.
+const MAX_ATTEMPTS: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct Journal {
+    /// This VM's journal id, random per VM.
+    id: String,
+    /// The registry key; per settlement cluster, so captures are only ever taken over
+    /// by a plugin that sends them to the same settlement.
+    registry: String,
+}
+
+impl Journal {
+    pub fn new(host: &mut dyn Host, settlement_cluster: &str) -> Journal {
+        let mut random = [0u8; 8];
+        host.random_bytes(&mut random);
+        Journal {
+            id: hex::encode(random),
+            registry: format!("{REGISTRY_PREFIX}{settlement_cluster}"),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn items_key(&self, id: &str) -> String {
+        format!("{}.{id}", self.registry)
+    }
+
+    fn beat_key(&self, id: &str) -> String {
+        format!("{}.{id}.beat", self.registry)
+    }
+
+    /// Records the captures this VM still owes (queued, waiting to be resent, or in
+    /// flight), replacing what was recorded before.
+    pub fn record<'a>(&self, host: &mut dyn Host, items: impl Iterator<Item = &'a CaptureItem>) {
+        let request = CaptureRequest {
+            items: items.take(MAX_JOURNALED).cloned().collect(),
+        };
+        // A failed write leaves the previous copy: at worst a capture already answered
+        // is sent again after a crash, which settlement answers ALREADY_RESOLVED.
+        let _ = host.set_shared_data(&self.items_key(&self.id), &request.encode_to_vec(), 0);
+    }
+
+    /// Once per tick: says this VM is alive, keeps it listed, and returns the captures
+    /// of VMs that stopped ticking, which this VM now owes.
+    pub fn tick(&self, host: &mut dyn Host, now_nanos: u64) -> Vec<CaptureItem> {
+        let _ = host.set_shared_data(&self.beat_key(&self.id), &now_nanos.to_le_bytes(), 0);
+        let (listed, _) = self.update_registry(host, |ids| {
+            if ids.contains(&self.id) {
+                return false;
+            }
+            ids.push(self.id.clone());
+            true
+        });
+        let mut adopted = Vec::new();
+        for other in listed.iter().filter(|id| **id != self.id) {
+            let beat = host
+                .get_shared_data(&self.beat_key(other))
+                .and_then(|(bytes, _)| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+                .map(u64::from_le_bytes);
+            if beat.is_some_and(|b| now_nanos.saturating_sub(b) < ORPHAN_AFTER_NANOS) {
+                continue;
+            }
+            let (_, won) = self.update_registry(host, |ids| {
+                let before = ids.len();
+                ids.retain(|id| id != other);
+                ids.len() < before
+            });
+            if !won {
+                // Another VM took it over first.
+                continue;
+            }
+            let items_key = self.items_key(other);
+            if let Some((bytes, _)) = host.get_shared_data(&items_key) {
+                if let Ok(request) = CaptureRequest::decode(bytes.as_slice()) {
+                    adopted.extend(request.items);
+                }
+            }
+            // Shared data has no delete: emptied, the keys of a gone VM stay tiny.
+            let _ = host.set_shared_data(&items_key, &[], 0);
+            let _ = host.set_shared_data(&self.beat_key(other), &[], 0);
+        }
+        adopted
+    }
+
+    /// Applies `change` to the registry with compare-and-swap; `change` says whether
+    /// it changed anything. Returns the ids listed (as written, or as last read) and
+    /// whether this call wrote a change.
+    fn update_registry(
+        &self,
+        host: &mut dyn Host,
+        change: impl Fn(&mut Vec<String>) -> bool,
+    ) -> (Vec<String>, bool) {
+        let mut ids = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let cas;
+            (ids, cas) = match host.get_shared_data(&self.registry) {
+                Some((bytes, cas)) => (parse_ids(&bytes), cas),
+                None => (Vec::new(), 0),
+            };
+            if !change(&mut ids) {
+                return (ids, false);
+            }
+            match host.set_shared_data(&self.registry, ids.join(",").as_bytes(), cas) {
+                Ok(()) => return (ids, true),
+                Err(SharedDataError::CasMismatch) => continue,
+                Err(SharedDataError::Failed) => break,
+            }
+        }
+        // Not written: a listing is tried again on the next tick, and a journal that
+        // could not be unlisted is not taken over.
+        (ids, false)
+    }
+}
+
+fn parse_ids(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .split(',')
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::host::FakeHost;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn capture(id: &str) -> CaptureItem {
+        CaptureItem {
+            transaction_id: id.into(),
+            amount: 10_000,
+            upstream_micros: 12,
+            http_status: 200,
+        }
+    }
+
+    const REGISTRY: &str = "x402.capture_journals.settlement";
+
+    fn journal(host: &mut FakeHost) -> Journal {
+        Journal::new(host, "settlement")
+    }
+
+    fn listed(host: &FakeHost) -> Vec<String> {
+        parse_ids(&host.get_shared_data(REGISTRY).unwrap().0)
+    }
+
+    #[test]
+    fn a_vm_that_stops_ticking_has_its_captures_taken_over_once() {
+        let mut host = FakeHost::default();
+        let crashed = journal(&mut host);
+        let first = journal(&mut host);
+        let second = journal(&mut host);
+        assert_ne!(crashed.id(), first.id());
+        let now = 100 * SECOND;
+        assert!(crashed.tick(&mut host, now).is_empty());
+        crashed.record(&mut host, [capture("tx-1"), capture("tx-2")].iter());
+        assert!(first.tick(&mut host, now).is_empty());
+        assert!(second.tick(&mut host, now).is_empty());
+
+        // Alive: nothing is taken over, however often the others tick.
+        let soon = now + ORPHAN_AFTER_NANOS - 1;
+        assert!(first.tick(&mut host, soon).is_empty());
+
+        // The crashed VM no longer ticks: the first VM to notice takes its captures,
+        // the other gets nothing, and the journal is not taken over again.
+        let later = now + ORPHAN_AFTER_NANOS;
+        let taken = first.tick(&mut host, later);
+        assert_eq!(taken, vec![capture("tx-1"), capture("tx-2")]);
+        assert!(second.tick(&mut host, later).is_empty());
+        assert!(first.tick(&mut host, later + SECOND).is_empty());
+        let listed = listed(&host);
+        assert!(!listed.contains(&crashed.id().to_owned()));
+        assert!(listed.contains(&first.id().to_owned()));
+        assert!(listed.contains(&second.id().to_owned()));
+    }
+
+    #[test]
+    fn answered_captures_leave_the_journal() {
+        let mut host = FakeHost::default();
+        let crashed = journal(&mut host);
+        let survivor = journal(&mut host);
+        crashed.tick(&mut host, 0);
+        crashed.record(&mut host, [capture("tx-1"), capture("tx-2")].iter());
+        crashed.record(&mut host, [capture("tx-2")].iter());
+        let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
+        assert_eq!(taken, vec![capture("tx-2")]);
+    }
+
+    #[test]
+    fn a_vm_taken_for_gone_lists_itself_again() {
+        let mut host = FakeHost::default();
+        let slow = journal(&mut host);
+        let other = journal(&mut host);
+        slow.tick(&mut host, 0);
+        slow.record(&mut host, [capture("tx-1")].iter());
+        assert_eq!(other.tick(&mut host, ORPHAN_AFTER_NANOS).len(), 1);
+        // Its next tick lists it again; its later captures can be taken over again.
+        slow.tick(&mut host, ORPHAN_AFTER_NANOS + 1);
+        slow.record(&mut host, [capture("tx-3")].iter());
+        assert!(other.tick(&mut host, ORPHAN_AFTER_NANOS + 2).is_empty());
+        assert_eq!(
+            other.tick(&mut host, 2 * ORPHAN_AFTER_NANOS + 1),
+            vec![capture("tx-3")]
+        );
+    }
+
+    #[test]
+    fn a_lost_race_for_the_registry_takes_nothing_over() {
+        let mut host = FakeHost::default();
+        let crashed = journal(&mut host);
+        let survivor = journal(&mut host);
+        crashed.tick(&mut host, 0);
+        survivor.tick(&mut host, 0);
+        crashed.record(&mut host, [capture("tx-1")].iter());
+        // Another VM unlists the crashed one between our read and our write.
+        let winner = "0123456789abcdef";
+        host.shared_data_interference = Some((
+            REGISTRY.to_owned(),
+            format!("{},{winner}", survivor.id()).into_bytes(),
+        ));
+        assert!(survivor.tick(&mut host, ORPHAN_AFTER_NANOS).is_empty());
+        assert!(!listed(&host).contains(&crashed.id().to_owned()));
+    }
+
+    #[test]
+    fn a_failed_registry_write_takes_nothing_over() {
+        let mut host = FakeHost::default();
+        let crashed = journal(&mut host);
+        let survivor = journal(&mut host);
+        crashed.tick(&mut host, 0);
+        survivor.tick(&mut host, 0);
+        crashed.record(&mut host, [capture("tx-1")].iter());
+        host.shared_data_broken = true;
+        assert!(survivor.tick(&mut host, ORPHAN_AFTER_NANOS).is_empty());
+        host.shared_data_broken = false;
+        assert_eq!(
+            survivor.tick(&mut host, ORPHAN_AFTER_NANOS),
+            vec![capture("tx-1")]
+        );
+    }
+
+    #[test]
+    fn the_journal_is_bounded() {
+        let mut host = FakeHost::default();
+        let crashed = journal(&mut host);
+        let survivor = journal(&mut host);
+        crashed.tick(&mut host, 0);
+        let many: Vec<CaptureItem> = (0..MAX_JOURNALED + 10)
+            .map(|i| capture(&format!("tx-{i}")))
+            .collect();
+        crashed.record(&mut host, many.iter());
+        let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
+        assert_eq!(taken.len(), MAX_JOURNALED);
+        assert_eq!(taken[0], capture("tx-0"));
+    }
+}
