@@ -12,7 +12,8 @@
 //!   code it received;
 //! - everything else (`/paid/...`, `/free/...`, `/named/...`) answers 200 with a JSON
 //!   echo of the request: method, path, query, body size and whether any payment header
-//!   reached it (the filter must strip them).
+//!   reached it (the filter must strip them); `delay_ms=N` in the query (at most 10 s)
+//!   holds the answer that long.
 //!
 //! It records every request it served, so a test can assert that an unpaid request to
 //! a priced route never got this far.
@@ -118,6 +119,10 @@ async fn answer(
         Err(_) => 0,
     };
     served.record(format!("{method} {target}"));
+    let delay_ms = query_number(&query, "delay_ms").min(10_000);
+    if delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+    }
     if let Some(rest) = path.strip_prefix("/flaky/") {
         // `/flaky/N/...`: 503 for the first N requests of this exact target, then 200.
         let failures: usize = rest

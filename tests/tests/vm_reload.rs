@@ -178,3 +178,76 @@ async fn a_crashed_vm_is_reloaded_and_nothing_is_charged_twice_or_lost() {
     let violations = check_paid_responses(&pool, &paid, false).await.unwrap();
     assert!(violations.is_empty(), "{violations:?}");
 }
+
+/// A capture the crashed VM still owed is sent by the VM that replaces it. Settlement
+/// is killed while a paid request is upstream, so its capture, due when the response
+/// has gone to the client with its receipt, waits in the VM for a resend; the VM then
+/// crashes. The new VM finds the old one's journal in Envoy's shared data and sends
+/// the capture once settlement is back: the merchant is paid for the response the
+/// client saw as paid, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
+    // One worker, so the crash hits the VM that owes the capture.
+    let mut stack = Stack::start_with(&crashing_config(), |o| o.concurrency = 1)
+        .await
+        .unwrap();
+    let funds = 1_000_000;
+    let (payer, key) = stack.new_payer(funds).await.unwrap();
+    let slow = "/paid/quote?sym=ABC&delay_ms=2000";
+    let client = stack.client(&key).unwrap();
+    let url = stack.parsed_url(slow).unwrap();
+    let paying = tokio::spawn(async move {
+        client
+            .request(
+                reqwest::Method::GET,
+                url,
+                reqwest::header::HeaderMap::new(),
+                None,
+            )
+            .await
+    });
+    // The request reached the upstream, so its hold exists: now settlement goes away.
+    let started = Instant::now();
+    while stack.upstream.served().count_path_prefix("/paid/quote") == 0 {
+        assert!(started.elapsed() < ANSWER_LIMIT, "{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stack.settlement.stop();
+    let answer = tokio::time::timeout(ANSWER_LIMIT, paying)
+        .await
+        .expect("the paid request hung")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status.as_u16(), 200, "{}", stack.logs());
+    let receipt = answer.receipt.expect("a paid 200 carries a receipt");
+    let paid = PaidResponse {
+        transaction: receipt.transaction,
+        amount: receipt.amount.parse().unwrap(),
+    };
+
+    // The capture failed (settlement is down) and waits for its resend: crash the VM.
+    let crashed = send(&stack, &[(CRASH_HEADER, "1".to_owned())]).await;
+    if let Ok(status) = crashed {
+        assert!(!(200..300).contains(&status), "let through: {status}");
+    }
+    stack.settlement.restart().await.unwrap();
+    // Traffic brings the VM back (Envoy reloads it on the next request).
+    let reloaded = Instant::now();
+    while send(&stack, &[]).await != Ok(402) {
+        assert!(reloaded.elapsed() < RELOAD_LIMIT, "{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Captured once, for the receipt's amount; the payer is charged exactly that.
+    stack
+        .wait_for_settled_balance(&payer, (funds - PAID_PRICE) as i64)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
+    let pool = x402_settlement::db::connect(stack.settlement.database_url(), 2)
+        .await
+        .unwrap();
+    let violations = check_paid_responses(&pool, &[paid], false).await.unwrap();
+    assert!(violations.is_empty(), "{violations:?}\n{}", stack.logs());
+    let report = check_ledger(&pool, CheckOptions::default()).await.unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
+}
