@@ -52,6 +52,11 @@ const ANSWER_LIMIT: Duration = Duration::from_secs(20);
 /// dispatcher (4 sends with growing backoff, each bounded by the callout timeout, and
 /// queued behind a call to a killed settlement until that call is given up).
 const CAPTURE_PIPELINE: Duration = Duration::from_secs(10);
+/// Load after a VM crash. Requests the crashed VM had paused (waiting for their
+/// Authorize) are ended only by Envoy's `request_timeout` (15 s in the shipped config);
+/// every payer may be waiting on one, so the load must outlast it to see paid requests
+/// again.
+const CRASH_AFTER: Duration = Duration::from_secs(20);
 /// The filter traps on a request carrying this header (`debug_crash_on_header`, a
 /// test-only switch); the `crash_vm` fault sends it.
 const CRASH_HEADER: &str = "x-debug-crash";
@@ -578,6 +583,10 @@ async fn run(faults: &[Fault], payers: usize, rounds: usize, warm: Duration, aft
     let mut total = Counts::default();
     for round in 0..rounds {
         for &fault in faults {
+            let after = match fault {
+                Fault::CrashVm => after.max(CRASH_AFTER),
+                _ => after,
+            };
             let seen = phase(&mut world, fault, warm, after).await;
             let c = &seen.counts;
             assert_eq!(c.hangs, 0, "{}: a request got no answer", fault.name());
