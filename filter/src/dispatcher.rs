@@ -170,21 +170,15 @@ impl Dispatcher {
         });
     }
 
-    /// Final captures not answered by settlement yet: queued, waiting to be resent, or
-    /// in flight, oldest first.
+    /// Final captures not answered by settlement yet: in flight (one call at most),
+    /// then queued or waiting to be resent.
     pub fn owed_captures(&self) -> impl Iterator<Item = &CaptureItem> {
-        let mut in_flight: Vec<(&u32, &Vec<Retryable<CaptureItem>>)> = self
-            .in_flight
-            .iter()
-            .filter_map(|(token, f)| match f {
-                InFlight::Capture(batch) => Some((token, batch)),
-                _ => None,
+        self.in_flight
+            .values()
+            .flat_map(|f| match f {
+                InFlight::Capture(batch) => batch.as_slice(),
+                _ => &[],
             })
-            .collect();
-        in_flight.sort_by_key(|(token, _)| self.started_nanos.get(token).copied());
-        in_flight
-            .into_iter()
-            .flat_map(|(_, batch)| batch.iter())
             .chain(self.capture_queue.iter())
             .map(|r| &r.item)
     }

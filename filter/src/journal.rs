@@ -9,8 +9,8 @@
 //! keeps there:
 //!
 //! - `<registry>`: the ids of the VMs that keep a journal (comma-separated);
-//! - `<registry>.<id>`: the captures that VM has not had answered yet (a
-//!   `CaptureRequest`), rewritten whenever that set changes;
+//! - `<registry>.<id>`: the captures that VM has not had answered yet ([`encode`]),
+//!   rewritten whenever that set changes;
 //! - `<registry>.<id>.beat`: when that VM last ticked.
 //!
 //! On every tick a VM beats, and takes over the journal of any listed VM that has not
@@ -20,8 +20,7 @@
 //! settlement answers `ALREADY_RESOLVED` (a hold is resolved at most once), so no one
 //! is charged twice.
 
-use prost::Message;
-use x402_proto::settlement::v1::{CaptureItem, CaptureRequest};
+use x402_proto::settlement::v1::CaptureItem;
 
 use crate::host::{Host, SharedDataError};
 
@@ -69,19 +68,17 @@ impl Journal {
     /// Records the captures this VM still owes (queued, waiting to be resent, or in
     /// flight), replacing what was recorded before.
     pub fn record<'a>(&self, host: &mut dyn Host, items: impl Iterator<Item = &'a CaptureItem>) {
-        let request = CaptureRequest {
-            items: items.take(MAX_JOURNALED).cloned().collect(),
-        };
+        let value = encode(items.take(MAX_JOURNALED));
         // A failed write leaves the previous copy: at worst a capture already answered
         // is sent again after a crash, which settlement answers ALREADY_RESOLVED.
-        let _ = host.set_shared_data(&self.items_key(&self.id), &request.encode_to_vec(), 0);
+        let _ = host.set_shared_data(&self.items_key(&self.id), &value, 0);
     }
 
     /// Once per tick: says this VM is alive, keeps it listed, and returns the captures
     /// of VMs that stopped ticking, which this VM now owes.
     pub fn tick(&self, host: &mut dyn Host, now_nanos: u64) -> Vec<CaptureItem> {
         let _ = host.set_shared_data(&self.beat_key(&self.id), &now_nanos.to_le_bytes(), 0);
-        let (listed, _) = self.update_registry(host, |ids| {
+        let (listed, _) = self.update_registry(host, &|ids| {
             if ids.contains(&self.id) {
                 return false;
             }
@@ -97,7 +94,7 @@ impl Journal {
             if beat.is_some_and(|b| now_nanos.saturating_sub(b) < ORPHAN_AFTER_NANOS) {
                 continue;
             }
-            let (_, won) = self.update_registry(host, |ids| {
+            let (_, won) = self.update_registry(host, &|ids| {
                 let before = ids.len();
                 ids.retain(|id| id != other);
                 ids.len() < before
@@ -108,9 +105,7 @@ impl Journal {
             }
             let items_key = self.items_key(other);
             if let Some((bytes, _)) = host.get_shared_data(&items_key) {
-                if let Ok(request) = CaptureRequest::decode(bytes.as_slice()) {
-                    adopted.extend(request.items);
-                }
+                adopted.extend(decode(&bytes));
             }
             // Shared data has no delete: emptied, the keys of a gone VM stay tiny.
             let _ = host.set_shared_data(&items_key, &[], 0);
@@ -125,7 +120,7 @@ impl Journal {
     fn update_registry(
         &self,
         host: &mut dyn Host,
-        change: impl Fn(&mut Vec<String>) -> bool,
+        change: &dyn Fn(&mut Vec<String>) -> bool,
     ) -> (Vec<String>, bool) {
         let mut ids = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
@@ -147,6 +142,57 @@ impl Journal {
         // could not be unlisted is not taken over.
         (ids, false)
     }
+}
+
+/// Captures as bytes: per item the amount, upstream time (u64) and HTTP status (u32),
+/// little-endian, then the transaction id's length (u16) and bytes. Smaller in the
+/// module than a second protobuf decoder.
+fn encode<'a>(items: impl Iterator<Item = &'a CaptureItem>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for item in items {
+        let Ok(id_len) = u16::try_from(item.transaction_id.len()) else {
+            continue;
+        };
+        out.extend_from_slice(&item.amount.to_le_bytes());
+        out.extend_from_slice(&item.upstream_micros.to_le_bytes());
+        out.extend_from_slice(&item.http_status.to_le_bytes());
+        out.extend_from_slice(&id_len.to_le_bytes());
+        out.extend_from_slice(item.transaction_id.as_bytes());
+    }
+    out
+}
+
+/// The captures [`encode`] wrote; stops at anything that does not parse.
+fn decode(mut bytes: &[u8]) -> Vec<CaptureItem> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = bytes.split_at_checked(n)?;
+        *bytes = rest;
+        Some(head)
+    }
+    fn u64_at(bytes: &mut &[u8]) -> Option<u64> {
+        Some(u64::from_le_bytes(take(bytes, 8)?.try_into().ok()?))
+    }
+    let mut items = Vec::new();
+    while !bytes.is_empty() {
+        let item = (|| {
+            let amount = u64_at(&mut bytes)?;
+            let upstream_micros = u64_at(&mut bytes)?;
+            let http_status = u32::from_le_bytes(take(&mut bytes, 4)?.try_into().ok()?);
+            let len = u16::from_le_bytes(take(&mut bytes, 2)?.try_into().ok()?);
+            let id = std::str::from_utf8(take(&mut bytes, usize::from(len))?).ok()?;
+            Some(CaptureItem {
+                transaction_id: id.to_owned(),
+                amount,
+                upstream_micros,
+                http_status,
+            })
+        })();
+        match item {
+            Some(item) => items.push(item),
+            None => break,
+        }
+    }
+    items
 }
 
 fn parse_ids(bytes: &[u8]) -> Vec<String> {
@@ -277,6 +323,25 @@ mod tests {
             survivor.tick(&mut host, ORPHAN_AFTER_NANOS),
             vec![capture("tx-1")]
         );
+    }
+
+    #[test]
+    fn captures_read_back_as_written_and_garbage_reads_as_nothing() {
+        let items = vec![
+            capture("tx-1"),
+            CaptureItem {
+                transaction_id: "b5f7e1c2-0000-4000-8000-000000000000".into(),
+                amount: u64::MAX,
+                upstream_micros: 0,
+                http_status: 404,
+            },
+        ];
+        let bytes = encode(items.iter());
+        assert_eq!(decode(&bytes), items);
+        // A truncated copy keeps the whole items before the cut.
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), items[..1].to_vec());
+        assert!(decode(&[]).is_empty());
+        assert!(decode(&[1, 2, 3]).is_empty());
     }
 
     #[test]
