@@ -48,9 +48,12 @@ pub async fn take(
     limit: &GlobalLimit,
 ) -> Result<Take, sqlx::Error> {
     let window = i64::from(limit.window_seconds);
+    // The window's start by `%`, not `/ $4 * $4`: integer `/` is exact division
+    // on CockroachDB, which would start a window every second.
     let taken: Option<i32> = sqlx::query_scalar(
         "INSERT INTO rate_windows (route, identity, window_seconds, window_start, taken) \
-         VALUES ($1, $2, $3, floor(extract(epoch FROM now()))::bigint / $4 * $4, 1) \
+         VALUES ($1, $2, $3, floor(extract(epoch FROM now()))::bigint \
+           - floor(extract(epoch FROM now()))::bigint % $4, 1) \
          ON CONFLICT (route, identity, window_seconds, window_start) \
          DO UPDATE SET taken = rate_windows.taken + 1 WHERE rate_windows.taken < $5 \
          RETURNING taken",
