@@ -197,7 +197,7 @@ async fn run_sequence(
     h: &Harness,
     case: usize,
     ops: &[Op],
-    seen: &Seen,
+    outcomes: &Seen,
 ) -> Result<(), TestCaseError> {
     let merchant = format!("model-merchant-{case}");
     h.merchant(&merchant).await;
@@ -301,7 +301,7 @@ async fn run_sequence(
                         model.holds[hold].state = HoldState::Captured(total);
                         model.holds[hold].captured = total;
                         if mh.captured > 0 {
-                            count(seen, "final_capture_after_partials");
+                            count(outcomes, "final_capture_after_partials");
                         }
                     }
                     // The same capture again is answered the same; anything else is
@@ -343,12 +343,12 @@ async fn run_sequence(
                 if total > mh.amount {
                     prop_assert_eq!(got, ResolveOutcome::ExceedsHold, "{}", at);
                     prop_assert_eq!(r.amount, mh.amount, "{}", at);
-                    count(seen, "partial_above_hold");
+                    count(outcomes, "partial_above_hold");
                     continue;
                 }
                 if mh.state != HoldState::Open {
                     prop_assert_eq!(got, ResolveOutcome::AlreadyResolved, "{}", at);
-                    count(seen, "partial_after_resolution");
+                    count(outcomes, "partial_after_resolution");
                     continue;
                 }
                 // A total at or below what is captured posts nothing and answers
@@ -358,10 +358,10 @@ async fn run_sequence(
                 prop_assert_eq!(r.amount, after, "{}", at);
                 let step = after - mh.captured;
                 if step == 0 {
-                    count(seen, "partial_unchanged");
+                    count(outcomes, "partial_unchanged");
                     continue;
                 }
-                count(seen, "partial_posted");
+                count(outcomes, "partial_posted");
                 let p = &mut model.payers[mh.payer];
                 p.held -= step;
                 p.spent += step;
@@ -386,7 +386,7 @@ async fn run_sequence(
                         model.merchant_pending -= rest;
                         model.holds[hold].state = HoldState::Voided;
                         if mh.captured > 0 {
-                            count(seen, "void_after_partials");
+                            count(outcomes, "void_after_partials");
                         }
                     }
                     HoldState::Voided => {
@@ -420,7 +420,7 @@ async fn run_sequence(
                     model.merchant_pending -= rest;
                     model.holds[hold].state = HoldState::Expired;
                     if mh.captured > 0 {
-                        count(seen, "expire_after_partials");
+                        count(outcomes, "expire_after_partials");
                     }
                 } else {
                     prop_assert_eq!(expired, 0, "{}", at);
@@ -478,7 +478,7 @@ async fn run_sequence(
                 let r = answer.map_err(|e| TestCaseError::fail(format!("{at}: {e}")))?;
                 prop_assert_eq!(r.amount, want, "{}", at);
                 if mh.last_partial.is_some() {
-                    count(seen, "refund_after_partials");
+                    count(outcomes, "refund_after_partials");
                 }
                 model.payers[mh.payer].refunded += want;
                 model.merchant_refunded += want;
@@ -536,6 +536,8 @@ fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
     });
     let case = std::sync::atomic::AtomicUsize::new(0);
     let seen: Seen = Default::default();
+    // What partial captures met: posted, unchanged, refused, and what followed them.
+    let outcomes: Seen = Default::default();
     let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
         let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut seen) = seen.lock() {
@@ -555,15 +557,18 @@ fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
                 *seen.entry(name).or_default() += 1;
             }
         }
-        rt.block_on(run_sequence(&h, n, &ops, &seen))
+        rt.block_on(run_sequence(&h, n, &ops, &outcomes))
     });
     if let Err(e) = result {
         panic!("{e}");
     }
+    let seen = seen.into_inner().unwrap();
     eprintln!(
-        "model: {} sequences, operations {:?}",
+        "model: {} sequences, {} operations {:?}, partial captures {:?}",
         case.into_inner(),
-        seen.into_inner().unwrap()
+        seen.values().sum::<usize>(),
+        seen,
+        outcomes.into_inner().unwrap()
     );
     drop(h);
 }
