@@ -5,7 +5,8 @@
 //! captures (running totals: new, repeated, going backwards, above the hold, after the
 //! hold was resolved; then a final capture below, at or above them, a void or an
 //! expiry that releases the rest, and refunds of what they captured) and repeated
-//! resolutions run against the real service and real PostgreSQL. After every step each outcome matches what the model predicts;
+//! resolutions run against the real service and real PostgreSQL, with the merchant
+//! paying a platform fee (none, round, rounding every amount, large). After every step each outcome matches what the model predicts;
 //! after every sequence the balances equal the model's and the invariant checker
 //! finds nothing.
 //!
@@ -133,6 +134,9 @@ struct ModelHold {
     last_partial: Option<u64>,
     /// Refunded so far.
     refunded: u64,
+    /// The platform's fee of what was captured, and what refunds gave back of it.
+    fee: u64,
+    fee_refunded: u64,
     /// The last refund that went through: (idempotency key, amount asked, refund id,
     /// amount refunded).
     last_refund: Option<(String, u64, String, u64)>,
@@ -151,7 +155,26 @@ struct Model {
     holds: Vec<ModelHold>,
     merchant_pending: u64,
     merchant_posted: u64,
-    merchant_refunded: u64,
+    /// The merchant's debits: platform fees, and its part of each refund.
+    merchant_debited: u64,
+    /// The merchant's fee in basis points of each captured total.
+    fee_bps: u64,
+    /// Fees the platform took, and gave back with refunds.
+    fees: u64,
+    fees_refunded: u64,
+}
+
+impl Model {
+    /// Takes the fee of hold `hold`'s new captured total: the fee of the total less
+    /// the fees already taken on that hold.
+    fn take_fee(&mut self, hold: usize, total: u64) {
+        let fee = total * self.fee_bps / 10_000;
+        let h = &mut self.holds[hold];
+        let step = fee - h.fee;
+        h.fee = fee;
+        self.fees += step;
+        self.merchant_debited += step;
+    }
 }
 
 type Seen = std::sync::Mutex<HashMap<&'static str, usize>>;
@@ -193,9 +216,26 @@ impl Model {
     }
 }
 
+/// The platform account's (credits posted, debits posted): fees taken and returned.
+async fn platform(h: &Harness) -> (u64, u64) {
+    let (credits, debits): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(credits_posted), 0)::bigint, coalesce(sum(debits_posted), 0)::bigint \
+         FROM balances WHERE account_id = $1",
+    )
+    .bind(x402_settlement::events::PLATFORM_ACCOUNT)
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    (
+        u64::try_from(credits).unwrap(),
+        u64::try_from(debits).unwrap(),
+    )
+}
+
 async fn run_sequence(
     h: &Harness,
     case: usize,
+    fee_bps: u64,
     ops: &[Op],
     outcomes: &Seen,
 ) -> Result<(), TestCaseError> {
@@ -213,8 +253,18 @@ async fn run_sequence(
         holds: Vec::new(),
         merchant_pending: 0,
         merchant_posted: 0,
-        merchant_refunded: 0,
+        merchant_debited: 0,
+        fee_bps,
+        fees: 0,
+        fees_refunded: 0,
     };
+    sqlx::query("UPDATE accounts SET fee_bps = $2 WHERE id = $1")
+        .bind(&merchant)
+        .bind(i32::try_from(fee_bps).unwrap())
+        .execute(&h.pool)
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let platform_before = platform(h).await;
     let ledger = Ledger::new(h.pool.clone());
     for (step, op) in ops.iter().enumerate() {
         let at = format!("step {step} {op:?}");
@@ -255,6 +305,8 @@ async fn run_sequence(
                         captured: 0,
                         last_partial: None,
                         refunded: 0,
+                        fee: 0,
+                        fee_refunded: 0,
                         last_refund: None,
                     });
                 } else {
@@ -300,6 +352,7 @@ async fn run_sequence(
                         model.merchant_posted += step;
                         model.holds[hold].state = HoldState::Captured(total);
                         model.holds[hold].captured = total;
+                        model.take_fee(hold, total);
                         if mh.captured > 0 {
                             count(outcomes, "final_capture_after_partials");
                         }
@@ -368,6 +421,7 @@ async fn run_sequence(
                 model.merchant_pending -= step;
                 model.merchant_posted += step;
                 model.holds[hold].captured = after;
+                model.take_fee(hold, after);
             }
             Op::Void { hold } => {
                 let Some(hold) = model.pick(hold) else {
@@ -480,8 +534,17 @@ async fn run_sequence(
                 if mh.last_partial.is_some() {
                     count(outcomes, "refund_after_partials");
                 }
+                // The platform returns its fee pro rata; the refund that empties the
+                // payment returns the rest of it.
+                let fee_part = if mh.refunded + want == mh.captured {
+                    mh.fee - mh.fee_refunded
+                } else {
+                    (want * mh.fee / mh.captured).min(mh.fee - mh.fee_refunded)
+                };
                 model.payers[mh.payer].refunded += want;
-                model.merchant_refunded += want;
+                model.merchant_debited += want - fee_part;
+                model.fees_refunded += fee_part;
+                model.holds[hold].fee_refunded += fee_part;
                 model.holds[hold].refunded += want;
                 model.holds[hold].last_refund = Some((key, amount, r.refund_id, want));
             }
@@ -504,7 +567,10 @@ async fn run_sequence(
     let b = h.balance(&merchant).await;
     prop_assert_eq!(b.credits_pending, model.merchant_pending);
     prop_assert_eq!(b.credits_posted, model.merchant_posted);
-    prop_assert_eq!(b.debits_posted, model.merchant_refunded);
+    prop_assert_eq!(b.debits_posted, model.merchant_debited);
+    let platform_after = platform(h).await;
+    prop_assert_eq!(platform_after.0 - platform_before.0, model.fees);
+    prop_assert_eq!(platform_after.1 - platform_before.1, model.fees_refunded);
 
     let report = check_ledger(&h.pool, CheckOptions::default())
         .await
@@ -538,7 +604,10 @@ fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
     let seen: Seen = Default::default();
     // What partial captures met: posted, unchanged, refused, and what followed them.
     let outcomes: Seen = Default::default();
-    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+    // No fee, a round one, one that rounds every amount, and a large one.
+    let fees = proptest::sample::select(vec![0u64, 250, 333, 1999]);
+    let sequences = (fees, proptest::collection::vec(op(), 1..40));
+    let result = runner.run(&sequences, |(fee_bps, ops)| {
         let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut seen) = seen.lock() {
             for o in &ops {
@@ -557,7 +626,7 @@ fn random_ledger_operations_match_the_model_and_keep_every_invariant() {
                 *seen.entry(name).or_default() += 1;
             }
         }
-        rt.block_on(run_sequence(&h, n, &ops, &outcomes))
+        rt.block_on(run_sequence(&h, n, fee_bps, &ops, &outcomes))
     });
     if let Err(e) = result {
         panic!("{e}");
