@@ -396,7 +396,7 @@ impl Ledger {
         let rows = sqlx::query(
             "WITH d AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY \
                AS d(request_id, merchant, payer_key, asset, n)), \
-             k AS MATERIALIZED (SELECT public_key, account_id, revoked_at IS NOT NULL AS revoked FROM payer_keys \
+             k AS (SELECT public_key, account_id, revoked_at IS NOT NULL AS revoked FROM payer_keys \
                WHERE public_key = ANY($3) ORDER BY public_key FOR SHARE) \
              SELECT d.n, r.kind AS prior_kind, r.id AS prior_id, r.request_hash AS prior_hash, \
                r.amount AS prior_amount, r.debit_account AS prior_payer, \

@@ -117,7 +117,8 @@ impl Moves {
     /// Locks the balance rows of every change in key order (the order every other
     /// operation locks them in) and applies every change, in one statement; returns
     /// how many rows it locked and how many it changed (fewer than [`Moves::len`]:
-    /// a balance row is missing).
+    /// a balance row is missing). A CTE with a locking clause is never inlined, so
+    /// `locked` takes its row locks in its `ORDER BY` order before the update.
     pub(crate) async fn lock_and_apply(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -144,7 +145,7 @@ impl Moves {
         let (locked, changed): (i64, i64) = sqlx::query_as(
             "WITH d AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
                $6::bigint[]) AS d(account_id, asset, dpe, dpo, cpe, cpo)), \
-             locked AS MATERIALIZED (SELECT b.account_id, b.asset FROM balances b \
+             locked AS (SELECT b.account_id, b.asset FROM balances b \
                JOIN d ON b.account_id = d.account_id AND b.asset = d.asset \
                ORDER BY b.account_id, b.asset FOR UPDATE OF b), \
              changed AS (UPDATE balances b SET debits_pending = b.debits_pending + d.dpe, \
