@@ -11,6 +11,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod amount;
+mod b64;
 pub mod signing;
 pub mod vectors;
 pub mod wire;

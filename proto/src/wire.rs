@@ -5,8 +5,6 @@
 //! `X-402-Payment`, the client's proof) and `PAYMENT-RESPONSE` (receipt). Each carries
 //! standard base64 (RFC 4648, padded) of a UTF-8 JSON document.
 
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -232,7 +230,7 @@ fn field(field: &'static str, reason: &'static str) -> DecodeError {
 pub fn encode_header<T: Serialize>(value: &T) -> String {
     // Serializing these plain structs cannot fail; fall back to an empty object anyway.
     let json = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    STANDARD.encode(json)
+    crate::b64::encode(&json)
 }
 
 /// Decodes standard base64 (padded or not) of a JSON document.
@@ -241,10 +239,7 @@ pub fn decode_header<T: for<'de> Deserialize<'de>>(value: &str) -> Result<T, Dec
         return Err(DecodeError::TooLarge);
     }
     let value = value.trim();
-    let bytes = STANDARD
-        .decode(value)
-        .or_else(|_| STANDARD_NO_PAD.decode(value))
-        .map_err(|_| DecodeError::Base64)?;
+    let bytes = crate::b64::decode(value).ok_or(DecodeError::Base64)?;
     serde_json::from_slice(&bytes).map_err(|e| DecodeError::Json(e.to_string()))
 }
 
@@ -384,6 +379,8 @@ pub fn check_payment(payload: PaymentPayload) -> Result<CheckedPayment, DecodeEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
 
     fn sample() -> PaymentPayload {
         PaymentPayload {
