@@ -655,11 +655,10 @@ async fn run(faults: &[Fault], payers: usize, rounds: usize, warm: Duration, aft
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_short() {
-    // Envoy restarts are in the long run only: see RELIABILITY.md (captures of
-    // responses served by a restarted Envoy can be lost).
     let faults = [
         Fault::KillSettlement,
         Fault::RestartPostgres,
+        Fault::RestartEnvoy,
         Fault::SlowSettlement,
         Fault::CrashVm,
     ];
