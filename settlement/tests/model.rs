@@ -29,9 +29,7 @@ use std::time::Duration;
 use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use x402_proto::settlement::v1::{
-    AuthorizeOutcome, CaptureItem, CaptureRequest, ResolveOutcome, ResolveResult,
-};
+use x402_proto::settlement::v1::{AuthorizeOutcome, ResolveOutcome};
 use x402_settlement::check::{check_ledger, CheckOptions};
 use x402_settlement::server::ServerConfig;
 use x402_settlement::Ledger;
@@ -183,25 +181,6 @@ fn count(seen: &Seen, what: &'static str) {
     if let Ok(mut seen) = seen.lock() {
         *seen.entry(what).or_default() += 1;
     }
-}
-
-/// A partial capture naming the running total `total`.
-async fn partial(h: &Harness, tx: &str, total: u64) -> ResolveResult {
-    let item = CaptureItem {
-        transaction_id: tx.into(),
-        amount: total,
-        upstream_micros: 0,
-        http_status: 0,
-    };
-    let mut r = h
-        .data
-        .clone()
-        .capture_partial(CaptureRequest { items: vec![item] })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.results.len(), 1);
-    r.results.remove(0)
 }
 
 impl Model {
@@ -390,7 +369,7 @@ async fn run_sequence(
                     (Some(t), true) => t,
                     _ => mh.amount * permille / 1000 + u64::from(permille > 1000),
                 };
-                let r = partial(h, &mh.transaction, total).await;
+                let r = h.partial(&mh.transaction, total).await;
                 let got = resolved(&r);
                 model.holds[hold].last_partial = Some(total);
                 if total > mh.amount {

@@ -13,23 +13,6 @@ use x402_settlement::check::{check_ledger, CheckOptions};
 use x402_settlement::server::ServerConfig;
 
 impl Harness {
-    async fn partial(&self, tx: &str, total: u64) -> ResolveResult {
-        let item = CaptureItem {
-            transaction_id: tx.into(),
-            amount: total,
-            upstream_micros: 0,
-            http_status: 0,
-        };
-        let mut r = self
-            .data
-            .clone()
-            .capture_partial(CaptureRequest { items: vec![item] })
-            .await
-            .unwrap()
-            .into_inner();
-        r.results.remove(0)
-    }
-
     async fn assert_clean(&self) {
         let report = check_ledger(&self.pool, CheckOptions::default())
             .await

@@ -179,6 +179,25 @@ impl Harness {
         r.results.remove(0)
     }
 
+    /// A partial capture naming the running total `total` (`CapturePartial`).
+    pub async fn partial(&self, tx: &str, total: u64) -> ResolveResult {
+        let item = CaptureItem {
+            transaction_id: tx.into(),
+            amount: total,
+            upstream_micros: 0,
+            http_status: 0,
+        };
+        let mut r = self
+            .data
+            .clone()
+            .capture_partial(CaptureRequest { items: vec![item] })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.results.len(), 1);
+        r.results.remove(0)
+    }
+
     pub async fn void(&self, tx: &str) -> ResolveResult {
         let item = VoidItem {
             transaction_id: tx.into(),
