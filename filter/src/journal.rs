@@ -226,6 +226,17 @@ mod tests {
         Journal::new(host, "settlement")
     }
 
+    /// Two listed VMs; the first owes `tx-1` and will stop beating.
+    fn crashed_and_survivor() -> (FakeHost, Journal, Journal) {
+        let mut host = FakeHost::default();
+        let crashed = journal(&mut host);
+        let survivor = journal(&mut host);
+        crashed.tick(&mut host, 0);
+        survivor.tick(&mut host, 0);
+        crashed.record(&mut host, [capture("tx-1")].iter());
+        (host, crashed, survivor)
+    }
+
     fn listed(host: &FakeHost) -> Vec<String> {
         parse_ids(&host.get_shared_data(REGISTRY).unwrap().0)
     }
@@ -292,12 +303,7 @@ mod tests {
 
     #[test]
     fn a_lost_race_for_the_registry_takes_nothing_over() {
-        let mut host = FakeHost::default();
-        let crashed = journal(&mut host);
-        let survivor = journal(&mut host);
-        crashed.tick(&mut host, 0);
-        survivor.tick(&mut host, 0);
-        crashed.record(&mut host, [capture("tx-1")].iter());
+        let (mut host, crashed, survivor) = crashed_and_survivor();
         // Another VM unlists the crashed one between our read and our write.
         let winner = "0123456789abcdef";
         host.shared_data_interference = Some((
@@ -310,12 +316,7 @@ mod tests {
 
     #[test]
     fn a_failed_registry_write_takes_nothing_over() {
-        let mut host = FakeHost::default();
-        let crashed = journal(&mut host);
-        let survivor = journal(&mut host);
-        crashed.tick(&mut host, 0);
-        survivor.tick(&mut host, 0);
-        crashed.record(&mut host, [capture("tx-1")].iter());
+        let (mut host, _crashed, survivor) = crashed_and_survivor();
         host.shared_data_broken = true;
         assert!(survivor.tick(&mut host, ORPHAN_AFTER_NANOS).is_empty());
         host.shared_data_broken = false;
