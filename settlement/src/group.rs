@@ -36,7 +36,8 @@ use x402_proto::settlement::v1::{
 use crate::error::{constraint, LedgerError};
 use crate::events::{Event, CHANNEL, PLATFORM_ACCOUNT};
 use crate::ledger::{
-    is_overdraft, retrying, to_i64, to_u64, Attempt, Delta, Ledger, Moves, Resolution,
+    is_overdraft, resolve_result, retrying, to_i64, to_u64, Attempt, Delta, Ledger, Moves,
+    Resolution,
 };
 use crate::verify::{refused, unix_now, CheckedAuthorize};
 
@@ -766,13 +767,6 @@ impl Ledger {
         items: &[((String, Resolution), Option<Instant>)],
     ) -> Result<Vec<Slot<ResolveResult>>, Attempt> {
         let mut out: Vec<Option<Slot<ResolveResult>>> = items.iter().map(|_| None).collect();
-        let result =
-            |id: &str, outcome: ResolveOutcome, amount: u64, message: &str| ResolveResult {
-                transaction_id: id.to_owned(),
-                outcome: outcome as i32,
-                amount,
-                message: message.to_owned(),
-            };
         let mut seen = HashSet::with_capacity(items.len());
         let mut live = Vec::with_capacity(items.len());
         for (i, ((id, _), _)) in items.iter().enumerate() {
@@ -814,7 +808,7 @@ impl Ledger {
         for i in live {
             let (id, resolution) = &items[i].0;
             let Some(hold) = holds.get(id) else {
-                out[i] = Some(Slot::Done(result(
+                out[i] = Some(Slot::Done(resolve_result(
                     id,
                     ResolveOutcome::NotFound,
                     0,
@@ -825,7 +819,7 @@ impl Ledger {
             let hold_amount = to_u64(hold.3);
             if let Resolution::Capture { amount, .. } = resolution {
                 if *amount > hold_amount {
-                    out[i] = Some(Slot::Done(result(
+                    out[i] = Some(Slot::Done(resolve_result(
                         id,
                         ResolveOutcome::ExceedsHold,
                         hold_amount,
@@ -1106,7 +1100,7 @@ impl Ledger {
             } else {
                 ResolveOutcome::Voided
             };
-            out[d.index] = Some(Slot::Done(result(d.id, outcome, posted, "")));
+            out[d.index] = Some(Slot::Done(resolve_result(d.id, outcome, posted, "")));
         }
         Ok(finish(out))
     }

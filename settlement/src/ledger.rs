@@ -525,11 +525,8 @@ impl Ledger {
         transaction_id: &str,
         resolution: &Resolution,
     ) -> Result<ResolveResult, Attempt> {
-        let result = |outcome: ResolveOutcome, amount: u64, message: &str| ResolveResult {
-            transaction_id: transaction_id.to_owned(),
-            outcome: outcome as i32,
-            amount,
-            message: message.to_owned(),
+        let result = |outcome: ResolveOutcome, amount: u64, message: &str| {
+            resolve_result(transaction_id, outcome, amount, message)
         };
         let mut tx = self.pool.begin().await?;
         let Some(hold) = self.find_hold(&mut tx, transaction_id).await? else {
@@ -745,11 +742,8 @@ impl Ledger {
         transaction_id: &str,
         total: u64,
     ) -> Result<ResolveResult, Attempt> {
-        let result = |outcome: ResolveOutcome, amount: u64, message: &str| ResolveResult {
-            transaction_id: transaction_id.to_owned(),
-            outcome: outcome as i32,
-            amount,
-            message: message.to_owned(),
+        let result = |outcome: ResolveOutcome, amount: u64, message: &str| {
+            resolve_result(transaction_id, outcome, amount, message)
         };
         let mut tx = self.pool.begin().await?;
         let Some(hold) = self.find_hold(&mut tx, transaction_id).await? else {
@@ -1105,5 +1099,20 @@ pub(crate) fn is_overdraft(err: &sqlx::Error) -> bool {
         Some("23514") => constraint(err) == Some("balances_debits_within_credits"),
         Some("22003") => true,
         _ => false,
+    }
+}
+
+/// The answer for one capture, void or partial capture of `transaction_id`.
+pub(crate) fn resolve_result(
+    transaction_id: &str,
+    outcome: ResolveOutcome,
+    amount: u64,
+    message: &str,
+) -> ResolveResult {
+    ResolveResult {
+        transaction_id: transaction_id.to_owned(),
+        outcome: outcome as i32,
+        amount,
+        message: message.to_owned(),
     }
 }
