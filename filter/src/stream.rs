@@ -208,13 +208,7 @@ pub fn on_response_chunk(
     }
     if state.exhausted {
         // Past the cut: nothing more reaches the client, and the stream is reset.
-        let close_now = !state.closed;
-        state.closed = true;
-        return Verdict {
-            replace: Some(Vec::new()),
-            close_now,
-            ended: false,
-        };
+        return drop_rest(state);
     }
     let limit = budget(meter);
     let mut data = std::mem::take(&mut state.carry);
@@ -288,6 +282,17 @@ pub fn on_response_chunk(
     }
 }
 
+/// Past the cut: the chunk is dropped, and the stream is reset the first time.
+fn drop_rest(state: &mut StreamState) -> Verdict {
+    let close_now = !state.closed;
+    state.closed = true;
+    Verdict {
+        replace: Some(Vec::new()),
+        close_now,
+        ended: false,
+    }
+}
+
 /// Upstream-to-client WebSocket bytes.
 fn on_upstream_frames(
     state: &mut StreamState,
@@ -298,13 +303,7 @@ fn on_upstream_frames(
 ) -> Verdict {
     let frames = state.upstream_frames.scan(chunk);
     if state.close_sent_to_client {
-        let close_now = !state.closed;
-        state.closed = true;
-        return Verdict {
-            replace: Some(Vec::new()),
-            close_now,
-            ended: false,
-        };
+        return drop_rest(state);
     }
     track_time(meter, usage, elapsed_micros);
     let counts = matches!(meter.unit, Unit::Messages(d) if d.counts_upstream());
