@@ -11,6 +11,7 @@
 mod envoys;
 mod load;
 mod payers;
+mod pg_statements;
 mod procfs;
 mod report;
 mod settle;
@@ -81,6 +82,9 @@ struct Settings {
     peer_pool: u32,
     /// `BENCH_ONLY`: scenario keys to run (comma-separated); empty = all.
     only: Vec<String>,
+    /// `BENCH_PG_STATEMENTS=1`: Postgres preloads `pg_stat_statements` and the run writes
+    /// the costliest statements to `target/bench/statements.md`.
+    pg_statements: bool,
 }
 
 impl Settings {
@@ -117,6 +121,7 @@ impl Settings {
                         .collect()
                 })
                 .unwrap_or_default(),
+            pg_statements: std::env::var("BENCH_PG_STATEMENTS").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -204,9 +209,21 @@ async fn main() -> Result<()> {
     );
 
     // --- the stack -----------------------------------------------------------------
-    let pg = TestPostgres::start().context("starting PostgreSQL")?;
+    let pg = if settings.pg_statements {
+        TestPostgres::start_with_settings(&[
+            "shared_preload_libraries=pg_stat_statements",
+            "pg_stat_statements.track=all",
+            "pg_stat_statements.track_planning=on",
+        ])
+    } else {
+        TestPostgres::start()
+    }
+    .context("starting PostgreSQL")?;
     let database = "x402_bench";
     let database_url = pg.create_database(database)?;
+    if settings.pg_statements {
+        pg_statements::install(&database_url).await?;
+    }
     let settlement_args: Vec<&str> = settings
         .settlement_args
         .iter()
@@ -405,6 +422,9 @@ async fn main() -> Result<()> {
     let settle_stats_before = envoy_stats(&http, x402.admin_port()).await;
 
     // --- interleaved rounds ----------------------------------------------------------
+    if settings.pg_statements {
+        pg_statements::reset(&database_url).await?;
+    }
     for round in 0..settings.rounds {
         for scenario in Scenario::ALL {
             if !settings.only.is_empty() && !settings.only.iter().any(|k| k == scenario.key()) {
@@ -566,6 +586,14 @@ async fn main() -> Result<()> {
     report.paid_requests = delta("wasmcustom.x402_requests_paid");
     report.elapsed_seconds = started.elapsed().as_secs_f64();
     report.table_scans = table_scans(&database_url).await.unwrap_or_default();
+    if settings.pg_statements {
+        let path = paths::workspace_root()
+            .join("target")
+            .join("bench")
+            .join("statements.md");
+        pg_statements::write(&database_url, &path).await?;
+        eprintln!("wrote {}", path.display());
+    }
 
     let out_dir = paths::workspace_root().join("target").join("bench");
     std::fs::create_dir_all(&out_dir)?;

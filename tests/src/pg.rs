@@ -19,6 +19,8 @@ pub struct TestPostgres {
     /// uid/gid the server runs as when we are root (Postgres refuses to run as root).
     owner: Option<(u32, u32)>,
     running: bool,
+    /// Extra ` -c name=value` server settings, kept for restarts.
+    settings: String,
 }
 
 /// Finds the directory with `initdb`/`pg_ctl`: `PG_BIN` if set, then PATH, then
@@ -106,6 +108,12 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 impl TestPostgres {
     /// initdb + start on a free port; waits (bounded) until it accepts connections.
     pub fn start() -> Result<TestPostgres> {
+        Self::start_with_settings(&[])
+    }
+
+    /// Like [`Self::start`], with extra server settings (`name=value`, passed as `-c`),
+    /// e.g. to preload `pg_stat_statements` for a profiling run.
+    pub fn start_with_settings(settings: &[&str]) -> Result<TestPostgres> {
         let bin_dir = pg_bin_dir()?;
         let root = unique_root()?;
         let data = root.join("data");
@@ -130,6 +138,7 @@ impl TestPostgres {
             bin_dir,
             owner,
             running: false,
+            settings: settings.iter().map(|s| format!(" -c {s}")).collect(),
         };
         pg.start_again()?;
         Ok(pg)
@@ -206,7 +215,7 @@ impl TestPostgres {
             "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
             self.port,
             self.root.display()
-        );
+        ) + &self.settings;
         run(
             pg_command(&self.bin_dir.join("pg_ctl"), self.owner)
                 .arg("-D")
