@@ -1127,3 +1127,39 @@ async fn an_authorize_past_its_deadline_holds_nothing() {
     assert_eq!(held, 0);
     assert_eq!(h.balance("jay").await.debits_pending, 2_000);
 }
+
+/// Ledger statements run on one generic plan per connection (`db::SESSION_SETTINGS`), so
+/// Postgres does not plan them again on every call.
+#[tokio::test]
+async fn ledger_statements_are_not_planned_per_call() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("p-plans", 1_000_000).await;
+    for i in 0..8 {
+        let r = h.authorize(paid(&p, &format!("plans-{i}"), 1_000)).await;
+        assert_eq!(outcome(&r), AuthorizeOutcome::Authorized);
+        assert_eq!(
+            resolved(&h.capture(&r.transaction_id, 1_000).await),
+            ResolveOutcome::Captured
+        );
+    }
+    // Every pooled connection, held at once so each is looked at exactly once.
+    let mut held = Vec::new();
+    for _ in 0..h.pool.size() {
+        held.push(h.pool.acquire().await.unwrap());
+    }
+    let (mut generic, mut custom) = (0i64, 0i64);
+    for conn in &mut held {
+        let (g, c): (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(sum(generic_plans), 0)::bigint, coalesce(sum(custom_plans), 0)::bigint \
+             FROM pg_prepared_statements",
+        )
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap();
+        generic += g;
+        custom += c;
+    }
+    assert!(generic > 0, "no prepared statement ran on the pool");
+    assert_eq!(custom, 0, "statements were planned per call");
+}
