@@ -350,6 +350,10 @@ impl Matcher {
                 return false;
             }
         }
+        self.matches_method_and_path(key)
+    }
+
+    fn matches_method_and_path(&self, key: &RouteKey<'_>) -> bool {
         if let Some(method) = &self.method {
             if !key.method.eq_ignore_ascii_case(method) {
                 return false;
@@ -373,6 +377,24 @@ impl Config {
     /// The first route of the table that matches, in table order.
     pub fn route_for(&self, key: &RouteKey<'_>) -> Option<&Route> {
         self.routes.iter().find(|r| r.matcher.matches(key))
+    }
+
+    /// Whether finding the route of a request with this method and path needs Envoy's
+    /// route name: a route that matches on the name is reached (no route before it
+    /// matches without one) and its other criteria match. Reading the name costs Envoy
+    /// ~20 us per request, so it is read only then.
+    pub fn needs_route_name(&self, method: &str, path: &str) -> bool {
+        let key = RouteKey {
+            route_name: None,
+            method,
+            path,
+        };
+        for route in &self.routes {
+            if route.matcher.matches_method_and_path(&key) {
+                return route.matcher.route_name.is_some();
+            }
+        }
+        false
     }
 
     pub fn route_named(&self, name: &str) -> Option<&Route> {

@@ -140,6 +140,8 @@ pub struct FakeHost {
     pub response_headers: HashMap<u32, Vec<(String, String)>>,
     pub response_trailers: HashMap<u32, Vec<(String, String)>>,
     pub properties: HashMap<(u32, String), Vec<u8>>,
+    /// Property paths read, in order (e.g. `route_name`).
+    pub property_reads: std::cell::RefCell<Vec<String>>,
     pub calls: Vec<Call>,
     pub now_nanos: u64,
     pub next_token: u32,
@@ -280,9 +282,13 @@ impl Host for FakeHost {
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.properties
-            .get(&(self.effective, path.join(".")))
-            .cloned()
+        let path = path.join(".");
+        let value = self
+            .properties
+            .get(&(self.effective, path.clone()))
+            .cloned();
+        self.property_reads.borrow_mut().push(path);
+        value
     }
 
     fn grpc_call(

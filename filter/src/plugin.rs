@@ -192,6 +192,16 @@ impl Vm {
             return Action::Pause;
         }
         let mut info = read_request(host);
+        if self
+            .plugins
+            .get(&root_id)
+            .is_some_and(|p| p.config.needs_route_name(&info.method, &info.path))
+        {
+            info.route_name = host
+                .property(&["xds", "route_name"])
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|s| !s.is_empty());
+        }
         info.body_follows = body_follows;
         if let Some(request) = self.requests.get_mut(&context_id) {
             request.grpc = host
@@ -668,7 +678,10 @@ impl Vm {
                     headers,
                     body,
                 } => {
-                    match crate::grpc::reply(status, &headers, &body).filter(|_| grpc_request) {
+                    let grpc = grpc_request
+                        .then(|| crate::grpc::reply(status, &headers, &body))
+                        .flatten();
+                    match grpc {
                         Some(g) => host.send_grpc_reply(g.grpc_status, &g.headers, &g.message),
                         None => host.send_local_reply(status, &headers, &body),
                     }
@@ -695,6 +708,8 @@ impl Vm {
 }
 
 /// Reads what the state machine needs from the request headers.
+/// The request's headers the filter works from (Envoy's route name is read apart, and
+/// only when matching needs it: [`crate::config::Config::needs_route_name`]).
 fn read_request(host: &mut dyn Host) -> RequestInfo {
     let authority = host
         .request_header(":authority")
@@ -703,10 +718,6 @@ fn read_request(host: &mut dyn Host) -> RequestInfo {
     let payment = host
         .request_header(HEADER_PAYMENT_SIGNATURE)
         .or_else(|| host.request_header(HEADER_PAYMENT_SIGNATURE_ALIAS));
-    let route_name = host
-        .property(&["xds", "route_name"])
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|s| !s.is_empty());
     let envoy_id = host.request_header("x-request-id").filter(|id| {
         !id.is_empty() && id.len() <= MAX_REQUEST_ID && !id.contains(char::is_control)
     });
@@ -725,7 +736,7 @@ fn read_request(host: &mut dyn Host) -> RequestInfo {
         method: header(":method"),
         authority,
         path: header(":path"),
-        route_name,
+        route_name: None,
         payment,
         request_id,
         now_secs: host.now_nanos() / 1_000_000_000,

@@ -823,13 +823,15 @@ fn quoted_challenge_reply(
     quote: &Quote,
     code: ErrorCode,
 ) -> Effect {
-    let body = quoted_challenge(config, route, input, quote, code);
+    let challenge = quoted_challenge(config, route, input, quote, code);
+    // The header is the body's JSON in base64: serialized once for both.
+    let body = serde_json::to_vec(&challenge).unwrap_or_default();
     let mut headers = json_headers();
     headers.push((
         HEADER_PAYMENT_REQUIRED.to_owned(),
-        wire::encode_header(&body),
+        wire::encode_header_json(&body),
     ));
-    if let Some(left) = body.free_remaining {
+    if let Some(left) = challenge.free_remaining {
         headers.push((
             crate::policy::HEADER_FREE_REMAINING.to_owned(),
             left.to_string(),
@@ -838,7 +840,7 @@ fn quoted_challenge_reply(
     Effect::Reply {
         status: code.http_status(),
         headers,
-        body: serde_json::to_vec(&body).unwrap_or_default(),
+        body,
     }
 }
 

@@ -230,7 +230,12 @@ fn field(field: &'static str, reason: &'static str) -> DecodeError {
 pub fn encode_header<T: Serialize>(value: &T) -> String {
     // Serializing these plain structs cannot fail; fall back to an empty object anyway.
     let json = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    crate::b64::encode(&json)
+    encode_header_json(&json)
+}
+
+/// [`encode_header`] of a document already serialized (e.g. also sent as a body).
+pub fn encode_header_json(json: &[u8]) -> String {
+    crate::b64::encode(json)
 }
 
 /// Decodes standard base64 (padded or not) of a JSON document.
