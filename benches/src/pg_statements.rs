@@ -14,24 +14,25 @@ async fn pool(database_url: &str) -> Result<sqlx::PgPool> {
         .await?)
 }
 
-/// Creates the extension in the benchmark's database (the server preloads the library).
-pub async fn install(database_url: &str) -> Result<()> {
+async fn execute(database_url: &str, sql: &str) -> Result<()> {
     let pool = pool(database_url).await?;
-    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        .execute(&pool)
-        .await?;
+    sqlx::query(sql).execute(&pool).await?;
     pool.close().await;
     Ok(())
 }
 
+/// Creates the extension in the benchmark's database (the server preloads the library).
+pub async fn install(database_url: &str) -> Result<()> {
+    execute(
+        database_url,
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+    )
+    .await
+}
+
 /// Forgets the set-up's statements, so the table covers the rounds only.
 pub async fn reset(database_url: &str) -> Result<()> {
-    let pool = pool(database_url).await?;
-    sqlx::query("SELECT pg_stat_statements_reset()")
-        .execute(&pool)
-        .await?;
-    pool.close().await;
-    Ok(())
+    execute(database_url, "SELECT pg_stat_statements_reset()").await
 }
 
 /// Writes the 30 statements with the most planning + execution time as a Markdown table.
@@ -54,6 +55,9 @@ pub async fn write(database_url: &str, path: &Path) -> Result<()> {
             out,
             "| {calls} | {plans} | {plan:.1} | {exec:.1} | {n} | `{query}` |"
         );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
     }
     std::fs::write(path, out)?;
     Ok(())

@@ -707,7 +707,6 @@ impl Vm {
     }
 }
 
-/// Reads what the state machine needs from the request headers.
 /// The request's headers the filter works from (Envoy's route name is read apart, and
 /// only when matching needs it: [`crate::config::Config::needs_route_name`]).
 fn read_request(host: &mut dyn Host) -> RequestInfo {
