@@ -141,6 +141,11 @@ impl Settlement {
         }
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::id)
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -266,3 +266,39 @@ fn x402_settlement_signature(ts: i64, body: &str) -> String {
     mac.update(format!("{ts}.{body}").as_bytes());
     format!("t={ts},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
+
+/// `--worker-threads` sets how many threads run the service, and it serves with one.
+#[tokio::test]
+async fn settlement_runs_on_the_worker_threads_it_is_given() {
+    let url = tokio::task::spawn_blocking(x402_e2e::stack::fresh_database)
+        .await
+        .unwrap()
+        .unwrap();
+    let workers = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "settlement-rt")
+            .count()
+    };
+    let settlement =
+        x402_e2e::settlement::Settlement::start_with(&url, None, &["--worker-threads", "1"])
+            .await
+            .unwrap();
+    settlement
+        .create_account(
+            "worker-check",
+            x402_proto::settlement::v1::AccountKind::Payer,
+        )
+        .await
+        .unwrap();
+    let balance = settlement.deposit("worker-check", "USD", 5).await.unwrap();
+    assert_eq!(balance.credits_posted, 5);
+    assert_eq!(workers(settlement.pid().unwrap()), 1);
+    drop(settlement);
+    let settlement =
+        x402_e2e::settlement::Settlement::start_with(&url, None, &["--worker-threads", "3"])
+            .await
+            .unwrap();
+    assert_eq!(workers(settlement.pid().unwrap()), 3);
+}
