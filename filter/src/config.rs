@@ -10,12 +10,22 @@ use crate::fields::Obj;
 /// Largest route table accepted; matching is a linear scan in table order.
 pub const MAX_ROUTES: usize = 256;
 
+/// Default of `capture_window_ms`: under load, captures of requests that finish within
+/// this long share one settlement call (and one ledger transaction); a capture is sent at
+/// once when no other request is in progress. Captures are off the request's path.
+pub const DEFAULT_CAPTURE_WINDOW_MS: u32 = 10;
+
+/// Largest `capture_window_ms`: holds stay open this much longer at most.
+pub const MAX_CAPTURE_WINDOW_MS: u32 = 1_000;
+
 /// The plugin JSON as written. Only `settlement_cluster`, `pay_to` and `routes` are
 /// required; every other field has the documented default.
 #[derive(Debug, Clone)]
 pub struct RawConfig {
     pub settlement_cluster: String,
     pub settlement_timeout_ms: u32,
+    /// How long a finished request's capture may wait for others to share its call.
+    pub capture_window_ms: u32,
     pub network: String,
     pub asset: String,
     pub asset_decimals: u8,
@@ -50,6 +60,7 @@ impl RawConfig {
             &[
                 "settlement_cluster",
                 "settlement_timeout_ms",
+                "capture_window_ms",
                 "network",
                 "asset",
                 "asset_decimals",
@@ -83,6 +94,7 @@ impl RawConfig {
         Ok(RawConfig {
             settlement_cluster: o.string("settlement_cluster")?,
             settlement_timeout_ms: o.uint_or("settlement_timeout_ms", 2000)?,
+            capture_window_ms: o.uint_or("capture_window_ms", DEFAULT_CAPTURE_WINDOW_MS)?,
             network: o.string_or("network", "402x:local")?,
             asset: o.string_or("asset", "USD")?,
             asset_decimals: o.uint_or("asset_decimals", 6)?,
@@ -279,6 +291,8 @@ pub struct Config {
     /// Envoy cluster (HTTP/2) of the settlement service.
     pub settlement_cluster: String,
     pub settlement_timeout_ms: u32,
+    /// How long a capture may wait for others to share its call (`capture_window_ms`).
+    pub capture_window_ms: u32,
     pub network: String,
     pub asset: String,
     pub asset_decimals: u8,
@@ -440,6 +454,12 @@ impl TryFrom<RawConfig> for Config {
         check_text("pay_to", &raw.pay_to)?;
         if raw.settlement_timeout_ms == 0 {
             return Err(invalid("settlement_timeout_ms", "must be positive"));
+        }
+        if raw.capture_window_ms > MAX_CAPTURE_WINDOW_MS {
+            return Err(invalid(
+                "capture_window_ms",
+                format!("must be at most {MAX_CAPTURE_WINDOW_MS}"),
+            ));
         }
         if raw.asset_decimals > MAX_DECIMALS {
             return Err(invalid(
@@ -625,6 +645,7 @@ impl TryFrom<RawConfig> for Config {
             settlement_token: raw.settlement_token.map(SettlementToken),
             settlement_cluster: raw.settlement_cluster,
             settlement_timeout_ms: raw.settlement_timeout_ms,
+            capture_window_ms: raw.capture_window_ms,
             network: raw.network,
             asset: raw.asset,
             asset_decimals: raw.asset_decimals,

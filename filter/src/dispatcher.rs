@@ -106,6 +106,9 @@ pub struct Target {
     pub root_context: u32,
     /// gRPC metadata of every call (the settlement credential, when configured).
     pub metadata: Vec<(String, String)>,
+    /// How long queued captures wait for more to share their call while other requests
+    /// are in progress (`capture_window_ms`).
+    pub capture_window_nanos: u64,
 }
 
 #[derive(Debug, Default)]
@@ -120,6 +123,8 @@ pub struct Dispatcher {
     /// The captures owed to settlement changed since [`Dispatcher::take_captures_changed`]:
     /// the VM's journal of them ([`crate::journal`]) is out of date.
     captures_changed: bool,
+    /// When the capture queue was first seen holding items since the last Capture call.
+    captures_waiting_since: Option<u64>,
 }
 
 impl Dispatcher {
@@ -223,12 +228,15 @@ impl Dispatcher {
     /// Sends queued work on every RPC below its in-flight limit. `current` is the
     /// context the host is running, restored after each call. Returns answers for
     /// authorizations whose call could not be started.
+    /// Starts the calls that are due; `more_captures_coming` when requests in progress
+    /// may soon queue captures that could share a call.
     pub fn flush(
         &mut self,
         host: &mut dyn Host,
         target: &Target,
         current: u32,
         metrics: &Metrics,
+        more_captures_coming: bool,
     ) -> Vec<Delivery> {
         let mut deliveries = Vec::new();
         let now = host.now_nanos();
@@ -255,7 +263,18 @@ impl Dispatcher {
                 }
             }
         }
-        if self.in_flight(Rpc::Capture) == 0 {
+        // Captures are off every request's path: while requests in progress may add more,
+        // they wait up to the window (or until half a batch is queued) to share a call.
+        let waiting_since = match self.capture_queue.is_empty() {
+            true => None,
+            false => Some(*self.captures_waiting_since.get_or_insert(now)),
+        };
+        self.captures_waiting_since = waiting_since;
+        let window_over = !more_captures_coming
+            || self.capture_queue.len() >= MAX_BATCH / 2
+            || waiting_since.is_some_and(|t| now.saturating_sub(t) >= target.capture_window_nanos);
+        if self.in_flight(Rpc::Capture) == 0 && window_over {
+            self.captures_waiting_since = None;
             let queue = &mut self.capture_queue;
             if let Some((token, batch)) =
                 send_due(host, target, current, Rpc::Capture, queue, now, metrics)

@@ -99,6 +99,7 @@ impl Vm {
                 .iter()
                 .map(|t| ("authorization".to_owned(), format!("Bearer {}", t.0)))
                 .collect(),
+            capture_window_nanos: u64::from(config.capture_window_ms) * 1_000_000,
         };
         let metrics = match self.plugins.remove(&root_id) {
             Some(old) => old.metrics,
@@ -606,7 +607,11 @@ impl Vm {
         // Failed starts answer requests, whose replies may queue voids: a few rounds settle it.
         for _ in 0..4 {
             let deliveries = match self.plugins.get_mut(&root_id) {
-                Some(p) => p.dispatcher.flush(host, &p.target, current, &p.metrics),
+                Some(p) => {
+                    let more_coming = self.requests.values().any(|r| r.state.may_capture());
+                    p.dispatcher
+                        .flush(host, &p.target, current, &p.metrics, more_coming)
+                }
                 None => return,
             };
             if deliveries.is_empty() {

@@ -152,6 +152,17 @@ pub enum State {
     Finished,
 }
 
+impl State {
+    /// A request that may still end in a capture (it is being priced, authorized or
+    /// answered by the upstream).
+    pub fn may_capture(&self) -> bool {
+        matches!(
+            self,
+            State::New | State::Buffering(_) | State::Authorizing(_) | State::Paid(_)
+        )
+    }
+}
+
 /// A request waiting for settlement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {

@@ -54,6 +54,7 @@ invalid_fixture_tests!(
     grpc_method_with_path,
     grpc_void_codes_ok,
     capture_below_status_zero,
+    capture_window_too_long,
     discovery_path_relative,
     rate_limit_zero_requests,
     rate_limit_unknown_field,

@@ -934,3 +934,73 @@ fn a_call_the_host_never_finishes_is_given_up_and_the_queue_moves_on() {
     );
     assert!(h.host.calls.contains(&Call::Resume { context: waiting }));
 }
+
+/// The Capture calls made so far, decoded.
+fn capture_calls(h: &Harness) -> Vec<CaptureRequest> {
+    h.host
+        .grpc_calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Grpc {
+                method, message, ..
+            } if method == "Capture" => Some(CaptureRequest::decode(message.as_slice()).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn finish(h: &mut Harness, ctx: u32) {
+    h.respond(ctx, 200, false);
+    h.vm.on_response_data(&mut h.host, ctx, true);
+    h.end(ctx);
+}
+
+#[test]
+fn captures_of_requests_that_finish_together_share_one_call() {
+    let mut h = Harness::new(false);
+    paid_request(&mut h, 2);
+    paid_request(&mut h, 3);
+    // 2 finishes while 3 is in progress: its capture waits for company.
+    finish(&mut h, 2);
+    assert!(capture_calls(&h).is_empty());
+    // 3 was the last request that could add one: one call carries both.
+    finish(&mut h, 3);
+    let calls = capture_calls(&h);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].items.len(), 2);
+}
+
+#[test]
+fn a_waiting_capture_is_sent_once_its_window_is_over() {
+    let mut h = Harness::new(false);
+    paid_request(&mut h, 2);
+    paid_request(&mut h, 3);
+    finish(&mut h, 2);
+    h.host.now_nanos += 9_000_000;
+    h.respond(3, 200, false);
+    assert!(capture_calls(&h).is_empty(), "sent before the 10 ms window");
+    h.host.now_nanos += 1_000_000;
+    // The next callback (here a new request) sends it, though 3 and 4 are in progress.
+    h.request(4, "GET", "/paid/quote", None);
+    let calls = capture_calls(&h);
+    assert_eq!(calls.len(), 1, "2 waited long enough");
+    assert_eq!(calls[0].items.len(), 1);
+}
+
+#[test]
+fn a_zero_capture_window_sends_each_capture_at_once() {
+    let config = serde_json::json!({
+        "settlement_cluster": "settlement",
+        "pay_to": "merchant-demo",
+        "capture_window_ms": 0,
+        "routes": [{"name": "quote", "match": {"path_prefix": "/paid"}, "price": "0.01"}]
+    });
+    let mut h = Harness::new(false);
+    assert!(h
+        .vm
+        .on_configure(&mut h.host, ROOT, config.to_string().as_bytes()));
+    paid_request(&mut h, 2);
+    paid_request(&mut h, 3);
+    finish(&mut h, 2);
+    assert_eq!(capture_calls(&h).len(), 1);
+}

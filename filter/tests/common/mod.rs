@@ -20,6 +20,7 @@ pub const INVALID: &[(&str, &str)] = &[
     ("grpc_method_with_path", "routes[0].match.grpc_method"),
     ("grpc_void_codes_ok", "grpc_void_codes"),
     ("capture_below_status_zero", "capture_below_status"),
+    ("capture_window_too_long", "capture_window_ms"),
     ("discovery_path_relative", "discovery_path"),
     (
         "rate_limit_zero_requests",
