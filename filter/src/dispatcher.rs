@@ -227,9 +227,8 @@ impl Dispatcher {
 
     /// Sends queued work on every RPC below its in-flight limit. `current` is the
     /// context the host is running, restored after each call. Returns answers for
-    /// authorizations whose call could not be started.
-    /// Starts the calls that are due; `more_captures_coming` when requests in progress
-    /// may soon queue captures that could share a call.
+    /// authorizations whose call could not be started. `more_captures_coming`: requests
+    /// in progress may soon queue captures that could share a call.
     pub fn flush(
         &mut self,
         host: &mut dyn Host,
@@ -265,9 +264,10 @@ impl Dispatcher {
         }
         // Captures are off every request's path: while requests in progress may add more,
         // they wait up to the window (or until half a batch is queued) to share a call.
-        let waiting_since = match self.capture_queue.is_empty() {
-            true => None,
-            false => Some(*self.captures_waiting_since.get_or_insert(now)),
+        let waiting_since = if self.capture_queue.is_empty() {
+            None
+        } else {
+            Some(*self.captures_waiting_since.get_or_insert(now))
         };
         self.captures_waiting_since = waiting_since;
         let window_over = !more_captures_coming

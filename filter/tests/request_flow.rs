@@ -955,14 +955,20 @@ fn finish(h: &mut Harness, ctx: u32) {
     h.end(ctx);
 }
 
-#[test]
-fn captures_of_requests_that_finish_together_share_one_call() {
+/// Paid requests 2 and 3; 2 finishes while 3 is in progress, so its capture waits for
+/// company (the default 10 ms window).
+fn first_of_two_finished() -> Harness {
     let mut h = Harness::new(false);
     paid_request(&mut h, 2);
     paid_request(&mut h, 3);
-    // 2 finishes while 3 is in progress: its capture waits for company.
     finish(&mut h, 2);
     assert!(capture_calls(&h).is_empty());
+    h
+}
+
+#[test]
+fn captures_of_requests_that_finish_together_share_one_call() {
+    let mut h = first_of_two_finished();
     // 3 was the last request that could add one: one call carries both.
     finish(&mut h, 3);
     let calls = capture_calls(&h);
@@ -972,15 +978,12 @@ fn captures_of_requests_that_finish_together_share_one_call() {
 
 #[test]
 fn a_waiting_capture_is_sent_once_its_window_is_over() {
-    let mut h = Harness::new(false);
-    paid_request(&mut h, 2);
-    paid_request(&mut h, 3);
-    finish(&mut h, 2);
+    let mut h = first_of_two_finished();
     h.host.now_nanos += 9_000_000;
     h.respond(3, 200, false);
     assert!(capture_calls(&h).is_empty(), "sent before the 10 ms window");
     h.host.now_nanos += 1_000_000;
-    // The next callback (here a new request) sends it, though 3 and 4 are in progress.
+    // The next callback (here an unpaid request) sends it, though 3 is in progress.
     h.request(4, "GET", "/paid/quote", None);
     let calls = capture_calls(&h);
     assert_eq!(calls.len(), 1, "2 waited long enough");
