@@ -85,6 +85,36 @@ impl DataPlane for DataPlaneService {
         &self,
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
+        timed_status("Authorize", self.authorize_items(request)).await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
+    async fn capture(
+        &self,
+        request: Request<CaptureRequest>,
+    ) -> Result<Response<CaptureResponse>, Status> {
+        timed_status("Capture", self.capture_items(request)).await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
+    async fn capture_partial(
+        &self,
+        request: Request<CaptureRequest>,
+    ) -> Result<Response<CaptureResponse>, Status> {
+        timed_status("CapturePartial", self.capture_partial_items(request)).await
+    }
+
+    #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
+    async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
+        timed_status("Void", self.void_items(request)).await
+    }
+}
+
+impl DataPlaneService {
+    async fn authorize_items(
+        &self,
+        request: Request<AuthorizeRequest>,
+    ) -> Result<AuthorizeResponse, Status> {
         let deadline = deadline_of(&request);
         let items = request.into_inner().items;
         check_batch(items.len())?;
@@ -113,14 +143,13 @@ impl DataPlane for DataPlaneService {
         if let Some(recorder) = &self.recorder {
             record_authorizations(recorder, &items, &results);
         }
-        Ok(Response::new(AuthorizeResponse { results }))
+        Ok(AuthorizeResponse { results })
     }
 
-    #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
-    async fn capture(
+    async fn capture_items(
         &self,
         request: Request<CaptureRequest>,
-    ) -> Result<Response<CaptureResponse>, Status> {
+    ) -> Result<CaptureResponse, Status> {
         let deadline = deadline_of(&request);
         let items = request.into_inner().items;
         check_batch(items.len())?;
@@ -139,14 +168,13 @@ impl DataPlane for DataPlaneService {
             })
             .collect();
         let results = self.committers.resolve.submit(items, deadline).await?;
-        Ok(Response::new(CaptureResponse { results }))
+        Ok(CaptureResponse { results })
     }
 
-    #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
-    async fn capture_partial(
+    async fn capture_partial_items(
         &self,
         request: Request<CaptureRequest>,
-    ) -> Result<Response<CaptureResponse>, Status> {
+    ) -> Result<CaptureResponse, Status> {
         let items = request.into_inner().items;
         check_batch(items.len())?;
         let mut results = Vec::with_capacity(items.len());
@@ -158,11 +186,10 @@ impl DataPlane for DataPlaneService {
                     .map_err(Status::from)?,
             );
         }
-        Ok(Response::new(CaptureResponse { results }))
+        Ok(CaptureResponse { results })
     }
 
-    #[tracing::instrument(skip(self, request), fields(items = request.get_ref().items.len()))]
-    async fn void(&self, request: Request<VoidRequest>) -> Result<Response<VoidResponse>, Status> {
+    async fn void_items(&self, request: Request<VoidRequest>) -> Result<VoidResponse, Status> {
         let deadline = deadline_of(&request);
         let items = request.into_inner().items;
         check_batch(items.len())?;
@@ -174,7 +201,7 @@ impl DataPlane for DataPlaneService {
             })
             .collect();
         let results = self.committers.resolve.submit(items, deadline).await?;
-        Ok(Response::new(VoidResponse { results }))
+        Ok(VoidResponse { results })
     }
 }
 
@@ -263,8 +290,16 @@ async fn timed<T>(
     method: &str,
     fut: impl Future<Output = Result<T, LedgerError>>,
 ) -> Result<Response<T>, Status> {
+    timed_status(method, async { fut.await.map_err(Status::from) }).await
+}
+
+/// [`timed`] for handlers that answer with a gRPC status of their own.
+async fn timed_status<T>(
+    method: &str,
+    fut: impl Future<Output = Result<T, Status>>,
+) -> Result<Response<T>, Status> {
     let start = Instant::now();
-    let result = fut.await.map_err(Status::from);
+    let result = fut.await;
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),

@@ -201,6 +201,9 @@ async fn the_dashboard_shows_the_ledger_numbers() {
         .unwrap();
     assert!(metrics.contains("x402_captures_total 9"), "{metrics}");
     assert!(metrics.contains("x402_authorizations_total{outcome=\"authorized\"} 9"));
+    // Data-plane calls are timed and counted like operator calls.
+    assert!(metrics.contains("x402_grpc_calls_total{method=\"Authorize\",code=\"Ok\"}"));
+    assert!(metrics.contains("x402_grpc_call_seconds_count{method=\"Capture\"}"));
     assert!(metrics.contains("x402_upstream_seconds_count 9"));
     assert!(metrics.contains("x402_db_pool_connections"));
 
