@@ -39,7 +39,7 @@ use crate::ledger::{
     is_overdraft, resolve_result, retrying, to_i64, to_u64, Attempt, Delta, Ledger, Moves,
     Resolution,
 };
-use crate::verify::{refused, unix_now, CheckedAuthorize};
+use crate::verify::{authorized, refused, unix_now, CheckedAuthorize};
 
 /// Most items one group transaction takes (a single larger call still goes whole).
 pub const MAX_GROUP: usize = 256;
@@ -452,15 +452,12 @@ impl Ledger {
                         "request_id was already used for a different request",
                     )
                 } else {
-                    AuthorizeResult {
-                        request_id: item.request_id.clone(),
-                        outcome: AuthorizeOutcome::Authorized as i32,
-                        transaction_id: row.try_get("prior_id")?,
-                        held_amount: to_u64(row.try_get("prior_amount")?),
-                        payer_account: row.try_get("prior_payer")?,
-                        message: String::new(),
-                        retry_after_seconds: 0,
-                    }
+                    authorized(
+                        &item.request_id,
+                        row.try_get("prior_id")?,
+                        to_u64(row.try_get("prior_amount")?),
+                        row.try_get("prior_payer")?,
+                    )
                 };
                 done(&mut out, i, result);
                 continue;
@@ -741,15 +738,12 @@ impl Ledger {
         for h in accepted {
             let item = &items[h.index].0;
             let transaction_id = ids.remove(&item.request_id).unwrap_or_default();
-            out[h.index] = Some(Slot::Done(AuthorizeResult {
-                request_id: item.request_id.clone(),
-                outcome: AuthorizeOutcome::Authorized as i32,
+            out[h.index] = Some(Slot::Done(authorized(
+                &item.request_id,
                 transaction_id,
-                held_amount: item.hold_amount,
-                payer_account: h.payer_account,
-                message: String::new(),
-                retry_after_seconds: 0,
-            }));
+                item.hold_amount,
+                h.payer_account,
+            )));
         }
         Ok(finish(out))
     }

@@ -19,7 +19,7 @@ use x402_proto::settlement::v1::{
 
 use crate::error::{constraint, is_retryable, sqlstate, LedgerError};
 use crate::limits::{self, Take};
-use crate::verify::{refused, unix_now, CheckedAuthorize};
+use crate::verify::{authorized, refused, unix_now, CheckedAuthorize};
 
 /// Attempts of one operation before a serialization failure or deadlock is
 /// reported as unavailable.
@@ -321,15 +321,12 @@ impl Ledger {
                     "request_id was already used for a different request",
                 );
             }
-            return Ok(AuthorizeResult {
-                request_id: item.request_id.clone(),
-                outcome: AuthorizeOutcome::Authorized as i32,
-                transaction_id: row.try_get("id")?,
-                held_amount: to_u64(row.try_get("amount")?),
-                payer_account: row.try_get("debit_account")?,
-                message: String::new(),
-                retry_after_seconds: 0,
-            });
+            return Ok(authorized(
+                &item.request_id,
+                row.try_get("id")?,
+                to_u64(row.try_get("amount")?),
+                row.try_get("debit_account")?,
+            ));
         }
 
         // A close racing this call may still see the hold placed; it then resolves
@@ -498,15 +495,12 @@ impl Ledger {
 
         tx.commit().await?;
         tracing::debug!(%transaction_id, amount, "hold placed");
-        Ok(AuthorizeResult {
-            request_id: item.request_id.clone(),
-            outcome: AuthorizeOutcome::Authorized as i32,
+        Ok(authorized(
+            &item.request_id,
             transaction_id,
-            held_amount: hold_amount,
+            hold_amount,
             payer_account,
-            message: String::new(),
-            retry_after_seconds: 0,
-        })
+        ))
     }
 
     /// Captures or voids a hold. Repeating the resolution a hold already has returns

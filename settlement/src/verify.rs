@@ -54,6 +54,23 @@ pub fn refused(
     }
 }
 
+/// An item's answer once its hold is placed (or found placed by an earlier call).
+pub fn authorized(
+    request_id: &str,
+    transaction_id: String,
+    held_amount: u64,
+    payer_account: String,
+) -> AuthorizeResult {
+    AuthorizeResult {
+        request_id: request_id.to_owned(),
+        outcome: AuthorizeOutcome::Authorized as i32,
+        transaction_id,
+        held_amount,
+        payer_account,
+        ..Default::default()
+    }
+}
+
 /// Syntax and signature checks of one item.
 pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, AuthorizeResult> {
     let invalid = |m: String| refused(&item.request_id, AuthorizeOutcome::InvalidRequest, m);
