@@ -16,6 +16,12 @@
 //! [`Ledger`]. If the group transaction fails as a whole, every item of it runs on its
 //! own, so one bad item never fails the others.
 //!
+//! An authorize group reads without locks, then writes its holds and balance moves in
+//! one statement that commits on its own and re-checks under locks what the read
+//! decided on (`x402_group_checks` rolls the statement back when something changed):
+//! two round trips to Postgres where a transaction takes five. A group that meets a
+//! change runs again in a transaction that reads the payer keys under lock.
+//!
 //! Balance rows are locked last, just before COMMIT, so their locks are held
 //! briefly, and in key order like every other ledger operation, so nothing waits on
 //! anything in a cycle.
@@ -36,8 +42,8 @@ use x402_proto::settlement::v1::{
 use crate::error::{constraint, LedgerError};
 use crate::events::{Event, CHANNEL, PLATFORM_ACCOUNT};
 use crate::ledger::{
-    is_overdraft, resolve_result, retrying, to_i64, to_u64, Attempt, Delta, Ledger, Moves,
-    Resolution,
+    balance_moves, is_overdraft, resolve_result, retrying, to_i64, to_u64, Attempt, Delta, Ledger,
+    Moves, Resolution,
 };
 use crate::verify::{authorized, refused, unix_now, CheckedAuthorize};
 
@@ -337,6 +343,55 @@ fn all_funded(
     })
 }
 
+/// The group read of [`Ledger::authorize_group`], with `$lock` after the payer keys'
+/// lookup (`" FOR SHARE"` inside a transaction).
+macro_rules! group_lookup {
+    ($lock:literal) => {
+        concat!(
+            "WITH d AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY \
+               AS d(request_id, merchant, payer_key, asset, n)), \
+             k AS (SELECT public_key, account_id, revoked_at IS NOT NULL AS revoked FROM payer_keys \
+               WHERE public_key = ANY($3) ORDER BY public_key",
+            $lock,
+            ") SELECT d.n, r.kind AS prior_kind, r.id AS prior_id, r.request_hash AS prior_hash, \
+               r.amount AS prior_amount, r.debit_account AS prior_payer, \
+               m.kind AS merchant_kind, m.closed_at IS NOT NULL AS merchant_closed, \
+               k.account_id, k.revoked, b.debits_pending, b.debits_posted, b.credits_posted, \
+               b.debits_must_not_exceed_credits AS guarded \
+             FROM d \
+             LEFT JOIN transfers r ON r.request_id = d.request_id \
+             LEFT JOIN accounts m ON m.id = d.merchant \
+             LEFT JOIN k ON k.public_key = d.payer_key \
+             LEFT JOIN balances b ON b.account_id = k.account_id AND b.asset = d.asset"
+        )
+    };
+}
+
+/// The SQLSTATE `x402_group_checks` raises when what a group read has changed.
+const GROUP_CHECK_FAILED: &str = "X4G01";
+
+/// Which of a group write's checks failed ("keys", "holds" or "balances"), if that
+/// is what `err` is.
+fn group_check_failed(err: &sqlx::Error) -> Option<&'static str> {
+    let db = err.as_database_error()?;
+    if db.code().as_deref() != Some(GROUP_CHECK_FAILED) {
+        return None;
+    }
+    Some(match db.message() {
+        "holds" => "holds",
+        "balances" => "balances",
+        _ => "keys",
+    })
+}
+
+/// Commits `tx` if there is one.
+async fn commit(tx: Option<sqlx::Transaction<'_, sqlx::Postgres>>) -> Result<(), sqlx::Error> {
+    match tx {
+        Some(tx) => tx.commit().await,
+        None => Ok(()),
+    }
+}
+
 impl Ledger {
     /// Places the holds of a group of checked authorize items in one transaction.
     pub(crate) async fn authorize_group(
@@ -346,7 +401,11 @@ impl Ledger {
         let late: Vec<AtomicBool> = items.iter().map(|_| AtomicBool::new(false)).collect();
         let ensure_merchants = AtomicBool::new(false);
         let check_nonces = AtomicBool::new(false);
-        retrying(|| self.try_authorize_group(items, &late, &ensure_merchants, &check_nonces)).await
+        let careful = AtomicBool::new(false);
+        retrying(|| {
+            self.try_authorize_group(items, &late, &ensure_merchants, &check_nonces, &careful)
+        })
+        .await
     }
 
     async fn try_authorize_group(
@@ -355,6 +414,7 @@ impl Ledger {
         late: &[AtomicBool],
         ensure_merchants: &AtomicBool,
         check_nonces: &AtomicBool,
+        careful: &AtomicBool,
     ) -> Result<Vec<Slot<AuthorizeResult>>, Attempt> {
         let mut out: Vec<Option<Slot<AuthorizeResult>>> = items.iter().map(|_| None).collect();
         let done = |out: &mut Vec<Option<Slot<AuthorizeResult>>>, i: usize, r: AuthorizeResult| {
@@ -380,13 +440,29 @@ impl Ledger {
         if live.is_empty() {
             return Ok(finish(out));
         }
-        let mut tx = self.pool().begin().await?;
+        // A group first reads without locks and then writes everything in one
+        // statement that commits on its own: two round trips to Postgres. That
+        // statement checks under locks what the read decided on (keys unrevoked,
+        // nonces and request ids free, balance rows there; funds are the overdraft
+        // CHECK's) and rolls back whole if any of it changed. A group that meets such
+        // a change, or needs more than the read to decide (nonces to look up,
+        // merchant balance rows to create), runs again in a transaction that reads
+        // the payer keys under lock.
+        let fast = !careful.load(Ordering::Relaxed)
+            && !check_nonces.load(Ordering::Relaxed)
+            && !ensure_merchants.load(Ordering::Relaxed);
+        let mut tx = if fast {
+            None
+        } else {
+            Some(self.pool().begin().await?)
+        };
 
         // Everything the group reads, in one statement, one row per live item: a
         // hold already placed under its request id (a replay), its merchant, its
-        // payer key (FOR SHARE: a revocation that commits before this group stops
-        // its holds) and the payer's balance row. The lookups join on unique keys
-        // only, never on `kind = 'hold'`, so no plan scans a partial index of holds.
+        // payer key (in a transaction FOR SHARE: a revocation that commits before
+        // this group stops its holds) and the payer's balance row. The lookups join
+        // on unique keys only, never on `kind = 'hold'`, so no plan scans a partial
+        // index of holds.
         let col = |f: &dyn Fn(&CheckedAuthorize) -> &str| -> Vec<&str> {
             live.iter().map(|&i| f(&items[i].0)).collect()
         };
@@ -394,28 +470,19 @@ impl Ledger {
         let merchant_ids = col(&|c| c.payload.accepted.pay_to.as_str());
         let key_ids = col(&|c| c.payload.payload.payer.as_str());
         let asset_ids = col(&|c| c.payload.accepted.asset.as_str());
-        let rows = sqlx::query(
-            "WITH d AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY \
-               AS d(request_id, merchant, payer_key, asset, n)), \
-             k AS (SELECT public_key, account_id, revoked_at IS NOT NULL AS revoked FROM payer_keys \
-               WHERE public_key = ANY($3) ORDER BY public_key FOR SHARE) \
-             SELECT d.n, r.kind AS prior_kind, r.id AS prior_id, r.request_hash AS prior_hash, \
-               r.amount AS prior_amount, r.debit_account AS prior_payer, \
-               m.kind AS merchant_kind, m.closed_at IS NOT NULL AS merchant_closed, \
-               k.account_id, k.revoked, b.debits_pending, b.debits_posted, b.credits_posted, \
-               b.debits_must_not_exceed_credits AS guarded \
-             FROM d \
-             LEFT JOIN transfers r ON r.request_id = d.request_id \
-             LEFT JOIN accounts m ON m.id = d.merchant \
-             LEFT JOIN k ON k.public_key = d.payer_key \
-             LEFT JOIN balances b ON b.account_id = k.account_id AND b.asset = d.asset",
-        )
+        let lookup = sqlx::query(if fast {
+            group_lookup!("")
+        } else {
+            group_lookup!(" FOR SHARE")
+        })
         .bind(&request_ids)
         .bind(&merchant_ids)
         .bind(&key_ids)
-        .bind(&asset_ids)
-        .fetch_all(&mut *tx)
-        .await?;
+        .bind(&asset_ids);
+        let rows = match tx.as_mut() {
+            Some(tx) => lookup.fetch_all(&mut **tx).await?,
+            None => lookup.fetch_all(self.pool()).await?,
+        };
         let mut looked: Vec<Option<sqlx::postgres::PgRow>> = live.iter().map(|_| None).collect();
         for row in rows {
             let n: i64 = row.try_get("n")?;
@@ -525,7 +592,7 @@ impl Ledger {
             });
         }
         if accepted.is_empty() {
-            tx.commit().await?;
+            commit(tx).await?;
             return Ok(finish(out));
         }
 
@@ -538,14 +605,16 @@ impl Ledger {
                 .iter()
                 .map(|h| items[h.index].0.payload.payload.nonce.as_str())
                 .collect();
-            let used: HashSet<(String, String)> = sqlx::query(
+            let used_nonces = sqlx::query(
                 "SELECT t.debit_account, t.nonce FROM unnest($1::text[], $2::text[]) AS k(account, nonce) \
                  JOIN transfers t ON t.debit_account = k.account AND t.nonce = k.nonce AND t.kind = 'hold'",
             )
             .bind(&payers)
-            .bind(&nonce_list)
-            .fetch_all(&mut *tx)
-            .await?
+            .bind(&nonce_list);
+            let used: HashSet<(String, String)> = match tx.as_mut() {
+                Some(tx) => used_nonces.fetch_all(&mut **tx).await?,
+                None => used_nonces.fetch_all(self.pool()).await?,
+            }
             .into_iter()
             .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
             .collect::<Result<_, _>>()?;
@@ -585,7 +654,7 @@ impl Ledger {
             funded
         });
         if accepted.is_empty() {
-            tx.commit().await?;
+            commit(tx).await?;
             return Ok(finish(out));
         }
         // Merchant balance rows: created on first use (a group that finds one missing
@@ -597,7 +666,7 @@ impl Ledger {
                 .entry((a.pay_to.as_str(), a.asset.as_str()))
                 .or_default() += h.amount;
         }
-        if ensure_merchants.load(Ordering::Relaxed) {
+        if let (Some(tx), true) = (tx.as_mut(), ensure_merchants.load(Ordering::Relaxed)) {
             let (m_accounts, m_assets): (Vec<&str>, Vec<&str>) =
                 merchant_rows.keys().copied().unzip();
             sqlx::query(
@@ -607,13 +676,34 @@ impl Ledger {
             )
             .bind(&m_accounts)
             .bind(&m_assets)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
 
-        // The holds and their open-hold rows, in one statement.
-        let col = |f: &dyn Fn(&NewHold) -> String| accepted.iter().map(f).collect::<Vec<_>>();
+        // The moves: payers' pending debits, merchants' pending credits.
         let item_of = |h: &NewHold| &items[h.index].0;
+        let mut moves = Moves::default();
+        for h in &accepted {
+            moves.push(
+                &h.payer_account,
+                &item_of(h).payload.accepted.asset,
+                Delta {
+                    debits_pending: h.amount,
+                    ..Delta::default()
+                },
+            );
+        }
+        for ((merchant, asset), amount) in &merchant_rows {
+            moves.push(
+                merchant,
+                asset,
+                Delta {
+                    credits_pending: *amount,
+                    ..Delta::default()
+                },
+            );
+        }
+        let col = |f: &dyn Fn(&NewHold) -> String| accepted.iter().map(f).collect::<Vec<_>>();
         let payer_col = col(&|h| h.payer_account.clone());
         let merchant_col = col(&|h| item_of(h).payload.accepted.pay_to.clone());
         let asset_col = col(&|h| item_of(h).payload.accepted.asset.clone());
@@ -632,109 +722,105 @@ impl Ledger {
             .iter()
             .map(|h| to_i64(item_of(h).amount_authorized))
             .collect::<Result<Vec<_>, _>>()?;
-        let rows = sqlx::query(
-            "WITH hold AS ( \
-               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, request_id, request_hash, \
-                 payer_key, nonce, route, resource, expires_at, amount_authorized) \
-               SELECT 'hold', d.payer, d.merchant, d.asset, d.amount, d.request_id, d.request_hash, d.payer_key, \
-                 d.nonce, d.route, d.resource, now() + d.ttl * interval '1 second', d.authorized \
-               FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[], \
-                 $8::text[], $9::text[], $10::text[], $11::int[], $12::bigint[]) \
-                 AS d(payer, merchant, asset, amount, request_id, request_hash, payer_key, nonce, route, resource, \
-                   ttl, authorized) \
-               ON CONFLICT DO NOTHING \
-               RETURNING id, request_id, expires_at), \
-             opened AS (INSERT INTO open_holds (hold_id, expires_at) SELECT id, expires_at FROM hold) \
-             SELECT request_id, id FROM hold",
-        )
-        .bind(&payer_col)
-        .bind(&merchant_col)
-        .bind(&asset_col)
-        .bind(&amount_col)
-        .bind(&request_col)
-        .bind(&hash_col)
-        .bind(&key_col)
-        .bind(&nonce_col)
-        .bind(&route_col)
-        .bind(&resource_col)
-        .bind(&ttl_col)
-        .bind(&authorized_col)
-        .fetch_all(&mut *tx)
-        .await?;
-        if rows.len() != accepted.len() {
-            // A nonce was used already, or a concurrent call took a nonce or request
-            // id of this group since it looked: run the group again, looking up
-            // nonces, which sees that call's rows.
-            check_nonces.store(true, Ordering::Relaxed);
-            return Err(Attempt::Again);
-        }
-        let mut ids: HashMap<String, String> = HashMap::with_capacity(rows.len());
-        for row in rows {
-            ids.insert(row.try_get("request_id")?, row.try_get("id")?);
-        }
-
-        // Balances: payers (locked above), then merchants, once per row.
-        let mut payers = Moves::default();
-        for h in &accepted {
-            payers.push(
-                &h.payer_account,
-                &item_of(h).payload.accepted.asset,
-                Delta {
-                    debits_pending: h.amount,
-                    ..Delta::default()
-                },
-            );
-        }
-        let mut merchants = Moves::default();
-        for ((merchant, asset), amount) in &merchant_rows {
-            merchants.push(
-                merchant,
-                asset,
-                Delta {
-                    credits_pending: *amount,
-                    ..Delta::default()
-                },
-            );
-        }
-        // Every balance row locked in key order (as every other operation does),
-        // then written in one statement.
-        let mut moves = payers;
-        for ((merchant, asset), delta) in merchants.0.iter() {
-            moves.push(merchant, asset, *delta);
-        }
-        match moves.lock_and_apply(&mut tx).await {
-            Ok((locked, changed)) if locked == moves.len() as u64 && changed == locked => {}
-            Ok((locked, _)) if locked != moves.len() as u64 => {
-                if ensure_merchants.swap(true, Ordering::Relaxed) {
-                    return Err(LedgerError::FailedPrecondition(
-                        "a balance row of a hold is missing".into(),
-                    )
-                    .into());
-                }
-                return Err(Attempt::Again);
-            }
-            Ok(_) => {
-                return Err(LedgerError::FailedPrecondition(
-                    "a balance row of a hold disappeared".into(),
-                )
-                .into())
-            }
-            Err(e) if is_overdraft(&e) => return Err(Attempt::Again),
-            Err(e) => return Err(e.into()),
-        }
+        let keys = distinct(key_col.iter().map(String::as_str));
 
         // A caller that has given up must not leave money held: leave its items out.
-        let mut gone = false;
-        for h in &accepted {
-            if past(items[h.index].1) {
-                late[h.index].store(true, Ordering::Relaxed);
-                gone = true;
+        // (Checked again before COMMIT when there is a transaction.)
+        let gone = |late: &[AtomicBool]| {
+            let mut gone = false;
+            for h in &accepted {
+                if past(items[h.index].1) {
+                    late[h.index].store(true, Ordering::Relaxed);
+                    gone = true;
+                }
             }
-        }
-        if gone {
+            gone
+        };
+        if tx.is_none() && gone(late) {
             return Err(Attempt::Again);
         }
-        tx.commit().await?;
+
+        // The holds, their open-hold rows and the balance moves in one statement,
+        // balance rows locked last and in key order. The checks are the first column
+        // of a one-row SELECT, so they always run, and their arguments run in order:
+        // payer keys locked, holds inserted, balance rows locked, then changed.
+        let moves_columns = moves.columns();
+        let write = moves_columns
+            .bind(sqlx::query_as::<_, (bool, Vec<String>, Vec<String>)>(concat!(
+                "WITH ",
+                balance_moves!(),
+                ", keys AS (SELECT public_key FROM payer_keys \
+                   WHERE public_key = ANY($7) AND revoked_at IS NULL ORDER BY public_key FOR SHARE), \
+                 hold AS ( \
+                   INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, request_id, \
+                     request_hash, payer_key, nonce, route, resource, expires_at, amount_authorized) \
+                   SELECT 'hold', d.payer, d.merchant, d.asset, d.amount, d.request_id, d.request_hash, \
+                     d.payer_key, d.nonce, d.route, d.resource, now() + d.ttl * interval '1 second', d.authorized \
+                   FROM unnest($8::text[], $9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[], \
+                     $14::text[], $15::text[], $16::text[], $17::text[], $18::int[], $19::bigint[]) \
+                     AS d(payer, merchant, asset, amount, request_id, request_hash, payer_key, nonce, route, \
+                       resource, ttl, authorized) \
+                   ON CONFLICT DO NOTHING \
+                   RETURNING id, request_id, expires_at), \
+                 opened AS (INSERT INTO open_holds (hold_id, expires_at) SELECT id, expires_at FROM hold) \
+                 SELECT x402_group_checks((SELECT count(*) FROM keys) = cardinality($7::text[]), \
+                     (SELECT count(*) FROM hold) = cardinality($8::text[]), \
+                     (SELECT count(*) FROM locked) = cardinality($1::text[]) \
+                       AND (SELECT count(*) FROM changed) = cardinality($1::text[])), \
+                   ARRAY(SELECT request_id FROM hold ORDER BY request_id), \
+                   ARRAY(SELECT id FROM hold ORDER BY request_id)"
+            )))
+            .bind(&keys)
+            .bind(&payer_col)
+            .bind(&merchant_col)
+            .bind(&asset_col)
+            .bind(&amount_col)
+            .bind(&request_col)
+            .bind(&hash_col)
+            .bind(&key_col)
+            .bind(&nonce_col)
+            .bind(&route_col)
+            .bind(&resource_col)
+            .bind(&ttl_col)
+            .bind(&authorized_col);
+        let written = match tx.as_mut() {
+            Some(tx) => write.fetch_one(&mut **tx).await,
+            None => write.fetch_one(self.pool()).await,
+        };
+        let mut ids: HashMap<String, String> = match written {
+            Ok((_, request_ids, ids)) => request_ids.into_iter().zip(ids).collect(),
+            Err(e) if is_overdraft(&e) => return Err(Attempt::Again),
+            Err(e) => {
+                return Err(match group_check_failed(&e) {
+                    // A nonce or request id was taken since the read (or is used
+                    // already): run again, looking nonces up.
+                    Some("holds") => {
+                        check_nonces.store(true, Ordering::Relaxed);
+                        Attempt::Again
+                    }
+                    // A merchant's first hold: run again, creating its balance row.
+                    Some("balances") if !ensure_merchants.swap(true, Ordering::Relaxed) => {
+                        Attempt::Again
+                    }
+                    Some("balances") => {
+                        LedgerError::FailedPrecondition("a balance row of a hold is missing".into())
+                            .into()
+                    }
+                    // A payer key was revoked since the read.
+                    Some(_) => {
+                        careful.store(true, Ordering::Relaxed);
+                        Attempt::Again
+                    }
+                    None => e.into(),
+                });
+            }
+        };
+        if let Some(tx) = tx {
+            if gone(late) {
+                return Err(Attempt::Again);
+            }
+            tx.commit().await?;
+        }
         for h in accepted {
             let item = &items[h.index].0;
             let transaction_id = ids.remove(&item.request_id).unwrap_or_default();

@@ -102,6 +102,54 @@ impl Delta {
     }
 }
 
+/// CTEs that lock the balance rows named by parameters `$1`-`$6` (accounts, assets,
+/// then the four counter deltas, as [`Moves::columns`] binds them) in key order, the
+/// order every ledger operation locks them in, and apply the deltas: `locked` holds
+/// the rows locked, `changed` one row per row changed. A CTE with a locking clause is
+/// never inlined, so `locked` takes its row locks in its `ORDER BY` order before the
+/// update.
+macro_rules! balance_moves {
+    () => {
+        "m AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
+           $6::bigint[]) AS m(account_id, asset, dpe, dpo, cpe, cpo)), \
+         locked AS (SELECT b.account_id, b.asset FROM balances b \
+           JOIN m ON b.account_id = m.account_id AND b.asset = m.asset \
+           ORDER BY b.account_id, b.asset FOR UPDATE OF b), \
+         changed AS (UPDATE balances b SET debits_pending = b.debits_pending + m.dpe, \
+           debits_posted = b.debits_posted + m.dpo, credits_pending = b.credits_pending + m.cpe, \
+           credits_posted = b.credits_posted + m.cpo \
+           FROM m JOIN locked l ON l.account_id = m.account_id AND l.asset = m.asset \
+           WHERE b.account_id = m.account_id AND b.asset = m.asset RETURNING 1)"
+    };
+}
+pub(crate) use balance_moves;
+
+/// The parameters of [`balance_moves!`].
+pub(crate) struct MoveColumns<'a> {
+    accounts: Vec<&'a str>,
+    assets: Vec<&'a str>,
+    debits_pending: Vec<i64>,
+    debits_posted: Vec<i64>,
+    credits_pending: Vec<i64>,
+    credits_posted: Vec<i64>,
+}
+
+impl<'a> MoveColumns<'a> {
+    /// Binds the six columns as the next parameters of `query` (`$1`-`$6` when first).
+    pub(crate) fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.accounts)
+            .bind(&self.assets)
+            .bind(&self.debits_pending)
+            .bind(&self.debits_posted)
+            .bind(&self.credits_pending)
+            .bind(&self.credits_posted)
+    }
+}
+
 /// Balance changes of one transaction, applied in sorted key order.
 #[derive(Debug, Default)]
 pub(crate) struct Moves(pub(crate) BTreeMap<(String, String), Delta>);
@@ -114,11 +162,32 @@ impl Moves {
             .add(delta);
     }
 
+    /// The changes as the six array parameters of [`balance_moves!`].
+    pub(crate) fn columns(&self) -> MoveColumns<'_> {
+        let n = self.0.len();
+        let mut c = MoveColumns {
+            accounts: Vec::with_capacity(n),
+            assets: Vec::with_capacity(n),
+            debits_pending: Vec::with_capacity(n),
+            debits_posted: Vec::with_capacity(n),
+            credits_pending: Vec::with_capacity(n),
+            credits_posted: Vec::with_capacity(n),
+        };
+        for ((account, asset), d) in &self.0 {
+            c.accounts.push(account.as_str());
+            c.assets.push(asset.as_str());
+            c.debits_pending.push(d.debits_pending);
+            c.debits_posted.push(d.debits_posted);
+            c.credits_pending.push(d.credits_pending);
+            c.credits_posted.push(d.credits_posted);
+        }
+        c
+    }
+
     /// Locks the balance rows of every change in key order (the order every other
     /// operation locks them in) and applies every change, in one statement; returns
     /// how many rows it locked and how many it changed (fewer than [`Moves::len`]:
-    /// a balance row is missing). A CTE with a locking clause is never inlined, so
-    /// `locked` takes its row locks in its `ORDER BY` order before the update.
+    /// a balance row is missing).
     pub(crate) async fn lock_and_apply(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -126,43 +195,15 @@ impl Moves {
         if self.0.is_empty() {
             return Ok((0, 0));
         }
-        let n = self.0.len();
-        let (mut accounts, mut assets) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut dpe, mut dpo, mut cpe, mut cpo) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for ((account, asset), d) in &self.0 {
-            accounts.push(account.as_str());
-            assets.push(asset.as_str());
-            dpe.push(d.debits_pending);
-            dpo.push(d.debits_posted);
-            cpe.push(d.credits_pending);
-            cpo.push(d.credits_posted);
-        }
-        let (locked, changed): (i64, i64) = sqlx::query_as(
-            "WITH d AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
-               $6::bigint[]) AS d(account_id, asset, dpe, dpo, cpe, cpo)), \
-             locked AS (SELECT b.account_id, b.asset FROM balances b \
-               JOIN d ON b.account_id = d.account_id AND b.asset = d.asset \
-               ORDER BY b.account_id, b.asset FOR UPDATE OF b), \
-             changed AS (UPDATE balances b SET debits_pending = b.debits_pending + d.dpe, \
-               debits_posted = b.debits_posted + d.dpo, credits_pending = b.credits_pending + d.cpe, \
-               credits_posted = b.credits_posted + d.cpo \
-               FROM d JOIN locked l ON l.account_id = d.account_id AND l.asset = d.asset \
-               WHERE b.account_id = d.account_id AND b.asset = d.asset RETURNING 1) \
-             SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM changed)",
-        )
-        .bind(&accounts)
-        .bind(&assets)
-        .bind(&dpe)
-        .bind(&dpo)
-        .bind(&cpe)
-        .bind(&cpo)
-        .fetch_one(&mut **tx)
-        .await?;
+        let (locked, changed): (i64, i64) = self
+            .columns()
+            .bind(sqlx::query_as(concat!(
+                "WITH ",
+                balance_moves!(),
+                " SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM changed)"
+            )))
+            .fetch_one(&mut **tx)
+            .await?;
         Ok((to_u64(locked), to_u64(changed)))
     }
 

@@ -1163,3 +1163,63 @@ async fn ledger_statements_are_not_planned_per_call() {
     assert!(generic > 0, "no prepared statement ran on the pool");
     assert_eq!(custom, 0, "statements were planned per call");
 }
+
+/// A group reads without locks and writes in one statement that checks, under locks,
+/// what the read decided on. A key revoked after the read, while the write waits for
+/// its lock, stops the write: nothing of it commits, and the group runs again in a
+/// transaction that sees the revocation.
+#[tokio::test]
+async fn a_key_revoked_while_its_group_is_written_places_no_hold() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("kim", 10_000).await;
+    // The merchant's balance row exists, so the next group needs nothing but its read.
+    let first = h.authorize(paid(&p, "kim-1", 1_000)).await;
+    assert_eq!(outcome(&first), AuthorizeOutcome::Authorized);
+
+    // A revocation that has not committed yet holds the key's row lock.
+    let mut revoke = h.pool.begin().await.unwrap();
+    sqlx::query("UPDATE payer_keys SET revoked_at = now() WHERE public_key = $1")
+        .bind(&p.public_key)
+        .execute(&mut *revoke)
+        .await
+        .unwrap();
+    let mut data = h.data.clone();
+    let item = paid(&p, "kim-2", 2_000);
+    let call = tokio::spawn(async move {
+        data.authorize(AuthorizeRequest { items: vec![item] })
+            .await
+            .map(|r| r.into_inner())
+    });
+    // The read went by without waiting; the group's write waits on the key's lock.
+    let mut waiting = String::new();
+    for _ in 0..200 {
+        waiting = sqlx::query_scalar(
+            "SELECT coalesce(string_agg(query, ' | '), '') FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+        if !waiting.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // (pg_stat_activity keeps the first 1 KB of a statement: the write's CTEs.)
+    assert!(
+        waiting.contains("keys AS (SELECT public_key FROM payer_keys"),
+        "the group's write should be what waits, not its read: {waiting:?}"
+    );
+    revoke.commit().await.unwrap();
+
+    let answer = call.await.unwrap().unwrap();
+    assert_eq!(outcome(&answer.results[0]), AuthorizeOutcome::KeyRevoked);
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM transfers WHERE request_id = 'kim-2'")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(held, 0);
+    assert_eq!(h.balance("kim").await.debits_pending, 1_000);
+    assert_eq!(h.balance(MERCHANT).await.credits_pending, 1_000);
+}
