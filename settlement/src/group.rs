@@ -16,11 +16,12 @@
 //! [`Ledger`]. If the group transaction fails as a whole, every item of it runs on its
 //! own, so one bad item never fails the others.
 //!
-//! An authorize group reads without locks, then writes its holds and balance moves in
-//! one statement that commits on its own and re-checks under locks what the read
-//! decided on (`x402_group_checks` rolls the statement back when something changed):
-//! two round trips to Postgres where a transaction takes five. A group that meets a
-//! change runs again in a transaction that reads the payer keys under lock.
+//! A group reads without locks, then writes everything in one statement that commits
+//! on its own and re-checks under locks what the read decided on
+//! (`x402_group_checks` rolls the statement back when something changed): two round
+//! trips to Postgres where a transaction takes five (authorize) or six (capture and
+//! void). A group that meets a change runs again in a transaction that takes its
+//! locks first (payer keys; open-hold rows).
 //!
 //! Balance rows are locked last, just before COMMIT, so their locks are held
 //! briefly, and in key order like every other ledger operation, so nothing waits on
@@ -363,6 +364,55 @@ macro_rules! group_lookup {
              LEFT JOIN accounts m ON m.id = d.merchant \
              LEFT JOIN k ON k.public_key = d.payer_key \
              LEFT JOIN balances b ON b.account_id = k.account_id AND b.asset = d.asset"
+        )
+    };
+}
+
+/// The write of [`Ledger::resolve_group`]: `$gone` is a CTE deleting the holds'
+/// open-hold rows (or nothing) and `$holds_ok` its check. Parameters `$1`-`$6` are
+/// the balance moves ([`balance_moves!`]), `$7`-`$23` the resolutions.
+///
+/// The checks' arguments run in order: the open-hold rows are deleted first (when
+/// one is gone, `AND` stops there and nothing else is written), then the rows are
+/// written (counted only so that they are written before), and the balance rows,
+/// which every group of the merchant waits on, are locked last.
+macro_rules! resolve_write {
+    ($gone:literal, $holds_ok:literal) => {
+        concat!(
+            "WITH ",
+            $gone,
+            balance_moves!(),
+            ", r AS ( \
+               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
+                 reason, http_status, upstream_micros) \
+               SELECT * FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::text[], \
+                 $13::bigint[], $14::text[], $15::int[], $16::bigint[]) RETURNING 1), \
+             f AS ( \
+               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, reason) \
+               SELECT 'fee', x.merchant, $17, x.asset, x.fee, x.hold_id, 'platform_fee' \
+               FROM unnest($9::text[], $10::text[], $18::bigint[], $12::text[], $7::text[]) \
+                 AS x(merchant, asset, fee, hold_id, kind) WHERE x.fee > 0 RETURNING 1), \
+             p AS ( \
+               INSERT INTO payment_refunds (hold_id, captured, fee) \
+               SELECT x.hold_id, x.posted, x.fee FROM unnest($12::text[], $11::bigint[], $18::bigint[], $7::text[]) \
+                 AS x(hold_id, posted, fee, kind) WHERE x.kind = 'capture' RETURNING 1), \
+             a AS ( \
+               INSERT INTO analytics_pending (event, route, merchant, payer, asset, amount, fee, http_status, \
+                 upstream_micros) \
+               SELECT * FROM unnest($19::text[], $20::text[], $9::text[], $8::text[], $10::text[], $21::bigint[], \
+                 $18::bigint[], $15::int[], $16::bigint[]) RETURNING 1), \
+             w AS ( \
+               INSERT INTO webhook_outbox (merchant, event_type, payload) \
+               SELECT e.merchant, 'payment.captured', e.body::jsonb \
+               FROM unnest($9::text[], $22::text[], $19::text[]) AS e(merchant, body, event) \
+               JOIN webhook_endpoints h ON h.merchant = e.merchant WHERE e.event = 'captured' RETURNING 1) \
+             SELECT x402_group_checks(true, ",
+            $holds_ok,
+            " AND (SELECT count(*) FROM r) + (SELECT count(*) FROM f) + (SELECT count(*) FROM p) \
+                   + (SELECT count(*) FROM a) + (SELECT count(*) FROM w) >= cardinality($7::text[]), \
+               (SELECT count(*) FROM locked) = cardinality($1::text[]) \
+                 AND (SELECT count(*) FROM changed) = cardinality($1::text[])), \
+               (SELECT count(pg_notify($23, b)) FROM unnest($22::text[]) AS b)"
         )
     };
 }
@@ -839,12 +889,14 @@ impl Ledger {
         &self,
         items: &[((String, Resolution), Option<Instant>)],
     ) -> Result<Vec<Slot<ResolveResult>>, LedgerError> {
-        retrying(|| self.try_resolve_group(items)).await
+        let careful = AtomicBool::new(false);
+        retrying(|| self.try_resolve_group(items, &careful)).await
     }
 
     async fn try_resolve_group(
         &self,
         items: &[((String, Resolution), Option<Instant>)],
+        careful: &AtomicBool,
     ) -> Result<Vec<Slot<ResolveResult>>, Attempt> {
         let mut out: Vec<Option<Slot<ResolveResult>>> = items.iter().map(|_| None).collect();
         let mut seen = HashSet::with_capacity(items.len());
@@ -856,17 +908,30 @@ impl Ledger {
                 out[i] = Some(Slot::Alone);
             }
         }
-        let mut tx = self.pool().begin().await?;
+        // Like an authorize group, a resolve group first reads without locks and
+        // writes in one statement that commits on its own: it deletes the holds'
+        // open-hold rows (the lock every resolution and the sweeper take) and checks
+        // that it deleted every one, so a hold resolved or expired meanwhile rolls it
+        // back whole. Such a group, or one whose balance rows are not all there, runs
+        // again in a transaction that deletes the open-hold rows first.
+        let fast = !careful.load(Ordering::Relaxed);
+        let mut tx = if fast {
+            None
+        } else {
+            Some(self.pool().begin().await?)
+        };
         let ids: Vec<&str> = live.iter().map(|&i| items[i].0 .0.as_str()).collect();
-        let rows = sqlx::query(
+        let details = sqlx::query(
             "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.asset, t.amount, \
                coalesce(t.route, '') AS route, a.fee_bps \
              FROM transfers t JOIN accounts a ON a.id = t.credit_account \
              WHERE t.id = ANY($1)",
         )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
+        .bind(&ids);
+        let rows = match tx.as_mut() {
+            Some(tx) => details.fetch_all(&mut **tx).await?,
+            None => details.fetch_all(self.pool()).await?,
+        };
         let mut holds = HashMap::with_capacity(rows.len());
         let mut bps: HashMap<String, i32> = HashMap::new();
         for row in rows {
@@ -911,32 +976,41 @@ impl Ledger {
             candidates.push(i);
         }
         if candidates.is_empty() {
-            tx.commit().await?;
+            commit(tx).await?;
             return Ok(finish(out));
         }
 
         // Deleting the open-hold rows is the lock every resolution (and the sweeper)
-        // takes; a hold someone else resolved is answered on its own afterwards.
-        let mut open_ids: Vec<&str> = candidates.iter().map(|&i| items[i].0 .0.as_str()).collect();
-        open_ids.sort_unstable();
-        let opened: HashSet<String> =
-            // Holds with partial captures settle on their own path (ledger.rs).
-            sqlx::query_scalar("DELETE FROM open_holds WHERE hold_id = ANY($1) AND captured = 0 RETURNING hold_id")
+        // takes; a hold someone else resolved is answered on its own afterwards. Holds
+        // with partial captures settle on their own path (ledger.rs). Without a
+        // transaction the write statement deletes them (and needs all of them).
+        let mine = match tx.as_mut() {
+            None => candidates,
+            Some(tx) => {
+                let mut open_ids: Vec<&str> =
+                    candidates.iter().map(|&i| items[i].0 .0.as_str()).collect();
+                open_ids.sort_unstable();
+                let opened: HashSet<String> = sqlx::query_scalar(
+                    "DELETE FROM open_holds WHERE hold_id = ANY($1) AND captured = 0 RETURNING hold_id",
+                )
                 .bind(&open_ids)
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut **tx)
                 .await?
                 .into_iter()
                 .collect();
-        let mut mine = Vec::with_capacity(candidates.len());
-        for i in candidates {
-            if opened.contains(&items[i].0 .0) {
-                mine.push(i);
-            } else {
-                out[i] = Some(Slot::Alone);
+                let mut mine = Vec::with_capacity(candidates.len());
+                for i in candidates {
+                    if opened.contains(&items[i].0 .0) {
+                        mine.push(i);
+                    } else {
+                        out[i] = Some(Slot::Alone);
+                    }
+                }
+                mine
             }
-        }
+        };
         if mine.is_empty() {
-            tx.commit().await?;
+            commit(tx).await?;
             return Ok(finish(out));
         }
 
@@ -980,15 +1054,17 @@ impl Ledger {
                 fee,
             });
         }
+        // The platform's balance row of each fee asset (a group without a transaction
+        // finds one missing by its check, and runs again in one).
         let fee_assets: Vec<&str> = distinct(done.iter().filter(|d| d.fee > 0).map(|d| d.asset));
-        if !fee_assets.is_empty() {
+        if let (Some(tx), false) = (tx.as_mut(), fee_assets.is_empty()) {
             sqlx::query(
                 "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \
                  SELECT $1, a, false FROM unnest($2::text[]) AS a ON CONFLICT (account_id, asset) DO NOTHING",
             )
             .bind(PLATFORM_ACCOUNT)
             .bind(&fee_assets)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
 
@@ -1073,73 +1149,19 @@ impl Ledger {
                 body.to_string()
             })
             .collect();
-        // Resolution rows, fee transfers, refund-cap rows, analytics, webhook outbox
-        // rows and notifications, in one statement.
-        let written = sqlx::query(
-            "WITH r AS ( \
-               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
-                 reason, http_status, upstream_micros) \
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
-                 $7::bigint[], $8::text[], $9::int[], $10::bigint[])), \
-             f AS ( \
-               INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, reason) \
-               SELECT 'fee', x.merchant, $11, x.asset, x.fee, x.hold_id, 'platform_fee' \
-               FROM unnest($3::text[], $4::text[], $12::bigint[], $6::text[], $1::text[]) \
-                 AS x(merchant, asset, fee, hold_id, kind) WHERE x.fee > 0), \
-             p AS ( \
-               INSERT INTO payment_refunds (hold_id, captured, fee) \
-               SELECT x.hold_id, x.posted, x.fee FROM unnest($6::text[], $5::bigint[], $12::bigint[], $1::text[]) \
-                 AS x(hold_id, posted, fee, kind) WHERE x.kind = 'capture'), \
-             a AS ( \
-               INSERT INTO analytics_pending (event, route, merchant, payer, asset, amount, fee, http_status, \
-                 upstream_micros) \
-               SELECT * FROM unnest($13::text[], $14::text[], $3::text[], $2::text[], $4::text[], $15::bigint[], \
-                 $12::bigint[], $9::int[], $10::bigint[])), \
-             w AS ( \
-               INSERT INTO webhook_outbox (merchant, event_type, payload) \
-               SELECT e.merchant, 'payment.captured', e.body::jsonb \
-               FROM unnest($3::text[], $16::text[], $13::text[]) AS e(merchant, body, event) \
-               JOIN webhook_endpoints h ON h.merchant = e.merchant WHERE e.event = 'captured') \
-             SELECT count(pg_notify($17, b)) FROM unnest($16::text[]) AS b",
-        )
-        .bind(&kinds)
-        .bind(&payers)
-        .bind(&merchants)
-        .bind(&assets)
-        .bind(&posted)
-        .bind(&hold_ids)
-        .bind(&held)
-        .bind(&reasons)
-        .bind(&statuses)
-        .bind(&micros)
-        .bind(PLATFORM_ACCOUNT)
-        .bind(&fees)
-        .bind(&events)
-        .bind(&routes)
-        .bind(&amounts)
-        .bind(&bodies)
-        .bind(CHANNEL)
-        .execute(&mut *tx)
-        .await;
-        match written {
-            Ok(_) => {}
-            Err(e) if constraint(&e) == Some("transfers_one_resolution") => {
-                return Err(Attempt::Retry(e))
-            }
-            Err(e) => return Err(e.into()),
-        }
-
-        // Balances: payers first, then merchants and the platform, once per row.
-        let mut payer_moves = Moves::default();
-        let mut other_moves = Moves::default();
+        // Balances: payers, merchants and the platform, once per row.
+        let mut moves = Moves::default();
         for d in &done {
-            let released = Delta {
-                debits_pending: -d.hold,
-                debits_posted: if d.kind == "capture" { d.posted } else { 0 },
-                ..Delta::default()
-            };
-            payer_moves.push(d.payer, d.asset, released);
-            other_moves.push(
+            moves.push(
+                d.payer,
+                d.asset,
+                Delta {
+                    debits_pending: -d.hold,
+                    debits_posted: if d.kind == "capture" { d.posted } else { 0 },
+                    ..Delta::default()
+                },
+            );
+            moves.push(
                 d.merchant,
                 d.asset,
                 Delta {
@@ -1150,7 +1172,7 @@ impl Ledger {
                 },
             );
             if d.fee > 0 {
-                other_moves.push(
+                moves.push(
                     PLATFORM_ACCOUNT,
                     d.asset,
                     Delta {
@@ -1160,18 +1182,65 @@ impl Ledger {
                 );
             }
         }
-        let mut moves = payer_moves;
-        for ((account, asset), delta) in other_moves.0.iter() {
-            moves.push(account, asset, *delta);
+
+        // Resolution rows, fee transfers, refund-cap rows, analytics, webhook outbox
+        // rows, notifications and the balance moves, in one statement; without a
+        // transaction it also deletes the open-hold rows, first. Its checks need
+        // every open-hold row deleted and every balance row there.
+        let moves_columns = moves.columns();
+        let write = moves_columns
+            .bind(sqlx::query_as::<_, (bool, i64)>(if tx.is_none() {
+                resolve_write!(
+                    "gone AS (DELETE FROM open_holds WHERE hold_id = ANY($12::text[]) AND captured = 0 \
+                       RETURNING hold_id), ",
+                    "(SELECT count(*) FROM gone) = cardinality($12::text[])"
+                )
+            } else {
+                resolve_write!("", "true")
+            }))
+            .bind(&kinds)
+            .bind(&payers)
+            .bind(&merchants)
+            .bind(&assets)
+            .bind(&posted)
+            .bind(&hold_ids)
+            .bind(&held)
+            .bind(&reasons)
+            .bind(&statuses)
+            .bind(&micros)
+            .bind(PLATFORM_ACCOUNT)
+            .bind(&fees)
+            .bind(&events)
+            .bind(&routes)
+            .bind(&amounts)
+            .bind(&bodies)
+            .bind(CHANNEL);
+        let written = match tx.as_mut() {
+            Some(tx) => write.fetch_one(&mut **tx).await,
+            None => write.fetch_one(self.pool()).await,
+        };
+        match written {
+            Ok(_) => {}
+            Err(e) if constraint(&e) == Some("transfers_one_resolution") => {
+                return Err(Attempt::Retry(e))
+            }
+            Err(e) => {
+                return Err(match (group_check_failed(&e), tx.is_some()) {
+                    (Some("balances"), true) => LedgerError::FailedPrecondition(
+                        "balance of a held account is missing".into(),
+                    )
+                    .into(),
+                    // A hold resolved or expired since the read, or a platform
+                    // balance row still to create.
+                    (Some(_), _) => {
+                        careful.store(true, Ordering::Relaxed);
+                        Attempt::Again
+                    }
+                    (None, _) => e.into(),
+                });
+            }
         }
-        let (locked, changed) = moves.lock_and_apply(&mut tx).await?;
-        if locked != moves.len() as u64 || changed != locked {
-            return Err(LedgerError::FailedPrecondition(
-                "balance of a held account is missing".into(),
-            )
-            .into());
-        }
-        tx.commit().await?;
+        commit(tx).await?;
         for d in done {
             let posted = to_u64(d.posted);
             crate::metrics::METRICS.resolved(d.kind, posted, d.fee);

@@ -184,33 +184,6 @@ impl Moves {
         c
     }
 
-    /// Locks the balance rows of every change in key order (the order every other
-    /// operation locks them in) and applies every change, in one statement; returns
-    /// how many rows it locked and how many it changed (fewer than [`Moves::len`]:
-    /// a balance row is missing).
-    pub(crate) async fn lock_and_apply(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-    ) -> Result<(u64, u64), sqlx::Error> {
-        if self.0.is_empty() {
-            return Ok((0, 0));
-        }
-        let (locked, changed): (i64, i64) = self
-            .columns()
-            .bind(sqlx::query_as(concat!(
-                "WITH ",
-                balance_moves!(),
-                " SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM changed)"
-            )))
-            .fetch_one(&mut **tx)
-            .await?;
-        Ok((to_u64(locked), to_u64(changed)))
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
-
     /// Applies every change; returns the accounts whose balance row is missing.
     async fn apply(&self, tx: &mut Transaction<'_, Postgres>) -> Result<Vec<String>, sqlx::Error> {
         let mut missing = Vec::new();

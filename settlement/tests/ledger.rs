@@ -1223,3 +1223,68 @@ async fn a_key_revoked_while_its_group_is_written_places_no_hold() {
     assert_eq!(h.balance("kim").await.debits_pending, 1_000);
     assert_eq!(h.balance(MERCHANT).await.credits_pending, 1_000);
 }
+
+/// A resolve group reads without locks and deletes its holds' open-hold rows in the
+/// same statement that writes the resolutions and balances; waiting on one of those
+/// rows is waiting in that statement, and once the row is free the capture lands whole.
+#[tokio::test]
+async fn a_capture_claims_its_open_hold_in_the_statement_that_writes_it() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("lou", 10_000).await;
+    let held = h.authorize(paid(&p, "lou-1", 3_000)).await;
+    assert_eq!(outcome(&held), AuthorizeOutcome::Authorized);
+
+    // Someone else (a sweeper pass, say) has the open-hold row locked for a while.
+    let mut other = h.pool.begin().await.unwrap();
+    sqlx::query("SELECT hold_id FROM open_holds WHERE hold_id = $1 FOR UPDATE")
+        .bind(&held.transaction_id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let mut data = h.data.clone();
+    let tx = held.transaction_id.clone();
+    let call = tokio::spawn(async move {
+        data.capture(CaptureRequest {
+            items: vec![CaptureItem {
+                transaction_id: tx,
+                amount: 2_000,
+                http_status: 200,
+                upstream_micros: 10,
+            }],
+        })
+        .await
+        .map(|r| r.into_inner())
+    });
+    let mut waiting = String::new();
+    for _ in 0..200 {
+        waiting = sqlx::query_scalar(
+            "SELECT coalesce(string_agg(query, ' | '), '') FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+        if !waiting.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        waiting.starts_with("WITH gone AS (DELETE FROM open_holds"),
+        "the capture should wait in its write statement: {waiting:?}"
+    );
+    other.rollback().await.unwrap();
+
+    let answer = call.await.unwrap().unwrap();
+    assert_eq!(resolved(&answer.results[0]), ResolveOutcome::Captured);
+    let lou = h.balance("lou").await;
+    assert_eq!((lou.debits_pending, lou.debits_posted), (0, 2_000));
+    let m = h.balance(MERCHANT).await;
+    assert_eq!((m.credits_pending, m.credits_posted), (0, 2_000));
+    let open: i64 = sqlx::query_scalar("SELECT count(*) FROM open_holds")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(open, 0);
+}
