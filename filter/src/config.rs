@@ -331,6 +331,8 @@ pub struct Route {
     pub policy: crate::policy::RoutePolicy,
     /// `per_second` routes: seconds between partial captures while a request runs.
     pub capture_every_seconds: Option<u32>,
+    /// The route's `payment_required` challenge, built once per configuration.
+    pub challenge_template: Option<crate::request::ChallengeTemplate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -628,6 +630,7 @@ impl TryFrom<RawConfig> for Config {
                     },
                 )?,
                 capture_every_seconds: r.capture_every_seconds,
+                challenge_template: None,
             });
         }
         if let Some(token) = &raw.settlement_token {
@@ -641,7 +644,7 @@ impl TryFrom<RawConfig> for Config {
                 ));
             }
         }
-        Ok(Config {
+        let mut config = Config {
             settlement_token: raw.settlement_token.map(SettlementToken),
             settlement_cluster: raw.settlement_cluster,
             settlement_timeout_ms: raw.settlement_timeout_ms,
@@ -659,7 +662,16 @@ impl TryFrom<RawConfig> for Config {
             discovery_path: raw.discovery_path,
             debug_crash_on_header: raw.debug_crash_on_header,
             routes,
-        })
+        };
+        let templates: Vec<_> = config
+            .routes
+            .iter()
+            .map(|route| crate::request::ChallengeTemplate::new(&config, route))
+            .collect();
+        for (route, template) in config.routes.iter_mut().zip(templates) {
+            route.challenge_template = template;
+        }
+        Ok(config)
     }
 }
 

@@ -778,6 +778,34 @@ pub fn quoted_challenge(
     quote: &Quote,
     code: ErrorCode,
 ) -> PaymentRequired {
+    challenge_for_url(
+        config,
+        route,
+        resource_url(input),
+        input.free_remaining,
+        quote,
+        code,
+    )
+}
+
+/// The URL a challenge names as its resource.
+fn resource_url(input: &ChallengeInput) -> String {
+    let scheme = if input.scheme.is_empty() {
+        "http"
+    } else {
+        input.scheme.as_str()
+    };
+    format!("{scheme}://{}{}", input.authority, input.path)
+}
+
+fn challenge_for_url(
+    config: &Config,
+    route: &Route,
+    url: String,
+    free_remaining: Option<u64>,
+    quote: &Quote,
+    code: ErrorCode,
+) -> PaymentRequired {
     let mut extra = serde_json::Map::new();
     extra.insert(
         "decimals".into(),
@@ -789,16 +817,11 @@ pub fn quoted_challenge(
             extra.insert(key.into(), value);
         }
     }
-    let scheme = if input.scheme.is_empty() {
-        "http"
-    } else {
-        input.scheme.as_str()
-    };
     PaymentRequired {
         x402_version: x402_proto::X402_VERSION,
         error: Some(code.as_str().to_owned()),
         resource: ResourceInfo {
-            url: format!("{scheme}://{}{}", input.authority, input.path),
+            url,
             description: route.description.clone(),
             mime_type: String::new(),
         },
@@ -816,7 +839,54 @@ pub fn quoted_challenge(
             config.asset_decimals,
         )),
         payment_address: Some(config.pay_to.clone()),
-        free_remaining: input.free_remaining,
+        free_remaining,
+    }
+}
+
+/// A route's most common challenge (`payment_required` at its static price, no free
+/// tier count) as JSON, cut where the resource URL goes: built once per
+/// configuration, so such a 402 only writes its URL into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChallengeTemplate {
+    before_url: Vec<u8>,
+    after_url: Vec<u8>,
+}
+
+impl ChallengeTemplate {
+    /// The template of `route`'s challenge under `config`; `None` if the JSON could
+    /// not be cut (it always can: the mark serializes to one unique string).
+    pub fn new(config: &Config, route: &Route) -> Option<ChallengeTemplate> {
+        // Control characters are escaped in JSON, so the mark cannot occur anywhere
+        // else in the challenge.
+        const MARK: &str = "\u{1}x402 resource url\u{1}";
+        let challenge = challenge_for_url(
+            config,
+            route,
+            MARK.to_owned(),
+            None,
+            &static_quote(route),
+            ErrorCode::PaymentRequired,
+        );
+        let json = serde_json::to_vec(&challenge).ok()?;
+        let mark = serde_json::to_vec(MARK).ok()?;
+        let at = json
+            .windows(mark.len())
+            .position(|w| w == mark.as_slice())?;
+        Some(ChallengeTemplate {
+            before_url: json[..at].to_vec(),
+            after_url: json[at + mark.len()..].to_vec(),
+        })
+    }
+
+    /// The challenge's JSON with `url` as its resource.
+    pub fn render(&self, url: &str) -> Vec<u8> {
+        let mut json =
+            Vec::with_capacity(self.before_url.len() + url.len() + 8 + self.after_url.len());
+        json.extend_from_slice(&self.before_url);
+        // A string always serializes (to a Vec it cannot fail).
+        let _ = serde_json::to_writer(&mut json, url);
+        json.extend_from_slice(&self.after_url);
+        json
     }
 }
 
@@ -834,15 +904,24 @@ fn quoted_challenge_reply(
     quote: &Quote,
     code: ErrorCode,
 ) -> Effect {
-    let challenge = quoted_challenge(config, route, input, quote, code);
     // The header is the body's JSON in base64: serialized once for both.
-    let body = serde_json::to_vec(&challenge).unwrap_or_default();
+    let body = match &route.challenge_template {
+        Some(template)
+            if code == ErrorCode::PaymentRequired
+                && input.free_remaining.is_none()
+                && *quote == static_quote(route) =>
+        {
+            template.render(&resource_url(input))
+        }
+        _ => serde_json::to_vec(&quoted_challenge(config, route, input, quote, code))
+            .unwrap_or_default(),
+    };
     let mut headers = json_headers();
     headers.push((
         HEADER_PAYMENT_REQUIRED.to_owned(),
         wire::encode_header_json(&body),
     ));
-    if let Some(left) = challenge.free_remaining {
+    if let Some(left) = input.free_remaining {
         headers.push((
             crate::policy::HEADER_FREE_REMAINING.to_owned(),
             left.to_string(),
@@ -953,6 +1032,76 @@ mod tests {
         assert!(!headers
             .iter()
             .any(|(n, _)| n == crate::policy::HEADER_FREE_REMAINING));
+    }
+
+    #[test]
+    fn a_402_without_payment_is_written_from_the_route_template() {
+        let mut c = config();
+        // A template that differs from the challenge shows where the body came from.
+        c.routes[0].challenge_template = Some(ChallengeTemplate {
+            before_url: br#"{"from":"template","url":"#.to_vec(),
+            after_url: b"}".to_vec(),
+        });
+        let info = RequestInfo {
+            method: "GET".into(),
+            authority: "api".into(),
+            path: "/paid/x".into(),
+            ..RequestInfo::default()
+        };
+        let (_, effects) = step(&c, State::New, Event::RequestHeaders(info.clone()));
+        let Effect::Reply {
+            status: 402,
+            headers,
+            body,
+        } = &effects[0]
+        else {
+            panic!("{effects:?}");
+        };
+        assert_eq!(
+            body.as_slice(),
+            br#"{"from":"template","url":"http://api/paid/x"}"#
+        );
+        let header = headers
+            .iter()
+            .find(|(n, _)| n == HEADER_PAYMENT_REQUIRED)
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        assert_eq!(header, wire::encode_header_json(body));
+
+        // A challenge that refuses a proof (here: for too little) is built whole.
+        let proof = x402_proto::wire::PaymentPayload {
+            x402_version: 2,
+            accepted: PaymentRequirements {
+                scheme: "exact".into(),
+                network: c.network.clone(),
+                amount: "1".into(),
+                asset: c.asset.clone(),
+                pay_to: "m".into(),
+                max_timeout_seconds: 60,
+                extra: serde_json::Map::new(),
+            },
+            payload: x402_proto::wire::PaymentAuthorization {
+                payer: "00".repeat(32),
+                nonce: "11".repeat(16),
+                valid_before: "4000000000".into(),
+                resource: "GET api/paid/x".into(),
+                signature: "22".repeat(64),
+            },
+        };
+        let info = RequestInfo {
+            payment: Some(wire::encode_header(&proof)),
+            ..info
+        };
+        let (_, effects) = step(&c, State::New, Event::RequestHeaders(info));
+        let Effect::Reply {
+            status: 402, body, ..
+        } = &effects[0]
+        else {
+            panic!("{effects:?}");
+        };
+        let refused: PaymentRequired = serde_json::from_slice(body).unwrap();
+        assert_ne!(refused.error.as_deref(), Some("payment_required"));
+        assert_eq!(refused.resource.url, "http://api/paid/x");
     }
 
     #[test]

@@ -118,3 +118,51 @@ fn shipped_demo_config_compiles_with_report_before_quote() {
     assert_eq!(c.route_named("report").unwrap().price, 250_000);
     assert_eq!(c.route_named("quote").unwrap().price, 10_000);
 }
+
+/// A route's challenge template, filled with a URL, is byte for byte the challenge
+/// built and serialized whole, for every route of every valid fixture and URLs that
+/// need escaping.
+#[test]
+fn challenge_templates_render_the_challenge_exactly() {
+    use x402_filter::request::{quoted_challenge, static_quote, ChallengeInput};
+    use x402_proto::wire::ErrorCode;
+    let mut rendered = 0;
+    for name in VALID {
+        let config = Config::from_json(read_fixture("valid", name).as_bytes()).unwrap();
+        for route in &config.routes {
+            let template = route
+                .challenge_template
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}/{}: no template", route.name));
+            for (authority, path) in [
+                ("127.0.0.1:10000", "/paid/quote?sym=ABC"),
+                ("api.example.com", "/a\"b\\c/\u{e9}t\u{e9}?q=<1>&x=\u{1}"),
+                ("", ""),
+            ] {
+                let input = ChallengeInput {
+                    scheme: "https".into(),
+                    authority: authority.into(),
+                    path: path.into(),
+                    free_remaining: None,
+                };
+                let whole = serde_json::to_vec(&quoted_challenge(
+                    &config,
+                    route,
+                    &input,
+                    &static_quote(route),
+                    ErrorCode::PaymentRequired,
+                ))
+                .unwrap();
+                let url = format!("https://{authority}{path}");
+                assert_eq!(
+                    String::from_utf8(template.render(&url)).unwrap(),
+                    String::from_utf8(whole).unwrap(),
+                    "{name}/{}",
+                    route.name
+                );
+                rendered += 1;
+            }
+        }
+    }
+    assert!(rendered > 20, "only {rendered} challenges compared");
+}
