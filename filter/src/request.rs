@@ -990,25 +990,36 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_used_up_free_tier_is_stated_in_the_challenge_json_and_a_header() {
-        let info = RequestInfo {
+    fn get_paid_x() -> RequestInfo {
+        RequestInfo {
             method: "GET".into(),
             authority: "api".into(),
             path: "/paid/x".into(),
-            policy: crate::policy::Verdict::ChargeFreeExhausted,
             ..RequestInfo::default()
+        }
+    }
+
+    /// The headers and body of the 402 `effects` start with.
+    fn reply_402(effects: &[Effect]) -> (&[(String, String)], &[u8]) {
+        match effects.first() {
+            Some(Effect::Reply {
+                status: 402,
+                headers,
+                body,
+            }) => (headers, body),
+            _ => panic!("{effects:?}"),
+        }
+    }
+
+    #[test]
+    fn a_used_up_free_tier_is_stated_in_the_challenge_json_and_a_header() {
+        let info = RequestInfo {
+            policy: crate::policy::Verdict::ChargeFreeExhausted,
+            ..get_paid_x()
         };
         let (state, effects) = step(&config(), State::New, Event::RequestHeaders(info.clone()));
         assert_eq!(state, State::Replied);
-        let Effect::Reply {
-            status: 402,
-            headers,
-            body,
-        } = &effects[0]
-        else {
-            panic!("{effects:?}");
-        };
+        let (headers, body) = reply_402(&effects);
         let json: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(json["freeRemaining"], 0);
         let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
@@ -1042,25 +1053,10 @@ mod tests {
             before_url: br#"{"from":"template","url":"#.to_vec(),
             after_url: b"}".to_vec(),
         });
-        let info = RequestInfo {
-            method: "GET".into(),
-            authority: "api".into(),
-            path: "/paid/x".into(),
-            ..RequestInfo::default()
-        };
+        let info = get_paid_x();
         let (_, effects) = step(&c, State::New, Event::RequestHeaders(info.clone()));
-        let Effect::Reply {
-            status: 402,
-            headers,
-            body,
-        } = &effects[0]
-        else {
-            panic!("{effects:?}");
-        };
-        assert_eq!(
-            body.as_slice(),
-            br#"{"from":"template","url":"http://api/paid/x"}"#
-        );
+        let (headers, body) = reply_402(&effects);
+        assert_eq!(body, br#"{"from":"template","url":"http://api/paid/x"}"#);
         let header = headers
             .iter()
             .find(|(n, _)| n == HEADER_PAYMENT_REQUIRED)
@@ -1093,12 +1089,7 @@ mod tests {
             ..info
         };
         let (_, effects) = step(&c, State::New, Event::RequestHeaders(info));
-        let Effect::Reply {
-            status: 402, body, ..
-        } = &effects[0]
-        else {
-            panic!("{effects:?}");
-        };
+        let (_, body) = reply_402(&effects);
         let refused: PaymentRequired = serde_json::from_slice(body).unwrap();
         assert_ne!(refused.error.as_deref(), Some("payment_required"));
         assert_eq!(refused.resource.url, "http://api/paid/x");

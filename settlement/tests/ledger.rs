@@ -1164,6 +1164,25 @@ async fn ledger_statements_are_not_planned_per_call() {
     assert_eq!(custom, 0, "statements were planned per call");
 }
 
+/// The statements of this test's database waiting on a lock, once there is one (at
+/// most ~5 s); pg_stat_activity keeps the first 1 KB of each.
+async fn waiting_on_a_lock(h: &Harness) -> String {
+    for _ in 0..200 {
+        let waiting: String = sqlx::query_scalar(
+            "SELECT coalesce(string_agg(query, ' | '), '') FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+        if !waiting.is_empty() {
+            return waiting;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    String::new()
+}
+
 /// A group reads without locks and writes in one statement that checks, under locks,
 /// what the read decided on. A key revoked after the read, while the write waits for
 /// its lock, stops the write: nothing of it commits, and the group runs again in a
@@ -1192,21 +1211,7 @@ async fn a_key_revoked_while_its_group_is_written_places_no_hold() {
             .map(|r| r.into_inner())
     });
     // The read went by without waiting; the group's write waits on the key's lock.
-    let mut waiting = String::new();
-    for _ in 0..200 {
-        waiting = sqlx::query_scalar(
-            "SELECT coalesce(string_agg(query, ' | '), '') FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND datname = current_database()",
-        )
-        .fetch_one(&h.pool)
-        .await
-        .unwrap();
-        if !waiting.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    // (pg_stat_activity keeps the first 1 KB of a statement: the write's CTEs.)
+    let waiting = waiting_on_a_lock(&h).await;
     assert!(
         waiting.contains("keys AS (SELECT public_key FROM payer_keys"),
         "the group's write should be what waits, not its read: {waiting:?}"
@@ -1256,20 +1261,7 @@ async fn a_capture_claims_its_open_hold_in_the_statement_that_writes_it() {
         .await
         .map(|r| r.into_inner())
     });
-    let mut waiting = String::new();
-    for _ in 0..200 {
-        waiting = sqlx::query_scalar(
-            "SELECT coalesce(string_agg(query, ' | '), '') FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND datname = current_database()",
-        )
-        .fetch_one(&h.pool)
-        .await
-        .unwrap();
-        if !waiting.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let waiting = waiting_on_a_lock(&h).await;
     assert!(
         waiting.starts_with("WITH gone AS (DELETE FROM open_holds"),
         "the capture should wait in its write statement: {waiting:?}"
