@@ -249,9 +249,23 @@ impl Report {
         })
     }
 
+    /// The median of the per-round ratios of `a`'s rate to `b`'s. Each round runs the
+    /// scenarios back to back, so a machine that slows down between rounds moves both
+    /// sides of a round's ratio, where a ratio of medians would mix fast and slow rounds.
     fn ratio(&self, a: Scenario, b: Scenario) -> Option<f64> {
-        let (a, b) = (self.median_rate(a)?, self.median_rate(b)?);
-        (b > 0.0).then(|| a / b)
+        median(self.round_ratios(a, b))
+    }
+
+    fn round_ratios(&self, a: Scenario, b: Scenario) -> Vec<f64> {
+        match (self.results.get(&a), self.results.get(&b)) {
+            (Some(a), Some(b)) => a
+                .iter()
+                .zip(b)
+                .filter(|(_, b)| b.rate > 0.0)
+                .map(|(a, b)| a.rate / b.rate)
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn added_latency(&self) -> Option<(f64, f64)> {
@@ -385,6 +399,35 @@ impl Report {
             };
             let _ = writeln!(s, "| {what} | {v} | {target} | {met} |");
         }
+        let per_round: Vec<String> = [
+            (
+                "402 / direct_response",
+                Scenario::Reject402,
+                Scenario::DirectResponse,
+            ),
+            ("paid / bare", Scenario::PaidFlat, Scenario::BareProxy),
+            ("paid / peer", Scenario::PaidFlat, Scenario::ExtAuthz),
+            (
+                "pairs / pgbench",
+                Scenario::SettleSpread,
+                Scenario::PgbenchSpread,
+            ),
+            ("hot / spread", Scenario::SettleHot, Scenario::SettleSpread),
+        ]
+        .iter()
+        .filter_map(|(what, a, b)| {
+            let r = self.round_ratios(*a, *b);
+            (!r.is_empty()).then(|| {
+                let r: Vec<String> = r.iter().map(|v| format!("{v:.2}")).collect();
+                format!("{what} {}", r.join(", "))
+            })
+        })
+        .collect();
+        let _ = writeln!(
+            s,
+            "\nThroughput ratios are the medians of the per-round ratios (each round runs the scenarios back to back); per round: {}.",
+            if per_round.is_empty() { "-".to_owned() } else { per_round.join("; ") }
+        );
         let _ = writeln!(s, "\nHalf load: {:.0} req/s for both bare proxy and paid flat; per round (bare p50/p99, paid p50/p99 us): {}",
             self.half_load_rate,
             self.half_load.iter().map(|h| format!("{:.0}/{:.0} vs {:.0}/{:.0}", h.0, h.1, h.2, h.3)).collect::<Vec<_>>().join("; "));
@@ -464,5 +507,40 @@ impl Report {
             "elapsed_seconds": self.elapsed_seconds,
             "table_scans": self.table_scans.iter().map(|t| json!({"table": t.0, "seq_scan": t.1, "seq_tup_read": t.2, "idx_scan": t.3})).collect::<Vec<_>>(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn round(rate: f64) -> RoundResult {
+        RoundResult {
+            rate,
+            p50_us: 1.0,
+            p99_us: 1.0,
+            errors: 0,
+            first_error: None,
+            cpu_us_per_request: Vec::new(),
+        }
+    }
+
+    /// A machine that slows down between rounds slows both scenarios of a round: the
+    /// ratio is taken per round, not from the two medians (which here say 0.6).
+    #[test]
+    fn ratios_pair_the_scenarios_of_each_round() {
+        let mut r = Report::new(false, 3, Duration::from_secs(1), 16, 16, 10);
+        for (paid, peer) in [(100.0, 200.0), (60.0, 100.0), (30.0, 80.0)] {
+            r.push(Scenario::PaidFlat, round(paid));
+            r.push(Scenario::ExtAuthz, round(peer));
+        }
+        assert_eq!(r.ratio(Scenario::PaidFlat, Scenario::ExtAuthz), Some(0.5));
+        assert_eq!(
+            r.round_ratios(Scenario::PaidFlat, Scenario::ExtAuthz),
+            vec![0.5, 0.6, 0.375]
+        );
+        assert!(r.markdown().contains("paid / peer 0.50, 0.60, 0.38"));
+        assert_eq!(r.ratio(Scenario::PaidFlat, Scenario::BareProxy), None);
     }
 }
