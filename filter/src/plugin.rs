@@ -722,17 +722,22 @@ fn read_request(host: &mut dyn Host) -> RequestInfo {
     let payment = host
         .request_header(HEADER_PAYMENT_SIGNATURE)
         .or_else(|| host.request_header(HEADER_PAYMENT_SIGNATURE_ALIAS));
-    let envoy_id = host.request_header("x-request-id").filter(|id| {
-        !id.is_empty() && id.len() <= MAX_REQUEST_ID && !id.contains(char::is_control)
-    });
-    // The random part makes the key unique to this request even when a client sends
-    // its own x-request-id: a replayed proof must meet the nonce check, never an
-    // idempotent replay of an earlier authorization.
-    let mut random = [0u8; 12];
-    host.random_bytes(&mut random);
-    let request_id = match envoy_id {
-        Some(id) => format!("{id}.{}", hex::encode(random)),
-        None => hex::encode(random),
+    // The settlement idempotency key, only needed (and made) when there is a proof to
+    // authorize: a 402 costs two host calls less. The random part makes the key unique
+    // to this request even when a client sends its own x-request-id: a replayed proof
+    // must meet the nonce check, never an idempotent replay of an earlier authorization.
+    let request_id = if payment.is_some() {
+        let envoy_id = host.request_header("x-request-id").filter(|id| {
+            !id.is_empty() && id.len() <= MAX_REQUEST_ID && !id.contains(char::is_control)
+        });
+        let mut random = [0u8; 12];
+        host.random_bytes(&mut random);
+        match envoy_id {
+            Some(id) => format!("{id}.{}", hex::encode(random)),
+            None => hex::encode(random),
+        }
+    } else {
+        String::new()
     };
     let header = |name: &str| host.request_header(name).unwrap_or_default();
     RequestInfo {

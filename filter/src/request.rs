@@ -40,7 +40,8 @@ pub struct RequestInfo {
     pub route_name: Option<String>,
     /// The `payment-signature` (or `x-402-payment`) header.
     pub payment: Option<String>,
-    /// Idempotency key for settlement, unique to this request.
+    /// Idempotency key for settlement, unique to this request; empty when the request
+    /// carries no payment header (nothing to authorize).
     pub request_id: String,
     pub now_secs: u64,
     /// A request body follows the headers (they did not end the stream).

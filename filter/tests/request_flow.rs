@@ -289,6 +289,28 @@ fn the_route_name_is_read_only_when_matching_needs_it() {
     assert_eq!(h.host.property_reads.borrow().len(), 2);
 }
 
+/// The settlement idempotency key (Envoy's request id and random bytes) is made only
+/// for a request that carries a proof: a 402 does without those host calls.
+#[test]
+fn the_settlement_key_is_made_only_for_a_request_with_a_proof() {
+    let mut h = Harness::new(false);
+    let drawn = h.host.random_counter;
+    h.request(2, "GET", "/paid/quote", None);
+    assert_eq!(h.reply_to(2).map(|r| r.0), Some(402));
+    assert_eq!(h.host.random_counter, drawn, "a 402 drew random bytes");
+
+    h.request(
+        3,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 3))),
+    );
+    let (_, _, _, body) = h.last_grpc();
+    let item = &AuthorizeRequest::decode(body.as_slice()).unwrap().items[0];
+    assert!(item.request_id.starts_with("req-3."), "{}", item.request_id);
+    assert_ne!(h.host.random_counter, drawn);
+}
+
 #[test]
 fn a_malformed_header_is_a_400() {
     let mut h = Harness::new(false);
