@@ -1164,23 +1164,25 @@ async fn ledger_statements_are_not_planned_per_call() {
     assert_eq!(custom, 0, "statements were planned per call");
 }
 
-/// The statements of this test's database waiting on a lock, once there is one (at
-/// most ~5 s); pg_stat_activity keeps the first 1 KB of each.
-async fn waiting_on_a_lock(h: &Harness) -> String {
-    for _ in 0..200 {
-        let waiting: String = sqlx::query_scalar(
-            "SELECT coalesce(string_agg(query, ' | '), '') FROM pg_stat_activity \
+/// Whether a statement of this test's database that `is_it` picks waits on a lock,
+/// within ~10 s; also every statement waiting on one when last looked (for the failure
+/// message). pg_stat_activity keeps the first 1 KB of each statement.
+async fn waits_on_a_lock(h: &Harness, is_it: impl Fn(&str) -> bool) -> (bool, Vec<String>) {
+    let mut waiting = Vec::new();
+    for _ in 0..400 {
+        waiting = sqlx::query_scalar(
+            "SELECT query FROM pg_stat_activity \
              WHERE wait_event_type = 'Lock' AND datname = current_database()",
         )
-        .fetch_one(&h.pool)
+        .fetch_all(&h.pool)
         .await
         .unwrap();
-        if !waiting.is_empty() {
-            return waiting;
+        if waiting.iter().any(|q: &String| is_it(q)) {
+            return (true, waiting);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    String::new()
+    (false, waiting)
 }
 
 /// A group reads without locks and writes in one statement that checks, under locks,
@@ -1211,9 +1213,12 @@ async fn a_key_revoked_while_its_group_is_written_places_no_hold() {
             .map(|r| r.into_inner())
     });
     // The read went by without waiting; the group's write waits on the key's lock.
-    let waiting = waiting_on_a_lock(&h).await;
+    let (write_waits, waiting) = waits_on_a_lock(&h, |q| {
+        q.starts_with("WITH m AS") && q.contains("keys AS (SELECT public_key FROM payer_keys")
+    })
+    .await;
     assert!(
-        waiting.contains("keys AS (SELECT public_key FROM payer_keys"),
+        write_waits,
         "the group's write should be what waits, not its read: {waiting:?}"
     );
     revoke.commit().await.unwrap();
@@ -1261,9 +1266,12 @@ async fn a_capture_claims_its_open_hold_in_the_statement_that_writes_it() {
         .await
         .map(|r| r.into_inner())
     });
-    let waiting = waiting_on_a_lock(&h).await;
+    let (write_waits, waiting) = waits_on_a_lock(&h, |q| {
+        q.starts_with("WITH gone AS (DELETE FROM open_holds")
+    })
+    .await;
     assert!(
-        waiting.starts_with("WITH gone AS (DELETE FROM open_holds"),
+        write_waits,
         "the capture should wait in its write statement: {waiting:?}"
     );
     other.rollback().await.unwrap();
