@@ -33,7 +33,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::json;
-use sqlx::Row;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 use tonic::Status;
 use x402_proto::settlement::v1::{
@@ -434,11 +435,51 @@ fn group_check_failed(err: &sqlx::Error) -> Option<&'static str> {
     })
 }
 
-/// Commits `tx` if there is one.
-async fn commit(tx: Option<sqlx::Transaction<'_, sqlx::Postgres>>) -> Result<(), sqlx::Error> {
-    match tx {
-        Some(tx) => tx.commit().await,
-        None => Ok(()),
+/// Where a group's statements run: one pooled connection in autocommit (each statement
+/// commits on its own) or a transaction. Either way it is the connection to run on.
+enum Session {
+    Autocommit(PoolConnection<Postgres>),
+    Transaction(Transaction<'static, Postgres>),
+}
+
+impl Session {
+    async fn start(pool: &PgPool, transaction: bool) -> Result<Session, sqlx::Error> {
+        Ok(if transaction {
+            Session::Transaction(pool.begin().await?)
+        } else {
+            Session::Autocommit(pool.acquire().await?)
+        })
+    }
+
+    fn in_transaction(&self) -> bool {
+        matches!(self, Session::Transaction(_))
+    }
+
+    /// Commits the transaction, if there is one (autocommit statements already have).
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Session::Transaction(tx) => tx.commit().await,
+            Session::Autocommit(_) => Ok(()),
+        }
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        match self {
+            Session::Autocommit(c) => c,
+            Session::Transaction(tx) => tx,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            Session::Autocommit(c) => c,
+            Session::Transaction(tx) => tx,
+        }
     }
 }
 
@@ -501,11 +542,7 @@ impl Ledger {
         let fast = !careful.load(Ordering::Relaxed)
             && !check_nonces.load(Ordering::Relaxed)
             && !ensure_merchants.load(Ordering::Relaxed);
-        let mut tx = if fast {
-            None
-        } else {
-            Some(self.pool().begin().await?)
-        };
+        let mut db = Session::start(self.pool(), !fast).await?;
 
         // Everything the group reads, in one statement, one row per live item: a
         // hold already placed under its request id (a replay), its merchant, its
@@ -529,10 +566,7 @@ impl Ledger {
         .bind(&merchant_ids)
         .bind(&key_ids)
         .bind(&asset_ids);
-        let rows = match tx.as_mut() {
-            Some(tx) => lookup.fetch_all(&mut **tx).await?,
-            None => lookup.fetch_all(self.pool()).await?,
-        };
+        let rows = lookup.fetch_all(&mut *db).await?;
         let mut looked: Vec<Option<sqlx::postgres::PgRow>> = live.iter().map(|_| None).collect();
         for row in rows {
             let n: i64 = row.try_get("n")?;
@@ -642,7 +676,7 @@ impl Ledger {
             });
         }
         if accepted.is_empty() {
-            commit(tx).await?;
+            db.commit().await?;
             return Ok(finish(out));
         }
 
@@ -661,13 +695,12 @@ impl Ledger {
             )
             .bind(&payers)
             .bind(&nonce_list);
-            let used: HashSet<(String, String)> = match tx.as_mut() {
-                Some(tx) => used_nonces.fetch_all(&mut **tx).await?,
-                None => used_nonces.fetch_all(self.pool()).await?,
-            }
-            .into_iter()
-            .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<_, _>>()?;
+            let used: HashSet<(String, String)> = used_nonces
+                .fetch_all(&mut *db)
+                .await?
+                .into_iter()
+                .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, _>>()?;
             if !used.is_empty() {
                 accepted.retain(|h| {
                     let item = &items[h.index].0;
@@ -704,7 +737,7 @@ impl Ledger {
             funded
         });
         if accepted.is_empty() {
-            commit(tx).await?;
+            db.commit().await?;
             return Ok(finish(out));
         }
         // Merchant balance rows: created on first use (a group that finds one missing
@@ -716,7 +749,7 @@ impl Ledger {
                 .entry((a.pay_to.as_str(), a.asset.as_str()))
                 .or_default() += h.amount;
         }
-        if let (Some(tx), true) = (tx.as_mut(), ensure_merchants.load(Ordering::Relaxed)) {
+        if db.in_transaction() && ensure_merchants.load(Ordering::Relaxed) {
             let (m_accounts, m_assets): (Vec<&str>, Vec<&str>) =
                 merchant_rows.keys().copied().unzip();
             sqlx::query(
@@ -726,7 +759,7 @@ impl Ledger {
             )
             .bind(&m_accounts)
             .bind(&m_assets)
-            .execute(&mut **tx)
+            .execute(&mut *db)
             .await?;
         }
 
@@ -786,7 +819,7 @@ impl Ledger {
             }
             gone
         };
-        if tx.is_none() && gone(late) {
+        if !db.in_transaction() && gone(late) {
             return Err(Attempt::Again);
         }
 
@@ -833,10 +866,7 @@ impl Ledger {
             .bind(&resource_col)
             .bind(&ttl_col)
             .bind(&authorized_col);
-        let written = match tx.as_mut() {
-            Some(tx) => write.fetch_one(&mut **tx).await,
-            None => write.fetch_one(self.pool()).await,
-        };
+        let written = write.fetch_one(&mut *db).await;
         let mut ids: HashMap<String, String> = match written {
             Ok((_, request_ids, ids)) => request_ids.into_iter().zip(ids).collect(),
             Err(e) if is_overdraft(&e) => return Err(Attempt::Again),
@@ -865,12 +895,10 @@ impl Ledger {
                 });
             }
         };
-        if let Some(tx) = tx {
-            if gone(late) {
-                return Err(Attempt::Again);
-            }
-            tx.commit().await?;
+        if db.in_transaction() && gone(late) {
+            return Err(Attempt::Again);
         }
+        db.commit().await?;
         for h in accepted {
             let item = &items[h.index].0;
             let transaction_id = ids.remove(&item.request_id).unwrap_or_default();
@@ -915,11 +943,7 @@ impl Ledger {
         // back whole. Such a group, or one whose balance rows are not all there, runs
         // again in a transaction that deletes the open-hold rows first.
         let fast = !careful.load(Ordering::Relaxed);
-        let mut tx = if fast {
-            None
-        } else {
-            Some(self.pool().begin().await?)
-        };
+        let mut db = Session::start(self.pool(), !fast).await?;
         let ids: Vec<&str> = live.iter().map(|&i| items[i].0 .0.as_str()).collect();
         let details = sqlx::query(
             "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.asset, t.amount, \
@@ -928,10 +952,7 @@ impl Ledger {
              WHERE t.id = ANY($1)",
         )
         .bind(&ids);
-        let rows = match tx.as_mut() {
-            Some(tx) => details.fetch_all(&mut **tx).await?,
-            None => details.fetch_all(self.pool()).await?,
-        };
+        let rows = details.fetch_all(&mut *db).await?;
         let mut holds = HashMap::with_capacity(rows.len());
         let mut bps: HashMap<String, i32> = HashMap::new();
         for row in rows {
@@ -976,7 +997,7 @@ impl Ledger {
             candidates.push(i);
         }
         if candidates.is_empty() {
-            commit(tx).await?;
+            db.commit().await?;
             return Ok(finish(out));
         }
 
@@ -984,33 +1005,32 @@ impl Ledger {
         // takes; a hold someone else resolved is answered on its own afterwards. Holds
         // with partial captures settle on their own path (ledger.rs). Without a
         // transaction the write statement deletes them (and needs all of them).
-        let mine = match tx.as_mut() {
-            None => candidates,
-            Some(tx) => {
-                let mut open_ids: Vec<&str> =
-                    candidates.iter().map(|&i| items[i].0 .0.as_str()).collect();
-                open_ids.sort_unstable();
-                let opened: HashSet<String> = sqlx::query_scalar(
-                    "DELETE FROM open_holds WHERE hold_id = ANY($1) AND captured = 0 RETURNING hold_id",
-                )
-                .bind(&open_ids)
-                .fetch_all(&mut **tx)
-                .await?
-                .into_iter()
-                .collect();
-                let mut mine = Vec::with_capacity(candidates.len());
-                for i in candidates {
-                    if opened.contains(&items[i].0 .0) {
-                        mine.push(i);
-                    } else {
-                        out[i] = Some(Slot::Alone);
-                    }
+        let mine = if !db.in_transaction() {
+            candidates
+        } else {
+            let mut open_ids: Vec<&str> =
+                candidates.iter().map(|&i| items[i].0 .0.as_str()).collect();
+            open_ids.sort_unstable();
+            let opened: HashSet<String> = sqlx::query_scalar(
+                "DELETE FROM open_holds WHERE hold_id = ANY($1) AND captured = 0 RETURNING hold_id",
+            )
+            .bind(&open_ids)
+            .fetch_all(&mut *db)
+            .await?
+            .into_iter()
+            .collect();
+            let mut mine = Vec::with_capacity(candidates.len());
+            for i in candidates {
+                if opened.contains(&items[i].0 .0) {
+                    mine.push(i);
+                } else {
+                    out[i] = Some(Slot::Alone);
                 }
-                mine
             }
+            mine
         };
         if mine.is_empty() {
-            commit(tx).await?;
+            db.commit().await?;
             return Ok(finish(out));
         }
 
@@ -1057,14 +1077,14 @@ impl Ledger {
         // The platform's balance row of each fee asset (a group without a transaction
         // finds one missing by its check, and runs again in one).
         let fee_assets: Vec<&str> = distinct(done.iter().filter(|d| d.fee > 0).map(|d| d.asset));
-        if let (Some(tx), false) = (tx.as_mut(), fee_assets.is_empty()) {
+        if db.in_transaction() && !fee_assets.is_empty() {
             sqlx::query(
                 "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \
                  SELECT $1, a, false FROM unnest($2::text[]) AS a ON CONFLICT (account_id, asset) DO NOTHING",
             )
             .bind(PLATFORM_ACCOUNT)
             .bind(&fee_assets)
-            .execute(&mut **tx)
+            .execute(&mut *db)
             .await?;
         }
 
@@ -1189,7 +1209,7 @@ impl Ledger {
         // every open-hold row deleted and every balance row there.
         let moves_columns = moves.columns();
         let write = moves_columns
-            .bind(sqlx::query_as::<_, (bool, i64)>(if tx.is_none() {
+            .bind(sqlx::query_as::<_, (bool, i64)>(if !db.in_transaction() {
                 resolve_write!(
                     "gone AS (DELETE FROM open_holds WHERE hold_id = ANY($12::text[]) AND captured = 0 \
                        RETURNING hold_id), ",
@@ -1215,17 +1235,14 @@ impl Ledger {
             .bind(&amounts)
             .bind(&bodies)
             .bind(CHANNEL);
-        let written = match tx.as_mut() {
-            Some(tx) => write.fetch_one(&mut **tx).await,
-            None => write.fetch_one(self.pool()).await,
-        };
+        let written = write.fetch_one(&mut *db).await;
         match written {
             Ok(_) => {}
             Err(e) if constraint(&e) == Some("transfers_one_resolution") => {
                 return Err(Attempt::Retry(e))
             }
             Err(e) => {
-                return Err(match (group_check_failed(&e), tx.is_some()) {
+                return Err(match (group_check_failed(&e), db.in_transaction()) {
                     (Some("balances"), true) => LedgerError::FailedPrecondition(
                         "balance of a held account is missing".into(),
                     )
@@ -1240,7 +1257,7 @@ impl Ledger {
                 });
             }
         }
-        commit(tx).await?;
+        db.commit().await?;
         for d in done {
             let posted = to_u64(d.posted);
             crate::metrics::METRICS.resolved(d.kind, posted, d.fee);
