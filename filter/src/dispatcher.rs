@@ -227,15 +227,16 @@ impl Dispatcher {
 
     /// Sends queued work on every RPC below its in-flight limit. `current` is the
     /// context the host is running, restored after each call. Returns answers for
-    /// authorizations whose call could not be started. `more_captures_coming`: requests
-    /// in progress may soon queue captures that could share a call.
+    /// authorizations whose call could not be started. `more_captures_coming`: whether
+    /// requests in progress may soon queue captures that could share a call (asked only
+    /// when queued captures could go).
     pub fn flush(
         &mut self,
         host: &mut dyn Host,
         target: &Target,
         current: u32,
         metrics: &Metrics,
-        more_captures_coming: bool,
+        more_captures_coming: &dyn Fn() -> bool,
     ) -> Vec<Delivery> {
         let mut deliveries = Vec::new();
         let now = host.now_nanos();
@@ -270,10 +271,13 @@ impl Dispatcher {
             Some(*self.captures_waiting_since.get_or_insert(now))
         };
         self.captures_waiting_since = waiting_since;
-        let window_over = !more_captures_coming
-            || self.capture_queue.len() >= MAX_BATCH / 2
-            || waiting_since.is_some_and(|t| now.saturating_sub(t) >= target.capture_window_nanos);
-        if self.in_flight(Rpc::Capture) == 0 && window_over {
+        let window_over = || {
+            self.capture_queue.len() >= MAX_BATCH / 2
+                || waiting_since
+                    .is_some_and(|t| now.saturating_sub(t) >= target.capture_window_nanos)
+                || !more_captures_coming()
+        };
+        if waiting_since.is_some() && self.in_flight(Rpc::Capture) == 0 && window_over() {
             self.captures_waiting_since = None;
             let queue = &mut self.capture_queue;
             if let Some((token, batch)) =

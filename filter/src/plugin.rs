@@ -606,12 +606,12 @@ impl Vm {
     fn flush(&mut self, host: &mut dyn Host, root_id: u32, current: u32) {
         // Failed starts answer requests, whose replies may queue voids: a few rounds settle it.
         for _ in 0..4 {
+            let requests = &self.requests;
+            let more_coming = || requests.values().any(|r| r.state.may_capture());
             let deliveries = match self.plugins.get_mut(&root_id) {
-                Some(p) => {
-                    let more_coming = self.requests.values().any(|r| r.state.may_capture());
-                    p.dispatcher
-                        .flush(host, &p.target, current, &p.metrics, more_coming)
-                }
+                Some(p) => p
+                    .dispatcher
+                    .flush(host, &p.target, current, &p.metrics, &more_coming),
                 None => return,
             };
             if deliveries.is_empty() {
