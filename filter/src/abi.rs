@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::ptr::{null, null_mut};
 
-use crate::host::{CallFailed, Host, LogLevel, SharedDataError};
+use crate::host::{serialize_pairs, CallFailed, HeaderPairs, Host, LogLevel, SharedDataError};
 use crate::plugin::{Action, Vm, TICK_PERIOD_MS};
 
 // ABI enum values (proxy-wasm spec 0.2.1).
@@ -37,6 +37,11 @@ extern "C" {
         buffer_type: u32,
         start: usize,
         max_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
         return_data: *mut *mut u8,
         return_size: *mut usize,
     ) -> u32;
@@ -158,29 +163,34 @@ fn take_host_buffer(data: *mut u8, size: usize) -> Option<Vec<u8>> {
     Some(boxed.into_vec())
 }
 
-/// Serializes header pairs as the ABI expects: count, (key len, value len)*, then
-/// each key and value NUL-terminated. All lengths are little-endian u32.
-fn serialize_pairs(pairs: &[(String, String)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-    out.extend_from_slice(&len(pairs.len()));
-    for (k, v) in pairs {
-        out.extend_from_slice(&len(k.len()));
-        out.extend_from_slice(&len(v.len()));
-    }
-    for (k, v) in pairs {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
+/// The real host: every call goes through the imports above. It lives for one
+/// callback from Envoy; the request headers it has read stay with it until the
+/// filter removes one or acts on another context.
+#[derive(Default)]
+pub struct AbiHost {
+    /// Every request header, fetched with one host call at the first read: a request
+    /// reads 5-8 of them, and each read on its own is a host call and an allocation.
+    request_headers: std::cell::OnceCell<Option<HeaderPairs>>,
 }
 
-/// The real host: every call goes through the imports above.
-pub struct AbiHost;
-
 impl AbiHost {
+    fn request_headers(&self) -> Option<&HeaderPairs> {
+        self.request_headers
+            .get_or_init(|| {
+                let mut data = null_mut();
+                let mut size = 0;
+                // SAFETY: out-pointers are valid locals.
+                let status = unsafe {
+                    proxy_get_header_map_pairs(MAP_REQUEST_HEADERS, &mut data, &mut size)
+                };
+                if status != STATUS_OK {
+                    return None;
+                }
+                take_host_buffer(data, size).map(HeaderPairs)
+            })
+            .as_ref()
+    }
+
     fn header(map_type: u32, name: &str) -> Option<String> {
         let mut data = null_mut();
         let mut size = 0;
@@ -200,7 +210,9 @@ impl AbiHost {
 
 impl Host for AbiHost {
     fn request_header(&self, name: &str) -> Option<String> {
-        AbiHost::header(MAP_REQUEST_HEADERS, name)
+        let value = self.request_headers()?.get(name)?;
+        // As `header`: a value that is not UTF-8 is still a value.
+        Some(String::from_utf8_lossy(value).into_owned())
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
@@ -212,6 +224,7 @@ impl Host for AbiHost {
     }
 
     fn remove_request_header(&mut self, name: &str) {
+        self.request_headers.take();
         // SAFETY: pointer/length of a live str.
         unsafe { proxy_remove_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len()) };
     }
@@ -370,6 +383,7 @@ impl Host for AbiHost {
     }
 
     fn set_effective_context(&mut self, context_id: u32) -> bool {
+        self.request_headers.take();
         // SAFETY: no pointers involved.
         unsafe { proxy_set_effective_context(context_id) == STATUS_OK }
     }
@@ -471,7 +485,7 @@ fn with_vm<R>(busy: R, f: impl FnOnce(&mut Vm, &mut AbiHost) -> R) -> R {
         let Ok(mut vm) = cell.try_borrow_mut() else {
             return busy;
         };
-        let mut host = AbiHost;
+        let mut host = AbiHost::default();
         let result = f(&mut vm, &mut host);
         for _ in 0..64 {
             let parked = PARKED.with(|p| {
@@ -483,7 +497,8 @@ fn with_vm<R>(busy: R, f: impl FnOnce(&mut Vm, &mut AbiHost) -> R) -> R {
                 break;
             }
             for (token, outcome) in parked {
-                vm.on_grpc_result(&mut host, token, outcome);
+                // A fresh host: nothing read for the callback above carries over.
+                vm.on_grpc_result(&mut AbiHost::default(), token, outcome);
             }
         }
         result
@@ -650,7 +665,9 @@ pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_receive(_context_id: u32, token: u32, response_size: usize) {
     // The receive buffer only exists during this callback: copy it out first.
-    let body = AbiHost.grpc_response(response_size).unwrap_or_default();
+    let body = AbiHost::default()
+        .grpc_response(response_size)
+        .unwrap_or_default();
     on_grpc_result(token, Ok(body));
 }
 

@@ -25,6 +25,55 @@ pub enum SharedDataError {
     Failed,
 }
 
+/// Serializes header pairs as the proxy-wasm ABI writes them: count, (key len, value
+/// len)*, then each key and value NUL-terminated. All lengths are little-endian u32.
+pub fn serialize_pairs(pairs: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    out.extend_from_slice(&len(pairs.len()));
+    for (k, v) in pairs {
+        out.extend_from_slice(&len(k.len()));
+        out.extend_from_slice(&len(v.len()));
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// A header map as the host serialized it ([`serialize_pairs`]'s format), read in
+/// place: one host call fetches every request header, each lookup scans the bytes.
+pub struct HeaderPairs(pub Vec<u8>);
+
+impl HeaderPairs {
+    /// The first value of `name` (compared ignoring ASCII case, as Envoy's lookups do).
+    /// A buffer that does not follow the format yields `None`, never a panic.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        let buf = self.0.as_slice();
+        let word = |at: usize| -> Option<usize> {
+            let bytes: [u8; 4] = buf.get(at..at.checked_add(4)?)?.try_into().ok()?;
+            usize::try_from(u32::from_le_bytes(bytes)).ok()
+        };
+        let count = word(0)?;
+        let mut text = count.checked_mul(8)?.checked_add(4)?;
+        for i in 0..count {
+            let key_len = word(4 + i * 8)?;
+            let value_len = word(8 + i * 8)?;
+            let key = buf.get(text..text.checked_add(key_len)?)?;
+            let value_at = text + key_len + 1;
+            let value = buf.get(value_at..value_at.checked_add(value_len)?)?;
+            if key.eq_ignore_ascii_case(name.as_bytes()) {
+                return Some(value);
+            }
+            text = value_at + value_len + 1;
+        }
+        None
+    }
+}
+
 pub trait Host {
     fn request_header(&self, name: &str) -> Option<String>;
     fn response_header(&self, name: &str) -> Option<String>;
@@ -385,5 +434,56 @@ impl Host for FakeHost {
 
     fn trap(&mut self) {
         self.trapped = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> HeaderPairs {
+        let owned: Vec<(String, String)> = list
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        HeaderPairs(serialize_pairs(&owned))
+    }
+
+    #[test]
+    fn header_pairs_find_the_first_value_of_a_name_in_any_case() {
+        let map = pairs(&[
+            (":authority", "api.example"),
+            (":path", "/v1/x"),
+            ("payment-signature", "abc"),
+            ("empty", ""),
+            ("x-dup", "first"),
+            ("x-dup", "second"),
+        ]);
+        assert_eq!(map.get(":authority"), Some(&b"api.example"[..]));
+        assert_eq!(map.get(":path"), Some(&b"/v1/x"[..]));
+        assert_eq!(map.get("Payment-Signature"), Some(&b"abc"[..]));
+        assert_eq!(map.get("empty"), Some(&b""[..]));
+        assert_eq!(map.get("x-dup"), Some(&b"first"[..]));
+        assert_eq!(map.get("x-payment"), None);
+        assert_eq!(map.get(":pat"), None);
+        assert_eq!(pairs(&[]).get(":path"), None);
+    }
+
+    #[test]
+    fn header_pairs_that_break_the_format_find_nothing() {
+        let whole = pairs(&[("a", "1"), ("b", "22")]).0;
+        // Every cut of a valid buffer short of the last value's end (only its
+        // terminating NUL may go), and lengths that point past the end.
+        for cut in 0..whole.len() - 1 {
+            let map = HeaderPairs(whole[..cut].to_vec());
+            assert_ne!(map.get("b"), Some(&b"22"[..]), "cut at {cut}");
+        }
+        let mut huge = whole.clone();
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(HeaderPairs(huge).get("zz"), None);
+        let mut long_value = whole;
+        long_value[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(HeaderPairs(long_value).get("b"), None);
+        assert_eq!(HeaderPairs(Vec::new()).get("a"), None);
     }
 }
