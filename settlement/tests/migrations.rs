@@ -120,3 +120,56 @@ fn migrations_drop_constraints_portably() {
         }
     }
 }
+
+/// The unique keys of `transfers` index only the rows that carry them (a paid
+/// request's capture and fee rows add no NULL entries), a resolution is indexed by its
+/// hold once, and duplicates are still refused under the names the code matches.
+#[tokio::test]
+async fn transfers_index_only_the_rows_that_carry_each_key() {
+    let pool = fresh_pool().await;
+    db::migrate(&pool).await.unwrap();
+    for (index, predicate) in [
+        ("transfers_request_id_key", "request_id IS NOT NULL"),
+        (
+            "transfers_idempotency_key_key",
+            "idempotency_key IS NOT NULL",
+        ),
+        ("transfers_by_pending", "<> ALL"),
+    ] {
+        let definition: String = sqlx::query_scalar("SELECT pg_get_indexdef($1::regclass)")
+            .bind(index)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(definition.contains(predicate), "{definition}");
+    }
+    sqlx::query(
+        "INSERT INTO accounts (id, kind) VALUES ('payer:m', 'payer'), ('merchant:m', 'merchant')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let deposit = "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, \
+                   idempotency_key, request_hash) \
+                   VALUES ('deposit', 'system:credit', 'payer:m', 'USD', 5, 'dep-1', 'h')";
+    let hold = "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, \
+                request_id, request_hash, payer_key, nonce, expires_at, amount_authorized) \
+                VALUES ('hold', 'payer:m', 'merchant:m', 'USD', 5, 'req-1', 'h', 'k', $1, now(), 5)";
+    sqlx::query(deposit).execute(&pool).await.unwrap();
+    sqlx::query(hold).bind("n1").execute(&pool).await.unwrap();
+    let violated = |e: sqlx::Error| {
+        e.as_database_error()
+            .and_then(|d| d.constraint().map(str::to_owned))
+    };
+    let again = sqlx::query(deposit).execute(&pool).await.unwrap_err();
+    assert_eq!(
+        violated(again).as_deref(),
+        Some("transfers_idempotency_key_key")
+    );
+    let again = sqlx::query(hold)
+        .bind("n2")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert_eq!(violated(again).as_deref(), Some("transfers_request_id_key"));
+}
