@@ -329,6 +329,27 @@ impl Locked {
     }
 }
 
+/// The refusal an item earns on its own, whatever the ledger holds: a signature
+/// that does not match, an expired proof, a hold above the authorized amount.
+fn own_refusal(item: &CheckedAuthorize, now: u64) -> Option<AuthorizeResult> {
+    let no = |o: AuthorizeOutcome, m: &str| Some(refused(&item.request_id, o, m));
+    if !item.signature_valid {
+        no(
+            AuthorizeOutcome::InvalidSignature,
+            "signature does not match the payment",
+        )
+    } else if item.valid_before <= now {
+        no(AuthorizeOutcome::Expired, "payment proof has expired")
+    } else if item.hold_amount > item.amount_authorized {
+        no(
+            AuthorizeOutcome::InvalidRequest,
+            "hold amount exceeds the authorized amount",
+        )
+    } else {
+        None
+    }
+}
+
 /// Whether the funds as read cover every accepted hold, taken in order.
 fn all_funded(
     accepted: &[NewHold],
@@ -493,8 +514,16 @@ impl Ledger {
         let ensure_merchants = AtomicBool::new(false);
         let check_nonces = AtomicBool::new(false);
         let careful = AtomicBool::new(false);
+        let read_first = AtomicBool::new(false);
         retrying(|| {
-            self.try_authorize_group(items, &late, &ensure_merchants, &check_nonces, &careful)
+            self.try_authorize_group(
+                items,
+                &late,
+                &ensure_merchants,
+                &check_nonces,
+                &careful,
+                &read_first,
+            )
         })
         .await
     }
@@ -506,6 +535,7 @@ impl Ledger {
         ensure_merchants: &AtomicBool,
         check_nonces: &AtomicBool,
         careful: &AtomicBool,
+        read_first: &AtomicBool,
     ) -> Result<Vec<Slot<AuthorizeResult>>, Attempt> {
         let mut out: Vec<Option<Slot<AuthorizeResult>>> = items.iter().map(|_| None).collect();
         let done = |out: &mut Vec<Option<Slot<AuthorizeResult>>>, i: usize, r: AuthorizeResult| {
@@ -542,6 +572,28 @@ impl Ledger {
         let fast = !careful.load(Ordering::Relaxed)
             && !check_nonces.load(Ordering::Relaxed)
             && !ensure_merchants.load(Ordering::Relaxed);
+        // A fast group whose payer keys are all known, and none of whose items is
+        // refused on its own (signature, expiry, amounts), skips the read and writes at
+        // once: one round trip. The write checks what the read would have (keys
+        // unrevoked, merchants open, request ids and nonces free, funds, balance rows),
+        // and if any of it fails the group runs again reading first, which decides
+        // each item's outcome in the usual order.
+        let now = unix_now();
+        let known = if fast
+            && !read_first.load(Ordering::Relaxed)
+            && live
+                .iter()
+                .all(|&i| own_refusal(&items[i].0, now).is_none())
+        {
+            let keys: Vec<&str> = live
+                .iter()
+                .map(|&i| items[i].0.payload.payload.payer.as_str())
+                .collect();
+            self.key_accounts.all(&keys)
+        } else {
+            None
+        };
+        let write_first = known.is_some();
         let mut db = Session::start(self.pool(), !fast).await?;
 
         // Everything the group reads, in one statement, one row per live item: a
@@ -553,38 +605,55 @@ impl Ledger {
         let col = |f: &dyn Fn(&CheckedAuthorize) -> &str| -> Vec<&str> {
             live.iter().map(|&i| f(&items[i].0)).collect()
         };
-        let request_ids = col(&|c| c.request_id.as_str());
-        let merchant_ids = col(&|c| c.payload.accepted.pay_to.as_str());
-        let key_ids = col(&|c| c.payload.payload.payer.as_str());
-        let asset_ids = col(&|c| c.payload.accepted.asset.as_str());
-        let lookup = sqlx::query(if fast {
-            group_lookup!("")
-        } else {
-            group_lookup!(" FOR SHARE")
-        })
-        .bind(&request_ids)
-        .bind(&merchant_ids)
-        .bind(&key_ids)
-        .bind(&asset_ids);
-        let rows = lookup.fetch_all(&mut *db).await?;
-        let mut looked: Vec<Option<sqlx::postgres::PgRow>> = live.iter().map(|_| None).collect();
-        for row in rows {
-            let n: i64 = row.try_get("n")?;
-            if let Some(slot) = usize::try_from(n)
-                .ok()
-                .and_then(|n| n.checked_sub(1))
-                .and_then(|n| looked.get_mut(n))
-            {
-                *slot = Some(row);
-            }
-        }
-        let now = unix_now();
         let mut accepted: Vec<NewHold> = Vec::with_capacity(live.len());
         let mut nonces = HashSet::with_capacity(live.len());
         // The payers' balance rows as read (no lock yet: they are locked only by the
         // update just before COMMIT; if a concurrent debit got there first the
         // overdraft CHECK refuses the update and the group runs again).
         let mut payer_rows: BTreeMap<(String, String), Locked> = BTreeMap::new();
+        let looked = if let Some(accounts) = known {
+            for (&i, payer_account) in live.iter().zip(accounts) {
+                let item = &items[i].0;
+                if !nonces.insert((payer_account.clone(), item.payload.payload.nonce.as_str())) {
+                    out[i] = Some(Slot::Alone);
+                    continue;
+                }
+                accepted.push(NewHold {
+                    index: i,
+                    payer_account,
+                    amount: to_i64(item.hold_amount)?,
+                });
+            }
+            Vec::new()
+        } else {
+            let request_ids = col(&|c| c.request_id.as_str());
+            let merchant_ids = col(&|c| c.payload.accepted.pay_to.as_str());
+            let key_ids = col(&|c| c.payload.payload.payer.as_str());
+            let asset_ids = col(&|c| c.payload.accepted.asset.as_str());
+            let lookup = sqlx::query(if fast {
+                group_lookup!("")
+            } else {
+                group_lookup!(" FOR SHARE")
+            })
+            .bind(&request_ids)
+            .bind(&merchant_ids)
+            .bind(&key_ids)
+            .bind(&asset_ids);
+            let rows = lookup.fetch_all(&mut *db).await?;
+            let mut looked: Vec<Option<sqlx::postgres::PgRow>> =
+                live.iter().map(|_| None).collect();
+            for row in rows {
+                let n: i64 = row.try_get("n")?;
+                if let Some(slot) = usize::try_from(n)
+                    .ok()
+                    .and_then(|n| n.checked_sub(1))
+                    .and_then(|n| looked.get_mut(n))
+                {
+                    *slot = Some(row);
+                }
+            }
+            looked
+        };
         for (&i, row) in live.iter().zip(looked) {
             let item = &items[i].0;
             let no = |o: AuthorizeOutcome, m: &str| refused(&item.request_id, o, m);
@@ -633,21 +702,14 @@ impl Ledger {
                     "payer key is not registered",
                 ))
             } else if row.try_get::<Option<bool>, _>("revoked")? == Some(true) {
+                self.key_accounts.forget(&item.payload.payload.payer);
                 Some(no(AuthorizeOutcome::KeyRevoked, "payer key was revoked"))
-            } else if !item.signature_valid {
-                Some(no(
-                    AuthorizeOutcome::InvalidSignature,
-                    "signature does not match the payment",
-                ))
-            } else if item.valid_before <= now {
-                Some(no(AuthorizeOutcome::Expired, "payment proof has expired"))
-            } else if item.hold_amount > item.amount_authorized {
-                Some(no(
-                    AuthorizeOutcome::InvalidRequest,
-                    "hold amount exceeds the authorized amount",
-                ))
             } else {
-                None
+                if let Some(account) = &payer_account {
+                    self.key_accounts
+                        .learn(&item.payload.payload.payer, account);
+                }
+                own_refusal(item, now)
             };
             if let Some(r) = refusal {
                 done(&mut out, i, r);
@@ -683,7 +745,9 @@ impl Ledger {
         // Nonces already used: the hold insert's unique index finds them, so they are
         // looked up only by an attempt after an insert came up short, or when an item
         // is about to be refused for funds (a reused nonce is the earlier outcome).
-        if check_nonces.load(Ordering::Relaxed) || !all_funded(&accepted, items, &payer_rows) {
+        if !write_first
+            && (check_nonces.load(Ordering::Relaxed) || !all_funded(&accepted, items, &payer_rows))
+        {
             let payers: Vec<&str> = accepted.iter().map(|h| h.payer_account.as_str()).collect();
             let nonce_list: Vec<&str> = accepted
                 .iter()
@@ -719,8 +783,12 @@ impl Ledger {
             }
         }
 
-        // Funds: take the items in order against the balance rows as read.
+        // Funds: take the items in order against the balance rows as read (a group
+        // that wrote first leaves them to the overdraft CHECK).
         accepted.retain(|h| {
+            if write_first {
+                return true;
+            }
             let item = &items[h.index].0;
             let key = (h.payer_account.clone(), item.payload.accepted.asset.clone());
             let funded = match payer_rows.get_mut(&key) {
@@ -846,7 +914,9 @@ impl Ledger {
                    ON CONFLICT DO NOTHING \
                    RETURNING id, request_id, expires_at), \
                  opened AS (INSERT INTO open_holds (hold_id, expires_at) SELECT id, expires_at FROM hold) \
-                 SELECT x402_group_checks((SELECT count(*) FROM keys) = cardinality($7::text[]), \
+                 SELECT x402_group_checks((SELECT count(*) FROM keys) = cardinality($7::text[]) \
+                       AND (SELECT count(*) FROM accounts WHERE id = ANY($9) AND kind = 'merchant' \
+                         AND closed_at IS NULL) = (SELECT count(DISTINCT m) FROM unnest($9::text[]) AS m), \
                      (SELECT count(*) FROM hold) = cardinality($8::text[]), \
                      (SELECT count(*) FROM locked) = cardinality($1::text[]) \
                        AND (SELECT count(*) FROM changed) = cardinality($1::text[])), \
@@ -867,6 +937,9 @@ impl Ledger {
             .bind(&ttl_col)
             .bind(&authorized_col);
         let written = write.fetch_one(&mut *db).await;
+        if write_first && written.is_err() {
+            read_first.store(true, Ordering::Relaxed);
+        }
         let mut ids: HashMap<String, String> = match written {
             Ok((_, request_ids, ids)) => request_ids.into_iter().zip(ids).collect(),
             Err(e) if is_overdraft(&e) => return Err(Attempt::Again),
@@ -886,7 +959,7 @@ impl Ledger {
                         LedgerError::FailedPrecondition("a balance row of a hold is missing".into())
                             .into()
                     }
-                    // A payer key was revoked since the read.
+                    // A payer key was revoked, or a merchant closed, since the read.
                     Some(_) => {
                         careful.store(true, Ordering::Relaxed);
                         Attempt::Again

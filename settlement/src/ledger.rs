@@ -290,11 +290,48 @@ pub(crate) struct Hold {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     pool: PgPool,
+    pub(crate) key_accounts: std::sync::Arc<KeyAccounts>,
+}
+
+/// Most payer keys [`KeyAccounts`] remembers; past that it starts over.
+const MAX_KEY_ACCOUNTS: usize = 100_000;
+
+/// The accounts of payer keys that authorize groups have read. A key belongs to one
+/// account for good (keys are added once and only ever revoked, which a group's write
+/// checks under lock), so a group whose keys are all known can write at once, without
+/// reading first.
+#[derive(Debug, Default)]
+pub(crate) struct KeyAccounts(std::sync::Mutex<std::collections::HashMap<String, String>>);
+
+impl KeyAccounts {
+    /// The account of every key, or `None` when one is not known.
+    pub(crate) fn all(&self, keys: &[&str]) -> Option<Vec<String>> {
+        let known = self.0.lock().ok()?;
+        keys.iter().map(|k| known.get(*k).cloned()).collect()
+    }
+
+    pub(crate) fn learn(&self, key: &str, account: &str) {
+        if let Ok(mut known) = self.0.lock() {
+            if known.len() >= MAX_KEY_ACCOUNTS && !known.contains_key(key) {
+                known.clear();
+            }
+            known.insert(key.to_owned(), account.to_owned());
+        }
+    }
+
+    pub(crate) fn forget(&self, key: &str) {
+        if let Ok(mut known) = self.0.lock() {
+            known.remove(key);
+        }
+    }
 }
 
 impl Ledger {
     pub fn new(pool: PgPool) -> Self {
-        Ledger { pool }
+        Ledger {
+            pool,
+            key_accounts: std::sync::Arc::default(),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -1234,6 +1234,109 @@ async fn a_key_revoked_while_its_group_is_written_places_no_hold() {
     assert_eq!(h.balance(MERCHANT).await.credits_pending, 1_000);
 }
 
+/// A group whose payer keys settlement has seen writes at once, without its read: one
+/// round trip instead of two. A key seen for the first time is read first (which is
+/// how it becomes known). Shown by what waits on a table lock: the read or the write.
+#[tokio::test]
+async fn a_group_of_known_payer_keys_writes_without_reading_first() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let known = h.payer("kit", 10_000).await;
+    let first = h.authorize(paid(&known, "kit-1", 1_000)).await;
+    assert_eq!(outcome(&first), AuthorizeOutcome::Authorized);
+    let new = h.payer("ned", 10_000).await;
+
+    for (payer, request, statement) in
+        [(&new, "ned-1", "WITH d AS"), (&known, "kit-2", "WITH m AS")]
+    {
+        // Both the read and the write of a group touch balances.
+        let mut lock = h.pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE balances IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let mut data = h.data.clone();
+        let item = paid(payer, request, 2_000);
+        let call = tokio::spawn(async move {
+            data.authorize(AuthorizeRequest { items: vec![item] })
+                .await
+                .map(|r| r.into_inner())
+        });
+        let (waits, waiting) = waits_on_a_lock(&h, |q| q.starts_with("WITH ")).await;
+        assert!(waits, "nothing of {request}'s group waited: {waiting:?}");
+        assert!(
+            waiting
+                .iter()
+                .all(|q| q.starts_with(statement) || !q.starts_with("WITH ")),
+            "{request}: expected {statement:?} to wait, got {waiting:?}"
+        );
+        lock.commit().await.unwrap();
+        let answer = call.await.unwrap().unwrap();
+        assert_eq!(outcome(&answer.results[0]), AuthorizeOutcome::Authorized);
+    }
+    assert_eq!(h.balance("kit").await.debits_pending, 3_000);
+    assert_eq!(h.balance("ned").await.debits_pending, 2_000);
+    assert_eq!(h.balance(MERCHANT).await.credits_pending, 5_000);
+}
+
+/// A known payer key takes the write-first path, and whatever that write meets is
+/// still decided as it would be after a read: each refusal with its own outcome, a
+/// replay with the original hold, nothing held for any of them.
+#[tokio::test]
+async fn a_known_payer_key_meets_every_refusal_the_read_would_give() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    h.merchant("merchant-closing").await;
+    let p = h.payer("kay", 10_000).await;
+    let t = terms(1_000, "kay-nonce");
+    let first = h
+        .authorize(item("kay-1", signed_proof(&p, &t), 1_000))
+        .await;
+    assert_eq!(outcome(&first), AuthorizeOutcome::Authorized);
+
+    let replay = h
+        .authorize(item("kay-1", signed_proof(&p, &t), 1_000))
+        .await;
+    assert_eq!(outcome(&replay), AuthorizeOutcome::Authorized);
+    assert_eq!(replay.transaction_id, first.transaction_id);
+    let reuse = h
+        .authorize(item("kay-2", signed_proof(&p, &t), 1_000))
+        .await;
+    assert_eq!(outcome(&reuse), AuthorizeOutcome::NonceReused);
+    let short = h.authorize(paid(&p, "kay-3", 9_001)).await;
+    assert_eq!(outcome(&short), AuthorizeOutcome::InsufficientFunds);
+    let mut t = terms(1_000, "kay-elsewhere");
+    t.pay_to = "merchant-nobody".into();
+    let unknown = h
+        .authorize(item("kay-4", signed_proof(&p, &t), 1_000))
+        .await;
+    assert_eq!(outcome(&unknown), AuthorizeOutcome::UnknownMerchant);
+    let mut t = terms(1_000, "kay-closing");
+    t.pay_to = "merchant-closing".into();
+    let open = h
+        .authorize(item("kay-5", signed_proof(&p, &t), 1_000))
+        .await;
+    assert_eq!(outcome(&open), AuthorizeOutcome::Authorized);
+    h.capture(&open.transaction_id, 1_000).await;
+    sqlx::query("UPDATE accounts SET closed_at = now() WHERE id = 'merchant-closing'")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    let mut t = terms(1_000, "kay-closed");
+    t.pay_to = "merchant-closing".into();
+    let closed = h
+        .authorize(item("kay-6", signed_proof(&p, &t), 1_000))
+        .await;
+    assert_eq!(outcome(&closed), AuthorizeOutcome::MerchantClosed);
+
+    let b = h.balance("kay").await;
+    assert_eq!(
+        (b.debits_pending, b.available),
+        (1_000, 8_000),
+        "only kay-1 is held; kay-5 was captured"
+    );
+}
+
 /// A resolve group reads without locks and deletes its holds' open-hold rows in the
 /// same statement that writes the resolutions and balances; waiting on one of those
 /// rows is waiting in that statement, and once the row is free the capture lands whole.
