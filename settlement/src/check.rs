@@ -297,6 +297,11 @@ pub async fn check_ledger(pool: &PgPool, options: CheckOptions) -> Result<Report
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
+    // The checker reads whole tables: sequential scans are its right plans (the pool's
+    // sessions turn them off for the paid path's key lookups, `db::SESSION_SETTINGS`).
+    sqlx::query("SET LOCAL enable_seqscan = on")
+        .execute(&mut *tx)
+        .await?;
     let grace_ms = i64::try_from(options.expiry_grace.as_millis()).unwrap_or(i64::MAX);
     let mut report = Report::default();
     for inv in invariants() {

@@ -13,12 +13,24 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 /// UNAVAILABLE: short, because the filter has a deadline of its own.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Set on every pooled connection. Postgres plans a prepared statement afresh on each
-/// call while it guesses a custom plan is cheaper than a generic one, and for the ledger's
-/// batch statements (arrays unnested into CTEs) it keeps guessing so: planning took ~40% of
-/// the ledger's statement time on the paid path. Every hot statement looks rows up by a
+/// Set on every pooled connection, each on its own (an engine without one keeps its
+/// own behaviour for it).
+///
+/// `plan_cache_mode`: Postgres plans a prepared statement afresh on each call while it
+/// guesses a custom plan is cheaper than a generic one, and for the ledger's batch
+/// statements (arrays unnested into CTEs) it keeps guessing so: planning took ~40% of the
+/// ledger's statement time on the paid path. Every hot statement looks rows up by a
 /// primary or unique key, so one generic plan per connection serves all parameters.
-pub const SESSION_SETTINGS: &str = "SET plan_cache_mode = force_generic_plan";
+///
+/// `enable_seqscan`: that one plan is made when the connection first runs the statement,
+/// and a ledger that is still small then (a new deployment, a quiet hour) gets
+/// sequential scans of `transfers`, `balances` and `payer_keys`, kept as the tables grow
+/// until an ANALYZE replans them: a group read scanned every transfer. Off, the plans
+/// use the keys' indexes whatever the tables' size when they were made.
+pub const SESSION_SETTINGS: &[&str] = &[
+    "SET plan_cache_mode = force_generic_plan",
+    "SET enable_seqscan = off",
+];
 
 /// Pool options shared by the server and tests.
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
@@ -28,9 +40,11 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
         .after_connect(|conn, _| {
             Box::pin(async move {
                 use sqlx::Executor;
-                // An engine without the setting (older CockroachDB) keeps its own planning.
-                if let Err(e) = conn.execute(SESSION_SETTINGS).await {
-                    tracing::debug!(error = %e, "plan_cache_mode not set");
+                // An engine without a setting (older CockroachDB) keeps its own planning.
+                for setting in SESSION_SETTINGS {
+                    if let Err(e) = conn.execute(*setting).await {
+                        tracing::debug!(error = %e, setting, "session setting not applied");
+                    }
                 }
                 Ok(())
             })

@@ -1164,6 +1164,48 @@ async fn ledger_statements_are_not_planned_per_call() {
     assert_eq!(custom, 0, "statements were planned per call");
 }
 
+/// The one generic plan per connection is made on first use, often while the ledger is
+/// small; the key lookups must still use their indexes, or a plan made on an empty
+/// table scans the whole table on every call once it has grown.
+#[tokio::test]
+async fn plans_made_on_an_empty_ledger_look_rows_up_by_key() {
+    let h = start().await;
+    let mut conn = h.pool.acquire().await.unwrap();
+    for (name, statement, argument) in [
+        (
+            "transfers",
+            "SELECT id, amount FROM transfers WHERE id = ANY($1)",
+            "'{a,b}'::text[]",
+        ),
+        (
+            "balances",
+            "SELECT debits_pending FROM balances b JOIN unnest($1::text[]) AS x(id) \
+             ON b.account_id = x.id AND b.asset = 'USD'",
+            "'{a,b}'::text[]",
+        ),
+        (
+            "payer_keys",
+            "SELECT account_id FROM payer_keys WHERE public_key = ANY($1)",
+            "'{a,b}'::text[]",
+        ),
+    ] {
+        sqlx::raw_sql(&format!("PREPARE look_{name}(text[]) AS {statement}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<String> =
+            sqlx::query_scalar(&format!("EXPLAIN EXECUTE look_{name}({argument})"))
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index") && !plan.contains("Seq Scan"),
+            "{name}: {plan}"
+        );
+    }
+}
+
 /// Whether a statement of this test's database that `is_it` picks waits on a lock,
 /// within ~10 s; also every statement waiting on one when last looked (for the failure
 /// message). pg_stat_activity keeps the first 1 KB of each statement.
