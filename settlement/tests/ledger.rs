@@ -1227,6 +1227,19 @@ async fn waits_on_a_lock(h: &Harness, is_it: impl Fn(&str) -> bool) -> (bool, Ve
     (false, waiting)
 }
 
+/// One Authorize call of `item`, running while the test holds locks.
+fn authorize_in_background(
+    h: &Harness,
+    item: AuthorizeItem,
+) -> tokio::task::JoinHandle<Result<AuthorizeResponse, tonic::Status>> {
+    let mut data = h.data.clone();
+    tokio::spawn(async move {
+        data.authorize(AuthorizeRequest { items: vec![item] })
+            .await
+            .map(|r| r.into_inner())
+    })
+}
+
 /// A group reads without locks and writes in one statement that checks, under locks,
 /// what the read decided on. A key revoked after the read, while the write waits for
 /// its lock, stops the write: nothing of it commits, and the group runs again in a
@@ -1247,13 +1260,7 @@ async fn a_key_revoked_while_its_group_is_written_places_no_hold() {
         .execute(&mut *revoke)
         .await
         .unwrap();
-    let mut data = h.data.clone();
-    let item = paid(&p, "kim-2", 2_000);
-    let call = tokio::spawn(async move {
-        data.authorize(AuthorizeRequest { items: vec![item] })
-            .await
-            .map(|r| r.into_inner())
-    });
+    let call = authorize_in_background(&h, paid(&p, "kim-2", 2_000));
     // The read went by without waiting; the group's write waits on the key's lock.
     let (write_waits, waiting) = waits_on_a_lock(&h, |q| {
         q.starts_with("WITH m AS") && q.contains("keys AS (SELECT public_key FROM payer_keys")
@@ -1297,13 +1304,7 @@ async fn a_group_of_known_payer_keys_writes_without_reading_first() {
             .execute(&mut *lock)
             .await
             .unwrap();
-        let mut data = h.data.clone();
-        let item = paid(payer, request, 2_000);
-        let call = tokio::spawn(async move {
-            data.authorize(AuthorizeRequest { items: vec![item] })
-                .await
-                .map(|r| r.into_inner())
-        });
+        let call = authorize_in_background(&h, paid(payer, request, 2_000));
         let (waits, waiting) = waits_on_a_lock(&h, |q| q.starts_with("WITH ")).await;
         assert!(waits, "nothing of {request}'s group waited: {waiting:?}");
         assert!(
