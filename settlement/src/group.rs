@@ -611,19 +611,11 @@ impl Ledger {
         // update just before COMMIT; if a concurrent debit got there first the
         // overdraft CHECK refuses the update and the group runs again).
         let mut payer_rows: BTreeMap<(String, String), Locked> = BTreeMap::new();
+        // The items that may be held, with their payers' accounts: every live item when
+        // the keys are known, else those the read does not refuse.
+        let mut admitted: Vec<(usize, String)> = Vec::with_capacity(live.len());
         let looked = if let Some(accounts) = known {
-            for (&i, payer_account) in live.iter().zip(accounts) {
-                let item = &items[i].0;
-                if !nonces.insert((payer_account.clone(), item.payload.payload.nonce.as_str())) {
-                    out[i] = Some(Slot::Alone);
-                    continue;
-                }
-                accepted.push(NewHold {
-                    index: i,
-                    payer_account,
-                    amount: to_i64(item.hold_amount)?,
-                });
-            }
+            admitted.extend(live.iter().copied().zip(accounts));
             Vec::new()
         } else {
             let request_ids = col(&|c| c.request_id.as_str());
@@ -716,11 +708,6 @@ impl Ledger {
                 continue;
             }
             let payer_account = payer_account.unwrap_or_default();
-            // A nonce repeated inside the group is decided after the group commits.
-            if !nonces.insert((payer_account.clone(), item.payload.payload.nonce.as_str())) {
-                out[i] = Some(Slot::Alone);
-                continue;
-            }
             if let Some(guarded) = row.try_get::<Option<bool>, _>("guarded")? {
                 payer_rows
                     .entry((payer_account.clone(), item.payload.accepted.asset.clone()))
@@ -730,6 +717,15 @@ impl Ledger {
                         credits_posted: row.try_get("credits_posted")?,
                         guarded,
                     });
+            }
+            admitted.push((i, payer_account));
+        }
+        for (i, payer_account) in admitted {
+            let item = &items[i].0;
+            // A nonce repeated inside the group is decided after the group commits.
+            if !nonces.insert((payer_account.clone(), item.payload.payload.nonce.as_str())) {
+                out[i] = Some(Slot::Alone);
+                continue;
             }
             accepted.push(NewHold {
                 index: i,
@@ -785,25 +781,24 @@ impl Ledger {
 
         // Funds: take the items in order against the balance rows as read (a group
         // that wrote first leaves them to the overdraft CHECK).
-        accepted.retain(|h| {
-            if write_first {
-                return true;
-            }
-            let item = &items[h.index].0;
-            let key = (h.payer_account.clone(), item.payload.accepted.asset.clone());
-            let funded = match payer_rows.get_mut(&key) {
-                Some(b) => b.take(h.amount),
-                None => false,
-            };
-            if !funded {
-                out[h.index] = Some(Slot::Done(refused(
-                    &item.request_id,
-                    AuthorizeOutcome::InsufficientFunds,
-                    "insufficient funds",
-                )));
-            }
-            funded
-        });
+        if !write_first {
+            accepted.retain(|h| {
+                let item = &items[h.index].0;
+                let key = (h.payer_account.clone(), item.payload.accepted.asset.clone());
+                let funded = match payer_rows.get_mut(&key) {
+                    Some(b) => b.take(h.amount),
+                    None => false,
+                };
+                if !funded {
+                    out[h.index] = Some(Slot::Done(refused(
+                        &item.request_id,
+                        AuthorizeOutcome::InsufficientFunds,
+                        "insufficient funds",
+                    )));
+                }
+                funded
+            });
+        }
         if accepted.is_empty() {
             db.commit().await?;
             return Ok(finish(out));

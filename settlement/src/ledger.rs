@@ -312,6 +312,9 @@ impl KeyAccounts {
 
     pub(crate) fn learn(&self, key: &str, account: &str) {
         if let Ok(mut known) = self.0.lock() {
+            if known.get(key).is_some_and(|a| a == account) {
+                return;
+            }
             if known.len() >= MAX_KEY_ACCOUNTS && !known.contains_key(key) {
                 known.clear();
             }
