@@ -1249,7 +1249,8 @@ async fn a_key_revoked_while_its_group_is_written_places_no_hold() {
     let h = start().await;
     h.merchant(MERCHANT).await;
     let p = h.payer("kim", 10_000).await;
-    // The merchant's balance row exists, so the next group needs nothing but its read.
+    // The merchant's balance row exists and kim's key is known, so the next group
+    // needs nothing but its write.
     let first = h.authorize(paid(&p, "kim-1", 1_000)).await;
     assert_eq!(outcome(&first), AuthorizeOutcome::Authorized);
 
@@ -1261,7 +1262,8 @@ async fn a_key_revoked_while_its_group_is_written_places_no_hold() {
         .await
         .unwrap();
     let call = authorize_in_background(&h, paid(&p, "kim-2", 2_000));
-    // The read went by without waiting; the group's write waits on the key's lock.
+    // The group's write (straight away: kim's key is known since kim-1) waits on the
+    // key's lock.
     let (write_waits, waiting) = waits_on_a_lock(&h, |q| {
         q.starts_with("WITH m AS") && q.contains("keys AS (SELECT public_key FROM payer_keys")
     })
