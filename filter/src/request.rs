@@ -547,6 +547,7 @@ fn price_request(
         hold_amount: quote.amount,
         route: route.name.clone(),
         hold_ttl_seconds: config.hold_ttl_seconds,
+        capture: false,
         volume_tiers: match &route.pricing.model {
             pricing::Model::Volume(tiers) => tiers
                 .iter()

@@ -203,6 +203,7 @@ fn authorized(request: &AuthorizeRequest, tx_prefix: &str) -> Vec<u8> {
                 payer_account: "payer-1".into(),
                 message: String::new(),
                 retry_after_seconds: 0,
+                captured: false,
             })
             .collect(),
     }

@@ -344,7 +344,8 @@ pub struct PaidResponse {
 /// Checks that every paid response has exactly one capture of its hold, for at most
 /// the receipt's amount. When `settlement_was_unreachable` (the run made settlement
 /// unreachable around capture time and says so), an expired hold is accepted in
-/// place of the capture; a void never is, and neither is a transaction id seen twice.
+/// place of the capture; a void never is (nor, for a payment captured at authorize,
+/// the refund a Void makes), and neither is a transaction id seen twice.
 pub async fn check_paid_responses(
     pool: &PgPool,
     paid: &[PaidResponse],
@@ -365,12 +366,15 @@ pub async fn check_paid_responses(
         "SELECT want.id, h.amount AS held, \
            (SELECT count(*) FROM transfers c WHERE c.pending_id = want.id AND c.kind = 'capture') AS captures, \
            (SELECT max(c.amount) FROM transfers c WHERE c.pending_id = want.id AND c.kind = 'capture') AS captured, \
-           (SELECT string_agg(r.kind, ',') FROM transfers r WHERE r.pending_id = want.id \
-              AND r.kind IN ('void', 'expire')) AS released \
+           (SELECT string_agg(CASE WHEN r.kind = 'refund' THEN 'void' ELSE r.kind END, ',') \
+              FROM transfers r WHERE r.pending_id = want.id \
+              AND (r.kind IN ('void', 'expire') OR (r.kind = 'refund' AND r.idempotency_key = $2 || want.id))) \
+              AS released \
          FROM unnest($1::text[]) AS want(id) \
          LEFT JOIN transfers h ON h.id = want.id AND h.kind = 'hold'",
     )
     .bind(&ids)
+    .bind(crate::ledger::VOID_REFUND_KEY_PREFIX)
     .fetch_all(pool)
     .await?;
     let amounts: std::collections::HashMap<&str, u64> = paid
@@ -386,7 +390,7 @@ pub async fn check_paid_responses(
         let receipted = amounts.get(id.as_str()).copied().unwrap_or(0);
         let problem = if held.is_none() {
             Some("no such hold".to_owned())
-        } else if captures == 1 {
+        } else if captures == 1 && released.is_none() {
             match captured.and_then(|c| u64::try_from(c).ok()) {
                 Some(c) if c <= receipted => None,
                 other => Some(format!(

@@ -59,6 +59,12 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The platform's share of `posted` at `bps` basis points, rounded down (so the fee
+/// never exceeds the merchant's basis points).
+pub fn fee_of(posted: i64, bps: i32) -> i64 {
+    i64::try_from(i128::from(posted) * i128::from(bps) / BPS).unwrap_or(0)
+}
+
 /// The platform's share of a capture of `posted` for `merchant`, in atomic units
 /// (rounded down, so the fee never exceeds the merchant's basis points). Creates the
 /// platform's balance row when there is a fee.
@@ -72,8 +78,7 @@ pub async fn capture_fee(
         .bind(merchant)
         .fetch_optional(&mut **tx)
         .await?;
-    let bps = i128::from(bps.unwrap_or(0));
-    let fee = i64::try_from(i128::from(posted) * bps / BPS).unwrap_or(0);
+    let fee = fee_of(posted, bps.unwrap_or(0));
     if fee > 0 {
         sqlx::query(
             "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \

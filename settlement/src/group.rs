@@ -27,7 +27,7 @@
 //! briefly, and in key order like every other ledger operation, so nothing waits on
 //! anything in a cycle.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,10 +42,10 @@ use x402_proto::settlement::v1::{
 };
 
 use crate::error::{constraint, LedgerError};
-use crate::events::{Event, CHANNEL, PLATFORM_ACCOUNT};
+use crate::events::{fee_of, Event, CHANNEL, PLATFORM_ACCOUNT};
 use crate::ledger::{
     balance_moves, is_overdraft, resolve_result, retrying, to_i64, to_u64, Attempt, Delta, Ledger,
-    Moves, Resolution,
+    Moves, Resolution, DEBIT_REASON,
 };
 use crate::verify::{authorized, refused, unix_now, CheckedAuthorize};
 
@@ -301,6 +301,9 @@ struct NewHold {
     index: usize,
     payer_account: String,
     amount: i64,
+    /// Captured as it is placed ([`CheckedAuthorize::capture`]), with this fee.
+    capture: bool,
+    fee: i64,
 }
 
 /// Balance row of a payer as the group read it.
@@ -379,6 +382,7 @@ macro_rules! group_lookup {
             ") SELECT d.n, r.kind AS prior_kind, r.id AS prior_id, r.request_hash AS prior_hash, \
                r.amount AS prior_amount, r.debit_account AS prior_payer, \
                m.kind AS merchant_kind, m.closed_at IS NOT NULL AS merchant_closed, \
+               m.fee_bps AS merchant_fee_bps, \
                k.account_id, k.revoked, b.debits_pending, b.debits_posted, b.credits_posted, \
                b.debits_must_not_exceed_credits AS guarded \
              FROM d \
@@ -579,6 +583,9 @@ impl Ledger {
         // and if any of it fails the group runs again reading first, which decides
         // each item's outcome in the usual order.
         let now = unix_now();
+        // The fees of the merchants of items captured as they are placed: from the
+        // read, or remembered (the write checks they are still the merchants' fees).
+        let mut fee_bps: HashMap<String, i32> = HashMap::new();
         let known = if fast
             && !read_first.load(Ordering::Relaxed)
             && live
@@ -589,7 +596,16 @@ impl Ledger {
                 .iter()
                 .map(|&i| items[i].0.payload.payload.payer.as_str())
                 .collect();
-            self.key_accounts.all(&keys)
+            let capturing: Vec<&str> = live
+                .iter()
+                .filter(|&&i| items[i].0.capture)
+                .map(|&i| items[i].0.payload.accepted.pay_to.as_str())
+                .collect();
+            self.key_accounts.all(&keys).and_then(|accounts| {
+                let fees = self.merchant_fees.all(&capturing)?;
+                fee_bps.extend(capturing.iter().map(|m| (*m).to_owned()).zip(fees));
+                Some(accounts)
+            })
         } else {
             None
         };
@@ -678,6 +694,11 @@ impl Ledger {
             // resolve (capture, void, expiry) like any other.
             let merchant_kind: Option<String> = row.try_get("merchant_kind")?;
             let payer_account: Option<String> = row.try_get("account_id")?;
+            if let Some(bps) = row.try_get::<Option<i32>, _>("merchant_fee_bps")? {
+                let merchant = &item.payload.accepted.pay_to;
+                self.merchant_fees.learn(merchant, &bps);
+                fee_bps.insert(merchant.clone(), bps);
+            }
             let refusal = if merchant_kind.as_deref() != Some("merchant") {
                 Some(no(
                     AuthorizeOutcome::UnknownMerchant,
@@ -727,10 +748,16 @@ impl Ledger {
                 out[i] = Some(Slot::Alone);
                 continue;
             }
+            let amount = to_i64(item.hold_amount)?;
+            let bps = fee_bps
+                .get(&item.payload.accepted.pay_to)
+                .filter(|_| item.capture);
             accepted.push(NewHold {
                 index: i,
                 payer_account,
-                amount: to_i64(item.hold_amount)?,
+                amount,
+                capture: bps.is_some(),
+                fee: bps.map_or(0, |&b| fee_of(amount, b)),
             });
         }
         if accepted.is_empty() {
@@ -803,18 +830,62 @@ impl Ledger {
             db.commit().await?;
             return Ok(finish(out));
         }
-        // Merchant balance rows: created on first use (a group that finds one missing
-        // runs again and creates it).
-        let mut merchant_rows: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        // The moves: a hold adds to its payer's pending debits and its merchant's
+        // pending credits; a hold captured as it is placed posts them instead, with
+        // the platform's fee.
+        let item_of = |h: &NewHold| &items[h.index].0;
+        let mut moves = Moves::default();
         for h in &accepted {
-            let a = &items[h.index].0.payload.accepted;
-            *merchant_rows
-                .entry((a.pay_to.as_str(), a.asset.as_str()))
-                .or_default() += h.amount;
+            let a = &item_of(h).payload.accepted;
+            let (payer, merchant) = if h.capture {
+                (
+                    Delta {
+                        debits_posted: h.amount,
+                        ..Delta::default()
+                    },
+                    Delta {
+                        credits_posted: h.amount,
+                        debits_posted: h.fee,
+                        ..Delta::default()
+                    },
+                )
+            } else {
+                (
+                    Delta {
+                        debits_pending: h.amount,
+                        ..Delta::default()
+                    },
+                    Delta {
+                        credits_pending: h.amount,
+                        ..Delta::default()
+                    },
+                )
+            };
+            moves.push(&h.payer_account, &a.asset, payer);
+            moves.push(&a.pay_to, &a.asset, merchant);
+            if h.fee > 0 {
+                moves.push(
+                    PLATFORM_ACCOUNT,
+                    &a.asset,
+                    Delta {
+                        credits_posted: h.fee,
+                        ..Delta::default()
+                    },
+                );
+            }
         }
+        // Merchant and platform balance rows: created on first use (a group that finds
+        // one missing runs again and creates it).
         if db.in_transaction() && ensure_merchants.load(Ordering::Relaxed) {
-            let (m_accounts, m_assets): (Vec<&str>, Vec<&str>) =
-                merchant_rows.keys().copied().unzip();
+            let mut rows: BTreeSet<(&str, &str)> = BTreeSet::new();
+            for h in &accepted {
+                let a = &item_of(h).payload.accepted;
+                rows.insert((a.pay_to.as_str(), a.asset.as_str()));
+                if h.fee > 0 {
+                    rows.insert((PLATFORM_ACCOUNT, a.asset.as_str()));
+                }
+            }
+            let (m_accounts, m_assets): (Vec<&str>, Vec<&str>) = rows.into_iter().unzip();
             sqlx::query(
                 "INSERT INTO balances (account_id, asset, debits_must_not_exceed_credits) \
                  SELECT a.id, d.asset, a.kind = 'payer' FROM unnest($1::text[], $2::text[]) AS d(id, asset) \
@@ -825,30 +896,19 @@ impl Ledger {
             .execute(&mut *db)
             .await?;
         }
-
-        // The moves: payers' pending debits, merchants' pending credits.
-        let item_of = |h: &NewHold| &items[h.index].0;
-        let mut moves = Moves::default();
+        // The merchants, each with the fee its captures used (none: not checked).
+        let mut merchant_fees: BTreeMap<&str, Option<i32>> = BTreeMap::new();
         for h in &accepted {
-            moves.push(
-                &h.payer_account,
-                &item_of(h).payload.accepted.asset,
-                Delta {
-                    debits_pending: h.amount,
-                    ..Delta::default()
-                },
-            );
+            let merchant = item_of(h).payload.accepted.pay_to.as_str();
+            let used = merchant_fees.entry(merchant).or_default();
+            if h.capture {
+                *used = fee_bps.get(merchant).copied();
+            }
         }
-        for ((merchant, asset), amount) in &merchant_rows {
-            moves.push(
-                merchant,
-                asset,
-                Delta {
-                    credits_pending: *amount,
-                    ..Delta::default()
-                },
-            );
-        }
+        let (fee_merchants, fee_checks): (Vec<&str>, Vec<Option<i32>>) =
+            merchant_fees.into_iter().unzip();
+        let capture_col: Vec<bool> = accepted.iter().map(|h| h.capture).collect();
+        let fee_col: Vec<i64> = accepted.iter().map(|h| h.fee).collect();
         let col = |f: &dyn Fn(&NewHold) -> String| accepted.iter().map(f).collect::<Vec<_>>();
         let payer_col = col(&|h| h.payer_account.clone());
         let merchant_col = col(&|h| item_of(h).payload.accepted.pay_to.clone());
@@ -886,13 +946,15 @@ impl Ledger {
             return Err(Attempt::Again);
         }
 
-        // The holds, their open-hold rows and the balance moves in one statement,
-        // balance rows locked last and in key order. The checks are the first column
-        // of a one-row SELECT, so they always run, and their arguments run in order:
-        // payer keys locked, holds inserted, balance rows locked, then changed.
+        // The holds, their open-hold rows (or, for holds captured as they are placed,
+        // their captures, fees, refund-cap rows, analytics, webhook outbox rows and
+        // notifications) and the balance moves in one statement, balance rows locked
+        // last and in key order. The checks are the first column of a one-row SELECT,
+        // so they always run, and their arguments run in order: payer keys locked,
+        // holds and their rows inserted, balance rows locked, then changed.
         let moves_columns = moves.columns();
         let write = moves_columns
-            .bind(sqlx::query_as::<_, (bool, Vec<String>, Vec<String>)>(concat!(
+            .bind(sqlx::query_as::<_, (bool, Vec<String>, Vec<String>, i64)>(concat!(
                 "WITH ",
                 balance_moves!(),
                 ", keys AS (SELECT public_key FROM payer_keys \
@@ -907,16 +969,47 @@ impl Ledger {
                      AS d(payer, merchant, asset, amount, request_id, request_hash, payer_key, nonce, route, \
                        resource, ttl, authorized) \
                    ON CONFLICT DO NOTHING \
-                   RETURNING id, request_id, expires_at), \
-                 opened AS (INSERT INTO open_holds (hold_id, expires_at) SELECT id, expires_at FROM hold) \
+                   RETURNING id, request_id, expires_at, debit_account, credit_account, asset, amount, route), \
+                 hx AS (SELECT h.*, x.capture, x.fee FROM hold h \
+                   JOIN unnest($12::text[], $20::bool[], $21::bigint[]) AS x(request_id, capture, fee) \
+                     ON x.request_id = h.request_id), \
+                 opened AS (INSERT INTO open_holds (hold_id, expires_at) \
+                   SELECT id, expires_at FROM hx WHERE NOT capture RETURNING 1), \
+                 cap AS ( \
+                   INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, \
+                     pending_amount, reason) \
+                   SELECT 'capture', debit_account, credit_account, asset, amount, id, amount, $26 \
+                   FROM hx WHERE capture RETURNING 1), \
+                 fee AS ( \
+                   INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, reason) \
+                   SELECT 'fee', credit_account, $22, asset, fee, id, 'platform_fee' \
+                   FROM hx WHERE capture AND fee > 0 RETURNING 1), \
+                 refundable AS (INSERT INTO payment_refunds (hold_id, captured, fee) \
+                   SELECT id, amount, fee FROM hx WHERE capture RETURNING 1), \
+                 ev AS (SELECT credit_account AS merchant, debit_account AS payer, asset, amount, fee, \
+                     coalesce(route, '') AS route, jsonb_build_object('type', 'captured', 'transaction_id', id, \
+                       'payer_account', debit_account, 'merchant_account', credit_account, 'asset', asset, \
+                       'route', coalesce(route, ''), 'amount', amount, 'fee', fee, \
+                       'at_unix_ms', (extract(epoch FROM clock_timestamp()) * 1000)::bigint) AS body \
+                   FROM hx WHERE capture), \
+                 an AS (INSERT INTO analytics_pending (event, route, merchant, payer, asset, amount, fee) \
+                   SELECT 'captured', route, merchant, payer, asset, amount, fee FROM ev RETURNING 1), \
+                 wh AS (INSERT INTO webhook_outbox (merchant, event_type, payload) \
+                   SELECT ev.merchant, 'payment.captured', ev.body \
+                   FROM ev JOIN webhook_endpoints w ON w.merchant = ev.merchant RETURNING 1) \
                  SELECT x402_group_checks((SELECT count(*) FROM keys) = cardinality($7::text[]) \
-                       AND (SELECT count(*) FROM accounts WHERE id = ANY($9) AND kind = 'merchant' \
-                         AND closed_at IS NULL) = (SELECT count(DISTINCT m) FROM unnest($9::text[]) AS m), \
-                     (SELECT count(*) FROM hold) = cardinality($8::text[]), \
+                       AND (SELECT count(*) FROM unnest($23::text[], $24::int[]) AS f(id, bps) \
+                         JOIN accounts a ON a.id = f.id AND a.kind = 'merchant' AND a.closed_at IS NULL \
+                           AND (f.bps IS NULL OR a.fee_bps = f.bps)) = cardinality($23::text[]), \
+                     (SELECT count(*) FROM hold) = cardinality($8::text[]) \
+                       AND (SELECT count(*) FROM opened) + (SELECT count(*) FROM cap) \
+                         + (SELECT count(*) FROM fee) + (SELECT count(*) FROM refundable) \
+                         + (SELECT count(*) FROM an) + (SELECT count(*) FROM wh) >= 0, \
                      (SELECT count(*) FROM locked) = cardinality($1::text[]) \
                        AND (SELECT count(*) FROM changed) = cardinality($1::text[])), \
                    ARRAY(SELECT request_id FROM hold ORDER BY request_id), \
-                   ARRAY(SELECT id FROM hold ORDER BY request_id)"
+                   ARRAY(SELECT id FROM hold ORDER BY request_id), \
+                   (SELECT count(pg_notify($25, body::text)) FROM ev)"
             )))
             .bind(&keys)
             .bind(&payer_col)
@@ -930,13 +1023,20 @@ impl Ledger {
             .bind(&route_col)
             .bind(&resource_col)
             .bind(&ttl_col)
-            .bind(&authorized_col);
+            .bind(&authorized_col)
+            .bind(&capture_col)
+            .bind(&fee_col)
+            .bind(PLATFORM_ACCOUNT)
+            .bind(&fee_merchants)
+            .bind(&fee_checks)
+            .bind(CHANNEL)
+            .bind(DEBIT_REASON);
         let written = write.fetch_one(&mut *db).await;
         if write_first && written.is_err() {
             read_first.store(true, Ordering::Relaxed);
         }
         let mut ids: HashMap<String, String> = match written {
-            Ok((_, request_ids, ids)) => request_ids.into_iter().zip(ids).collect(),
+            Ok((_, request_ids, ids, _)) => request_ids.into_iter().zip(ids).collect(),
             Err(e) if is_overdraft(&e) => return Err(Attempt::Again),
             Err(e) => {
                 return Err(match group_check_failed(&e) {
@@ -970,12 +1070,18 @@ impl Ledger {
         for h in accepted {
             let item = &items[h.index].0;
             let transaction_id = ids.remove(&item.request_id).unwrap_or_default();
-            out[h.index] = Some(Slot::Done(authorized(
-                &item.request_id,
-                transaction_id,
-                item.hold_amount,
-                h.payer_account,
-            )));
+            if h.capture {
+                crate::metrics::METRICS.resolved("capture", item.hold_amount, h.fee);
+            }
+            out[h.index] = Some(Slot::Done(AuthorizeResult {
+                captured: h.capture,
+                ..authorized(
+                    &item.request_id,
+                    transaction_id,
+                    item.hold_amount,
+                    h.payer_account,
+                )
+            }));
         }
         Ok(finish(out))
     }
@@ -1123,8 +1229,7 @@ impl Ledger {
             let (kind, posted, fee) = match resolution {
                 Resolution::Capture { amount, .. } => {
                     let posted = to_i64(*amount)?;
-                    let bps = i128::from(bps.get(merchant).copied().unwrap_or(0));
-                    let fee = i64::try_from(i128::from(posted) * bps / 10_000).unwrap_or(0);
+                    let fee = fee_of(posted, bps.get(merchant).copied().unwrap_or(0));
                     ("capture", posted, fee)
                 }
                 Resolution::Void { .. } => ("void", *hold, 0),

@@ -210,15 +210,17 @@ impl Moves {
 }
 
 /// How a hold that is no longer open was resolved: the kind and amount of its final
-/// row (capture, void or expire).
+/// row (capture, void or expire), and whether it was captured as it was placed.
 async fn final_resolution(
     tx: &mut Transaction<'_, Postgres>,
     hold_id: &str,
-) -> Result<(String, u64), Attempt> {
+) -> Result<(String, u64, bool), Attempt> {
     let prior = sqlx::query(
-        "SELECT kind, amount FROM transfers WHERE pending_id = $1 AND kind IN ('capture', 'void', 'expire')",
+        "SELECT kind, amount, kind = 'capture' AND reason IS NOT DISTINCT FROM $2 AS debit FROM transfers \
+         WHERE pending_id = $1 AND kind IN ('capture', 'void', 'expire')",
     )
     .bind(hold_id)
+    .bind(DEBIT_REASON)
     .fetch_optional(&mut **tx)
     .await?;
     let Some(prior) = prior else {
@@ -226,7 +228,23 @@ async fn final_resolution(
             LedgerError::FailedPrecondition("hold is neither open nor resolved".into()).into(),
         );
     };
-    Ok((prior.try_get("kind")?, to_u64(prior.try_get("amount")?)))
+    Ok((
+        prior.try_get("kind")?,
+        to_u64(prior.try_get("amount")?),
+        prior.try_get("debit")?,
+    ))
+}
+
+/// The `reason` of a capture made in the transaction that placed its hold (an
+/// authorize item with `capture`): a Void of it refunds the payment.
+pub(crate) const DEBIT_REASON: &str = "debit";
+
+/// What a Void of a payment captured at authorize refunds it under.
+pub const VOID_REFUND_KEY_PREFIX: &str = "void:";
+
+/// The idempotency key of the refund a Void makes of `hold_id`.
+pub fn void_refund_key(hold_id: &str) -> String {
+    format!("{VOID_REFUND_KEY_PREFIX}{hold_id}")
 }
 
 /// The message for a resolution that finds its hold resolved as `kind`.
@@ -290,35 +308,46 @@ pub(crate) struct Hold {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     pool: PgPool,
-    pub(crate) key_accounts: std::sync::Arc<KeyAccounts>,
+    /// The accounts of payer keys that authorize groups have read. A key belongs to
+    /// one account for good (keys are added once and only ever revoked, which a
+    /// group's write checks under lock), so a group whose keys are all known can write
+    /// at once, without reading first.
+    pub(crate) key_accounts: std::sync::Arc<Remembered<String>>,
+    /// The fee (basis points) of merchants that authorize groups have read, for
+    /// payments captured as they are placed. A fee can change, so the write checks
+    /// that it is still the one used.
+    pub(crate) merchant_fees: std::sync::Arc<Remembered<i32>>,
 }
 
-/// Most payer keys [`KeyAccounts`] remembers; past that it starts over.
-const MAX_KEY_ACCOUNTS: usize = 100_000;
+/// Most entries a [`Remembered`] keeps; past that it starts over.
+const MAX_REMEMBERED: usize = 100_000;
 
-/// The accounts of payer keys that authorize groups have read. A key belongs to one
-/// account for good (keys are added once and only ever revoked, which a group's write
-/// checks under lock), so a group whose keys are all known can write at once, without
-/// reading first.
-#[derive(Debug, Default)]
-pub(crate) struct KeyAccounts(std::sync::Mutex<std::collections::HashMap<String, String>>);
+/// Values the ledger has read, by key, kept to skip reading them again.
+#[derive(Debug)]
+pub(crate) struct Remembered<V>(std::sync::Mutex<std::collections::HashMap<String, V>>);
 
-impl KeyAccounts {
-    /// The account of every key, or `None` when one is not known.
-    pub(crate) fn all(&self, keys: &[&str]) -> Option<Vec<String>> {
+impl<V> Default for Remembered<V> {
+    fn default() -> Self {
+        Remembered(std::sync::Mutex::default())
+    }
+}
+
+impl<V: Clone + PartialEq> Remembered<V> {
+    /// The value of every key, or `None` when one is not known.
+    pub(crate) fn all(&self, keys: &[&str]) -> Option<Vec<V>> {
         let known = self.0.lock().ok()?;
         keys.iter().map(|k| known.get(*k).cloned()).collect()
     }
 
-    pub(crate) fn learn(&self, key: &str, account: &str) {
+    pub(crate) fn learn(&self, key: &str, value: &V) {
         if let Ok(mut known) = self.0.lock() {
-            if known.get(key).is_some_and(|a| a == account) {
+            if known.get(key) == Some(value) {
                 return;
             }
-            if known.len() >= MAX_KEY_ACCOUNTS && !known.contains_key(key) {
+            if known.len() >= MAX_REMEMBERED && !known.contains_key(key) {
                 known.clear();
             }
-            known.insert(key.to_owned(), account.to_owned());
+            known.insert(key.to_owned(), value.clone());
         }
     }
 
@@ -334,6 +363,7 @@ impl Ledger {
         Ledger {
             pool,
             key_accounts: std::sync::Arc::default(),
+            merchant_fees: std::sync::Arc::default(),
         }
     }
 
@@ -568,6 +598,33 @@ impl Ledger {
         retrying(|| self.try_resolve(transaction_id, resolution)).await
     }
 
+    /// Voids a payment captured as its hold was placed: the upstream failed after the
+    /// payer was debited, so all of it that is not refunded yet goes back, once
+    /// (the refund's idempotency key is the payment's).
+    async fn refund_debit(
+        &self,
+        transaction_id: &str,
+        reason: &str,
+    ) -> Result<ResolveResult, Attempt> {
+        let key = void_refund_key(transaction_id);
+        Ok(
+            match crate::operator::refund(&self.pool, transaction_id, 0, reason, &key).await {
+                Ok((_, amount)) => {
+                    resolve_result(transaction_id, ResolveOutcome::Voided, amount, "refunded")
+                }
+                Err(LedgerError::AlreadyExists(_) | LedgerError::FailedPrecondition(_)) => {
+                    resolve_result(
+                        transaction_id,
+                        ResolveOutcome::AlreadyResolved,
+                        0,
+                        "payment was already refunded",
+                    )
+                }
+                Err(e) => return Err(e.into()),
+            },
+        )
+    }
+
     async fn try_resolve(
         &self,
         transaction_id: &str,
@@ -604,7 +661,12 @@ impl Ledger {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(captured_before) = open else {
-            let (prior_kind, prior_amount) = final_resolution(&mut tx, transaction_id).await?;
+            let (prior_kind, prior_amount, debit) =
+                final_resolution(&mut tx, transaction_id).await?;
+            if let (true, Resolution::Void { reason }) = (debit, resolution) {
+                drop(tx);
+                return self.refund_debit(transaction_id, reason).await;
+            }
             return Ok(match (prior_kind.as_str(), resolution) {
                 ("capture", Resolution::Capture { amount, .. }) if *amount == prior_amount => {
                     result(ResolveOutcome::Captured, prior_amount, "")
@@ -811,7 +873,7 @@ impl Ledger {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(captured) = captured else {
-            let (kind, amount) = final_resolution(&mut tx, transaction_id).await?;
+            let (kind, amount, _) = final_resolution(&mut tx, transaction_id).await?;
             return Ok(result(
                 ResolveOutcome::AlreadyResolved,
                 amount,

@@ -32,6 +32,8 @@ pub struct CheckedAuthorize {
     pub volume_tiers: Vec<(u64, u64)>,
     /// A rate limit across all Envoys, counted before the hold is placed.
     pub global_limit: Option<crate::limits::GlobalLimit>,
+    /// Capture the hold as it is placed (asked for, and the proof is `exact`).
+    pub capture: bool,
     /// Whether the signature verified; reported only after the key checks, so the
     /// outcomes follow the documented order.
     pub signature_valid: bool,
@@ -158,6 +160,7 @@ pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, Authori
         item.hold_amount,
         &item.route,
     );
+    let capture = item.capture && checked.payload.accepted.scheme == "exact";
     Ok(CheckedAuthorize {
         request_id: item.request_id.clone(),
         amount_authorized: checked.amount,
@@ -172,6 +175,7 @@ pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, Authori
             .map(|t| (t.from_requests, t.price.min(item.hold_amount)))
             .collect(),
         global_limit,
+        capture,
         signature_valid,
         request_hash,
     })
@@ -231,6 +235,7 @@ mod tests {
             hold_ttl_seconds: 0,
             volume_tiers: Vec::new(),
             global_limit: None,
+            capture: false,
         }
     }
 

@@ -639,6 +639,7 @@ async fn unauthenticated_data_plane_and_operator_calls_are_refused() {
             hold_ttl_seconds: 60,
             volume_tiers: Vec::new(),
             global_limit: None,
+            capture: false,
         }
     };
 

@@ -235,6 +235,7 @@ pub fn unix_now() -> u64 {
 /// What a proof says, before signing.
 #[derive(Clone)]
 pub struct Terms {
+    pub scheme: String,
     pub amount: u64,
     pub pay_to: String,
     pub nonce: String,
@@ -244,6 +245,7 @@ pub struct Terms {
 
 pub fn terms(amount: u64, nonce_seed: &str) -> Terms {
     Terms {
+        scheme: "exact".into(),
         amount,
         pay_to: MERCHANT.into(),
         nonce: hex::encode(&Sha256::digest(nonce_seed.as_bytes())[..16]),
@@ -256,7 +258,7 @@ pub fn signed_proof(payer: &Payer, t: &Terms) -> PaymentProof {
     let amount = t.amount.to_string();
     let valid_before = t.valid_before.to_string();
     let fields = SignedFields {
-        scheme: "exact",
+        scheme: &t.scheme,
         network: "402x:local",
         asset: ASSET,
         amount: &amount,
@@ -266,7 +268,7 @@ pub fn signed_proof(payer: &Payer, t: &Terms) -> PaymentProof {
         valid_before: &valid_before,
     };
     PaymentProof {
-        scheme: "exact".into(),
+        scheme: t.scheme.clone(),
         network: "402x:local".into(),
         asset: ASSET.into(),
         signature: sign_hex(&payer.key, &fields).unwrap(),
@@ -288,6 +290,7 @@ pub fn item(request_id: &str, proof: PaymentProof, hold_amount: u64) -> Authoriz
         hold_ttl_seconds: 300,
         volume_tiers: Vec::new(),
         global_limit: None,
+        capture: false,
     }
 }
 
