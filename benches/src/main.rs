@@ -50,9 +50,13 @@ const PATH: &str = "/paid/bench";
 const METERED_PATH: &str = "/metered/tokens/header?n=250";
 
 /// The filter config of the benchmark: the tests' default routes plus a route priced
-/// per output token (`upto`), read from a response header.
+/// per output token (`upto`), read from a response header. `BENCH_ONE_PHASE=0` turns
+/// `one_phase_exact` off, so the flat price is held and captured after the response.
 fn bench_filter_config() -> Result<String> {
     let mut config: serde_json::Value = serde_json::from_str(&default_filter_config())?;
+    config["one_phase_exact"] = std::env::var("BENCH_ONE_PHASE")
+        .map_or(true, |v| v != "0")
+        .into();
     config["routes"]
         .as_array_mut()
         .context("default filter config has no routes")?

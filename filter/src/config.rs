@@ -34,6 +34,7 @@ pub struct RawConfig {
     pub hold_ttl_seconds: u32,
     pub clock_skew_seconds: u64,
     pub capture_below_status: u16,
+    pub one_phase_exact: bool,
     /// gRPC status codes (numbers or names) that void a paid call's hold; every
     /// non-OK code when unset ([`crate::grpc`]).
     pub grpc_void_codes: Option<Vec<crate::grpc::RawCode>>,
@@ -69,6 +70,7 @@ impl RawConfig {
                 "hold_ttl_seconds",
                 "clock_skew_seconds",
                 "capture_below_status",
+                "one_phase_exact",
                 "grpc_void_codes",
                 "verify_signatures_in_filter",
                 "discovery_path",
@@ -103,6 +105,7 @@ impl RawConfig {
             hold_ttl_seconds: o.uint_or("hold_ttl_seconds", 300)?,
             clock_skew_seconds: o.uint_or("clock_skew_seconds", 30)?,
             capture_below_status: o.uint_or("capture_below_status", 500)?,
+            one_phase_exact: o.flag_or("one_phase_exact", true)?,
             grpc_void_codes,
             verify_signatures_in_filter: o.flag("verify_signatures_in_filter")?,
             discovery_path: o.opt_string("discovery_path")?,
@@ -305,6 +308,9 @@ pub struct Config {
     pub clock_skew_seconds: u64,
     /// Upstream statuses below this are captured; the rest void the hold.
     pub capture_below_status: u16,
+    /// Exact prices are captured by settlement as the hold is placed (one ledger
+    /// write per paid request); a failed upstream then gets the payment refunded.
+    pub one_phase_exact: bool,
     /// A paid gRPC call answered with one of these `grpc-status` codes is voided.
     pub grpc_void_codes: crate::grpc::CodeSet,
     pub verify_signatures_in_filter: bool,
@@ -657,6 +663,7 @@ impl TryFrom<RawConfig> for Config {
             hold_ttl_seconds: raw.hold_ttl_seconds,
             clock_skew_seconds: raw.clock_skew_seconds,
             capture_below_status: raw.capture_below_status,
+            one_phase_exact: raw.one_phase_exact,
             grpc_void_codes,
             verify_signatures_in_filter: raw.verify_signatures_in_filter,
             discovery_path: raw.discovery_path,
@@ -785,6 +792,7 @@ mod tests {
         assert_eq!(c.max_timeout_seconds, 60);
         assert_eq!(c.hold_ttl_seconds, 300);
         assert_eq!(c.clock_skew_seconds, 30);
+        assert!(c.one_phase_exact);
         assert_eq!(c.capture_below_status, 500);
         assert!(!c.verify_signatures_in_filter);
         assert_eq!(c.routes[0].price, 10_000);

@@ -592,6 +592,7 @@ pub fn answer_for(host: &dyn Host, result: &AuthorizeResult) -> AuthorizeAnswer 
             AuthorizeAnswer::Authorized {
                 transaction: result.transaction_id.clone(),
                 held_amount: result.held_amount,
+                captured: result.captured,
             }
         }
         AuthorizeOutcome::InvalidSignature => refused(ErrorCode::InvalidSignature),

@@ -187,8 +187,13 @@ impl<'v> Obj<'v> {
 
     /// A boolean field, `false` when absent.
     pub fn flag(&self, name: &str) -> Result<bool, ConfigError> {
+        self.flag_or(name, false)
+    }
+
+    /// A boolean field, `default` when absent.
+    pub fn flag_or(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
         match self.get(name) {
-            None => Ok(false),
+            None => Ok(default),
             Some(v) => v
                 .as_bool()
                 .ok_or_else(|| invalid(self.field(name), "must be true or false")),

@@ -61,6 +61,9 @@ pub enum AuthorizeAnswer {
     Authorized {
         transaction: String,
         held_amount: u64,
+        /// Settlement captured the payment as it placed the hold: nothing to capture
+        /// later, and a Void refunds it.
+        captured: bool,
     },
     /// A payable problem: answer 402 with this code and a fresh challenge.
     Refused(ErrorCode),
@@ -238,6 +241,8 @@ pub struct Paid {
     pub transaction: String,
     pub price: u64,
     pub held_amount: u64,
+    /// Captured at authorize ([`AuthorizeAnswer::Authorized`]).
+    pub captured: bool,
     pub payer: String,
     pub resumed_at_nanos: u64,
     pub status: Option<u16>,
@@ -365,6 +370,10 @@ fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
         }
     }
     match paid.status {
+        // Already captured at authorize: a success leaves it so.
+        Some(status) if complete && status < config.capture_below_status && paid.captured => {
+            Vec::new()
+        }
         Some(status) if complete && status < config.capture_below_status => {
             let mut effects = Vec::new();
             let amount = match &paid.metering {
@@ -547,7 +556,7 @@ fn price_request(
         hold_amount: quote.amount,
         route: route.name.clone(),
         hold_ttl_seconds: config.hold_ttl_seconds,
-        capture: false,
+        capture: config.one_phase_exact && quote.scheme == "exact",
         volume_tiers: match &route.pricing.model {
             pricing::Model::Volume(tiers) => tiers
                 .iter()
@@ -669,11 +678,13 @@ fn on_answer(
         AuthorizeAnswer::Authorized {
             transaction,
             held_amount,
+            captured,
         } => {
             let paid = Paid {
                 transaction,
                 price: pending.price,
                 held_amount,
+                captured,
                 payer: pending.payer,
                 resumed_at_nanos: now_nanos,
                 status: None,
@@ -695,12 +706,16 @@ fn on_answer(
                 }),
                 grpc: crate::grpc::GrpcResponse::NotGrpc,
             };
-            let effects = vec![
+            let mut effects = vec![
                 Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE),
                 Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE_ALIAS),
                 Effect::Count(Metric::Paid, 1),
-                Effect::Resume,
             ];
+            if captured {
+                effects.push(Effect::Count(Metric::Captures, 1));
+                effects.push(Effect::Count(Metric::RevenueAtomic, held_amount));
+            }
+            effects.push(Effect::Resume);
             (State::Paid(paid), effects)
         }
         // Not payable (the seller's account is closed): a JSON error, no challenge.
@@ -982,6 +997,7 @@ mod tests {
             transaction: "tx".into(),
             price: 10_000,
             held_amount: 10_000,
+            captured: false,
             payer: "p".into(),
             resumed_at_nanos: 0,
             status,
@@ -1122,6 +1138,7 @@ mod tests {
         let answer = AuthorizeAnswer::Authorized {
             transaction: "tx".into(),
             held_amount: 3_000,
+            captured: false,
         };
         let (State::Paid(mut paid), _) = on_answer(&c, pending, answer, start) else {
             panic!("not paid");
@@ -1167,6 +1184,34 @@ mod tests {
             },
         );
         assert_eq!((state, effects), (State::Replied, vec![]));
+    }
+
+    #[test]
+    fn a_payment_captured_at_authorize_is_only_ever_voided() {
+        let captured = |status: Option<u16>, complete: bool| match paid(status, complete) {
+            State::Paid(p) => State::Paid(Paid {
+                captured: true,
+                ..p
+            }),
+            other => other,
+        };
+        let end = |state| step(&config(), state, Event::StreamEnd);
+        // A success (or a client error below the threshold) sends nothing more.
+        assert_eq!(end(captured(Some(200), true)), (State::Finished, vec![]));
+        assert_eq!(end(captured(Some(404), true)), (State::Finished, vec![]));
+        // A failure voids it, which refunds it; the same as for a hold.
+        for (status, complete, reason) in [
+            (Some(503), true, "upstream_5xx"),
+            (Some(200), false, "incomplete_response"),
+            (None, false, "upstream_reset"),
+        ] {
+            let (state, effects) = end(captured(status, complete));
+            assert_eq!(state, State::Finished);
+            assert!(
+                matches!(&effects[..], [Effect::Void(v)] if v.reason == reason && v.transaction_id == "tx"),
+                "{status:?}: {effects:?}"
+            );
+        }
     }
 
     #[test]
@@ -1245,6 +1290,7 @@ mod tests {
         let answer = AuthorizeAnswer::Authorized {
             transaction: "tx".into(),
             held_amount: 1,
+            captured: false,
         };
         let (_, effects) = step(
             &config(),

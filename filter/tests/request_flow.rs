@@ -189,7 +189,13 @@ fn header(p: &PaymentPayload) -> String {
     wire::encode_header(p)
 }
 
+/// Settlement's answer placing a hold for every item.
 fn authorized(request: &AuthorizeRequest, tx_prefix: &str) -> Vec<u8> {
+    answer_all(request, tx_prefix, false)
+}
+
+/// Settlement's answer authorizing every item; `capture`: capturing those that ask.
+fn answer_all(request: &AuthorizeRequest, tx_prefix: &str, capture: bool) -> Vec<u8> {
     AuthorizeResponse {
         results: request
             .items
@@ -203,7 +209,7 @@ fn authorized(request: &AuthorizeRequest, tx_prefix: &str) -> Vec<u8> {
                 payer_account: "payer-1".into(),
                 message: String::new(),
                 retry_after_seconds: 0,
-                captured: false,
+                captured: capture && item.capture,
             })
             .collect(),
     }
@@ -469,6 +475,52 @@ fn a_paid_request_is_authorized_resumed_receipted_and_captured() {
         ("tx-0", 10_000, 200)
     );
     assert_eq!(h.host.counter("x402_requests_paid"), 1);
+}
+
+#[test]
+fn an_exact_price_captured_at_authorize_is_never_captured_again() {
+    let mut h = Harness::new(false);
+    let p = payload("GET", "/paid/quote", 1);
+    h.request(2, "GET", "/paid/quote", Some(header(&p)));
+    let (token, _, _, body) = h.last_grpc();
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    assert!(
+        request.items[0].capture,
+        "exact prices ask for it by default"
+    );
+    h.grpc_ok(token, answer_all(&request, "tx-", true));
+    assert!(h.host.calls.contains(&Call::Resume { context: 2 }));
+    // Counted as captured when settlement says so.
+    assert_eq!(h.host.counter("x402_captures"), 1);
+    assert_eq!(h.host.counter("x402_revenue_atomic"), 10_000);
+    let calls = h.host.grpc_calls().len();
+    finish(&mut h, 2);
+    h.host.now_nanos += 1_000_000_000;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert_eq!(h.host.grpc_calls().len(), calls, "no Capture follows");
+    assert!(capture_calls(&h).is_empty());
+
+    // A failed upstream voids it (settlement refunds it).
+    let p = payload("GET", "/paid/quote", 3);
+    h.request(3, "GET", "/paid/quote", Some(header(&p)));
+    let (token, _, _, body) = h.last_grpc();
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    h.grpc_ok(token, answer_all(&request, "tx-3-", true));
+    h.respond(3, 503, true);
+    h.end(3);
+    assert_eq!(last_void(&h), ("tx-3-0".into(), "upstream_5xx".into()));
+
+    // Turned off, exact prices are held and captured like any other.
+    let mut off: serde_json::Value = serde_json::from_str(&config(false)).unwrap();
+    off["one_phase_exact"] = false.into();
+    let mut h = Harness::new(false);
+    assert!(h
+        .vm
+        .on_configure(&mut h.host, ROOT, off.to_string().as_bytes()));
+    let p = payload("GET", "/paid/quote", 4);
+    h.request(4, "GET", "/paid/quote", Some(header(&p)));
+    let (_, _, _, body) = h.last_grpc();
+    assert!(!AuthorizeRequest::decode(body.as_slice()).unwrap().items[0].capture);
 }
 
 fn paid_request(h: &mut Harness, ctx: u32) {

@@ -1,8 +1,9 @@
 //! Operating a paid API end to end, with both settlement credentials on: a paid
 //! request through Envoy (the filter sends its `settlement_token`) shows up in the
-//! Watch stream (authorized and captured), in analytics and as a signed webhook
-//! delivered to the merchant; once the operator closes the merchant, a paid request
-//! is answered 503 `merchant_closed` and nothing is charged.
+//! Watch stream (authorized and captured), in analytics (a metered request's capture
+//! with its upstream time) and as a signed webhook delivered to the merchant; once the
+//! operator closes the merchant, a paid request is answered 503 `merchant_closed` and
+//! nothing is charged.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
@@ -62,9 +63,18 @@ async fn webhook_receiver() -> (String, Received) {
     (format!("http://{addr}/x402-events"), received)
 }
 
+/// The default routes and one billed per second of upstream time.
+fn filter_config() -> String {
+    let mut config: serde_json::Value = serde_json::from_str(&default_filter_config()).unwrap();
+    let timed = serde_json::json!({"name": "timed", "match": {"path_prefix": "/timed"},
+        "pricing": {"per_second": {"unit_price": "0.001", "max_units": 5}}});
+    config["routes"].as_array_mut().unwrap().insert(0, timed);
+    config.to_string()
+}
+
 #[tokio::test]
 async fn a_paid_request_reaches_watch_analytics_and_the_merchant_webhook() {
-    let stack = Stack::start_secured(&default_filter_config(), OPERATOR_TOKEN, DATAPLANE_TOKEN)
+    let stack = Stack::start_secured(&filter_config(), OPERATOR_TOKEN, DATAPLANE_TOKEN)
         .await
         .unwrap();
     let (url, received) = webhook_receiver().await;
@@ -159,7 +169,22 @@ async fn a_paid_request_reaches_watch_analytics_and_the_merchant_webhook() {
         .unwrap();
     assert_eq!((a.amount, a.route.as_str()), (PAID_PRICE, "quote"));
 
-    // Analytics count every paid request, with the upstream time the filter reported.
+    // Analytics count every paid request. The exact price was captured as it was
+    // authorized; a metered request is captured after its response, with the upstream
+    // time the filter measured.
+    let timed = stack.pay_get(&key, "/timed/x").await.unwrap();
+    assert_eq!(timed.status, 200, "{}", stack.logs());
+    let timed_tx = timed.receipt.expect("a receipt").transaction;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metered = loop {
+        let p = stack.settlement.payment(&timed_tx).await.unwrap();
+        if p.status == "captured" {
+            break p.captured;
+        }
+        assert!(Instant::now() < deadline, "metered payment: {p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(metered > 0);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let a = op
@@ -172,8 +197,8 @@ async fn a_paid_request_reaches_watch_analytics_and_the_merchant_webhook() {
             .unwrap()
             .into_inner();
         let t = a.totals.unwrap_or_default();
-        if t.captures == n {
-            assert_eq!((t.paid, t.revenue), (n, n * PAID_PRICE));
+        if t.captures == n + 1 {
+            assert_eq!((t.paid, t.revenue), (n + 1, n * PAID_PRICE + metered));
             assert!(t.latency_p50_micros > 0);
             assert_eq!(a.top_payers[0].payer_account, payer);
             let quote = a.routes.iter().find(|r| r.route == "quote").unwrap();

@@ -188,7 +188,7 @@ async fn a_replayed_proof_is_refused_and_charged_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_failure_voids_the_hold_and_a_client_error_is_still_charged() {
+async fn an_upstream_failure_refunds_the_payment_and_a_client_error_is_still_charged() {
     let stack = Stack::start_default().await.unwrap();
     let funds = 100_000;
     let (payer, key) = stack.new_payer(funds).await.unwrap();
@@ -205,10 +205,18 @@ async fn an_upstream_failure_voids_the_hold_and_a_client_error_is_still_charged(
         .wait_for_settled_balance(&payer, funds as i64)
         .await
         .unwrap();
+    // An exact price is captured as it is authorized (`one_phase_exact`), so the
+    // failure's Void refunds it in full.
     let payments = stack.settlement.payments_of(&payer).await.unwrap();
     assert_eq!(payments.len(), 1);
-    assert_eq!(payments[0].status, "voided");
-    assert_eq!(payments[0].captured, 0);
+    assert_eq!(
+        (
+            payments[0].status.as_str(),
+            payments[0].captured,
+            payments[0].refunded
+        ),
+        ("captured", PAID_PRICE, PAID_PRICE)
+    );
 
     // Below capture_below_status (500) the answer is paid for, even a 404.
     let not_found = stack.pay_get(&key, "/status/404").await.unwrap();
