@@ -477,11 +477,12 @@ async fn main() -> Result<()> {
                     ))
                     .await?,
                 ),
-                Scenario::SettleSpread | Scenario::SettleHot => Some(
+                Scenario::SettleSpread | Scenario::SettleHot | Scenario::SettleOnePhase => Some(
                     settle::run_pairs(
                         &channels,
                         &payers,
                         scenario == Scenario::SettleHot,
+                        scenario == Scenario::SettleOnePhase,
                         settings.settle_concurrency,
                         settings.settle_batch,
                         settings.warmup,

@@ -22,11 +22,12 @@ pub enum Scenario {
     PgbenchSpread,
     SettleHot,
     PgbenchHot,
+    SettleOnePhase,
 }
 
 impl Scenario {
     /// The order of one round.
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::BareProxy,
         Scenario::DirectResponse,
         Scenario::Reject402,
@@ -37,6 +38,7 @@ impl Scenario {
         Scenario::PgbenchSpread,
         Scenario::SettleHot,
         Scenario::PgbenchHot,
+        Scenario::SettleOnePhase,
     ];
 
     pub fn label(self) -> &'static str {
@@ -51,6 +53,7 @@ impl Scenario {
             Scenario::PgbenchSpread => "7b pgbench stmt, 10k payers",
             Scenario::SettleHot => "7c settlement pairs, hot payer",
             Scenario::PgbenchHot => "7d pgbench stmt, hot payer",
+            Scenario::SettleOnePhase => "7e settlement one-phase, 10k payers",
         }
     }
 
@@ -66,6 +69,7 @@ impl Scenario {
             Scenario::PgbenchSpread => "pgbench_spread",
             Scenario::SettleHot => "settlement_hot",
             Scenario::PgbenchHot => "pgbench_hot",
+            Scenario::SettleOnePhase => "settlement_one_phase",
         }
     }
 
@@ -89,7 +93,7 @@ impl Scenario {
                 "postgres",
                 "load client",
             ],
-            Scenario::SettleSpread | Scenario::SettleHot => {
+            Scenario::SettleSpread | Scenario::SettleHot | Scenario::SettleOnePhase => {
                 &["settlement", "postgres", "load client"]
             }
             Scenario::PgbenchSpread | Scenario::PgbenchHot => &["postgres"],
@@ -301,6 +305,11 @@ impl Report {
             3.0,
         );
         at_least(
+            "settlement one-phase payments / pgbench statements (10k payers)",
+            self.ratio(Scenario::SettleOnePhase, Scenario::PgbenchSpread),
+            3.0,
+        );
+        at_least(
             "settlement hot / settlement spread",
             self.ratio(Scenario::SettleHot, Scenario::SettleSpread),
             0.9,
@@ -413,6 +422,11 @@ impl Report {
                 Scenario::PgbenchSpread,
             ),
             ("hot / spread", Scenario::SettleHot, Scenario::SettleSpread),
+            (
+                "one-phase / pgbench",
+                Scenario::SettleOnePhase,
+                Scenario::PgbenchSpread,
+            ),
         ]
         .iter()
         .filter_map(|(what, a, b)| {

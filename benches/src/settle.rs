@@ -1,7 +1,9 @@
 //! Scenario 7: settlement alone. A native gRPC client runs authorize + capture pairs
 //! from `concurrency` tasks, each sending `batch` items per call as the filter's
 //! batches do (one Authorize call of `batch` items, then one Capture call of them),
-//! next to `pgbench` running the peer's single statement at the same concurrency.
+//! next to `pgbench` running the peer's single statement at the same concurrency; and
+//! one-phase payments (an Authorize call whose items are captured as they are held, as
+//! the filter sends exact prices), the same work as that statement.
 
 use std::path::Path;
 use std::process::Command;
@@ -41,12 +43,15 @@ fn proof_of(key: &PayerKey, resource: &str) -> Result<PaymentProof> {
 }
 
 /// Authorize + capture pairs for `duration` after `warmup`, `batch` pairs per
-/// Authorize and per Capture call; `hot` puts every pair on the first payer. Counts
-/// pairs; a latency is one batch's Authorize + Capture round trip.
+/// Authorize and per Capture call; `hot` puts every pair on the first payer;
+/// `one_phase` captures each at authorize instead (no Capture call). Counts payments;
+/// a latency is one batch's round trips.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_pairs(
     channels: &[Channel],
     payers: &Arc<Payers>,
     hot: bool,
+    one_phase: bool,
     concurrency: usize,
     batch: usize,
     warmup: Duration,
@@ -72,7 +77,7 @@ pub async fn run_pairs(
                     items.push((proof, format!("bench-{i}-{seq}-{}", proof_id())));
                 }
                 let sent = Instant::now();
-                let result = pairs(&mut client, items).await;
+                let result = pairs(&mut client, items, one_phase).await;
                 let done = Instant::now();
                 let inside = sent >= measure_from && done <= end;
                 if result.is_ok() {
@@ -114,6 +119,7 @@ fn proof_id() -> String {
 async fn pairs(
     client: &mut DataPlaneClient<Channel>,
     items: Vec<(PaymentProof, String)>,
+    one_phase: bool,
 ) -> Result<()> {
     let n = items.len();
     let answer = client
@@ -126,6 +132,7 @@ async fn pairs(
                     hold_amount: PRICE,
                     route: "bench".into(),
                     hold_ttl_seconds: 300,
+                    capture: one_phase,
                     // Fields added later (volume tiers, ...) keep their defaults.
                     ..Default::default()
                 })
@@ -144,12 +151,18 @@ async fn pairs(
         if result.outcome != AuthorizeOutcome::Authorized as i32 {
             bail!("authorize: outcome {} {}", result.outcome, result.message);
         }
+        if result.captured != one_phase {
+            bail!("authorize: captured {} for {one_phase}", result.captured);
+        }
         captures.push(CaptureItem {
             transaction_id: result.transaction_id,
             amount: PRICE,
             upstream_micros: 0,
             http_status: 200,
         });
+    }
+    if one_phase {
+        return Ok(());
     }
     let captured = client
         .capture(CaptureRequest { items: captures })
