@@ -4,16 +4,18 @@
 //!
 //! A proof pays for one request at most once (settlement refuses a reused nonce), so:
 //!
-//! - **5xx after paying**: the gateway voids the hold when the upstream fails (and a 503
+//! - **5xx after paying**: the gateway voids the hold (or refunds an exact price it
+//!   captured at authorize) when the upstream fails (and a 503
 //!   from the gateway itself means nothing was held). The client signs a **new** proof
 //!   (new nonce) and tries again, up to [`RetryPolicy::max_paid_attempts`] proofs in all.
 //! - **Network error after sending a proof** (no answer): the proof may have been
 //!   accepted. Without an operator endpoint the client stops with
 //!   [`ClientError::PaymentOutcomeUnknown`] and never resends. With one
 //!   ([`Client::with_operator`]) it first asks settlement about the proof's nonce: held
-//!   or captured => [`ClientError::PaidResponseLost`] (not paid again); voided or expired
-//!   => a new proof; not found => the **same** proof is resent once, which settlement can
-//!   accept at most once, so no outcome of the first attempt can make it pay twice.
+//!   or captured => [`ClientError::PaidResponseLost`] (not paid again); voided, expired
+//!   or refunded in full => a new proof; not found => the **same** proof is resent once,
+//!   which settlement can accept at most once, so no outcome of the first attempt can
+//!   make it pay twice.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

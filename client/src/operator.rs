@@ -48,10 +48,23 @@ impl fmt::Debug for OperatorEndpoint {
 pub enum ProofOutcome {
     /// Held or captured: the proof was accepted and the money is (being) taken.
     Charged(Payment),
-    /// Voided or expired: nothing was taken.
+    /// Voided, expired or refunded in full (how a payment captured at authorize is
+    /// released when the upstream fails): nothing was taken.
     Released(Payment),
     /// No payment with this nonce (yet).
     NotFound,
+}
+
+impl ProofOutcome {
+    /// What a payment's state says about its proof.
+    pub fn of(p: Payment) -> ProofOutcome {
+        let refunded_in_full = p.captured > 0 && p.refunded >= p.captured;
+        match p.status.as_str() {
+            "voided" | "expired" => ProofOutcome::Released(p),
+            "captured" if refunded_in_full => ProofOutcome::Released(p),
+            _ => ProofOutcome::Charged(p),
+        }
+    }
 }
 
 impl OperatorEndpoint {
@@ -161,10 +174,7 @@ impl OperatorEndpoint {
                 .map_err(status_error)?
                 .into_inner();
             if let Some(p) = page.payments.into_iter().find(|p| p.nonce == nonce) {
-                return Ok(match p.status.as_str() {
-                    "voided" | "expired" => ProofOutcome::Released(p),
-                    _ => ProofOutcome::Charged(p),
-                });
+                return Ok(ProofOutcome::of(p));
             }
             if page.next_page_token.is_empty() {
                 break;
@@ -195,4 +205,31 @@ fn chain(error: &dyn std::error::Error) -> String {
         next = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payment(status: &str, captured: u64, refunded: u64) -> Payment {
+        Payment {
+            status: status.into(),
+            captured,
+            refunded,
+            ..Payment::default()
+        }
+    }
+
+    #[test]
+    fn a_payment_refunded_in_full_released_its_proof() {
+        let released = |p| matches!(ProofOutcome::of(p), ProofOutcome::Released(_));
+        assert!(released(payment("voided", 0, 0)));
+        assert!(released(payment("expired", 0, 0)));
+        // Captured at authorize, then refunded because the upstream failed.
+        assert!(released(payment("captured", 10_000, 10_000)));
+        // Taken, in part or in full.
+        assert!(!released(payment("captured", 10_000, 0)));
+        assert!(!released(payment("captured", 10_000, 4_000)));
+        assert!(!released(payment("held", 0, 0)));
+    }
 }
