@@ -25,9 +25,10 @@ pub const SERVICE: &str = "x402.settlement.v1.DataPlane";
 pub const MAX_BATCH: usize = 64;
 /// Authorize calls in flight at once per worker. An authorization that arrives while
 /// fewer are in flight goes out at once (light load adds no wait); beyond that they
-/// gather, and batches pipeline instead of each waiting for the one before. Two gave
-/// the lowest latency at half load; more calls only cost Envoy CPU (BENCHMARKS.md).
-pub const MAX_AUTHORIZE_IN_FLIGHT: usize = 2;
+/// gather into the next call. Since exact prices are captured at authorize, one gives
+/// the most throughput at the same latency at half load as two; more calls only cost
+/// Envoy and Postgres CPU (BENCHMARKS.md).
+pub const MAX_AUTHORIZE_IN_FLIGHT: usize = 1;
 /// Sends of one capture or void before it is left to expire. A lost capture is revenue
 /// the merchant never gets, so the filter keeps trying for about half a minute (a
 /// settlement restart) before it leaves the hold to expire.
