@@ -392,18 +392,27 @@ async fn upsert_payers(
     Ok(())
 }
 
+/// The statement that takes the oldest `$1` pending events for a fold. The ids are
+/// collected first (`ARRAY(...)`) and then deleted by key: written as `id IN
+/// (SELECT ...)`, the plan joined the batch against every pending row, so a fold that
+/// fell behind scanned the whole backlog for each batch, ran for minutes and held back
+/// vacuum for the whole database meanwhile.
+pub fn fold_statement() -> String {
+    format!(
+        "DELETE FROM analytics_pending WHERE id = ANY (ARRAY( \
+           SELECT id FROM analytics_pending ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+         RETURNING {PENDING_COLUMNS}"
+    )
+}
+
 /// Folds up to `limit` pending events into the aggregates (minutes, hours, days and
 /// payer hours and days, all in one transaction); returns how many.
 pub async fn fold_pending(pool: &PgPool, limit: i64) -> Result<usize, LedgerError> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query(&format!(
-        "DELETE FROM analytics_pending WHERE id IN ( \
-           SELECT id FROM analytics_pending ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING {PENDING_COLUMNS}"
-    ))
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows = sqlx::query(&fold_statement())
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
     if rows.is_empty() {
         return Ok(0);
     }

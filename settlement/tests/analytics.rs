@@ -89,6 +89,45 @@ async fn fold_all(pool: &PgPool) {
     panic!("the fold never drained analytics_pending");
 }
 
+/// A fold takes its batch by key, however long the backlog: a plan that joins the
+/// batch against every pending row makes each batch cost the whole backlog, and a
+/// fold that falls behind then never catches up (and holds back vacuum meanwhile).
+#[tokio::test]
+async fn a_fold_takes_its_batch_by_key_whatever_the_backlog() {
+    let pool = database().await;
+    seed_pending(&pool, 1_700_000_000, 20_000, 1).await;
+    sqlx::query("ANALYZE analytics_pending")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "PREPARE take(bigint) AS {}",
+        analytics::fold_statement()
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE take(500)")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Cond: (id = ANY"), "{plan}");
+    assert!(
+        !plan.contains("Join") && !plan.contains("Seq Scan"),
+        "{plan}"
+    );
+    drop(conn);
+    // And it takes the oldest events, each once.
+    assert_eq!(analytics::fold_pending(&pool, 500).await.unwrap(), 500);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM analytics_pending")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 19_500);
+}
+
 fn request(from: i64, to: i64, bucket: AnalyticsBucket) -> AnalyticsRequest {
     AnalyticsRequest {
         from_unix: from,
