@@ -17,18 +17,6 @@ async fn assert_clean(h: &Harness) {
     assert!(report.is_clean(), "{}", report.to_text());
 }
 
-async fn merchant_with_fee(h: &Harness, fee_bps: u32) {
-    h.op.clone()
-        .create_account(CreateAccountRequest {
-            account_id: MERCHANT.into(),
-            kind: AccountKind::Merchant as i32,
-            fee_bps,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-}
-
 fn captured(item: AuthorizeItem) -> AuthorizeItem {
     AuthorizeItem {
         capture: true,
@@ -47,7 +35,7 @@ async fn open_holds(h: &Harness, tx: &str) -> i64 {
 #[tokio::test]
 async fn a_payment_captured_at_authorize_posts_once_and_a_void_refunds_it_once() {
     let h = start().await;
-    merchant_with_fee(&h, 250).await;
+    h.merchant_with_fee(MERCHANT, 250).await;
     let p = h.payer("dee", 10_000).await;
     // One call, two items: one captured as it is held, one held as before.
     let results = h
@@ -145,7 +133,7 @@ async fn a_payment_captured_at_authorize_posts_once_and_a_void_refunds_it_once()
 #[tokio::test]
 async fn a_payment_captured_at_authorize_pays_the_merchants_fee_of_the_moment() {
     let h = start().await;
-    merchant_with_fee(&h, 100).await;
+    h.merchant_with_fee(MERCHANT, 100).await;
     let p = h.payer("fay", 100_000).await;
     let first = h.authorize(captured(paid(&p, "fay-1", 10_000))).await;
     assert!(first.captured, "{}", first.message);
@@ -170,7 +158,7 @@ async fn a_payment_captured_at_authorize_pays_the_merchants_fee_of_the_moment() 
 #[tokio::test]
 async fn only_exact_proofs_in_a_group_are_captured_the_rest_are_held() {
     let h = start().await;
-    merchant_with_fee(&h, 0).await;
+    h.merchant(MERCHANT).await;
     let p = h.payer("gus", 100_000).await;
     // Volume tiers are quoted on settlement's one-item path: held, not captured.
     let mut tiered = captured(paid(&p, "gus-1", 2_000));
@@ -204,7 +192,7 @@ async fn only_exact_proofs_in_a_group_are_captured_the_rest_are_held() {
 #[tokio::test]
 async fn a_refused_item_captures_nothing() {
     let h = start().await;
-    merchant_with_fee(&h, 0).await;
+    h.merchant(MERCHANT).await;
     let p = h.payer("hal", 1_000).await;
     let r = h.authorize(captured(paid(&p, "hal-1", 2_000))).await;
     assert_eq!(outcome(&r), AuthorizeOutcome::InsufficientFunds);

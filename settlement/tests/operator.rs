@@ -19,15 +19,7 @@ use x402_settlement::server::ServerConfig;
 
 /// A merchant with `fee_bps`, a funded payer, and one captured payment of `amount`.
 async fn captured_payment(h: &Harness, fee_bps: u32, amount: u64) -> (Payer, String) {
-    h.op.clone()
-        .create_account(CreateAccountRequest {
-            account_id: MERCHANT.into(),
-            kind: AccountKind::Merchant as i32,
-            fee_bps,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    h.merchant_with_fee(MERCHANT, fee_bps).await;
     let p = h.payer("pat", 1_000_000).await;
     let r = h.authorize(paid(&p, "pay-1", amount)).await;
     assert_eq!(outcome(&r), AuthorizeOutcome::Authorized, "{}", r.message);

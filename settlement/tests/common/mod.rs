@@ -91,11 +91,17 @@ pub fn key_for(name: &str) -> SigningKey {
 
 impl Harness {
     pub async fn merchant(&self, id: &str) {
+        self.merchant_with_fee(id, 0).await;
+    }
+
+    /// A merchant account whose captures pay the platform `fee_bps` basis points.
+    pub async fn merchant_with_fee(&self, id: &str, fee_bps: u32) {
         self.op
             .clone()
             .create_account(CreateAccountRequest {
                 account_id: id.into(),
                 kind: AccountKind::Merchant as i32,
+                fee_bps,
                 ..Default::default()
             })
             .await
