@@ -47,7 +47,7 @@ use crate::ledger::{
     balance_moves, is_overdraft, resolve_result, retrying, to_i64, to_u64, Attempt, Delta, Ledger,
     Moves, Resolution, DEBIT_REASON,
 };
-use crate::verify::{authorized, refused, unix_now, CheckedAuthorize};
+use crate::verify::{authorized, own_refusal, refused, unix_now, CheckedAuthorize};
 
 /// Most items one group transaction takes (a single larger call still goes whole).
 pub const MAX_GROUP: usize = 256;
@@ -329,27 +329,6 @@ impl Locked {
             self.debits_pending = pending;
         }
         within
-    }
-}
-
-/// The refusal an item earns on its own, whatever the ledger holds: a signature
-/// that does not match, an expired proof, a hold above the authorized amount.
-fn own_refusal(item: &CheckedAuthorize, now: u64) -> Option<AuthorizeResult> {
-    let no = |o: AuthorizeOutcome, m: &str| Some(refused(&item.request_id, o, m));
-    if !item.signature_valid {
-        no(
-            AuthorizeOutcome::InvalidSignature,
-            "signature does not match the payment",
-        )
-    } else if item.valid_before <= now {
-        no(AuthorizeOutcome::Expired, "payment proof has expired")
-    } else if item.hold_amount > item.amount_authorized {
-        no(
-            AuthorizeOutcome::InvalidRequest,
-            "hold amount exceeds the authorized amount",
-        )
-    } else {
-        None
     }
 }
 
@@ -697,7 +676,9 @@ impl Ledger {
             if let Some(bps) = row.try_get::<Option<i32>, _>("merchant_fee_bps")? {
                 let merchant = &item.payload.accepted.pay_to;
                 self.merchant_fees.learn(merchant, &bps);
-                fee_bps.insert(merchant.clone(), bps);
+                if item.capture {
+                    fee_bps.insert(merchant.clone(), bps);
+                }
             }
             let refusal = if merchant_kind.as_deref() != Some("merchant") {
                 Some(no(

@@ -19,7 +19,7 @@ use x402_proto::settlement::v1::{
 
 use crate::error::{constraint, is_retryable, sqlstate, LedgerError};
 use crate::limits::{self, Take};
-use crate::verify::{authorized, refused, unix_now, CheckedAuthorize};
+use crate::verify::{authorized, own_refusal, refused, unix_now, CheckedAuthorize};
 
 /// Attempts of one operation before a serialization failure or deadlock is
 /// reported as unavailable.
@@ -449,20 +449,8 @@ impl Ledger {
         if key.try_get::<bool, _>("revoked")? {
             return no(AuthorizeOutcome::KeyRevoked, "payer key was revoked");
         }
-        if !item.signature_valid {
-            return no(
-                AuthorizeOutcome::InvalidSignature,
-                "signature does not match the payment",
-            );
-        }
-        if item.valid_before <= unix_now() {
-            return no(AuthorizeOutcome::Expired, "payment proof has expired");
-        }
-        if item.hold_amount > item.amount_authorized {
-            return no(
-                AuthorizeOutcome::InvalidRequest,
-                "hold amount exceeds the authorized amount",
-            );
+        if let Some(refusal) = own_refusal(item, unix_now()) {
+            return Ok(refusal);
         }
 
         let nonce_used: Option<i32> = sqlx::query_scalar(

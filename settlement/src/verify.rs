@@ -73,6 +73,27 @@ pub fn authorized(
     }
 }
 
+/// The refusal an item earns on its own, whatever the ledger holds: a signature
+/// that does not match, an expired proof, a hold above the authorized amount.
+pub(crate) fn own_refusal(item: &CheckedAuthorize, now: u64) -> Option<AuthorizeResult> {
+    let no = |o: AuthorizeOutcome, m: &str| Some(refused(&item.request_id, o, m));
+    if !item.signature_valid {
+        no(
+            AuthorizeOutcome::InvalidSignature,
+            "signature does not match the payment",
+        )
+    } else if item.valid_before <= now {
+        no(AuthorizeOutcome::Expired, "payment proof has expired")
+    } else if item.hold_amount > item.amount_authorized {
+        no(
+            AuthorizeOutcome::InvalidRequest,
+            "hold amount exceeds the authorized amount",
+        )
+    } else {
+        None
+    }
+}
+
 /// Syntax and signature checks of one item.
 pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, AuthorizeResult> {
     let invalid = |m: String| refused(&item.request_id, AuthorizeOutcome::InvalidRequest, m);
