@@ -1100,15 +1100,21 @@ impl Ledger {
         let fast = !careful.load(Ordering::Relaxed);
         let mut db = Session::start(self.pool(), !fast).await?;
         let ids: Vec<&str> = live.iter().map(|&i| items[i].0 .0.as_str()).collect();
+        // `open`: whether the hold still has the open-hold row this group would delete.
+        // One that does not (resolved or expired already, captured at authorize, or
+        // partly captured) is answered on its own, rather than failing the group's
+        // write for everyone.
         let details = sqlx::query(
             "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.asset, t.amount, \
-               coalesce(t.route, '') AS route, a.fee_bps \
+               coalesce(t.route, '') AS route, a.fee_bps, \
+               EXISTS (SELECT 1 FROM open_holds o WHERE o.hold_id = t.id AND o.captured = 0) AS open \
              FROM transfers t JOIN accounts a ON a.id = t.credit_account \
              WHERE t.id = ANY($1)",
         )
         .bind(&ids);
         let rows = details.fetch_all(&mut *db).await?;
         let mut holds = HashMap::with_capacity(rows.len());
+        let mut closed = HashSet::new();
         let mut bps: HashMap<String, i32> = HashMap::new();
         for row in rows {
             // Looked up by id alone: a `kind = 'hold'` filter lets the planner scan a
@@ -1122,6 +1128,9 @@ impl Ledger {
             let asset: String = row.try_get("asset")?;
             let amount: i64 = row.try_get("amount")?;
             let route: String = row.try_get("route")?;
+            if !row.try_get::<bool, _>("open")? {
+                closed.insert(id.clone());
+            }
             bps.insert(merchant.clone(), row.try_get("fee_bps")?);
             holds.insert(id, (payer, merchant, asset, amount, route));
         }
@@ -1148,6 +1157,10 @@ impl Ledger {
                     )));
                     continue;
                 }
+            }
+            if closed.contains(id) {
+                out[i] = Some(Slot::Alone);
+                continue;
             }
             candidates.push(i);
         }
