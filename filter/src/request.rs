@@ -370,11 +370,11 @@ fn resolve(config: &Config, paid: &Paid) -> Vec<Effect> {
         }
     }
     match paid.status {
-        // Already captured at authorize: a success leaves it so.
-        Some(status) if complete && status < config.capture_below_status && paid.captured => {
-            Vec::new()
-        }
         Some(status) if complete && status < config.capture_below_status => {
+            // Already captured at authorize: a success leaves it so.
+            if paid.captured {
+                return Vec::new();
+            }
             let mut effects = Vec::new();
             let amount = match &paid.metering {
                 None => paid.price.min(paid.held_amount),
