@@ -8,14 +8,7 @@ mod common;
 
 use common::*;
 use x402_proto::settlement::v1::*;
-use x402_settlement::check::{check_ledger, check_paid_responses, CheckOptions, PaidResponse};
-
-async fn assert_clean(h: &Harness) {
-    let report = check_ledger(&h.pool, CheckOptions::default())
-        .await
-        .unwrap();
-    assert!(report.is_clean(), "{}", report.to_text());
-}
+use x402_settlement::check::{check_paid_responses, PaidResponse};
 
 fn captured(item: AuthorizeItem) -> AuthorizeItem {
     AuthorizeItem {
@@ -88,7 +81,7 @@ async fn a_payment_captured_at_authorize_posts_once_and_a_void_refunds_it_once()
         (payment.status.as_str(), payment.captured, payment.fee),
         ("captured", 4_000, 100)
     );
-    assert_clean(&h).await;
+    h.assert_clean().await;
     let receipt = [PaidResponse {
         transaction: debit.transaction_id.clone(),
         amount: 4_000,
@@ -127,7 +120,7 @@ async fn a_payment_captured_at_authorize_posts_once_and_a_void_refunds_it_once()
     let c = h.capture(&hold.transaction_id, 600).await;
     assert_eq!(resolved(&c), ResolveOutcome::Captured);
     assert_eq!(h.balance("dee").await.available, 9_400);
-    assert_clean(&h).await;
+    h.assert_clean().await;
 }
 
 #[tokio::test]
@@ -152,7 +145,7 @@ async fn a_payment_captured_at_authorize_pays_the_merchants_fee_of_the_moment() 
     // And the next one, with the new fee remembered, too.
     let third = h.authorize(captured(paid(&p, "fay-3", 10_000))).await;
     assert_eq!(h.payment(&third.transaction_id).await.fee, 500);
-    assert_clean(&h).await;
+    h.assert_clean().await;
 }
 
 #[tokio::test]
@@ -186,7 +179,7 @@ async fn only_exact_proofs_in_a_group_are_captured_the_rest_are_held() {
     assert!(!r.captured);
     assert_eq!(h.payment(&r.transaction_id).await.status, "held");
     assert_eq!(h.balance("gus").await.debits_pending, 5_000);
-    assert_clean(&h).await;
+    h.assert_clean().await;
 }
 
 #[tokio::test]
@@ -207,5 +200,5 @@ async fn a_refused_item_captures_nothing() {
     assert_eq!(outcome(&again), AuthorizeOutcome::NonceReused);
     let b = h.balance("hal").await;
     assert_eq!((b.debits_posted, b.available), (1_000, 0));
-    assert_clean(&h).await;
+    h.assert_clean().await;
 }

@@ -9,17 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use x402_proto::settlement::v1::*;
-use x402_settlement::check::{check_ledger, CheckOptions};
 use x402_settlement::server::ServerConfig;
 
 impl Harness {
-    async fn assert_clean(&self) {
-        let report = check_ledger(&self.pool, CheckOptions::default())
-            .await
-            .unwrap();
-        assert!(report.is_clean(), "{}", report.to_text());
-    }
-
     /// (debits pending, debits posted) of a payer.
     async fn payer_counters(&self, account: &str) -> (u64, u64) {
         let b = self.balance(account).await;

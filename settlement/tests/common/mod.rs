@@ -321,6 +321,17 @@ pub fn resolved(r: &ResolveResult) -> ResolveOutcome {
 }
 
 impl Harness {
+    /// The ledger checker finds nothing wrong.
+    pub async fn assert_clean(&self) {
+        let report = x402_settlement::check::check_ledger(
+            &self.pool,
+            x402_settlement::check::CheckOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(report.is_clean(), "{}", report.to_text());
+    }
+
     pub async fn balance_of(&self, account: &str) -> Balance {
         self.balance(account).await
     }
