@@ -173,3 +173,59 @@ async fn transfers_index_only_the_rows_that_carry_each_key() {
         .unwrap_err();
     assert_eq!(violated(again).as_deref(), Some("transfers_request_id_key"));
 }
+
+/// Transfer ids start with the time they were made (UUID version 7), so ids made later
+/// sort after earlier ones and a paid request's rows go to the right edge of the
+/// indexes keyed by them; they stay distinct and in UUID form.
+#[tokio::test]
+async fn transfer_ids_sort_in_the_order_they_were_made() {
+    let pool = fresh_pool().await;
+    db::migrate(&pool).await.unwrap();
+    sqlx::query("INSERT INTO accounts (id, kind) VALUES ('payer:t', 'payer')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let before_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        // One statement per millisecond or more, each inserting three rows.
+        let made: Vec<String> = sqlx::query_scalar(
+            "WITH w AS (SELECT pg_sleep(0.002)) \
+             INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, \
+               idempotency_key, request_hash) \
+             SELECT 'deposit', 'system:credit', 'payer:t', 'USD', 1, $1 || '-' || n, 'h' \
+             FROM w, generate_series(1, 3) AS n RETURNING id",
+        )
+        .bind(format!("dep-{i}"))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        ids.push(made);
+    }
+    let after_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    for (earlier, later) in ids.iter().zip(ids.iter().skip(1)) {
+        let newest_earlier = earlier.iter().max().unwrap();
+        let oldest_later = later.iter().min().unwrap();
+        assert!(newest_earlier < oldest_later, "{earlier:?} then {later:?}");
+    }
+    let all: Vec<&String> = ids.iter().flatten().collect();
+    let distinct: std::collections::HashSet<&&String> = all.iter().collect();
+    assert_eq!(distinct.len(), all.len());
+    for id in all {
+        let hex: String = id.chars().filter(|c| *c != '-').collect();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(&id[14..15], "7", "version 7: {id}");
+        assert!("89ab".contains(&id[19..20]), "RFC variant: {id}");
+        let ms = u128::from_str_radix(&hex[..12], 16).unwrap();
+        assert!(
+            (before_ms..=after_ms).contains(&ms),
+            "{id} made at {ms} ms, between {before_ms} and {after_ms}"
+        );
+    }
+}
