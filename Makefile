@@ -164,7 +164,7 @@ bench: setup-rust setup-binaryen setup-envoy setup-pgbench
 	$(CARGO) build --release -p x402-settlement -p x402-e2e -p x402-bench --bins
 	$(CARGO) build -p x402-filter --target $(WASM_TARGET) --profile wasm
 	@$(MAKE) --no-print-directory wasm-opt
-	timeout --kill-after=30 900 $(CARGO) run --release -q -p x402-bench --bin x402-bench
+	timeout --kill-after=30 1200 $(CARGO) run --release -q -p x402-bench --bin x402-bench
 
 # Analytics query times on a seeded ledger (X402_ANALYTICS_ROWS minute rows, default
 # 1.7 million over a week), from the rollups and from minutes alone. See README.md.

@@ -89,6 +89,8 @@ struct Settings {
     /// `BENCH_PG_STATEMENTS=1`: Postgres preloads `pg_stat_statements` and the run writes
     /// the costliest statements to `target/bench/statements.md`.
     pg_statements: bool,
+    /// `BENCH_HISTORY`: past payments in the ledger before the first scenario.
+    history: u64,
 }
 
 impl Settings {
@@ -126,6 +128,7 @@ impl Settings {
                 })
                 .unwrap_or_default(),
             pg_statements: std::env::var("BENCH_PG_STATEMENTS").is_ok_and(|v| v == "1"),
+            history: num("BENCH_HISTORY", if quick { 0 } else { 1_000_000 }).min(100_000_000),
         }
     }
 }
@@ -242,6 +245,15 @@ async fn main() -> Result<()> {
         .connect(&database_url)
         .await?;
     let payers = Arc::new(Payers::seed(&pool, settings.payers).await?);
+    if settings.history > 0 {
+        let t = Instant::now();
+        payers.history(&pool, settings.history).await?;
+        eprintln!(
+            "x402-bench: {} past payments written in {:.1} s",
+            settings.history,
+            t.elapsed().as_secs_f64()
+        );
+    }
     pool.close().await;
 
     let scratch = ScratchDir::new("bench")?;
@@ -422,6 +434,7 @@ async fn main() -> Result<()> {
     report.settlement_args = settings.settlement_args.join(" ");
     report.settle_batch = settings.settle_batch;
     report.only = settings.only.clone();
+    report.history = settings.history;
     let tck = procfs::ticks_per_second();
     let settle_stats_before = envoy_stats(&http, x402.admin_port()).await;
 

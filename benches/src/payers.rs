@@ -96,6 +96,68 @@ impl Payers {
         Ok(Payers { keys })
     }
 
+    /// `count` past payments of one atomic unit each, spread over the payers, as an
+    /// exact price pays them now (a hold with its capture and refund-cap row, balances
+    /// posted): the ledger of a seller that has been selling a while, so the paid path is
+    /// measured against indexes of a realistic size. Written straight into the tables
+    /// in chunks, each its own transaction.
+    pub async fn history(&self, pool: &PgPool, count: u64) -> Result<()> {
+        const CHUNK: u64 = 100_000;
+        let payers = i64::try_from(self.keys.len())?;
+        let mut start = 0u64;
+        while start < count {
+            let n = CHUNK.min(count - start);
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "WITH d AS (SELECT g, 'bench-payer-' || (g % $3) AS payer FROM generate_series($1, $1 + $2 - 1) AS g), \
+                 hold AS (INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, request_id, \
+                     request_hash, payer_key, nonce, route, resource, expires_at, amount_authorized, created_at) \
+                   SELECT 'hold', d.payer, $4, $5, 1, 'bench-history-' || d.g, 'h', k.public_key, \
+                     'bench-history-' || d.g, '/paid', '/paid', now(), 1, now() - interval '1 day' \
+                   FROM d JOIN payer_keys k ON k.account_id = d.payer \
+                   RETURNING id, debit_account, credit_account, asset), \
+                 cap AS (INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, \
+                     pending_amount, reason, created_at) \
+                   SELECT 'capture', debit_account, credit_account, asset, 1, id, 1, 'debit', now() - interval '1 day' \
+                   FROM hold RETURNING 1), \
+                 refundable AS (INSERT INTO payment_refunds (hold_id, captured, fee) SELECT id, 1, 0 FROM hold RETURNING 1), \
+                 spent AS (SELECT debit_account AS account, count(*) AS n FROM hold GROUP BY 1), \
+                 payers AS (UPDATE balances b SET debits_posted = b.debits_posted + s.n FROM spent s \
+                   WHERE b.account_id = s.account AND b.asset = $5 RETURNING 1), \
+                 merchant AS (UPDATE balances SET credits_posted = credits_posted + (SELECT count(*) FROM hold) \
+                   WHERE account_id = $4 AND asset = $5 RETURNING 1) \
+                 SELECT (SELECT count(*) FROM cap), (SELECT count(*) FROM refundable), \
+                   (SELECT count(*) FROM payers), (SELECT count(*) FROM merchant)",
+            )
+            .bind(i64::try_from(start)?)
+            .bind(i64::try_from(n)?)
+            .bind(payers)
+            .bind(MERCHANT)
+            .bind(ASSET)
+            .execute(&mut *tx)
+            .await
+            .context("writing past payments")?;
+            tx.commit().await?;
+            start += n;
+        }
+        // The ext_authz peer's nonce register gets the same history, so the two ledgers
+        // it is compared with start the same size.
+        sqlx::query(
+            "INSERT INTO bench_peer_nonces (account_id, nonce) \
+             SELECT 'bench-payer-' || (g % $2), 'bench-history-' || g FROM generate_series(0, $1 - 1) AS g",
+        )
+        .bind(i64::try_from(count)?)
+        .bind(payers)
+        .execute(pool)
+        .await
+        .context("writing the peer's past nonces")?;
+        sqlx::query("VACUUM ANALYZE transfers, payment_refunds, balances, bench_peer_nonces")
+            .execute(pool)
+            .await
+            .context("vacuuming after the past payments")?;
+        Ok(())
+    }
+
     pub fn pick(&self) -> &PayerKey {
         let i = rand::thread_rng().gen_range(0..self.keys.len());
         &self.keys[i]

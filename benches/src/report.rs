@@ -149,6 +149,8 @@ pub struct Report {
     pub settle_batch: usize,
     /// `BENCH_ONLY`'s scenario keys (empty: every scenario ran).
     pub only: Vec<String>,
+    /// Past payments written into the ledger before the first round.
+    pub history: u64,
     results: BTreeMap<Scenario, Vec<RoundResult>>,
     /// Total rate of the half-load runs, and per round (bare p50, bare p99, paid p50, paid p99).
     pub half_load_rate: f64,
@@ -193,6 +195,7 @@ impl Report {
             settlement_args: String::new(),
             settle_batch: 1,
             only: Vec::new(),
+            history: 0,
             results: BTreeMap::new(),
             half_load_rate: 0.0,
             half_load: Vec::new(),
@@ -335,7 +338,7 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "## 402x benchmark{}\n\n{} rounds x {} s per scenario, interleaved, medians; {} HTTP connections; settlement: {} calls in flight of {} items each (Authorize, then Capture of the same items); pgbench at concurrency {}; {} payers; Envoy --concurrency 1; settlement args: `{}`; {:.0} s in all.\n",
+            "## 402x benchmark{}\n\n{} rounds x {} s per scenario, interleaved, medians; {} HTTP connections; settlement: {} calls in flight of {} items each (Authorize, then Capture of the same items); pgbench at concurrency {}; {} payers, {} past payments in the ledger; Envoy --concurrency 1; settlement args: `{}`; {:.0} s in all.\n",
             if self.quick { " (quick)" } else { "" },
             self.rounds,
             self.duration.as_secs(),
@@ -344,6 +347,7 @@ impl Report {
             self.settle_batch,
             self.settle_concurrency,
             self.payers,
+            self.history,
             if self.settlement_args.is_empty() { "(defaults)" } else { &self.settlement_args },
             self.elapsed_seconds
         );
@@ -509,6 +513,7 @@ impl Report {
             "settlement_concurrency": self.settle_concurrency,
             "settlement_items_per_call": self.settle_batch,
             "payers": self.payers,
+            "past_payments": self.history,
             "settlement_args": self.settlement_args,
             "scenarios": scenarios,
             "targets": targets,
