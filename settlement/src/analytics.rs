@@ -107,6 +107,14 @@ impl Cell {
                 self.requests += 1;
                 self.refused += 1;
             }
+            // A payment captured as it was authorized: both events in one.
+            "debited" => {
+                self.requests += 1;
+                self.paid += 1;
+                self.captures += 1;
+                self.revenue += e.amount;
+                self.fees += e.fee;
+            }
             "captured" => {
                 self.captures += 1;
                 self.revenue += e.amount;
@@ -230,7 +238,7 @@ fn fold(events: &[PendingEvent]) -> (BTreeMap<CellKey, Cell>, BTreeMap<PayerKey,
             .or_default()
             .apply(e);
         let spent = match e.event.as_str() {
-            "captured" => Some((1, e.amount)),
+            "captured" | "debited" => Some((1, e.amount)),
             "refunded" => Some((0, -e.amount)),
             _ => None,
         };
@@ -775,11 +783,24 @@ mod tests {
             ev(60, "captured", 10),
             ev(120, "refused", 0),
             ev(120, "refunded", 4),
+            ev(180, "debited", 7),
         ]);
         let a = &cells[&(60, "quote".into(), "m".into(), "USD".into())];
         assert_eq!((a.requests, a.paid, a.captures, a.revenue), (1, 1, 1, 10));
         let b = &cells[&(120, "quote".into(), "m".into(), "USD".into())];
         assert_eq!((b.requests, b.refused, b.refunded), (1, 1, 4));
-        assert_eq!(payers[&(0, "p".into(), "m".into(), "USD".into())], (1, 6));
+        // Captured as it was authorized: a paid request and a capture in one event.
+        let c = &cells[&(180, "quote".into(), "m".into(), "USD".into())];
+        assert_eq!(
+            (
+                c.requests,
+                c.paid,
+                c.captures,
+                c.revenue,
+                c.latency.iter().sum::<i64>()
+            ),
+            (1, 1, 1, 7, 0)
+        );
+        assert_eq!(payers[&(0, "p".into(), "m".into(), "USD".into())], (2, 13));
     }
 }

@@ -928,11 +928,12 @@ impl Ledger {
         }
 
         // The holds, their open-hold rows (or, for holds captured as they are placed,
-        // their captures, fees, refund-cap rows, analytics, webhook outbox rows and
-        // notifications) and the balance moves in one statement, balance rows locked
-        // last and in key order. The checks are the first column of a one-row SELECT,
-        // so they always run, and their arguments run in order: payer keys locked,
-        // holds and their rows inserted, balance rows locked, then changed.
+        // their captures, fees, refund-cap rows, webhook outbox rows, one analytics event
+        // that counts the authorization and the capture, and both their notifications,
+        // which the recorder then leaves out) and the balance moves in one statement,
+        // balance rows locked last and in key order. The checks are the first column of a
+        // one-row SELECT, so they always run, and their arguments run in order: payer
+        // keys locked, holds and their rows inserted, balance rows locked, then changed.
         let moves_columns = moves.columns();
         let write = moves_columns
             .bind(sqlx::query_as::<_, (bool, Vec<String>, Vec<String>, i64)>(concat!(
@@ -974,7 +975,7 @@ impl Ledger {
                        'at_unix_ms', (extract(epoch FROM clock_timestamp()) * 1000)::bigint) AS body \
                    FROM hx WHERE capture), \
                  an AS (INSERT INTO analytics_pending (event, route, merchant, payer, asset, amount, fee) \
-                   SELECT 'captured', route, merchant, payer, asset, amount, fee FROM ev RETURNING 1), \
+                   SELECT 'debited', route, merchant, payer, asset, amount, fee FROM ev RETURNING 1), \
                  wh AS (INSERT INTO webhook_outbox (merchant, event_type, payload) \
                    SELECT ev.merchant, 'payment.captured', ev.body \
                    FROM ev JOIN webhook_endpoints w ON w.merchant = ev.merchant RETURNING 1) \
@@ -990,7 +991,10 @@ impl Ledger {
                        AND (SELECT count(*) FROM changed) = cardinality($1::text[])), \
                    ARRAY(SELECT request_id FROM hold ORDER BY request_id), \
                    ARRAY(SELECT id FROM hold ORDER BY request_id), \
-                   (SELECT count(pg_notify($25, body::text)) FROM ev)"
+                   (SELECT count(pg_notify($25, body::text)) FROM ( \
+                     SELECT b.body FROM ev CROSS JOIN LATERAL (VALUES \
+                       (1, (ev.body - 'fee') || jsonb_build_object('type', 'authorized')), (2, ev.body)) AS b(o, body) \
+                     ORDER BY ev.body->>'transaction_id', b.o) AS announced)"
             )))
             .bind(&keys)
             .bind(&payer_col)

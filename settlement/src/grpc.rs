@@ -205,13 +205,15 @@ impl DataPlaneService {
     }
 }
 
-/// Hands authorize outcomes to analytics and `Watch` without delaying the answer.
+/// Hands authorize outcomes to analytics and `Watch` without delaying the answer. A
+/// payment captured as it was authorized is left out: the write that placed it counted
+/// it and announced it, authorization and capture both.
 fn record_authorizations(
     recorder: &mpsc::Sender<Authorization>,
     items: &[x402_proto::settlement::v1::AuthorizeItem],
     results: &[x402_proto::settlement::v1::AuthorizeResult],
 ) {
-    let records = items.iter().zip(results).map(|(item, result)| {
+    let records = items.iter().zip(results).filter_map(|(item, result)| {
         let authorized = result.outcome == AuthorizeOutcome::Authorized as i32;
         let outcome = AuthorizeOutcome::try_from(result.outcome)
             .map(|o| {
@@ -221,8 +223,11 @@ fn record_authorizations(
             })
             .unwrap_or_else(|_| "unspecified".into());
         crate::metrics::METRICS.authorization(&outcome);
+        if authorized && result.captured {
+            return None;
+        }
         let proof = item.proof.clone().unwrap_or_default();
-        Authorization {
+        Some(Authorization {
             event: if authorized { "authorized" } else { "refused" },
             transaction_id: result.transaction_id.clone(),
             route: item.route.chars().take(MAX_ID_LEN).collect(),
@@ -235,7 +240,7 @@ fn record_authorizations(
                 item.hold_amount
             })
             .unwrap_or(0),
-        }
+        })
     });
     for record in records {
         if recorder.try_send(record).is_err() {

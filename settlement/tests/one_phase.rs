@@ -202,3 +202,98 @@ async fn a_refused_item_captures_nothing() {
     assert_eq!((b.debits_posted, b.available), (1_000, 0));
     h.assert_clean().await;
 }
+
+/// A payment captured as it is authorized is one analytics event that counts as a paid
+/// request and a capture, and `Watch` still announces its authorization and then its
+/// capture; the recorder adds nothing for it (a refusal in the same call still counts).
+#[tokio::test]
+async fn a_payment_captured_at_authorize_counts_and_announces_once() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("ann", 10_000).await;
+    // Every analytics event written, whoever writes it.
+    for statement in [
+        "CREATE TABLE events_written (event text NOT NULL)",
+        "CREATE FUNCTION log_event() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN INSERT INTO events_written VALUES (NEW.event); RETURN NEW; END $$",
+        "CREATE TRIGGER log_event AFTER INSERT ON analytics_pending \
+         FOR EACH ROW EXECUTE FUNCTION log_event()",
+    ] {
+        sqlx::query(statement).execute(&h.pool).await.unwrap();
+    }
+    let mut stream =
+        h.op.clone()
+            .watch(WatchRequest {
+                merchant: MERCHANT.into(),
+                payer_account: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    // The listener subscribes asynchronously: pay until the stream shows a payment.
+    let mut seen: Vec<PaymentEvent> = Vec::new();
+    let mut paid_txs = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !seen.iter().any(|e| e.r#type == "captured") {
+        assert!(std::time::Instant::now() < deadline, "no events: {seen:?}");
+        let r = h
+            .authorize(captured(paid(&p, &format!("ann-{}", paid_txs.len()), 700)))
+            .await;
+        assert!(r.captured, "{}", r.message);
+        paid_txs.push(r.transaction_id);
+        while let Ok(Ok(Some(e))) =
+            tokio::time::timeout(std::time::Duration::from_millis(300), stream.message()).await
+        {
+            seen.push(e);
+        }
+    }
+    let first = seen.iter().find(|e| e.r#type == "captured").unwrap();
+    let of_it: Vec<&str> = seen
+        .iter()
+        .filter(|e| e.transaction_id == first.transaction_id)
+        .map(|e| e.r#type.as_str())
+        .collect();
+    assert_eq!(of_it, ["authorized", "captured"]);
+    let authorized = seen
+        .iter()
+        .find(|e| e.transaction_id == first.transaction_id)
+        .unwrap();
+    assert_eq!(
+        (
+            authorized.amount,
+            authorized.payer_account.as_str(),
+            authorized.route.as_str()
+        ),
+        (700, "ann", "quote")
+    );
+
+    let refused = h
+        .authorize(captured(paid(&p, "ann-too-much", 1_000_000)))
+        .await;
+    assert_eq!(outcome(&refused), AuthorizeOutcome::InsufficientFunds);
+    let n = paid_txs.len() as u64;
+    // The recorder writes in call order and the fold folds in write order: once the
+    // refusal is counted, anything the recorder wrote for the payments is too.
+    let a = h
+        .wait_for_analytics(|a| {
+            a.totals
+                .as_ref()
+                .is_some_and(|t| t.refused == 1 && t.captures == n)
+        })
+        .await;
+    let t = a.totals.unwrap();
+    assert_eq!((t.requests, t.paid, t.revenue), (n + 1, n, 700 * n));
+    assert_eq!(a.top_payers[0].spent, 700 * n);
+    let mut written: Vec<String> = sqlx::query_scalar("SELECT event FROM events_written")
+        .fetch_all(&h.pool)
+        .await
+        .unwrap();
+    written.sort();
+    let mut expected = vec!["debited".to_owned(); paid_txs.len()];
+    expected.push("refused".to_owned());
+    assert_eq!(
+        written, expected,
+        "one event per payment, one for the refusal"
+    );
+    h.assert_clean().await;
+}

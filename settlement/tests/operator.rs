@@ -58,7 +58,9 @@ async fn the_platform_fee_is_split_at_capture_and_reported() {
         (10_001, 250, 200, 1200)
     );
 
-    let a = wait_for_analytics(&h, |a| a.totals.as_ref().is_some_and(|t| t.captures == 1)).await;
+    let a = h
+        .wait_for_analytics(|a| a.totals.as_ref().is_some_and(|t| t.captures == 1))
+        .await;
     let route = &a.routes[0];
     assert_eq!(
         (route.revenue, route.fees, route.net_revenue),
@@ -577,32 +579,6 @@ async fn tokens_guard_both_apis_when_set() {
         .unwrap();
 }
 
-async fn wait_for_analytics(
-    h: &Harness,
-    ready: impl Fn(&AnalyticsResponse) -> bool,
-) -> AnalyticsResponse {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let a =
-            h.op.clone()
-                .get_analytics(AnalyticsRequest {
-                    bucket: AnalyticsBucket::Minute as i32,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-        if ready(&a) {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "analytics never became ready: {a:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn watch_streams_events_and_analytics_count_them() {
     let h = start().await;
@@ -687,12 +663,13 @@ async fn watch_streams_events_and_analytics_count_them() {
     let refused = h.authorize(paid(&p, "w-too-much", 10_000_000)).await;
     assert_eq!(outcome(&refused), AuthorizeOutcome::InsufficientFunds);
     let n = paid_txs.len() as u64;
-    let a = wait_for_analytics(&h, |a| {
-        a.totals
-            .as_ref()
-            .is_some_and(|t| t.captures == n && t.requests == n + 1)
-    })
-    .await;
+    let a = h
+        .wait_for_analytics(|a| {
+            a.totals
+                .as_ref()
+                .is_some_and(|t| t.captures == n && t.requests == n + 1)
+        })
+        .await;
     let t = a.totals.unwrap();
     assert_eq!((t.paid, t.refused), (n, 1));
     assert_eq!(t.revenue, 900 * n);

@@ -335,4 +335,32 @@ impl Harness {
     pub async fn balance_of(&self, account: &str) -> Balance {
         self.balance(account).await
     }
+
+    /// Per-minute analytics once `ready` says they are (polled for up to 20 s).
+    pub async fn wait_for_analytics(
+        &self,
+        ready: impl Fn(&AnalyticsResponse) -> bool,
+    ) -> AnalyticsResponse {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let a = self
+                .op
+                .clone()
+                .get_analytics(AnalyticsRequest {
+                    bucket: AnalyticsBucket::Minute as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if ready(&a) {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "analytics never became ready: {a:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }
