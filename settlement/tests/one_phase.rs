@@ -221,15 +221,7 @@ async fn a_payment_captured_at_authorize_counts_and_announces_once() {
     ] {
         sqlx::query(statement).execute(&h.pool).await.unwrap();
     }
-    let mut stream =
-        h.op.clone()
-            .watch(WatchRequest {
-                merchant: MERCHANT.into(),
-                payer_account: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    let mut stream = h.watch_merchant(MERCHANT).await;
     // The listener subscribes asynchronously: pay until the stream shows a payment.
     let mut seen: Vec<PaymentEvent> = Vec::new();
     let mut paid_txs = Vec::new();

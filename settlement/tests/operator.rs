@@ -584,15 +584,7 @@ async fn watch_streams_events_and_analytics_count_them() {
     let h = start().await;
     h.merchant(MERCHANT).await;
     let p = h.payer("wes", 1_000_000).await;
-    let mut stream =
-        h.op.clone()
-            .watch(WatchRequest {
-                merchant: MERCHANT.into(),
-                payer_account: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    let mut stream = h.watch_merchant(MERCHANT).await;
     // The listener subscribes asynchronously: keep paying until the stream sees events.
     let mut seen: Vec<PaymentEvent> = Vec::new();
     let mut paid_txs = Vec::new();

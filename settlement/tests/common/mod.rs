@@ -336,6 +336,19 @@ impl Harness {
         self.balance(account).await
     }
 
+    /// `Watch`'s stream of `merchant`'s payment events.
+    pub async fn watch_merchant(&self, merchant: &str) -> tonic::Streaming<PaymentEvent> {
+        self.op
+            .clone()
+            .watch(WatchRequest {
+                merchant: merchant.into(),
+                payer_account: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// Per-minute analytics once `ready` says they are (polled for up to 20 s).
     pub async fn wait_for_analytics(
         &self,
