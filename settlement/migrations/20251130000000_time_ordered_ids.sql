@@ -1,6 +1,6 @@
--- Ids that grow with time. A paid request inserts rows keyed by its transfer id into
--- five indexes (the transfer's primary key and (id, amount), its capture's, its
--- refund-cap row's, the capture's one-resolution entry). Random ids sent each of
+-- Ids that grow with time. A one-phase payment inserts six index entries keyed by a
+-- transfer id (the hold's primary key and (id, amount), the capture's two, the
+-- refund-cap row's key, the capture's one-resolution entry). Random ids sent each of
 -- those inserts to a random leaf of a large index; ids that start with the time put
 -- them next to the previous ones, where the pages are already in memory. Measured on
 -- a ledger of 640,000 transfers: a one-phase payment's rows cost 100-108 us to insert
