@@ -155,6 +155,12 @@ impl Payers {
             .execute(pool)
             .await
             .context("vacuuming after the past payments")?;
+        // Write the history's pages out now, not in a checkpoint spread over the first
+        // rounds.
+        sqlx::query("CHECKPOINT")
+            .execute(pool)
+            .await
+            .context("checkpoint after the past payments")?;
         Ok(())
     }
 
