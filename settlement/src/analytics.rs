@@ -96,29 +96,35 @@ impl Cell {
         }
     }
 
+    /// A request that was paid for.
+    fn count_paid(&mut self) {
+        self.requests += 1;
+        self.paid += 1;
+    }
+
+    /// A capture's money (its upstream's status and time are the caller's).
+    fn count_capture(&mut self, e: &PendingEvent) {
+        self.captures += 1;
+        self.revenue += e.amount;
+        self.fees += e.fee;
+    }
+
     /// Counts one event.
     fn apply(&mut self, e: &PendingEvent) {
         match e.event.as_str() {
-            "authorized" => {
-                self.requests += 1;
-                self.paid += 1;
-            }
+            "authorized" => self.count_paid(),
             "refused" => {
                 self.requests += 1;
                 self.refused += 1;
             }
-            // A payment captured as it was authorized: both events in one.
+            // A payment captured as it was authorized: both events in one, with no
+            // upstream status or time (the response came later).
             "debited" => {
-                self.requests += 1;
-                self.paid += 1;
-                self.captures += 1;
-                self.revenue += e.amount;
-                self.fees += e.fee;
+                self.count_paid();
+                self.count_capture(e);
             }
             "captured" => {
-                self.captures += 1;
-                self.revenue += e.amount;
-                self.fees += e.fee;
+                self.count_capture(e);
                 if e.http_status.unwrap_or(0) >= 500 {
                     self.upstream_errors += 1;
                 }
