@@ -47,6 +47,8 @@ const PATH: &str = "/paid/bench";
 /// Path of the metered scenario: priced per token from the upstream's `x-usage-tokens`
 /// header (the demo upstream reports `n` tokens), so each request holds the maximum
 /// (1,000 tokens) and captures 250 tokens' worth.
+/// A path no route of the filter prices: the filter passes it to the upstream.
+const UNPRICED_PATH: &str = "/free/bench";
 const METERED_PATH: &str = "/metered/tokens/header?n=250";
 
 /// The filter config of the benchmark: the tests' default routes plus a route priced
@@ -147,8 +149,13 @@ fn sibling(name: &str) -> Result<PathBuf> {
 }
 
 fn get(port: u16) -> MakeRequest {
+    get_of(port, PATH)
+}
+
+/// A GET of `path` without a proof.
+fn get_of(port: u16, path: &'static str) -> MakeRequest {
     Arc::new(move || {
-        Ok(Request::get(PATH)
+        Ok(Request::get(path)
             .header("host", format!("127.0.0.1:{port}"))
             .body(Empty::<Bytes>::new())?)
     })
@@ -458,6 +465,15 @@ async fn main() -> Result<()> {
                 Scenario::Reject402 => {
                     Some(load::run(http_load(x402_port, 402, get(x402_port), None)).await?)
                 }
+                Scenario::Unpriced => Some(
+                    load::run(http_load(
+                        x402_port,
+                        200,
+                        get_of(x402_port, UNPRICED_PATH),
+                        None,
+                    ))
+                    .await?,
+                ),
                 Scenario::PaidFlat => Some(
                     load::run(http_load(
                         x402_port,

@@ -15,6 +15,7 @@ pub enum Scenario {
     BareProxy,
     DirectResponse,
     Reject402,
+    Unpriced,
     PaidFlat,
     PaidMetered,
     ExtAuthz,
@@ -27,10 +28,11 @@ pub enum Scenario {
 
 impl Scenario {
     /// The order of one round.
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::BareProxy,
         Scenario::DirectResponse,
         Scenario::Reject402,
+        Scenario::Unpriced,
         Scenario::PaidFlat,
         Scenario::PaidMetered,
         Scenario::ExtAuthz,
@@ -46,6 +48,7 @@ impl Scenario {
             Scenario::BareProxy => "1 bare Envoy proxy",
             Scenario::DirectResponse => "2 direct_response (402 size)",
             Scenario::Reject402 => "3 x402 402 reject",
+            Scenario::Unpriced => "3b x402 unpriced route (proxied)",
             Scenario::PaidFlat => "4 x402 paid flat",
             Scenario::PaidMetered => "5 x402 paid metered",
             Scenario::ExtAuthz => "6 ext_authz peer (paid)",
@@ -62,6 +65,7 @@ impl Scenario {
             Scenario::BareProxy => "bare_proxy",
             Scenario::DirectResponse => "direct_response",
             Scenario::Reject402 => "x402_reject",
+            Scenario::Unpriced => "x402_unpriced",
             Scenario::PaidFlat => "x402_paid_flat",
             Scenario::PaidMetered => "x402_paid_metered",
             Scenario::ExtAuthz => "ext_authz_peer",
@@ -79,6 +83,7 @@ impl Scenario {
             Scenario::BareProxy => &["envoy", "upstream", "load client"],
             Scenario::DirectResponse => &["envoy", "load client"],
             Scenario::Reject402 => &["envoy+x402", "load client"],
+            Scenario::Unpriced => &["envoy+x402", "upstream", "load client"],
             Scenario::PaidFlat | Scenario::PaidMetered => &[
                 "envoy+x402",
                 "upstream",
