@@ -632,34 +632,8 @@ pub extern "C" fn proxy_on_response_trailers(context_id: u32, _num_trailers: usi
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_log(context_id: u32) {
-    with_vm((), |vm, host| vm.on_log(host, context_id));
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_on_done(_context_id: u32) -> u32 {
-    1
-}
-
-#[no_mangle]
 pub extern "C" fn proxy_on_delete(context_id: u32) {
     with_vm((), |vm, host| vm.on_delete(host, context_id));
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_on_grpc_receive_initial_metadata(
-    _context_id: u32,
-    _token: u32,
-    _headers: u32,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(
-    _context_id: u32,
-    _token: u32,
-    _trailers: u32,
-) {
 }
 
 #[no_mangle]

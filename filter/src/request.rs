@@ -107,7 +107,7 @@ pub enum Event {
         end_of_stream: bool,
         now_nanos: u64,
     },
-    /// The stream is over (access-log time): resolve whatever is held.
+    /// The stream is over (its context is deleted): resolve whatever is held.
     StreamEnd,
 }
 

@@ -143,7 +143,6 @@ fn trailers(vm: &mut Vm, host: &mut FakeHost, ctx: u32, grpc_status: &str) {
 
 fn end(vm: &mut Vm, host: &mut FakeHost, ctx: u32) {
     host.effective = ctx;
-    vm.on_log(host, ctx);
     vm.on_delete(host, ctx);
 }
 

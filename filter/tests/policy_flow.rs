@@ -88,7 +88,6 @@ impl Workers {
         self.host.effective = ctx;
         let vm = &mut self.vms[(ctx % 2) as usize];
         vm.on_response_headers(&mut self.host, ctx, true);
-        vm.on_log(&mut self.host, ctx);
         vm.on_delete(&mut self.host, ctx);
     }
 

@@ -92,7 +92,6 @@ impl Harness {
 
     fn end(&mut self, ctx: u32) {
         self.host.effective = ctx;
-        self.vm.on_log(&mut self.host, ctx);
         self.vm.on_delete(&mut self.host, ctx);
     }
 
