@@ -42,13 +42,14 @@ use crate::payers::{requirements, Payers, PRICE};
 use crate::procfs::Tracked;
 use crate::report::{Report, RoundResult, Scenario};
 
-/// Path every HTTP scenario requests (priced at [`PRICE`] in the filter config).
+/// Path of the bare proxy, 402, paid flat and ext_authz scenarios (priced at [`PRICE`] in the
+/// filter config).
 const PATH: &str = "/paid/bench";
+/// A path no route of the filter prices: the filter passes it to the upstream.
+const UNPRICED_PATH: &str = "/free/bench";
 /// Path of the metered scenario: priced per token from the upstream's `x-usage-tokens`
 /// header (the demo upstream reports `n` tokens), so each request holds the maximum
 /// (1,000 tokens) and captures 250 tokens' worth.
-/// A path no route of the filter prices: the filter passes it to the upstream.
-const UNPRICED_PATH: &str = "/free/bench";
 const METERED_PATH: &str = "/metered/tokens/header?n=250";
 
 /// The filter config of the benchmark: the tests' default routes plus a route priced
