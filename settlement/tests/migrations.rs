@@ -185,10 +185,13 @@ async fn transfer_ids_sort_in_the_order_they_were_made() {
         .execute(&pool)
         .await
         .unwrap();
-    let before_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let before_ms = now_ms();
     let mut ids = Vec::new();
     for i in 0..6 {
         // One statement per millisecond or more, each inserting three rows.
@@ -205,10 +208,7 @@ async fn transfer_ids_sort_in_the_order_they_were_made() {
         .unwrap();
         ids.push(made);
     }
-    let after_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
+    let after_ms = now_ms();
     for (earlier, later) in ids.iter().zip(ids.iter().skip(1)) {
         let newest_earlier = earlier.iter().max().unwrap();
         let oldest_later = later.iter().min().unwrap();
