@@ -18,8 +18,15 @@
 //! running, so there every receipt must be captured. The counts of 200/402/503 are
 //! printed.
 //!
-//! `faults_short` is part of `make test`; `faults_long` (ignored) is what `make faults`
-//! runs: more payers, longer phases, every fault several times.
+//! Exact prices are captured as they are authorized by default (`one_phase_exact`), so
+//! a paid response then owes no capture; every run is therefore made twice, once that
+//! way and once with the payment held and captured after the response, where each paid
+//! response leaves a capture to send through the fault (retries, the journal a crashed
+//! VM leaves, hold expiry).
+//!
+//! `faults_short` and `faults_short_two_phase` are part of `make test`; `faults_long`
+//! (ignored) is what `make faults` runs: more payers, longer phases, every fault several
+//! times, in both modes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -61,7 +68,16 @@ const CRASH_AFTER: Duration = Duration::from_secs(20);
 /// test-only switch); the `crash_vm` fault sends it.
 const CRASH_HEADER: &str = "x-debug-crash";
 
-fn filter_config() -> String {
+/// How the filter settles the route's exact price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Captured in settlement's write that places the hold (`one_phase_exact`).
+    OnePhase,
+    /// Held, then captured after the response.
+    TwoPhase,
+}
+
+fn filter_config(mode: Mode) -> String {
     serde_json::json!({
         "settlement_cluster": "settlement",
         "settlement_timeout_ms": CALLOUT_TIMEOUT_MS,
@@ -75,6 +91,7 @@ fn filter_config() -> String {
         "capture_below_status": 500,
         "verify_signatures_in_filter": false,
         "debug_crash_on_header": CRASH_HEADER,
+        "one_phase_exact": mode == Mode::OnePhase,
         "routes": [
             { "name": "quote", "match": { "path_prefix": "/paid" }, "price": "0.01" }
         ]
@@ -212,7 +229,7 @@ struct World {
 }
 
 impl World {
-    async fn start(payers: usize) -> World {
+    async fn start(payers: usize, mode: Mode) -> World {
         let pg = tokio::task::spawn_blocking(TestPostgres::start)
             .await
             .unwrap()
@@ -225,7 +242,8 @@ impl World {
             .unwrap();
         let proxy = StallProxy::start(settlement.port()).await;
         let upstream = Upstream::start().unwrap();
-        let mut envoy_options = EnvoyOptions::new(upstream.port(), proxy.port, &filter_config());
+        let mut envoy_options =
+            EnvoyOptions::new(upstream.port(), proxy.port, &filter_config(mode));
         envoy_options.concurrency = 2;
         let envoy = Envoy::start(envoy_options.clone()).await.unwrap();
         envoy_options.listen_port = envoy.listen_port();
@@ -576,8 +594,15 @@ async fn expired_receipts(world: &World, seen: &Seen) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
-async fn run(faults: &[Fault], payers: usize, rounds: usize, warm: Duration, after: Duration) {
-    let mut world = World::start(payers).await;
+async fn run(
+    mode: Mode,
+    faults: &[Fault],
+    payers: usize,
+    rounds: usize,
+    warm: Duration,
+    after: Duration,
+) {
+    let mut world = World::start(payers, mode).await;
     let mut uncaptured = Vec::new();
     let mut lines = Vec::new();
     let mut total = Counts::default();
@@ -621,7 +646,7 @@ async fn run(faults: &[Fault], payers: usize, rounds: usize, warm: Duration, aft
             if let Some(n) = world.envoy_counter("x402_captures_recovered").await {
                 line.push_str(&format!("  captures-recovered-so-far {n}"));
             }
-            eprintln!("round {round}: {line}");
+            eprintln!("{mode:?} round {round}: {line}");
             lines.push(line);
             total.requests += c.requests;
             for (s, n) in &c.statuses {
@@ -636,7 +661,7 @@ async fn run(faults: &[Fault], payers: usize, rounds: usize, warm: Duration, aft
         .unwrap();
     assert!(final_report.is_clean(), "{}", final_report.to_text());
     eprintln!(
-        "fault run: {} payers, {} faults survived, {} requests, statuses {:?}, no-connection {}, hangs 0, slowest {} ms; checker: {}",
+        "{mode:?} fault run: {} payers, {} faults survived, {} requests, statuses {:?}, no-connection {}, hangs 0, slowest {} ms; checker: {}",
         payers,
         rounds * faults.len(),
         total.requests,
@@ -653,23 +678,38 @@ async fn run(faults: &[Fault], payers: usize, rounds: usize, warm: Duration, aft
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn faults_short() {
-    let faults = [
-        Fault::KillSettlement,
-        Fault::RestartPostgres,
-        Fault::RestartEnvoy,
-        Fault::SlowSettlement,
-        Fault::CrashVm,
-    ];
+const ALL_FAULTS: [Fault; 5] = [
+    Fault::KillSettlement,
+    Fault::RestartPostgres,
+    Fault::RestartEnvoy,
+    Fault::SlowSettlement,
+    Fault::CrashVm,
+];
+
+/// The two short runs one after the other: each alone already loads a 2-core machine.
+static ONE_RUN_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn short_run(mode: Mode) {
+    let _alone = ONE_RUN_AT_A_TIME.lock().await;
     run(
-        &faults,
+        mode,
+        &ALL_FAULTS,
         6,
         1,
         Duration::from_secs(4),
         Duration::from_secs(12),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_short() {
+    short_run(Mode::OnePhase).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_short_two_phase() {
+    short_run(Mode::TwoPhase).await;
 }
 
 /// `make faults`: more payers, longer phases, every fault three times.
@@ -680,19 +720,15 @@ async fn faults_long() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let faults = [
-        Fault::KillSettlement,
-        Fault::RestartPostgres,
-        Fault::RestartEnvoy,
-        Fault::SlowSettlement,
-        Fault::CrashVm,
-    ];
-    run(
-        &faults,
-        24,
-        rounds,
-        Duration::from_secs(15),
-        Duration::from_secs(20),
-    )
-    .await;
+    for mode in [Mode::OnePhase, Mode::TwoPhase] {
+        run(
+            mode,
+            &ALL_FAULTS,
+            24,
+            rounds,
+            Duration::from_secs(15),
+            Duration::from_secs(20),
+        )
+        .await;
+    }
 }
