@@ -5,8 +5,10 @@
 //! A VM that traps loses its memory, and `FAIL_RELOAD` starts a new, empty one; captures
 //! still queued (or waiting for a retry, or in flight) would be lost and their holds
 //! would expire, so the merchant would not be paid for responses the clients saw as
-//! paid. Envoy's shared data lives outside the VMs and outlives a reload, so each VM
-//! keeps there:
+//! paid. The same goes for a configuration Envoy replaces (new prices through LDS or
+//! ECDS): once its last request is gone, its root context is deleted with whatever it
+//! still owes. Envoy's shared data lives outside the VMs and outlives a reload, so each
+//! VM (each configuration in it) keeps there:
 //!
 //! - `<registry>`: the ids of the VMs that keep a journal (comma-separated);
 //! - `<registry>.<id>`: the captures that VM has not had answered yet ([`encode`]),

@@ -143,7 +143,7 @@ impl Vm {
         host.log(
             LogLevel::Warn,
             &format!(
-                "took over {} capture(s) of a filter VM that stopped before sending them",
+                "took over {} capture(s) of a stopped filter VM or replaced configuration",
                 recovered.len()
             ),
         );
@@ -534,8 +534,20 @@ impl Vm {
                 // Also sends captures that were waiting for this request to finish.
                 self.flush(host, request.root_id, request.root_id);
             }
-        } else {
-            self.plugins.remove(&context_id);
+        } else if let Some(plugin) = self.plugins.remove(&context_id) {
+            // A configuration replaced (new prices through LDS or ECDS) or removed: Envoy
+            // deletes its root context once its last request is gone, cancelling its
+            // calls. What it still owes stays in its journal, which a plugin sending to
+            // the same settlement cluster takes over once the journal stops beating.
+            let owed = plugin.dispatcher.owed_captures().count();
+            if owed > 0 {
+                host.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "x402 filter: replaced configuration left {owed} capture(s) to its journal"
+                    ),
+                );
+            }
         }
     }
 

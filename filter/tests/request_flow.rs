@@ -909,6 +909,64 @@ fn captures_of_a_crashed_vm_are_sent_by_the_vm_that_replaces_it() {
     assert_eq!(other.host.counter("x402_captures_recovered"), 2);
 }
 
+/// New prices reach Envoy as a new plugin configuration (LDS or ECDS): a second root
+/// context in the same VM. The old one is deleted once its last request is gone, with
+/// Envoy cancelling its calls; the captures it still owed are sent by the new one.
+#[test]
+fn captures_owed_by_a_replaced_configuration_are_sent_by_the_new_one() {
+    const NEW_ROOT: u32 = ROOT + 100;
+    let mut h = Harness::new(false);
+    h.request(
+        2,
+        "GET",
+        "/paid/quote",
+        Some(header(&payload("GET", "/paid/quote", 2))),
+    );
+    let (token, _, _, body) = h.last_grpc();
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    h.grpc_ok(token, authorized(&request, "tx-2-"));
+    h.respond(2, 200, true);
+    h.end(2);
+    // The capture's call fails (settlement unreachable): it is owed, waiting for a resend.
+    let (token, context, method, _) = h.last_grpc();
+    assert_eq!((context, method.as_str()), (ROOT, "Capture"));
+    h.vm.on_grpc_result(&mut h.host, token, Err(14));
+
+    // The new configuration doubles the quote's price.
+    let repriced = config(false).replace("\"0.01\"", "\"0.02\"");
+    h.vm.on_context_create(NEW_ROOT, 0);
+    assert!(h
+        .vm
+        .on_configure(&mut h.host, NEW_ROOT, repriced.as_bytes()));
+    h.vm.on_delete(&mut h.host, ROOT);
+    assert!(
+        h.host
+            .logs
+            .borrow()
+            .iter()
+            .any(|l| l.contains("replaced configuration left 1 capture(s) to its journal")),
+        "{:?}",
+        h.host.logs.borrow()
+    );
+    let sent = h.host.grpc_calls().len();
+    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS / 2;
+    h.vm.on_tick(&mut h.host, NEW_ROOT);
+    assert_eq!(h.host.grpc_calls().len(), sent, "taken over too early");
+
+    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS;
+    h.vm.on_tick(&mut h.host, NEW_ROOT);
+    let (_, context, method, body) = h.last_grpc();
+    assert_eq!((context, method.as_str()), (NEW_ROOT, "Capture"));
+    let items = CaptureRequest::decode(body.as_slice()).unwrap().items;
+    let captured: Vec<(&str, u64)> = items
+        .iter()
+        .map(|i| (i.transaction_id.as_str(), i.amount))
+        .collect();
+    // At the price the client was charged under, not the new one.
+    assert_eq!(captured, [("tx-2-0", 10_000)]);
+    assert_eq!(h.host.counter("x402_captures_recovered"), 1);
+}
+
 #[test]
 fn captured_revenue_is_counted() {
     let mut h = Harness::new(false);

@@ -37,6 +37,10 @@ pub struct EnvoyOptions {
     /// HTTP filters (JSON objects, as in Envoy's `http_filters`) placed before x402,
     /// e.g. `jwt_authn` to put verified JWT claims in dynamic metadata.
     pub filters_before_x402: Vec<serde_json::Value>,
+    /// Serve the listener through LDS from a watched file, as a control plane would,
+    /// so [`Envoy::reconfigure`] can replace it (new filter configuration) while Envoy
+    /// runs. Listeners replaced this way drain for `--drain-time-s 1`.
+    pub listener_from_file: bool,
 }
 
 impl EnvoyOptions {
@@ -51,6 +55,7 @@ impl EnvoyOptions {
             concurrency: 1,
             log_level: std::env::var("X402_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             filters_before_x402: Vec::new(),
+            listener_from_file: false,
         }
     }
 }
@@ -102,6 +107,81 @@ fn insert_filters_before_x402(config: &str, filters: &[serde_json::Value]) -> Re
     Ok(config.replacen(line, &entries.join("\n"), 1))
 }
 
+/// The template rendered for `options`, whose ports are chosen already.
+fn render(options: &EnvoyOptions) -> Result<String> {
+    let wasm = paths::filter_wasm()?;
+    let template_path = paths::envoy_template()?;
+    let template = std::fs::read_to_string(&template_path)
+        .with_context(|| format!("reading {}", template_path.display()))?
+        .replace(
+            "${GRPC_UPSTREAM_PORT}",
+            &options
+                .grpc_upstream_port
+                .unwrap_or(options.upstream_port)
+                .to_string(),
+        );
+    let config = render_template(
+        &template,
+        options.listen_port,
+        options.admin_port,
+        options.upstream_port,
+        options.settlement_port,
+        &wasm,
+        &options.filter_config,
+    )?;
+    insert_filters_before_x402(&config, &options.filters_before_x402)
+}
+
+/// Splits a rendered config into a bootstrap that reads its listeners from
+/// `listeners_path` (LDS over a watched file) and that file's contents: the template's
+/// `static_resources.listeners` entries, as the resources of a discovery response.
+fn split_listeners(config: &str, listeners_path: &Path) -> Result<(String, String)> {
+    const LISTENERS: &str = "\n  listeners:\n";
+    const CLUSTERS: &str = "\n  clusters:\n";
+    const FIRST: &str = "    - name: ";
+    let (Some(start), Some(end)) = (config.find(LISTENERS), config.find(CLUSTERS)) else {
+        bail!(
+            "the Envoy template has no `listeners:` followed by `clusters:` under static_resources"
+        );
+    };
+    let block = config
+        .get(start + LISTENERS.len()..end)
+        .context("the listeners come after the clusters in the Envoy template")?;
+    if !block.starts_with(FIRST) {
+        bail!("the Envoy template's first listener does not start with `{FIRST}`");
+    }
+    // The same list items, each a typed resource.
+    let mut listeners = String::from("resources:\n");
+    for line in block.lines() {
+        match line.strip_prefix(FIRST) {
+            Some(name) => listeners.push_str(&format!(
+                "    - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n      name: {name}\n"
+            )),
+            None => {
+                listeners.push_str(line);
+                listeners.push('\n');
+            }
+        }
+    }
+    let path = serde_json::to_string(&listeners_path.display().to_string())?;
+    let bootstrap = format!(
+        "{}\n{}\nnode: {{ id: x402-test, cluster: x402-test }}\n\
+         dynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    \
+         path_config_source: {{ path: {path} }}\n",
+        &config[..start],
+        &config[end..].trim_start_matches('\n'),
+    );
+    Ok((bootstrap, listeners))
+}
+
+/// Writes `contents` to `path` the way Envoy's file watch expects: a new file renamed
+/// over the old one.
+fn replace_file(path: &Path, contents: &str) -> Result<()> {
+    let staged = path.with_extension("next");
+    std::fs::write(&staged, contents).with_context(|| format!("writing {}", staged.display()))?;
+    std::fs::rename(&staged, path).with_context(|| format!("renaming onto {}", path.display()))
+}
+
 fn unique_base_id() -> u32 {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     // Distinct per process and per instance; Envoy multiplies it internally, keep it small.
@@ -113,6 +193,10 @@ pub struct Envoy {
     listen_port: u16,
     admin_port: u16,
     config_path: PathBuf,
+    /// The LDS file when `options.listener_from_file`.
+    listeners_path: PathBuf,
+    /// What the running config was rendered from (ports filled in).
+    options: EnvoyOptions,
     /// Holds the rendered config and the log.
     _dir: ScratchDir,
 }
@@ -139,42 +223,27 @@ impl Envoy {
 
     async fn start_once(options: &EnvoyOptions) -> Result<Envoy> {
         let envoy = paths::envoy_bin()?;
-        let wasm = paths::filter_wasm()?;
-        let template_path = paths::envoy_template()?;
-        let template = std::fs::read_to_string(&template_path)
-            .with_context(|| format!("reading {}", template_path.display()))?
-            .replace(
-                "${GRPC_UPSTREAM_PORT}",
-                &options
-                    .grpc_upstream_port
-                    .unwrap_or(options.upstream_port)
-                    .to_string(),
-            );
-        let listen_port = if options.listen_port == 0 {
-            free_port()?
-        } else {
-            options.listen_port
-        };
-        let admin_port = if options.admin_port == 0 {
-            free_port()?
-        } else {
-            options.admin_port
-        };
-        let config = render_template(
-            &template,
-            listen_port,
-            admin_port,
-            options.upstream_port,
-            options.settlement_port,
-            &wasm,
-            &options.filter_config,
-        )?;
-        let config = insert_filters_before_x402(&config, &options.filters_before_x402)?;
+        let mut options = options.clone();
+        if options.listen_port == 0 {
+            options.listen_port = free_port()?;
+        }
+        if options.admin_port == 0 {
+            options.admin_port = free_port()?;
+        }
+        let config = render(&options)?;
         let dir = ScratchDir::new("envoy")?;
         let config_path = dir.path().join("envoy.yaml");
-        std::fs::write(&config_path, config)?;
+        let listeners_path = dir.path().join("listeners.yaml");
         let log = dir.path().join("envoy.log");
         let mut cmd = Command::new(&envoy);
+        if options.listener_from_file {
+            let (bootstrap, listeners) = split_listeners(&config, &listeners_path)?;
+            std::fs::write(&listeners_path, listeners)?;
+            std::fs::write(&config_path, bootstrap)?;
+            cmd.arg("--drain-time-s").arg("1");
+        } else {
+            std::fs::write(&config_path, config)?;
+        }
         cmd.arg("-c")
             .arg(&config_path)
             .arg("--concurrency")
@@ -189,13 +258,74 @@ impl Envoy {
         let child = ChildGuard::spawn("envoy", cmd, &log)?;
         let mut envoy = Envoy {
             child,
-            listen_port,
-            admin_port,
+            listen_port: options.listen_port,
+            admin_port: options.admin_port,
             config_path,
+            listeners_path,
+            options,
             _dir: dir,
         };
         envoy.wait_ready().await?;
         Ok(envoy)
+    }
+
+    /// Replaces the listener with one whose x402 filter has `filter_config`, as a
+    /// control plane pushing new prices would (LDS; needs `listener_from_file`), and
+    /// returns once Envoy has taken the update. Requests already in progress finish on
+    /// the old listener, which then drains.
+    pub async fn reconfigure(&mut self, filter_config: &str) -> Result<()> {
+        if !self.options.listener_from_file {
+            bail!("reconfigure needs an Envoy started with listener_from_file");
+        }
+        let mut options = self.options.clone();
+        options.filter_config = filter_config.to_owned();
+        let (_, listeners) = split_listeners(&render(&options)?, &self.listeners_path)?;
+        let before = self.counter("listener_manager.lds.update_success").await?;
+        replace_file(&self.listeners_path, &listeners)?;
+        let start = Instant::now();
+        loop {
+            let rejected = self.counter("listener_manager.lds.update_rejected").await?;
+            if rejected > 0 {
+                bail!(
+                    "Envoy rejected the new listener; log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            if self.counter("listener_manager.lds.update_success").await? > before {
+                break;
+            }
+            if start.elapsed() > READY_LIMIT {
+                bail!(
+                    "Envoy did not take the new listener within {READY_LIMIT:?}; log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.options = options;
+        self.wait_ready().await
+    }
+
+    /// A counter or gauge from the admin `/stats` endpoint (0 when Envoy has none yet).
+    pub async fn counter(&self, name: &str) -> Result<u64> {
+        let url = format!(
+            "http://127.0.0.1:{}/stats?format=json&filter={name}",
+            self.admin_port
+        );
+        let body: serde_json::Value = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?
+            .get(&url)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let value = body["stats"]
+            .as_array()
+            .and_then(|stats| stats.iter().find(|s| s["name"] == name))
+            .and_then(|s| s["value"].as_u64());
+        Ok(value.unwrap_or(0))
     }
 
     async fn wait_ready(&mut self) -> Result<()> {
@@ -291,6 +421,26 @@ mod tests {
             out,
             "port: 1/2/3/4\nwasm: /x/f.wasm\ncfg: '{\"description\":\"it''s\"}'\n"
         );
+    }
+
+    #[test]
+    fn listeners_split_off_into_a_discovery_file_keep_every_line() {
+        let config = "admin: {}\n\nstatic_resources:\n  listeners:\n    - name: a\n      port: 1\n    - name: b\n      filters:\n        - name: f\n\n  clusters:\n    - name: c\n";
+        let (bootstrap, listeners) = split_listeners(config, Path::new("/d/l.yaml")).unwrap();
+        assert_eq!(
+            listeners,
+            "resources:\n\
+             \x20   - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n      name: a\n      port: 1\n\
+             \x20   - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n      name: b\n      filters:\n        - name: f\n"
+        );
+        assert_eq!(
+            bootstrap,
+            "admin: {}\n\nstatic_resources:\n  clusters:\n    - name: c\n\n\
+             node: { id: x402-test, cluster: x402-test }\n\
+             dynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    \
+             path_config_source: { path: \"/d/l.yaml\" }\n"
+        );
+        assert!(split_listeners("static_resources:\n  clusters:\n", Path::new("/l")).is_err());
     }
 
     #[test]
