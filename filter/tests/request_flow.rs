@@ -916,15 +916,7 @@ fn captures_of_a_crashed_vm_are_sent_by_the_vm_that_replaces_it() {
 fn captures_owed_by_a_replaced_configuration_are_sent_by_the_new_one() {
     const NEW_ROOT: u32 = ROOT + 100;
     let mut h = Harness::new(false);
-    h.request(
-        2,
-        "GET",
-        "/paid/quote",
-        Some(header(&payload("GET", "/paid/quote", 2))),
-    );
-    let (token, _, _, body) = h.last_grpc();
-    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
-    h.grpc_ok(token, authorized(&request, "tx-2-"));
+    paid_request(&mut h, 2);
     h.respond(2, 200, true);
     h.end(2);
     // The capture's call fails (settlement unreachable): it is owed, waiting for a resend.
@@ -963,7 +955,7 @@ fn captures_owed_by_a_replaced_configuration_are_sent_by_the_new_one() {
         .map(|i| (i.transaction_id.as_str(), i.amount))
         .collect();
     // At the price the client was charged under, not the new one.
-    assert_eq!(captured, [("tx-2-0", 10_000)]);
+    assert_eq!(captured, [("tx-0", 10_000)]);
     assert_eq!(h.host.counter("x402_captures_recovered"), 1);
 }
 

@@ -235,8 +235,7 @@ impl Stack {
         }
     }
 
-    /// A paying client for `key` with no budget limit.
-    /// A paying client that sends at most one proof per request, so a test sees each
+    /// A paying client for `key` with no budget limit that sends at most one proof per request, so a test sees each
     /// upstream answer as it is (the library's default retries a 5xx with a new proof).
     pub fn client(&self, key: &PayerKey) -> Result<Client> {
         Ok(
@@ -255,6 +254,44 @@ impl Stack {
             .client(key)?
             .request(Method::GET, self.parsed_url(path)?, HeaderMap::new(), None)
             .await?)
+    }
+
+    /// Pays for `path`, whose upstream answers slowly (e.g. `delay_ms=2000`), and stops
+    /// settlement once the request has reached the upstream: the payment is held, and
+    /// the capture due at the end of the response cannot be sent, so the filter is left
+    /// owing it (for an exact price only when it is not captured at authorize,
+    /// `one_phase_exact: false`). Returns the client's answer.
+    pub async fn pay_leaving_capture_owed(
+        &mut self,
+        key: &PayerKey,
+        path: &str,
+        limit: Duration,
+    ) -> Result<PaidResponse> {
+        let prefix = path.split('?').next().unwrap_or(path);
+        let before = self.upstream.served().count_path_prefix(prefix);
+        let client = self.client(key)?;
+        let url = self.parsed_url(path)?;
+        let paying = tokio::spawn(async move {
+            client
+                .request(Method::GET, url, HeaderMap::new(), None)
+                .await
+        });
+        let started = Instant::now();
+        while self.upstream.served().count_path_prefix(prefix) == before {
+            if started.elapsed() > limit {
+                paying.abort();
+                bail!(
+                    "the paid request did not reach the upstream within {limit:?}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.settlement.stop();
+        let Ok(answer) = tokio::time::timeout(limit, paying).await else {
+            bail!("the paid request hung\n{}", self.logs());
+        };
+        Ok(answer??)
     }
 
     /// The requirements the default config offers for `price`.

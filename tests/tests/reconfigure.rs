@@ -65,30 +65,9 @@ async fn new_prices_apply_at_once_and_captures_owed_under_the_old_ones_are_sent(
     // A paid request under the old price whose capture is still owed when the
     // configuration goes: settlement stops while the request is upstream, so the
     // capture due at the end of the response waits in the old plugin for a resend.
-    let client = stack.client(&key).unwrap();
-    let url = stack
-        .parsed_url("/paid/quote?sym=ABC&delay_ms=2000")
-        .unwrap();
-    let paying = tokio::spawn(async move {
-        client
-            .request(
-                reqwest::Method::GET,
-                url,
-                reqwest::header::HeaderMap::new(),
-                None,
-            )
-            .await
-    });
-    let started = Instant::now();
-    while stack.upstream.served().count_path_prefix("/paid/quote") == 0 {
-        assert!(started.elapsed() < ANSWER_LIMIT, "{}", stack.logs());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stack.settlement.stop();
-    let answer = tokio::time::timeout(ANSWER_LIMIT, paying)
+    let answer = stack
+        .pay_leaving_capture_owed(&key, "/paid/quote?sym=ABC&delay_ms=2000", ANSWER_LIMIT)
         .await
-        .expect("the paid request hung")
-        .unwrap()
         .unwrap();
     assert_eq!(answer.status.as_u16(), 200, "{}", stack.logs());
     let old = receipt_of(&answer);

@@ -197,30 +197,10 @@ async fn a_capture_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
         .unwrap();
     let funds = 1_000_000;
     let (payer, key) = stack.new_payer(funds).await.unwrap();
-    let slow = "/paid/quote?sym=ABC&delay_ms=2000";
-    let client = stack.client(&key).unwrap();
-    let url = stack.parsed_url(slow).unwrap();
-    let paying = tokio::spawn(async move {
-        client
-            .request(
-                reqwest::Method::GET,
-                url,
-                reqwest::header::HeaderMap::new(),
-                None,
-            )
-            .await
-    });
-    // The request reached the upstream, so its hold exists: now settlement goes away.
-    let started = Instant::now();
-    while stack.upstream.served().count_path_prefix("/paid/quote") == 0 {
-        assert!(started.elapsed() < ANSWER_LIMIT, "{}", stack.logs());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stack.settlement.stop();
-    let answer = tokio::time::timeout(ANSWER_LIMIT, paying)
+    // Settlement goes away while the request is upstream.
+    let answer = stack
+        .pay_leaving_capture_owed(&key, "/paid/quote?sym=ABC&delay_ms=2000", ANSWER_LIMIT)
         .await
-        .expect("the paid request hung")
-        .unwrap()
         .unwrap();
     assert_eq!(answer.status.as_u16(), 200, "{}", stack.logs());
     let receipt = answer.receipt.expect("a paid 200 carries a receipt");
