@@ -217,42 +217,72 @@ async fn authorize_items(
     ledger: &Ledger,
     items: Vec<(CheckedAuthorize, Option<Instant>)>,
 ) -> Vec<Result<AuthorizeResult, Status>> {
-    let slots = match ledger.authorize_group(&items).await {
-        Ok(slots) => slots,
-        Err(e) => {
-            tracing::warn!(error = %e, "group transaction failed; its items run one by one");
-            items.iter().map(|_| Slot::Alone).collect()
-        }
-    };
+    let slots = or_alone(ledger.authorize_group(&items).await, items.len());
+    // An authorization whose caller has given up is not placed on its own either.
+    answer_items(items, slots, true, |item| {
+        let ledger = ledger.clone();
+        async move { ledger.authorize_hold(&item).await.map_err(Status::from) }
+    })
+    .await
+}
+
+async fn resolve_items(
+    ledger: &Ledger,
+    items: Vec<((String, Resolution), Option<Instant>)>,
+) -> Vec<Result<ResolveResult, Status>> {
+    let slots = or_alone(ledger.resolve_group(&items).await, items.len());
+    // Resolutions left to run on their own run even past their caller's deadline (a
+    // hold resolves once; a resend is answered ALREADY_RESOLVED).
+    answer_items(items, slots, false, |(id, resolution)| {
+        let ledger = ledger.clone();
+        async move { ledger.resolve(&id, &resolution).await.map_err(Status::from) }
+    })
+    .await
+}
+
+/// A group's slots, or every item on its own when the group transaction failed.
+fn or_alone<R, E: std::fmt::Display>(group: Result<Vec<Slot<R>>, E>, n: usize) -> Vec<Slot<R>> {
+    group.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "group transaction failed; its items run one by one");
+        (0..n).map(|_| Slot::Alone).collect()
+    })
+}
+
+/// Most items of one group that run on their own at the same time.
+const ALONE_CONCURRENCY: usize = 8;
+
+/// Each item's answer: the group's where it decided, else `alone(item)` (at most
+/// [`ALONE_CONCURRENCY`] at once; skipped past its deadline when `late_stays_late`).
+async fn answer_items<I, R, F, Fut>(
+    items: Vec<(I, Option<Instant>)>,
+    slots: Vec<Slot<R>>,
+    late_stays_late: bool,
+    alone: F,
+) -> Vec<Result<R, Status>>
+where
+    R: Send + 'static,
+    F: Fn(I) -> Fut,
+    Fut: std::future::Future<Output = Result<R, Status>> + Send + 'static,
+{
     let limit = Arc::new(Semaphore::new(ALONE_CONCURRENCY));
     let mut pending = Vec::with_capacity(items.len());
     for ((item, deadline), slot) in items.into_iter().zip(slots) {
         pending.push(match slot {
             Slot::Done(r) => Answer::Ready(Ok(r)),
             Slot::Late => Answer::Ready(Err(deadline_exceeded())),
-            Slot::Alone if past(deadline) => Answer::Ready(Err(deadline_exceeded())),
+            Slot::Alone if late_stays_late && past(deadline) => {
+                Answer::Ready(Err(deadline_exceeded()))
+            }
             Slot::Alone => {
-                let ledger = ledger.clone();
                 let limit = limit.clone();
+                let work = alone(item);
                 Answer::Running(tokio::spawn(async move {
                     let _permit = limit.acquire_owned().await;
-                    ledger.authorize_hold(&item).await.map_err(Status::from)
+                    work.await
                 }))
             }
         });
     }
-    collect(pending).await
-}
-
-/// Most items of one group that run on their own at the same time.
-const ALONE_CONCURRENCY: usize = 8;
-
-enum Answer<R> {
-    Ready(Result<R, Status>),
-    Running(tokio::task::JoinHandle<Result<R, Status>>),
-}
-
-async fn collect<R>(pending: Vec<Answer<R>>) -> Vec<Result<R, Status>> {
     let mut out = Vec::with_capacity(pending.len());
     for answer in pending {
         out.push(match answer {
@@ -266,34 +296,9 @@ async fn collect<R>(pending: Vec<Answer<R>>) -> Vec<Result<R, Status>> {
     out
 }
 
-async fn resolve_items(
-    ledger: &Ledger,
-    items: Vec<((String, Resolution), Option<Instant>)>,
-) -> Vec<Result<ResolveResult, Status>> {
-    let slots = match ledger.resolve_group(&items).await {
-        Ok(slots) => slots,
-        Err(e) => {
-            tracing::warn!(error = %e, "group transaction failed; its items run one by one");
-            items.iter().map(|_| Slot::Alone).collect()
-        }
-    };
-    let limit = Arc::new(Semaphore::new(ALONE_CONCURRENCY));
-    let mut pending = Vec::with_capacity(items.len());
-    for (((id, resolution), _), slot) in items.into_iter().zip(slots) {
-        pending.push(match slot {
-            Slot::Done(r) => Answer::Ready(Ok(r)),
-            Slot::Late => Answer::Ready(Err(deadline_exceeded())),
-            Slot::Alone => {
-                let ledger = ledger.clone();
-                let limit = limit.clone();
-                Answer::Running(tokio::spawn(async move {
-                    let _permit = limit.acquire_owned().await;
-                    ledger.resolve(&id, &resolution).await.map_err(Status::from)
-                }))
-            }
-        });
-    }
-    collect(pending).await
+enum Answer<R> {
+    Ready(Result<R, Status>),
+    Running(tokio::task::JoinHandle<Result<R, Status>>),
 }
 
 /// Accepted so far: what the group will write for one authorize item.
