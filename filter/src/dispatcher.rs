@@ -121,9 +121,10 @@ pub struct Dispatcher {
     in_flight: HashMap<u32, InFlight>,
     /// When each call in flight was started.
     started_nanos: HashMap<u32, u64>,
-    /// The captures owed to settlement changed since [`Dispatcher::take_captures_changed`]:
-    /// the VM's journal of them ([`crate::journal`]) is out of date.
-    captures_changed: bool,
+    /// The captures or voids owed to settlement changed since
+    /// [`Dispatcher::take_owed_changed`]: the VM's journal of them ([`crate::journal`])
+    /// is out of date.
+    owed_changed: bool,
     /// When the capture queue was first seen holding items since the last Capture call.
     captures_waiting_since: Option<u64>,
 }
@@ -149,7 +150,7 @@ impl Dispatcher {
     }
 
     pub fn capture(&mut self, item: CaptureItem) {
-        self.captures_changed = true;
+        self.owed_changed = true;
         self.capture_queue.push_back(Retryable {
             item,
             attempts: 0,
@@ -170,6 +171,7 @@ impl Dispatcher {
     }
 
     pub fn void(&mut self, item: VoidItem) {
+        self.owed_changed = true;
         self.void_queue.push_back(Retryable {
             item,
             attempts: 0,
@@ -190,9 +192,22 @@ impl Dispatcher {
             .map(|r| &r.item)
     }
 
-    /// Whether [`Dispatcher::owed_captures`] changed since the last call.
-    pub fn take_captures_changed(&mut self) -> bool {
-        std::mem::take(&mut self.captures_changed)
+    /// Voids not answered by settlement yet, like [`Dispatcher::owed_captures`].
+    pub fn owed_voids(&self) -> impl Iterator<Item = &VoidItem> {
+        self.in_flight
+            .values()
+            .flat_map(|f| match f {
+                InFlight::Void(batch) => batch.as_slice(),
+                _ => &[],
+            })
+            .chain(self.void_queue.iter())
+            .map(|r| &r.item)
+    }
+
+    /// Whether [`Dispatcher::owed_captures`] or [`Dispatcher::owed_voids`] changed
+    /// since the last call.
+    pub fn take_owed_changed(&mut self) -> bool {
+        std::mem::take(&mut self.owed_changed)
     }
 
     /// Records a call that went out.
@@ -402,7 +417,7 @@ impl Dispatcher {
                     .collect()
             }
             InFlight::Capture(batch) => {
-                self.captures_changed = true;
+                self.owed_changed = true;
                 match result.map(|body| CaptureResponse::decode(body.as_slice()).map(|r| r.results))
                 {
                     Ok(Ok(results)) => record_resolutions(host, metrics, &results),
@@ -411,6 +426,7 @@ impl Dispatcher {
                 Vec::new()
             }
             InFlight::Void(batch) => {
+                self.owed_changed = true;
                 match result.map(|body| VoidResponse::decode(body.as_slice()).map(|r| r.results)) {
                     Ok(Ok(results)) => record_resolutions(host, metrics, &results),
                     _ => requeue(host, &mut self.void_queue, batch, now, metrics),
@@ -531,10 +547,7 @@ fn requeue<T>(
         r.attempts += 1;
         if r.attempts >= MAX_RESOLVE_ATTEMPTS {
             metrics.add(host, Metric::ResolutionsDropped, 1);
-            host.log(
-                LogLevel::Error,
-                "giving up on a capture/void after retries; the hold will expire in settlement",
-            );
+            host.log(LogLevel::Error, "giving up on a capture/void after retries");
             continue;
         }
         let backoff = RETRY_BACKOFF_NANOS

@@ -1,5 +1,5 @@
-//! A copy, outside the VM, of the captures a VM still owes settlement, so that a VM
-//! that crashes does not take them with it.
+//! A copy, outside the VM, of the captures and voids a VM still owes settlement, so
+//! that a VM that crashes does not take them with it.
 //!
 //! A capture is queued when its response has ended: the client already holds a receipt.
 //! A VM that traps loses its memory, and `FAIL_RELOAD` starts a new, empty one; captures
@@ -11,8 +11,8 @@
 //! VM (each configuration in it) keeps there:
 //!
 //! - `<registry>`: the ids of the VMs that keep a journal (comma-separated);
-//! - `<registry>.<id>`: the captures that VM has not had answered yet ([`encode`]),
-//!   rewritten whenever that set changes;
+//! - `<registry>.<id>`: the captures and voids that VM has not had answered yet
+//!   ([`encode`]), rewritten whenever that set changes;
 //! - `<registry>.<id>.beat`: when that VM last ticked.
 //!
 //! On every tick a VM beats, and takes over the journal of any listed VM that has not
@@ -22,7 +22,7 @@
 //! settlement answers `ALREADY_RESOLVED` (a hold is resolved at most once), so no one
 //! is charged twice.
 
-use x402_proto::settlement::v1::CaptureItem;
+use x402_proto::settlement::v1::{CaptureItem, VoidItem};
 
 use crate::host::{Host, SharedDataError};
 
@@ -67,18 +67,23 @@ impl Journal {
         format!("{}.{id}.beat", self.registry)
     }
 
-    /// Records the captures this VM still owes (queued, waiting to be resent, or in
-    /// flight), replacing what was recorded before.
-    pub fn record<'a>(&self, host: &mut dyn Host, items: impl Iterator<Item = &'a CaptureItem>) {
-        let value = encode(items.take(MAX_JOURNALED));
+    /// Records the captures and voids this VM still owes (queued, waiting to be
+    /// resent, or in flight), replacing what was recorded before.
+    pub fn record<'a>(
+        &self,
+        host: &mut dyn Host,
+        captures: impl Iterator<Item = &'a CaptureItem>,
+        voids: impl Iterator<Item = &'a VoidItem>,
+    ) {
+        let value = encode(captures.take(MAX_JOURNALED), voids.take(MAX_JOURNALED));
         // A failed write leaves the previous copy: at worst a capture already answered
         // is sent again after a crash, which settlement answers ALREADY_RESOLVED.
         let _ = host.set_shared_data(&self.items_key(&self.id), &value, 0);
     }
 
-    /// Once per tick: says this VM is alive, keeps it listed, and returns the captures
-    /// of VMs that stopped ticking, which this VM now owes.
-    pub fn tick(&self, host: &mut dyn Host, now_nanos: u64) -> Vec<CaptureItem> {
+    /// Once per tick: says this VM is alive, keeps it listed, and returns what VMs
+    /// that stopped ticking owed, which this VM now owes.
+    pub fn tick(&self, host: &mut dyn Host, now_nanos: u64) -> Vec<Owed> {
         let _ = host.set_shared_data(&self.beat_key(&self.id), &now_nanos.to_le_bytes(), 0);
         let (listed, _) = self.update_registry(host, &|ids| {
             if ids.contains(&self.id) {
@@ -146,26 +151,58 @@ impl Journal {
     }
 }
 
-/// Captures as bytes: per item the amount, upstream time (u64) and HTTP status (u32),
-/// little-endian, then the transaction id's length (u16) and bytes. Smaller in the
-/// module than a second protobuf decoder.
-fn encode<'a>(items: impl Iterator<Item = &'a CaptureItem>) -> Vec<u8> {
+/// A call a VM owes settlement: a capture of a response the client saw as paid, or a
+/// void (a payment captured at authorize whose upstream failed is refunded by it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Owed {
+    Capture(CaptureItem),
+    Void(VoidItem),
+}
+
+/// The amount no capture can have; in the journal it marks a void, whose id field holds
+/// the transaction id, a NUL and the reason. A module from before voids were journaled
+/// reads such a record as a capture above its hold, which settlement refuses.
+const VOID_MARK: u64 = u64::MAX;
+
+/// Captures and voids as bytes: per item the amount, upstream time (u64) and HTTP
+/// status (u32), little-endian, then the transaction id's length (u16) and bytes.
+/// Smaller in the module than a second protobuf decoder.
+fn encode<'a>(
+    captures: impl Iterator<Item = &'a CaptureItem>,
+    voids: impl Iterator<Item = &'a VoidItem>,
+) -> Vec<u8> {
     let mut out = Vec::new();
-    for item in items {
-        let Ok(id_len) = u16::try_from(item.transaction_id.len()) else {
-            continue;
+    let mut push = |amount: u64, micros: u64, status: u32, id: &str| {
+        let Ok(id_len) = u16::try_from(id.len()) else {
+            return;
         };
-        out.extend_from_slice(&item.amount.to_le_bytes());
-        out.extend_from_slice(&item.upstream_micros.to_le_bytes());
-        out.extend_from_slice(&item.http_status.to_le_bytes());
+        out.extend_from_slice(&amount.to_le_bytes());
+        out.extend_from_slice(&micros.to_le_bytes());
+        out.extend_from_slice(&status.to_le_bytes());
         out.extend_from_slice(&id_len.to_le_bytes());
-        out.extend_from_slice(item.transaction_id.as_bytes());
+        out.extend_from_slice(id.as_bytes());
+    };
+    for c in captures {
+        push(
+            c.amount,
+            c.upstream_micros,
+            c.http_status,
+            &c.transaction_id,
+        );
+    }
+    for v in voids {
+        push(
+            VOID_MARK,
+            0,
+            0,
+            &format!("{}\0{}", v.transaction_id, v.reason),
+        );
     }
     out
 }
 
-/// The captures [`encode`] wrote; stops at anything that does not parse.
-fn decode(mut bytes: &[u8]) -> Vec<CaptureItem> {
+/// What [`encode`] wrote; stops at anything that does not parse.
+fn decode(mut bytes: &[u8]) -> Vec<Owed> {
     fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (head, rest) = bytes.split_at_checked(n)?;
         *bytes = rest;
@@ -182,11 +219,17 @@ fn decode(mut bytes: &[u8]) -> Vec<CaptureItem> {
             let http_status = u32::from_le_bytes(take(&mut bytes, 4)?.try_into().ok()?);
             let len = u16::from_le_bytes(take(&mut bytes, 2)?.try_into().ok()?);
             let id = std::str::from_utf8(take(&mut bytes, usize::from(len))?).ok()?;
-            Some(CaptureItem {
-                transaction_id: id.to_owned(),
-                amount,
-                upstream_micros,
-                http_status,
+            Some(match (amount, id.split_once('\0')) {
+                (VOID_MARK, Some((id, reason))) => Owed::Void(VoidItem {
+                    transaction_id: id.to_owned(),
+                    reason: reason.to_owned(),
+                }),
+                _ => Owed::Capture(CaptureItem {
+                    transaction_id: id.to_owned(),
+                    amount,
+                    upstream_micros,
+                    http_status,
+                }),
             })
         })();
         match item {
@@ -222,6 +265,10 @@ mod tests {
         }
     }
 
+    fn owed(ids: &[&str]) -> Vec<Owed> {
+        ids.iter().map(|id| Owed::Capture(capture(id))).collect()
+    }
+
     const REGISTRY: &str = "x402.capture_journals.settlement";
 
     fn journal(host: &mut FakeHost) -> Journal {
@@ -235,7 +282,7 @@ mod tests {
         let survivor = journal(&mut host);
         crashed.tick(&mut host, 0);
         survivor.tick(&mut host, 0);
-        crashed.record(&mut host, [capture("tx-1")].iter());
+        crashed.record(&mut host, [capture("tx-1")].iter(), std::iter::empty());
         (host, crashed, survivor)
     }
 
@@ -252,7 +299,11 @@ mod tests {
         assert_ne!(crashed.id(), first.id());
         let now = 100 * SECOND;
         assert!(crashed.tick(&mut host, now).is_empty());
-        crashed.record(&mut host, [capture("tx-1"), capture("tx-2")].iter());
+        crashed.record(
+            &mut host,
+            [capture("tx-1"), capture("tx-2")].iter(),
+            std::iter::empty(),
+        );
         assert!(first.tick(&mut host, now).is_empty());
         assert!(second.tick(&mut host, now).is_empty());
 
@@ -264,7 +315,7 @@ mod tests {
         // the other gets nothing, and the journal is not taken over again.
         let later = now + ORPHAN_AFTER_NANOS;
         let taken = first.tick(&mut host, later);
-        assert_eq!(taken, vec![capture("tx-1"), capture("tx-2")]);
+        assert_eq!(taken, owed(&["tx-1", "tx-2"]));
         assert!(second.tick(&mut host, later).is_empty());
         assert!(first.tick(&mut host, later + SECOND).is_empty());
         let listed = listed(&host);
@@ -279,10 +330,14 @@ mod tests {
         let crashed = journal(&mut host);
         let survivor = journal(&mut host);
         crashed.tick(&mut host, 0);
-        crashed.record(&mut host, [capture("tx-1"), capture("tx-2")].iter());
-        crashed.record(&mut host, [capture("tx-2")].iter());
+        crashed.record(
+            &mut host,
+            [capture("tx-1"), capture("tx-2")].iter(),
+            std::iter::empty(),
+        );
+        crashed.record(&mut host, [capture("tx-2")].iter(), std::iter::empty());
         let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
-        assert_eq!(taken, vec![capture("tx-2")]);
+        assert_eq!(taken, owed(&["tx-2"]));
     }
 
     #[test]
@@ -291,15 +346,15 @@ mod tests {
         let slow = journal(&mut host);
         let other = journal(&mut host);
         slow.tick(&mut host, 0);
-        slow.record(&mut host, [capture("tx-1")].iter());
+        slow.record(&mut host, [capture("tx-1")].iter(), std::iter::empty());
         assert_eq!(other.tick(&mut host, ORPHAN_AFTER_NANOS).len(), 1);
         // Its next tick lists it again; its later captures can be taken over again.
         slow.tick(&mut host, ORPHAN_AFTER_NANOS + 1);
-        slow.record(&mut host, [capture("tx-3")].iter());
+        slow.record(&mut host, [capture("tx-3")].iter(), std::iter::empty());
         assert!(other.tick(&mut host, ORPHAN_AFTER_NANOS + 2).is_empty());
         assert_eq!(
             other.tick(&mut host, 2 * ORPHAN_AFTER_NANOS + 1),
-            vec![capture("tx-3")]
+            owed(&["tx-3"])
         );
     }
 
@@ -324,13 +379,14 @@ mod tests {
         host.shared_data_broken = false;
         assert_eq!(
             survivor.tick(&mut host, ORPHAN_AFTER_NANOS),
-            vec![capture("tx-1")]
+            owed(&["tx-1"])
         );
     }
 
     #[test]
-    fn captures_read_back_as_written_and_garbage_reads_as_nothing() {
-        let items = vec![
+    fn captures_and_voids_read_back_as_written_and_garbage_reads_as_nothing() {
+        // The second capture's amount is the void mark, but its id has no NUL.
+        let items = [
             capture("tx-1"),
             CaptureItem {
                 transaction_id: "b5f7e1c2-0000-4000-8000-000000000000".into(),
@@ -339,10 +395,16 @@ mod tests {
                 http_status: 404,
             },
         ];
-        let bytes = encode(items.iter());
-        assert_eq!(decode(&bytes), items);
+        let voids = [VoidItem {
+            transaction_id: "tx-9".into(),
+            reason: "upstream_5xx".into(),
+        }];
+        let bytes = encode(items.iter(), voids.iter());
+        let mut all: Vec<Owed> = items.iter().cloned().map(Owed::Capture).collect();
+        all.push(Owed::Void(voids[0].clone()));
+        assert_eq!(decode(&bytes), all);
         // A truncated copy keeps the whole items before the cut.
-        assert_eq!(decode(&bytes[..bytes.len() - 1]), items[..1].to_vec());
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), all[..2].to_vec());
         assert!(decode(&[]).is_empty());
         assert!(decode(&[1, 2, 3]).is_empty());
     }
@@ -356,9 +418,9 @@ mod tests {
         let many: Vec<CaptureItem> = (0..MAX_JOURNALED + 10)
             .map(|i| capture(&format!("tx-{i}")))
             .collect();
-        crashed.record(&mut host, many.iter());
+        crashed.record(&mut host, many.iter(), std::iter::empty());
         let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
         assert_eq!(taken.len(), MAX_JOURNALED);
-        assert_eq!(taken[0], capture("tx-0"));
+        assert_eq!(taken[0], Owed::Capture(capture("tx-0")));
     }
 }

@@ -23,7 +23,8 @@ pub enum Metric {
     CalloutFailures,
     /// Captures or voids given up after their retries.
     ResolutionsDropped,
-    /// Captures taken over from a filter VM that stopped (crashed) before sending them.
+    /// Captures and voids taken over from a filter VM that stopped (crashed) or a
+    /// configuration that was replaced before sending them.
     CapturesRecovered,
     /// 429 answers: over a route's rate limit.
     RateLimited,

@@ -10,7 +10,7 @@ use x402_proto::wire::{HEADER_PAYMENT_SIGNATURE, HEADER_PAYMENT_SIGNATURE_ALIAS}
 use crate::config::Config;
 use crate::dispatcher::{Delivery, Dispatcher, Target};
 use crate::host::{Host, LogLevel};
-use crate::journal::Journal;
+use crate::journal::{Journal, Owed};
 use crate::metrics::{Metric, Metrics};
 use crate::request::{self, Effect, Event, RequestInfo, State};
 
@@ -142,22 +142,26 @@ impl Vm {
         }
         host.log(
             LogLevel::Warn,
-            &format!(
-                "took over {} capture(s) of a stopped filter VM or replaced configuration",
-                recovered.len()
-            ),
+            "took over captures or voids of a stopped filter VM or replaced configuration",
         );
         p.metrics.add(
             host,
             Metric::CapturesRecovered,
             u64::try_from(recovered.len()).unwrap_or(u64::MAX),
         );
-        for item in recovered {
-            p.dispatcher.capture(item);
+        for owed in recovered {
+            match owed {
+                Owed::Capture(item) => p.dispatcher.capture(item),
+                Owed::Void(item) => p.dispatcher.void(item),
+            }
         }
         // In this VM's journal at once: they are no longer in the one they came from.
-        p.dispatcher.take_captures_changed();
-        p.journal.record(host, p.dispatcher.owed_captures());
+        p.dispatcher.take_owed_changed();
+        p.journal.record(
+            host,
+            p.dispatcher.owed_captures(),
+            p.dispatcher.owed_voids(),
+        );
     }
 
     pub fn plugin(&self, root_id: u32) -> Option<&Plugin> {
@@ -539,13 +543,11 @@ impl Vm {
             // deletes its root context once its last request is gone, cancelling its
             // calls. What it still owes stays in its journal, which a plugin sending to
             // the same settlement cluster takes over once the journal stops beating.
-            let owed = plugin.dispatcher.owed_captures().count();
-            if owed > 0 {
+            let d = &plugin.dispatcher;
+            if d.owed_captures().next().is_some() || d.owed_voids().next().is_some() {
                 host.log(
                     LogLevel::Warn,
-                    &format!(
-                        "x402 filter: replaced configuration left {owed} capture(s) to its journal"
-                    ),
+                    "x402 filter: a replaced configuration left captures or voids to its journal",
                 );
             }
         }
@@ -627,8 +629,12 @@ impl Vm {
         }
         // Every change to what is owed passes here (queued, answered, taken over).
         if let Some(p) = self.plugins.get_mut(&root_id) {
-            if p.dispatcher.take_captures_changed() {
-                p.journal.record(host, p.dispatcher.owed_captures());
+            if p.dispatcher.take_owed_changed() {
+                p.journal.record(
+                    host,
+                    p.dispatcher.owed_captures(),
+                    p.dispatcher.owed_voids(),
+                );
             }
         }
     }

@@ -909,6 +909,41 @@ fn captures_of_a_crashed_vm_are_sent_by_the_vm_that_replaces_it() {
     assert_eq!(other.host.counter("x402_captures_recovered"), 2);
 }
 
+/// A payment captured at authorize whose upstream failed is refunded by a Void; one the
+/// VM could not send (settlement unreachable) when it crashed is sent by the next VM,
+/// from the journal, so the payer is not charged for the failed response.
+#[test]
+fn a_refund_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
+    let mut h = Harness::new(false);
+    let p = payload("GET", "/paid/quote", 2);
+    h.request(2, "GET", "/paid/quote", Some(header(&p)));
+    let (token, _, _, body) = h.last_grpc();
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    h.grpc_ok(token, answer_all(&request, "tx-", true));
+    h.respond(2, 503, true);
+    h.end(2);
+    assert_eq!(last_void(&h), ("tx-0".into(), "upstream_5xx".into()));
+    let (token, ..) = h.last_grpc();
+    h.vm.on_grpc_result(&mut h.host, token, Err(14));
+    let sent = h.host.grpc_calls().len();
+
+    // The VM traps; Envoy starts a new one, with empty memory, for the same plugin.
+    let mut h = Harness {
+        vm: Vm::default(),
+        host: h.host,
+    };
+    h.vm.on_context_create(ROOT, 0);
+    assert!(h
+        .vm
+        .on_configure(&mut h.host, ROOT, config(false).as_bytes()));
+    h.host.now_nanos += 2 * x402_filter::journal::ORPHAN_AFTER_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert!(h.host.grpc_calls().len() > sent);
+    let (_, context, method, _) = h.last_grpc();
+    assert_eq!((context, method.as_str()), (ROOT, "Void"));
+    assert_eq!(last_void(&h), ("tx-0".into(), "upstream_5xx".into()));
+}
+
 /// New prices reach Envoy as a new plugin configuration (LDS or ECDS): a second root
 /// context in the same VM. The old one is deleted once its last request is gone, with
 /// Envoy cancelling its calls; the captures it still owed are sent by the new one.
@@ -936,7 +971,7 @@ fn captures_owed_by_a_replaced_configuration_are_sent_by_the_new_one() {
             .logs
             .borrow()
             .iter()
-            .any(|l| l.contains("replaced configuration left 1 capture(s) to its journal")),
+            .any(|l| l.contains("a replaced configuration left captures or voids to its journal")),
         "{:?}",
         h.host.logs.borrow()
     );

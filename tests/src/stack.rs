@@ -235,8 +235,9 @@ impl Stack {
         }
     }
 
-    /// A paying client for `key` with no budget limit that sends at most one proof per request, so a test sees each
-    /// upstream answer as it is (the library's default retries a 5xx with a new proof).
+    /// A paying client for `key` with no budget limit that sends at most one proof per
+    /// request, so a test sees each upstream answer as it is (the library's default
+    /// retries a 5xx with a new proof).
     pub fn client(&self, key: &PayerKey) -> Result<Client> {
         Ok(
             Client::with_http(self.http.clone(), key.clone(), Budget::unlimited()).with_retry(
@@ -257,11 +258,11 @@ impl Stack {
     }
 
     /// Pays for `path`, whose upstream answers slowly (e.g. `delay_ms=2000`), and stops
-    /// settlement once the request has reached the upstream: the payment is held, and
-    /// the capture due at the end of the response cannot be sent, so the filter is left
-    /// owing it (for an exact price only when it is not captured at authorize,
-    /// `one_phase_exact: false`). Returns the client's answer.
-    pub async fn pay_leaving_capture_owed(
+    /// settlement once the request has reached the upstream: the payment is placed, and
+    /// what is due at the end of the response cannot be sent, so the filter is left
+    /// owing it: the capture of a held payment, or the void (refund) of one captured at
+    /// authorize whose upstream failed. Returns the client's answer.
+    pub async fn pay_then_stop_settlement(
         &mut self,
         key: &PayerKey,
         path: &str,

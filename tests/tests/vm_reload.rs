@@ -179,6 +179,22 @@ async fn a_crashed_vm_is_reloaded_and_nothing_is_charged_twice_or_lost() {
     assert!(violations.is_empty(), "{violations:?}");
 }
 
+/// Crashes the VM, which owes a call that failed while settlement was down, brings
+/// settlement back, and waits (bounded) until a reloaded VM answers again.
+async fn crash_then_reload(stack: &mut Stack) {
+    let crashed = send(stack, &[(CRASH_HEADER, "1".to_owned())]).await;
+    if let Ok(status) = crashed {
+        assert!(!(200..300).contains(&status), "let through: {status}");
+    }
+    stack.settlement.restart().await.unwrap();
+    // Traffic brings the VM back (Envoy reloads it on the next request).
+    let reloaded = Instant::now();
+    while send(stack, &[]).await != Ok(402) {
+        assert!(reloaded.elapsed() < RELOAD_LIMIT, "{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A capture the crashed VM still owed is sent by the VM that replaces it. Settlement
 /// is killed while a paid request is upstream, so its capture, due when the response
 /// has gone to the client with its receipt, waits in the VM for a resend; the VM then
@@ -199,7 +215,7 @@ async fn a_capture_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
     let (payer, key) = stack.new_payer(funds).await.unwrap();
     // Settlement goes away while the request is upstream.
     let answer = stack
-        .pay_leaving_capture_owed(&key, "/paid/quote?sym=ABC&delay_ms=2000", ANSWER_LIMIT)
+        .pay_then_stop_settlement(&key, "/paid/quote?sym=ABC&delay_ms=2000", ANSWER_LIMIT)
         .await
         .unwrap();
     assert_eq!(answer.status.as_u16(), 200, "{}", stack.logs());
@@ -209,18 +225,8 @@ async fn a_capture_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
         amount: receipt.amount.parse().unwrap(),
     };
 
-    // The capture failed (settlement is down) and waits for its resend: crash the VM.
-    let crashed = send(&stack, &[(CRASH_HEADER, "1".to_owned())]).await;
-    if let Ok(status) = crashed {
-        assert!(!(200..300).contains(&status), "let through: {status}");
-    }
-    stack.settlement.restart().await.unwrap();
-    // Traffic brings the VM back (Envoy reloads it on the next request).
-    let reloaded = Instant::now();
-    while send(&stack, &[]).await != Ok(402) {
-        assert!(reloaded.elapsed() < RELOAD_LIMIT, "{}", stack.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // The capture failed (settlement is down) and waits for its resend.
+    crash_then_reload(&mut stack).await;
 
     // Captured once, for the receipt's amount; the payer is charged exactly that.
     stack
@@ -232,6 +238,47 @@ async fn a_capture_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
         .unwrap();
     let violations = check_paid_responses(&pool, &[paid], false).await.unwrap();
     assert!(violations.is_empty(), "{violations:?}\n{}", stack.logs());
+    let report = check_ledger(&pool, CheckOptions::default()).await.unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
+}
+
+/// A payment captured at authorize (an exact price, the default) whose upstream fails is
+/// refunded by a Void. Settlement is killed while such a request is upstream, so its
+/// Void, due when the 503 has gone to the client, waits in the VM for a resend; the VM
+/// then crashes. The new VM finds the Void in the old one's journal and sends it once
+/// settlement is back: the payer gets back what it paid for the failed response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
+    let mut stack = Stack::start_with(&crashing_config(), |o| o.concurrency = 1)
+        .await
+        .unwrap();
+    let funds = 1_000_000;
+    let (payer, key) = stack.new_payer(funds).await.unwrap();
+    let answer = stack
+        .pay_then_stop_settlement(&key, "/status/503?delay_ms=2000", ANSWER_LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(answer.status.as_u16(), 503, "{}", stack.logs());
+
+    // The refund failed (settlement is down) and waits for its resend.
+    crash_then_reload(&mut stack).await;
+
+    // Charged at authorize, refunded in full: the payer has all its funds back.
+    stack
+        .wait_for_settled_balance(&payer, funds as i64)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
+    let pool = x402_settlement::db::connect(stack.settlement.database_url(), 2)
+        .await
+        .unwrap();
+    let refunds: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM transfers WHERE kind = 'refund' AND credit_account = $1",
+    )
+    .bind(&payer)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(refunds, 1);
     let report = check_ledger(&pool, CheckOptions::default()).await.unwrap();
     assert!(report.is_clean(), "{}", report.to_text());
 }
