@@ -159,10 +159,12 @@ pub enum Owed {
     Void(VoidItem),
 }
 
-/// The amount no capture can have; in the journal it marks a void, whose id field holds
-/// the transaction id, a NUL and the reason. A module from before voids were journaled
-/// reads such a record as a capture above its hold, which settlement refuses.
+/// A void's record: this amount, and its transaction id and reason joined by
+/// [`VOID_SEPARATOR`], a byte that never occurs in UTF-8. A module from before voids
+/// were journaled cannot read that record, stops there, and keeps the captures, which
+/// are written first.
 const VOID_MARK: u64 = u64::MAX;
+const VOID_SEPARATOR: u8 = 0xff;
 
 /// Captures and voids as bytes: per item the amount, upstream time (u64) and HTTP
 /// status (u32), little-endian, then the transaction id's length (u16) and bytes.
@@ -172,7 +174,7 @@ fn encode<'a>(
     voids: impl Iterator<Item = &'a VoidItem>,
 ) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut push = |amount: u64, micros: u64, status: u32, id: &str| {
+    let mut push = |amount: u64, micros: u64, status: u32, id: &[u8]| {
         let Ok(id_len) = u16::try_from(id.len()) else {
             return;
         };
@@ -180,23 +182,17 @@ fn encode<'a>(
         out.extend_from_slice(&micros.to_le_bytes());
         out.extend_from_slice(&status.to_le_bytes());
         out.extend_from_slice(&id_len.to_le_bytes());
-        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(id);
     };
     for c in captures {
-        push(
-            c.amount,
-            c.upstream_micros,
-            c.http_status,
-            &c.transaction_id,
-        );
+        let id = c.transaction_id.as_bytes();
+        push(c.amount, c.upstream_micros, c.http_status, id);
     }
     for v in voids {
-        push(
-            VOID_MARK,
-            0,
-            0,
-            &format!("{}\0{}", v.transaction_id, v.reason),
-        );
+        let mut id = v.transaction_id.as_bytes().to_vec();
+        id.push(VOID_SEPARATOR);
+        id.extend_from_slice(v.reason.as_bytes());
+        push(VOID_MARK, 0, 0, &id);
     }
     out
 }
@@ -218,14 +214,16 @@ fn decode(mut bytes: &[u8]) -> Vec<Owed> {
             let upstream_micros = u64_at(&mut bytes)?;
             let http_status = u32::from_le_bytes(take(&mut bytes, 4)?.try_into().ok()?);
             let len = u16::from_le_bytes(take(&mut bytes, 2)?.try_into().ok()?);
-            let id = std::str::from_utf8(take(&mut bytes, usize::from(len))?).ok()?;
-            Some(match (amount, id.split_once('\0')) {
-                (VOID_MARK, Some((id, reason))) => Owed::Void(VoidItem {
-                    transaction_id: id.to_owned(),
-                    reason: reason.to_owned(),
+            let id = take(&mut bytes, usize::from(len))?;
+            let text = |b: &[u8]| std::str::from_utf8(b).ok().map(str::to_owned);
+            let void = id.iter().position(|&b| b == VOID_SEPARATOR);
+            Some(match (amount, void) {
+                (VOID_MARK, Some(at)) => Owed::Void(VoidItem {
+                    transaction_id: text(id.get(..at)?)?,
+                    reason: text(id.get(at + 1..)?)?,
                 }),
                 _ => Owed::Capture(CaptureItem {
-                    transaction_id: id.to_owned(),
+                    transaction_id: text(id)?,
                     amount,
                     upstream_micros,
                     http_status,
@@ -403,6 +401,10 @@ mod tests {
         let mut all: Vec<Owed> = items.iter().cloned().map(Owed::Capture).collect();
         all.push(Owed::Void(voids[0].clone()));
         assert_eq!(decode(&bytes), all);
+        // A reader from before voids were journaled (ids read as UTF-8) stops at the
+        // void, after the captures.
+        let void_id = &bytes[bytes.len() - "tx-9".len() - 1 - "upstream_5xx".len()..];
+        assert!(std::str::from_utf8(void_id).is_err());
         // A truncated copy keeps the whole items before the cut.
         assert_eq!(decode(&bytes[..bytes.len() - 1]), all[..2].to_vec());
         assert!(decode(&[]).is_empty());
