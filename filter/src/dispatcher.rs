@@ -29,9 +29,11 @@ pub const MAX_BATCH: usize = 64;
 /// the most throughput at the same latency at half load as two; more calls only cost
 /// Envoy and Postgres CPU (BENCHMARKS.md).
 pub const MAX_AUTHORIZE_IN_FLIGHT: usize = 1;
-/// Sends of one capture or void before it is left to expire. A lost capture is revenue
-/// the merchant never gets, so the filter keeps trying for about half a minute (a
-/// settlement restart) before it leaves the hold to expire.
+/// Sends of one capture before it is left to expire. A lost capture is revenue the
+/// merchant never gets, so the filter keeps trying for about half a minute (a settlement
+/// restart) before it leaves the hold to expire. A void is resent until settlement
+/// answers: for a payment captured at authorize it is the payer's refund, and there is
+/// no expiry to fall back on.
 pub const MAX_RESOLVE_ATTEMPTS: u32 = 12;
 /// Delay before the n-th resend of a capture or void: n times this, at most
 /// [`MAX_RETRY_BACKOFF_NANOS`].
@@ -421,7 +423,14 @@ impl Dispatcher {
                 match result.map(|body| CaptureResponse::decode(body.as_slice()).map(|r| r.results))
                 {
                     Ok(Ok(results)) => record_resolutions(host, metrics, &results),
-                    _ => requeue(host, &mut self.capture_queue, batch, now, metrics),
+                    _ => requeue(
+                        host,
+                        Rpc::Capture,
+                        &mut self.capture_queue,
+                        batch,
+                        now,
+                        metrics,
+                    ),
                 }
                 Vec::new()
             }
@@ -429,7 +438,7 @@ impl Dispatcher {
                 self.owed_changed = true;
                 match result.map(|body| VoidResponse::decode(body.as_slice()).map(|r| r.results)) {
                     Ok(Ok(results)) => record_resolutions(host, metrics, &results),
-                    _ => requeue(host, &mut self.void_queue, batch, now, metrics),
+                    _ => requeue(host, Rpc::Void, &mut self.void_queue, batch, now, metrics),
                 }
                 Vec::new()
             }
@@ -437,7 +446,14 @@ impl Dispatcher {
                 match result.map(|body| CaptureResponse::decode(body.as_slice()).map(|r| r.results))
                 {
                     Ok(Ok(results)) => record_partials(host, &results),
-                    _ => requeue(host, &mut self.partial_queue, batch, now, metrics),
+                    _ => requeue(
+                        host,
+                        Rpc::CapturePartial,
+                        &mut self.partial_queue,
+                        batch,
+                        now,
+                        metrics,
+                    ),
                 }
                 Vec::new()
             }
@@ -516,7 +532,7 @@ fn send_due<T: Message>(
         Some(token) => Some((token, batch)),
         None => {
             metrics.add(host, Metric::CalloutFailures, 1);
-            requeue(host, queue, batch, now, metrics);
+            requeue(host, rpc, queue, batch, now, metrics);
             None
         }
     }
@@ -538,16 +554,17 @@ fn take_due<T>(queue: &mut VecDeque<Retryable<T>>, now: u64) -> Vec<Retryable<T>
 
 fn requeue<T>(
     host: &mut dyn Host,
+    rpc: Rpc,
     queue: &mut VecDeque<Retryable<T>>,
     batch: Vec<Retryable<T>>,
     now: u64,
     metrics: &Metrics,
 ) {
     for mut r in batch {
-        r.attempts += 1;
-        if r.attempts >= MAX_RESOLVE_ATTEMPTS {
+        r.attempts = r.attempts.saturating_add(1);
+        if r.attempts >= MAX_RESOLVE_ATTEMPTS && !matches!(rpc, Rpc::Void) {
             metrics.add(host, Metric::ResolutionsDropped, 1);
-            host.log(LogLevel::Error, "giving up on a capture/void after retries");
+            host.log(LogLevel::Error, "giving up on a capture after retries");
             continue;
         }
         let backoff = RETRY_BACKOFF_NANOS

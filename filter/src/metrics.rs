@@ -21,7 +21,8 @@ pub enum Metric {
     Voids,
     /// gRPC calls to settlement that failed (transport, timeout, bad response).
     CalloutFailures,
-    /// Captures or voids given up after their retries.
+    /// Captures (final or partial) given up after their retries; voids are resent until
+    /// settlement answers.
     ResolutionsDropped,
     /// Captures and voids taken over from a filter VM that stopped (crashed) or a
     /// configuration that was replaced before sending them.

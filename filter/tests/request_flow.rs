@@ -11,7 +11,7 @@ use x402_filter::plugin::{Action, Vm};
 use x402_filter::request::State;
 use x402_proto::settlement::v1::{
     AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, AuthorizeResult, CaptureRequest,
-    CaptureResponse, ResolveOutcome, ResolveResult, VoidRequest,
+    CaptureResponse, ResolveOutcome, ResolveResult, VoidRequest, VoidResponse,
 };
 use x402_proto::signing::{public_key_hex, resource_string, sign_hex, SigningKey};
 use x402_proto::wire::{
@@ -826,6 +826,49 @@ fn failed_captures_are_retried_then_left_to_expire() {
     }
     assert_eq!(sends, MAX_RESOLVE_ATTEMPTS);
     assert_eq!(h.host.counter("x402_resolutions_dropped"), 1);
+}
+
+/// A void of a payment captured at authorize is the payer's refund, with no expiry to
+/// fall back on: it is resent (with the same backoff) until settlement answers.
+#[test]
+fn failed_voids_are_resent_until_settlement_answers() {
+    let mut h = Harness::new(false);
+    let p = payload("GET", "/paid/quote", 2);
+    h.request(2, "GET", "/paid/quote", Some(header(&p)));
+    let (token, _, _, body) = h.last_grpc();
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    h.grpc_ok(token, answer_all(&request, "tx-", true));
+    h.respond(2, 503, true);
+    h.end(2);
+    for _ in 0..MAX_RESOLVE_ATTEMPTS + 3 {
+        let (token, _, method, _) = h.last_grpc();
+        assert_eq!(method, "Void");
+        assert_eq!(last_void(&h), ("tx-0".into(), "upstream_5xx".into()));
+        h.grpc_fail(token, 14);
+        let calls = h.host.grpc_calls().len();
+        h.host.now_nanos += x402_filter::dispatcher::MAX_RETRY_BACKOFF_NANOS;
+        h.vm.on_tick(&mut h.host, ROOT);
+        assert_eq!(
+            h.host.grpc_calls().len(),
+            calls + 1,
+            "resent after its backoff"
+        );
+    }
+    assert_eq!(h.host.counter("x402_resolutions_dropped"), 0);
+    let (token, ..) = h.last_grpc();
+    let answer = VoidResponse {
+        results: vec![ResolveResult {
+            transaction_id: "tx-0".into(),
+            outcome: ResolveOutcome::Voided as i32,
+            amount: 10_000,
+            message: "refunded".into(),
+        }],
+    };
+    h.grpc_ok(token, answer.encode_to_vec());
+    let calls = h.host.grpc_calls().len();
+    h.host.now_nanos += x402_filter::dispatcher::MAX_RETRY_BACKOFF_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert_eq!(h.host.grpc_calls().len(), calls, "answered: not sent again");
 }
 
 #[test]
