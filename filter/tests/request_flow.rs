@@ -61,6 +61,20 @@ impl Harness {
         h
     }
 
+    /// The same host with a new, empty VM configured as before: Envoy's reload after
+    /// the VM trapped.
+    fn reloaded(self) -> Harness {
+        let mut h = Harness {
+            vm: Vm::default(),
+            host: self.host,
+        };
+        h.vm.on_context_create(ROOT, 0);
+        assert!(h
+            .vm
+            .on_configure(&mut h.host, ROOT, config(false).as_bytes()));
+        h
+    }
+
     fn request(&mut self, ctx: u32, method: &str, path: &str, payment: Option<String>) -> Action {
         self.vm.on_context_create(ctx, ROOT);
         let mut headers = vec![
@@ -522,6 +536,18 @@ fn an_exact_price_captured_at_authorize_is_never_captured_again() {
     assert!(!AuthorizeRequest::decode(body.as_slice()).unwrap().items[0].capture);
 }
 
+/// A paid request on an exact price, captured at authorize (`tx-0`), whose upstream
+/// answers 503: the filter voids it, which refunds it.
+fn refused_upstream_after_capture(h: &mut Harness, ctx: u32) {
+    let p = payload("GET", "/paid/quote", u8::try_from(ctx).unwrap());
+    h.request(ctx, "GET", "/paid/quote", Some(header(&p)));
+    let (token, _, _, body) = h.last_grpc();
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    h.grpc_ok(token, answer_all(&request, "tx-", true));
+    h.respond(ctx, 503, true);
+    h.end(ctx);
+}
+
 fn paid_request(h: &mut Harness, ctx: u32) {
     h.request(
         ctx,
@@ -833,13 +859,7 @@ fn failed_captures_are_retried_then_left_to_expire() {
 #[test]
 fn failed_voids_are_resent_until_settlement_answers() {
     let mut h = Harness::new(false);
-    let p = payload("GET", "/paid/quote", 2);
-    h.request(2, "GET", "/paid/quote", Some(header(&p)));
-    let (token, _, _, body) = h.last_grpc();
-    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
-    h.grpc_ok(token, answer_all(&request, "tx-", true));
-    h.respond(2, 503, true);
-    h.end(2);
+    refused_upstream_after_capture(&mut h, 2);
     for _ in 0..MAX_RESOLVE_ATTEMPTS + 3 {
         let (token, _, method, _) = h.last_grpc();
         assert_eq!(method, "Void");
@@ -899,14 +919,7 @@ fn captures_of_a_crashed_vm_are_sent_by_the_vm_that_replaces_it() {
     let sent_before = h.host.grpc_calls().len();
 
     // The VM traps; Envoy starts a new one, with empty memory, for the same plugin.
-    let mut h = Harness {
-        vm: Vm::default(),
-        host: h.host,
-    };
-    h.vm.on_context_create(ROOT, 0);
-    assert!(h
-        .vm
-        .on_configure(&mut h.host, ROOT, config(false).as_bytes()));
+    let mut h = h.reloaded();
     // The old VM may only be slow: nothing is taken over while it might still tick.
     h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS / 2;
     h.vm.on_tick(&mut h.host, ROOT);
@@ -938,14 +951,7 @@ fn captures_of_a_crashed_vm_are_sent_by_the_vm_that_replaces_it() {
     };
     h.grpc_ok(token, answer.encode_to_vec());
     let sent = h.host.grpc_calls().len();
-    let mut other = Harness {
-        vm: Vm::default(),
-        host: h.host,
-    };
-    other.vm.on_context_create(ROOT, 0);
-    assert!(other
-        .vm
-        .on_configure(&mut other.host, ROOT, config(false).as_bytes()));
+    let mut other = h.reloaded();
     other.host.now_nanos += 3 * x402_filter::journal::ORPHAN_AFTER_NANOS;
     other.vm.on_tick(&mut other.host, ROOT);
     assert_eq!(other.host.grpc_calls().len(), sent);
@@ -958,27 +964,14 @@ fn captures_of_a_crashed_vm_are_sent_by_the_vm_that_replaces_it() {
 #[test]
 fn a_refund_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
     let mut h = Harness::new(false);
-    let p = payload("GET", "/paid/quote", 2);
-    h.request(2, "GET", "/paid/quote", Some(header(&p)));
-    let (token, _, _, body) = h.last_grpc();
-    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
-    h.grpc_ok(token, answer_all(&request, "tx-", true));
-    h.respond(2, 503, true);
-    h.end(2);
+    refused_upstream_after_capture(&mut h, 2);
     assert_eq!(last_void(&h), ("tx-0".into(), "upstream_5xx".into()));
     let (token, ..) = h.last_grpc();
     h.vm.on_grpc_result(&mut h.host, token, Err(14));
     let sent = h.host.grpc_calls().len();
 
     // The VM traps; Envoy starts a new one, with empty memory, for the same plugin.
-    let mut h = Harness {
-        vm: Vm::default(),
-        host: h.host,
-    };
-    h.vm.on_context_create(ROOT, 0);
-    assert!(h
-        .vm
-        .on_configure(&mut h.host, ROOT, config(false).as_bytes()));
+    let mut h = h.reloaded();
     h.host.now_nanos += 2 * x402_filter::journal::ORPHAN_AFTER_NANOS;
     h.vm.on_tick(&mut h.host, ROOT);
     assert!(h.host.grpc_calls().len() > sent);
