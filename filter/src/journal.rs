@@ -18,9 +18,9 @@
 //! On every tick a VM beats, and takes over the journal of any listed VM that has not
 //! beaten for [`ORPHAN_AFTER_NANOS`]: it unlists it (compare-and-swap, so one VM wins)
 //! and queues its captures as its own. A VM taken for dead while it was only slow
-//! lists itself again on its next tick; its captures are then sent twice, which
-//! settlement answers `ALREADY_RESOLVED` (a hold is resolved at most once), so no one
-//! is charged twice.
+//! lists itself again on its next tick; its captures and voids are then sent twice,
+//! which settlement answers `ALREADY_RESOLVED` (a hold is resolved, and a payment
+//! refunded by a void, at most once), so no one is charged or refunded twice.
 
 use x402_proto::settlement::v1::{CaptureItem, VoidItem};
 
@@ -29,8 +29,8 @@ use crate::host::{Host, SharedDataError};
 /// A VM that has not ticked for this long is taken for gone. Ticks come every
 /// [`crate::plugin::TICK_PERIOD_MS`]; the margin covers a worker that is busy for a while.
 pub const ORPHAN_AFTER_NANOS: u64 = 5_000_000_000;
-/// Most captures one journal keeps (the oldest, which expire first), so one write
-/// stays small while settlement is down and captures pile up.
+/// Most captures, and most voids, one journal keeps (the oldest, which expire first),
+/// so one write stays small while settlement is down and they pile up.
 pub const MAX_JOURNALED: usize = 512;
 const REGISTRY_PREFIX: &str = "x402.capture_journals.";
 /// Compare-and-swap attempts on the registry before leaving it to the next tick.
