@@ -33,8 +33,19 @@ pub struct Plugin {
     pub dispatcher: Dispatcher,
     pub metrics: Metrics,
     pub target: Target,
-    /// The captures this plugin still owes, kept outside the VM so they survive a crash.
+    /// The captures and voids this plugin still owes, kept outside the VM so they
+    /// survive a crash.
     pub journal: Journal,
+}
+
+impl Plugin {
+    /// Rewrites the journal when what the dispatcher owes has changed since last time.
+    fn record_owed(&mut self, host: &mut dyn Host) {
+        if self.dispatcher.take_owed_changed() {
+            let d = &self.dispatcher;
+            self.journal.record(host, d.owed_captures(), d.owed_voids());
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -156,12 +167,7 @@ impl Vm {
             }
         }
         // In this VM's journal at once: they are no longer in the one they came from.
-        p.dispatcher.take_owed_changed();
-        p.journal.record(
-            host,
-            p.dispatcher.owed_captures(),
-            p.dispatcher.owed_voids(),
-        );
+        p.record_owed(host);
     }
 
     pub fn plugin(&self, root_id: u32) -> Option<&Plugin> {
@@ -629,13 +635,7 @@ impl Vm {
         }
         // Every change to what is owed passes here (queued, answered, taken over).
         if let Some(p) = self.plugins.get_mut(&root_id) {
-            if p.dispatcher.take_owed_changed() {
-                p.journal.record(
-                    host,
-                    p.dispatcher.owed_captures(),
-                    p.dispatcher.owed_voids(),
-                );
-            }
+            p.record_owed(host);
         }
     }
 

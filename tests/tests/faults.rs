@@ -362,14 +362,8 @@ impl World {
 
     /// A filter counter from Envoy's admin `/stats` (since this Envoy started).
     async fn envoy_counter(&self, name: &str) -> Option<u64> {
-        let url = format!(
-            "http://127.0.0.1:{}/stats?filter={name}",
-            self.envoy_options.admin_port
-        );
-        let text = self.http.get(url).send().await.ok()?.text().await.ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
+        let envoy = self.envoy.as_ref()?;
+        envoy.counter(&format!("wasmcustom.{name}")).await.ok()
     }
 
     /// Waits (bounded) until no hold is open: captured, voided or expired.
