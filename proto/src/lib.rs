@@ -5,6 +5,7 @@
 //! - [`wire`]: the HTTP wire types (challenge, payment payload, receipt) and their
 //!   base64/JSON encoding, with the stateless checks every party applies.
 //! - [`signing`]: the canonical bytes a payer signs (documented in `PROTOCOL.md`).
+//! - [`json`]: JSON parsing that refuses a key written twice.
 //! - [`amount`]: exact parsing and formatting of money in atomic units.
 //! - [`vectors`]: the published test vectors every implementation checks.
 
@@ -12,6 +13,7 @@
 
 pub mod amount;
 mod b64;
+pub mod json;
 pub mod signing;
 pub mod vectors;
 pub mod wire;

@@ -6,6 +6,7 @@
 //! standard base64 (RFC 4648, padded) of a UTF-8 JSON document.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use thiserror::Error;
 
 use crate::amount;
@@ -240,12 +241,15 @@ pub fn encode_header_json(json: &[u8]) -> String {
 
 /// Decodes standard base64 (padded or not) of a JSON document.
 pub fn decode_header<T: for<'de> Deserialize<'de>>(value: &str) -> Result<T, DecodeError> {
+    serde_json::from_slice(&header_bytes(value)?).map_err(|e| DecodeError::Json(e.to_string()))
+}
+
+/// The bytes a header's base64 carries.
+fn header_bytes(value: &str) -> Result<Vec<u8>, DecodeError> {
     if value.len() > MAX_PAYMENT_HEADER_BYTES {
         return Err(DecodeError::TooLarge);
     }
-    let value = value.trim();
-    let bytes = crate::b64::decode(value).ok_or(DecodeError::Base64)?;
-    serde_json::from_slice(&bytes).map_err(|e| DecodeError::Json(e.to_string()))
+    crate::b64::decode(value.trim()).ok_or(DecodeError::Base64)
 }
 
 fn check_short(name: &'static str, value: &str) -> Result<(), DecodeError> {
@@ -335,8 +339,76 @@ impl From<PaymentPayload> for crate::settlement::v1::PaymentProof {
 /// signed field present and well formed, amounts and times exact integers.
 /// Semantic checks (price, payTo, expiry, resource) belong to the caller.
 pub fn decode_payment(value: &str) -> Result<CheckedPayment, DecodeError> {
-    let payload: PaymentPayload = decode_header(value)?;
-    check_payment(payload)
+    let json = crate::json::parse_strict(&header_bytes(value)?)
+        .map_err(|e| DecodeError::Json(e.to_string()))?;
+    check_payment(read_payment(&json)?)
+}
+
+/// Reads a payment payload from its JSON, accepting what the derived `Deserialize`
+/// accepts from a JSON object: unknown fields ignored except in `payload`, `extra`
+/// optional. Read by hand so that a module decoding proofs carries no serde visitor
+/// for numbers, whose error messages format floating point.
+fn read_payment(json: &Value) -> Result<PaymentPayload, DecodeError> {
+    let top = object("payload document", json)?;
+    let accepted = object("accepted", required(top, "accepted", "accepted")?)?;
+    let payload = object("payload", required(top, "payload", "payload")?)?;
+    const SIGNED: [&str; 5] = ["payer", "nonce", "validBefore", "resource", "signature"];
+    if payload.keys().any(|k| !SIGNED.contains(&k.as_str())) {
+        return Err(field("payload", "has a field that is not signed"));
+    }
+    let extra = match accepted.get("extra") {
+        None => serde_json::Map::new(),
+        Some(v) => object("accepted.extra", v)?.clone(),
+    };
+    let version = uint("x402Version", required(top, "x402Version", "x402Version")?)?;
+    Ok(PaymentPayload {
+        x402_version: u32::try_from(version)
+            .map_err(|_| field("x402Version", "must be an unsigned 32-bit integer"))?,
+        accepted: PaymentRequirements {
+            scheme: string(accepted, "scheme", "accepted.scheme")?,
+            network: string(accepted, "network", "accepted.network")?,
+            amount: string(accepted, "amount", "accepted.amount")?,
+            asset: string(accepted, "asset", "accepted.asset")?,
+            pay_to: string(accepted, "payTo", "accepted.payTo")?,
+            max_timeout_seconds: uint(
+                "accepted.maxTimeoutSeconds",
+                required(accepted, "maxTimeoutSeconds", "accepted.maxTimeoutSeconds")?,
+            )?,
+            extra,
+        },
+        payload: PaymentAuthorization {
+            payer: string(payload, "payer", "payload.payer")?,
+            nonce: string(payload, "nonce", "payload.nonce")?,
+            valid_before: string(payload, "validBefore", "payload.validBefore")?,
+            resource: string(payload, "resource", "payload.resource")?,
+            signature: string(payload, "signature", "payload.signature")?,
+        },
+    })
+}
+
+type Object = serde_json::Map<String, Value>;
+
+fn object<'v>(path: &'static str, value: &'v Value) -> Result<&'v Object, DecodeError> {
+    value
+        .as_object()
+        .ok_or_else(|| field(path, "must be a JSON object"))
+}
+
+fn required<'v>(o: &'v Object, name: &str, path: &'static str) -> Result<&'v Value, DecodeError> {
+    o.get(name).ok_or_else(|| field(path, "is missing"))
+}
+
+fn string(o: &Object, name: &str, path: &'static str) -> Result<String, DecodeError> {
+    match required(o, name, path)? {
+        Value::String(s) => Ok(s.clone()),
+        _ => Err(field(path, "must be a string")),
+    }
+}
+
+fn uint(path: &'static str, value: &Value) -> Result<u64, DecodeError> {
+    value
+        .as_u64()
+        .ok_or_else(|| field(path, "must be a non-negative integer"))
 }
 
 /// The syntax checks of [`decode_payment`] on an already decoded payload.
@@ -416,6 +488,85 @@ mod tests {
         assert_eq!(checked.payload, sample());
         assert_eq!(checked.amount, 10_000);
         assert_eq!(checked.valid_before, 1_900_000_000);
+    }
+
+    /// The hand reader accepts exactly what the derived `Deserialize` accepts from a JSON
+    /// object, and reads the same values: every field of the sample, and one unknown
+    /// field at each level, set to each kind of JSON value or left out.
+    #[test]
+    fn the_payment_reader_agrees_with_the_derived_deserializer() {
+        let base = serde_json::to_value(sample()).unwrap();
+        let values = serde_json::json!([
+            null, true, 0, 1, 2, -1, 1.5, 2.0, 1e2, 4294967295u64, 4294967296u64,
+            18446744073709551615u64, "2", "", "x", [], [1], {}, {"k": 1}
+        ]);
+        let mut paths: Vec<Vec<&str>> = vec![vec!["unknown"], vec!["accepted", "unknown"]];
+        paths.push(vec!["payload", "unknown"]);
+        for (parent, o) in base.as_object().unwrap() {
+            paths.push(vec![parent.as_str()]);
+            if let Some(o) = o.as_object() {
+                paths.extend(o.keys().map(|k| vec![parent.as_str(), k.as_str()]));
+            }
+        }
+        paths.push(vec!["accepted", "extra"]);
+        let mut documents = vec![base.clone()];
+        for path in &paths {
+            let (last, parents) = path.split_last().unwrap();
+            let mut removed = base.clone();
+            let mut at = &mut removed;
+            for p in parents {
+                at = &mut at[*p];
+            }
+            at.as_object_mut().unwrap().remove(*last);
+            documents.push(removed);
+            for v in values.as_array().unwrap() {
+                let mut doc = base.clone();
+                let mut at = &mut doc;
+                for p in path {
+                    at = &mut at[*p];
+                }
+                *at = v.clone();
+                documents.push(doc);
+            }
+        }
+        let mut accepted = 0;
+        for doc in &documents {
+            let derived = serde_json::from_value::<PaymentPayload>(doc.clone()).ok();
+            assert_eq!(read_payment(doc).ok(), derived, "{doc}");
+            accepted += usize::from(derived.is_some());
+        }
+        assert!(
+            accepted > 20 && accepted < documents.len() / 2,
+            "{accepted}"
+        );
+        for not_an_object in [
+            serde_json::json!([]),
+            serde_json::json!(null),
+            serde_json::json!(2),
+        ] {
+            assert!(read_payment(&not_an_object).is_err());
+        }
+    }
+
+    #[test]
+    fn a_key_written_twice_is_refused_at_any_depth() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        for (from, to) in [
+            (
+                "{\"x402Version\":2,",
+                "{\"x402Version\":2,\"x402Version\":2,",
+            ),
+            ("\"amount\":", "\"amount\":\"1\",\"amount\":"),
+            ("\"payer\":", "\"payer\":\"ab\",\"payer\":"),
+        ] {
+            assert!(json.contains(from));
+            let twice = json.replacen(from, to, 1);
+            assert!(matches!(
+                decode_payment(&encode_header_json(twice.as_bytes())),
+                Err(DecodeError::Json(e)) if e.contains("duplicate field")
+            ));
+        }
+        assert!(decode_payment(&encode_header_json(json.as_bytes())).is_ok());
     }
 
     #[test]
