@@ -41,6 +41,9 @@ use x402_proto::wire::{HEADER_PAYMENT_SIGNATURE, HEADER_PAYMENT_SIGNATURE_ALIAS}
 pub struct Served {
     /// `METHOD path?query` of each request, in arrival order.
     requests: Mutex<Vec<String>>,
+    /// The same for every request whose headers arrived, served or not (a request
+    /// reset before its body was complete is in here only).
+    arrived: Mutex<Vec<String>>,
     /// Streams whose reader went away before the upstream finished: `path?query`
     /// and how many chunks had been handed over.
     cancelled: Mutex<Vec<(String, usize)>>,
@@ -53,6 +56,11 @@ impl Served {
         if let Ok(mut requests) = self.requests.lock() {
             requests.push(line);
         }
+    }
+
+    /// `METHOD path?query` of every request whose headers reached the upstream.
+    pub fn arrived(&self) -> Vec<String> {
+        self.arrived.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     /// Every request served so far.
@@ -110,14 +118,21 @@ async fn answer(
         .path_and_query()
         .map(|pq| pq.as_str().to_string())
         .unwrap_or_else(|| path.clone());
+    if let Ok(mut arrived) = served.arrived.lock() {
+        arrived.push(format!("{method} {target}"));
+    }
     let payment_header_seen = request.headers().contains_key(HEADER_PAYMENT_SIGNATURE)
         || request
             .headers()
             .contains_key(HEADER_PAYMENT_SIGNATURE_ALIAS);
-    let body_bytes = match request.into_body().collect().await {
-        Ok(body) => body.to_bytes().len(),
-        Err(_) => 0,
+    let Ok(body) = request.into_body().collect().await else {
+        // Reset before its body was complete: arrived, not served.
+        return Ok(json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({ "error": "incomplete body" }),
+        ));
     };
+    let body_bytes = body.to_bytes().len();
     served.record(format!("{method} {target}"));
     let delay_ms = query_number(&query, "delay_ms").min(10_000);
     if delay_ms > 0 {
