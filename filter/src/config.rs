@@ -35,6 +35,9 @@ pub struct RawConfig {
     pub clock_skew_seconds: u64,
     pub capture_below_status: u16,
     pub one_phase_exact: bool,
+    /// Body-priced routes hold the request headers too until the request is paid
+    /// (Envoy's `allow_on_headers_stop_iteration` must be on).
+    pub hold_request_headers: bool,
     /// gRPC status codes (numbers or names) that void a paid call's hold; every
     /// non-OK code when unset ([`crate::grpc`]).
     pub grpc_void_codes: Option<Vec<crate::grpc::RawCode>>,
@@ -71,6 +74,7 @@ impl RawConfig {
                 "clock_skew_seconds",
                 "capture_below_status",
                 "one_phase_exact",
+                "hold_request_headers",
                 "grpc_void_codes",
                 "verify_signatures_in_filter",
                 "discovery_path",
@@ -106,6 +110,7 @@ impl RawConfig {
             clock_skew_seconds: o.uint_or("clock_skew_seconds", 30)?,
             capture_below_status: o.uint_or("capture_below_status", 500)?,
             one_phase_exact: o.flag_or("one_phase_exact", true)?,
+            hold_request_headers: o.flag("hold_request_headers")?,
             grpc_void_codes,
             verify_signatures_in_filter: o.flag("verify_signatures_in_filter")?,
             discovery_path: o.opt_string("discovery_path")?,
@@ -311,6 +316,12 @@ pub struct Config {
     /// Exact prices are captured by settlement as the hold is placed (one ledger
     /// write per paid request); a failed upstream then gets the payment refunded.
     pub one_phase_exact: bool,
+    /// Body-priced routes hold the request headers with the body until the request is
+    /// paid, so the upstream sees nothing of an unpaid one. Needs Envoy's
+    /// `allow_on_headers_stop_iteration: true` in the filter's plugin config; without
+    /// it the first such request per worker finds out after a second
+    /// ([`crate::plugin`]), and the headers go first from then on.
+    pub hold_request_headers: bool,
     /// A paid gRPC call answered with one of these `grpc-status` codes is voided.
     pub grpc_void_codes: crate::grpc::CodeSet,
     pub verify_signatures_in_filter: bool,
@@ -664,6 +675,7 @@ impl TryFrom<RawConfig> for Config {
             clock_skew_seconds: raw.clock_skew_seconds,
             capture_below_status: raw.capture_below_status,
             one_phase_exact: raw.one_phase_exact,
+            hold_request_headers: raw.hold_request_headers,
             grpc_void_codes,
             verify_signatures_in_filter: raw.verify_signatures_in_filter,
             discovery_path: raw.discovery_path,

@@ -18,8 +18,27 @@ use crate::request::{self, Effect, Event, RequestInfo, State};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Continue = 0,
+    /// Headers: stop iteration. Body: stop and buffer (Envoy's buffer limit applies).
     Pause = 1,
+    /// Body only: stop and buffer with flow control instead of a buffer limit.
+    PauseWatermark = 2,
 }
+
+/// Whether Envoy honours a body-priced request's held headers
+/// (`allow_on_headers_stop_iteration`), as this plugin has seen so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HeadersHold {
+    #[default]
+    Untried,
+    /// A body arrived while the headers were held.
+    Works,
+    /// A body never arrived: the headers now go first, as without the setting.
+    Ignored,
+}
+
+/// How long held headers wait for a first body callback before the plugin concludes
+/// that Envoy holds the body with them, and lets them go.
+const HEADERS_HOLD_PROBE_NANOS: u64 = 1_000_000_000;
 
 /// How often the dispatcher wakes to resend captures and voids that failed.
 pub const TICK_PERIOD_MS: u32 = 500;
@@ -36,6 +55,7 @@ pub struct Plugin {
     /// The captures and voids this plugin still owes, kept outside the VM so they
     /// survive a crash.
     pub journal: Journal,
+    pub headers_hold: HeadersHold,
 }
 
 impl Plugin {
@@ -52,6 +72,8 @@ impl Plugin {
 struct RequestContext {
     root_id: u32,
     state: State,
+    /// When the headers of a body-priced request were held, until its body arrives.
+    headers_held_at: Option<u64>,
     /// A gRPC request: the filter's own answers become gRPC statuses ([`crate::grpc`]).
     grpc: bool,
 }
@@ -76,6 +98,7 @@ impl Vm {
                 RequestContext {
                     root_id,
                     state: State::New,
+                    headers_held_at: None,
                     grpc: false,
                 },
             );
@@ -133,6 +156,7 @@ impl Vm {
                 metrics,
                 target,
                 journal,
+                headers_hold: HeadersHold::Untried,
             },
         );
         // Listed at once, so captures are not lost even if this VM crashes before it ticks.
@@ -214,6 +238,9 @@ impl Vm {
                 .filter(|s| !s.is_empty());
         }
         info.body_follows = body_follows;
+        info.hold_headers = self.plugins.get(&root_id).is_some_and(|p| {
+            p.config.hold_request_headers && p.headers_hold != HeadersHold::Ignored
+        });
         if let Some(request) = self.requests.get_mut(&context_id) {
             request.grpc = host
                 .request_header("content-type")
@@ -237,6 +264,11 @@ impl Vm {
         self.resumed_inline = false;
         let action = self.advance(host, context_id, root_id, Event::RequestHeaders(info));
         self.in_headers = None;
+        if let Some(r) = self.requests.get_mut(&context_id) {
+            if action == Action::Pause && matches!(r.state, State::Buffering(_)) {
+                r.headers_held_at = Some(host.now_nanos());
+            }
+        }
         if std::mem::take(&mut self.resumed_inline) {
             Action::Continue
         } else {
@@ -253,9 +285,15 @@ impl Vm {
         size: usize,
         end_of_stream: bool,
     ) -> Action {
-        let Some(root_id) = self.requests.get(&context_id).map(|r| r.root_id) else {
+        let Some(request) = self.requests.get_mut(&context_id) else {
             return Action::Continue;
         };
+        let root_id = request.root_id;
+        if request.headers_held_at.take().is_some() {
+            if let Some(plugin) = self.plugins.get_mut(&root_id) {
+                plugin.headers_hold = HeadersHold::Works;
+            }
+        }
         match self.state(context_id) {
             Some(State::Paid(_)) => {
                 return self
@@ -263,7 +301,10 @@ impl Vm {
                     .unwrap_or(Action::Continue);
             }
             Some(State::Buffering(_)) => {}
-            Some(State::Authorizing(_) | State::Replied) => return Action::Pause,
+            // Only reached when Envoy honours held headers: the body waits for the
+            // answer under flow control, not against Envoy's buffer limit (a 413).
+            Some(State::Authorizing(_)) => return Action::PauseWatermark,
+            Some(State::Replied) => return Action::Pause,
             _ => return Action::Continue,
         }
         let body = if end_of_stream {
@@ -559,8 +600,50 @@ impl Vm {
         }
     }
 
+    /// Held headers whose body has not come: unless Envoy has shown it honours the
+    /// hold, it does not (it holds the body with the headers), so they are let go. Envoy
+    /// then passes the body it held to the filter, as without the hold, and later
+    /// body-priced requests send their headers first at once.
+    fn tick_held_headers(&mut self, host: &mut dyn Host, root_id: u32) {
+        let Some(plugin) = self.plugins.get_mut(&root_id) else {
+            return;
+        };
+        if plugin.headers_hold == HeadersHold::Works {
+            return;
+        }
+        let now = host.now_nanos();
+        let mut stuck = Vec::new();
+        for (id, request) in &mut self.requests {
+            if request.root_id == root_id
+                && request
+                    .headers_held_at
+                    .is_some_and(|at| now.saturating_sub(at) >= HEADERS_HOLD_PROBE_NANOS)
+            {
+                request.headers_held_at = None;
+                stuck.push(*id);
+            }
+        }
+        if stuck.is_empty() {
+            return;
+        }
+        if plugin.headers_hold == HeadersHold::Untried {
+            plugin.headers_hold = HeadersHold::Ignored;
+            host.log(
+                LogLevel::Warn,
+                "x402: held request headers got no body: set allow_on_headers_stop_iteration: true in the filter's plugin config; until then headers go first",
+            );
+        }
+        for id in stuck {
+            if host.set_effective_context(id) {
+                host.resume_request();
+            }
+        }
+        host.set_effective_context(root_id);
+    }
+
     pub fn on_tick(&mut self, host: &mut dyn Host, root_id: u32) {
         self.tick_streams(host, root_id);
+        self.tick_held_headers(host, root_id);
         self.tick_journal(host, root_id);
         let stale = match self.plugins.get_mut(&root_id) {
             Some(p) => p.dispatcher.expire_stale(host, &p.target, &p.metrics),
@@ -763,6 +846,7 @@ fn read_request(host: &mut dyn Host) -> RequestInfo {
         policy: crate::policy::Verdict::Charge,
         limit_client: None,
         body_follows: false,
+        hold_headers: false,
         headers: Vec::new(),
     }
 }

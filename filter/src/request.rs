@@ -46,6 +46,9 @@ pub struct RequestInfo {
     pub now_secs: u64,
     /// A request body follows the headers (they did not end the stream).
     pub body_follows: bool,
+    /// A body-priced request may hold its headers until paid: configured, and Envoy has
+    /// not shown that it ignores the hold ([`crate::plugin`]).
+    pub hold_headers: bool,
     /// Request headers that price expressions read, lower-case names.
     pub headers: Vec<(String, String)>,
     /// What the route's traffic policy decided ([`crate::policy::evaluate`]).
@@ -437,16 +440,22 @@ fn on_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>
         return decided;
     }
     if route.pricing.needs_request_body() && info.body_follows {
-        // Envoy delivers no body to a filter that holds the headers (proxy-wasm turns
-        // StopIteration on headers into StopAllIteration), so the headers go on, without
-        // any payment header, and the body is held until the price is known and paid.
-        // A refused request is reset before the upstream sees its body.
+        // By default proxy-wasm turns StopIteration on headers into StopAllIteration,
+        // which delivers no body to the filter: the headers go on, without any payment
+        // header, and the body is held until the price is known and paid (a refused
+        // request is reset before the upstream sees its body). With Envoy's
+        // `allow_on_headers_stop_iteration` the headers wait with the body.
+        let headers = if info.hold_headers {
+            Effect::Pause
+        } else {
+            Effect::Continue
+        };
         return (
             State::Buffering(Box::new(info)),
             vec![
                 Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE),
                 Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE_ALIAS),
-                Effect::Continue,
+                headers,
             ],
         );
     }

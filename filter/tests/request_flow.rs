@@ -47,6 +47,10 @@ fn config(verify: bool) -> String {
 
 impl Harness {
     fn new(verify: bool) -> Harness {
+        Harness::with_config(&config(verify))
+    }
+
+    fn with_config(config: &str) -> Harness {
         let mut h = Harness {
             vm: Vm::default(),
             host: FakeHost {
@@ -55,9 +59,7 @@ impl Harness {
             },
         };
         h.vm.on_context_create(ROOT, 0);
-        assert!(h
-            .vm
-            .on_configure(&mut h.host, ROOT, config(verify).as_bytes()));
+        assert!(h.vm.on_configure(&mut h.host, ROOT, config.as_bytes()));
         h
     }
 
@@ -76,6 +78,18 @@ impl Harness {
     }
 
     fn request(&mut self, ctx: u32, method: &str, path: &str, payment: Option<String>) -> Action {
+        self.request_headers(ctx, method, path, payment, false)
+    }
+
+    /// Request headers; `body_follows` when they do not end the stream.
+    fn request_headers(
+        &mut self,
+        ctx: u32,
+        method: &str,
+        path: &str,
+        payment: Option<String>,
+        body_follows: bool,
+    ) -> Action {
         self.vm.on_context_create(ctx, ROOT);
         let mut headers = vec![
             (":method".to_owned(), method.to_owned()),
@@ -89,7 +103,16 @@ impl Harness {
         }
         self.host.headers.insert(ctx, headers);
         self.host.effective = ctx;
-        self.vm.on_request_headers(&mut self.host, ctx)
+        self.vm
+            .on_request_headers_with_body(&mut self.host, ctx, body_follows)
+    }
+
+    /// A request body callback; `body` is everything buffered so far.
+    fn request_body(&mut self, ctx: u32, body: &[u8], end_of_stream: bool) -> Action {
+        self.host.request_bodies.insert(ctx, body.to_vec());
+        self.host.effective = ctx;
+        self.vm
+            .on_request_body(&mut self.host, ctx, body.len(), end_of_stream)
     }
 
     fn respond(&mut self, ctx: u32, status: u16, end_of_stream: bool) {
@@ -1201,4 +1224,132 @@ fn a_zero_capture_window_sends_each_capture_at_once() {
     paid_request(&mut h, 3);
     finish(&mut h, 2);
     assert_eq!(capture_calls(&h).len(), 1);
+}
+
+/// `config(false)` with `hold_request_headers` and a route priced from the body first.
+fn body_priced_config(hold: bool) -> String {
+    let mut c: serde_json::Value = serde_json::from_str(&config(false)).unwrap();
+    c["hold_request_headers"] = hold.into();
+    let route = serde_json::json!({"name": "units", "match": {"method": "POST", "path_exact": "/paid/units"},
+        "pricing": {"expression": {"expr": "units * 0.01"}}});
+    c["routes"].as_array_mut().unwrap().insert(0, route);
+    c.to_string()
+}
+
+fn resumed(h: &Harness, ctx: u32) -> bool {
+    h.host.calls.contains(&Call::Resume { context: ctx })
+}
+
+#[test]
+fn held_headers_wait_with_the_body_until_the_request_is_paid() {
+    let mut h = Harness::with_config(&body_priced_config(true));
+    let p = payload("POST", "/paid/units", 1);
+    let proof = Some(header(&p));
+    assert_eq!(
+        h.request_headers(2, "POST", "/paid/units", proof, true),
+        Action::Pause,
+        "the headers wait for the body"
+    );
+    assert_eq!(h.host.request_header("payment-signature"), None);
+    assert_eq!(h.request_body(2, br#"{"un"#, false), Action::Pause);
+    assert!(
+        h.host.grpc_calls().is_empty(),
+        "priced only once the body is whole"
+    );
+    assert_eq!(h.request_body(2, br#"{"units": 1}"#, true), Action::Pause);
+    let (token, _, method, body) = h.last_grpc();
+    assert_eq!(method, "Authorize");
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    assert_eq!(request.items[0].hold_amount, 10_000);
+    assert!(
+        !resumed(&h, 2),
+        "nothing goes upstream before settlement answers"
+    );
+    h.grpc_ok(token, authorized(&request, "tx-"));
+    assert!(resumed(&h, 2));
+
+    // Without a proof the whole request is answered 402 and never resumed.
+    assert_eq!(
+        h.request_headers(3, "POST", "/paid/units", None, true),
+        Action::Pause
+    );
+    assert_eq!(h.request_body(3, br#"{"units": 2}"#, true), Action::Pause);
+    assert_eq!(h.challenge_error(3), "payment_required");
+    assert!(!resumed(&h, 3));
+}
+
+#[test]
+fn without_the_setting_body_priced_headers_go_first() {
+    let mut h = Harness::with_config(&body_priced_config(false));
+    assert_eq!(
+        h.request_headers(2, "POST", "/paid/units", None, true),
+        Action::Continue
+    );
+    assert_eq!(h.request_body(2, br#"{"units": 2}"#, true), Action::Pause);
+    assert_eq!(h.challenge_error(2), "payment_required");
+}
+
+#[test]
+fn a_paid_request_body_waits_for_settlement_under_flow_control() {
+    // With held headers Envoy delivers the body of a flat-priced request while its
+    // authorization is in flight: it is held without Envoy's buffer limit (no 413).
+    let mut h = Harness::with_config(&body_priced_config(true));
+    let p = payload("POST", "/paid/quote", 1);
+    assert_eq!(
+        h.request_headers(2, "POST", "/paid/quote", Some(header(&p)), true),
+        Action::Pause
+    );
+    assert_eq!(h.request_body(2, &[0; 4096], false), Action::PauseWatermark);
+}
+
+#[test]
+fn held_headers_are_let_go_when_envoy_delivers_no_body() {
+    let mut h = Harness::with_config(&body_priced_config(true));
+    assert_eq!(
+        h.request_headers(2, "POST", "/paid/units", None, true),
+        Action::Pause
+    );
+    h.host.now_nanos += 900_000_000;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert!(!resumed(&h, 2), "a body may still come");
+    h.host.now_nanos += 200_000_000;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert!(
+        resumed(&h, 2),
+        "Envoy holds the body with the headers: let them go"
+    );
+    assert!(h
+        .host
+        .logs
+        .borrow()
+        .iter()
+        .any(|l| l.contains("allow_on_headers_stop_iteration")));
+    // Envoy then delivers the body; the request is priced as without the setting.
+    assert_eq!(h.request_body(2, br#"{"units": 2}"#, true), Action::Pause);
+    assert_eq!(h.challenge_error(2), "payment_required");
+    // Later body-priced requests send their headers first at once.
+    assert_eq!(
+        h.request_headers(3, "POST", "/paid/units", None, true),
+        Action::Continue
+    );
+}
+
+#[test]
+fn once_a_held_request_got_its_body_slow_bodies_are_waited_for() {
+    let mut h = Harness::with_config(&body_priced_config(true));
+    h.request_headers(2, "POST", "/paid/units", None, true);
+    h.request_body(2, br#"{"units": 2}"#, true);
+    assert_eq!(
+        h.request_headers(3, "POST", "/paid/units", None, true),
+        Action::Pause
+    );
+    h.host.now_nanos += 30_000_000_000;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert!(!resumed(&h, 3), "a slow client's headers stay held");
+    assert!(!h
+        .host
+        .logs
+        .borrow()
+        .iter()
+        .any(|l| l.contains("allow_on_headers_stop_iteration")));
 }

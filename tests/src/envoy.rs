@@ -41,6 +41,9 @@ pub struct EnvoyOptions {
     /// so [`Envoy::reconfigure`] can replace it (new filter configuration) while Envoy
     /// runs. Listeners replaced this way drain for `--drain-time-s 1`.
     pub listener_from_file: bool,
+    /// The x402 filter's `allow_on_headers_stop_iteration` (on in the template); off
+    /// shows what an Envoy without it (or an Istio `WasmPlugin`) does.
+    pub headers_stop_iteration: bool,
 }
 
 impl EnvoyOptions {
@@ -56,6 +59,7 @@ impl EnvoyOptions {
             log_level: std::env::var("X402_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             filters_before_x402: Vec::new(),
             listener_from_file: false,
+            headers_stop_iteration: true,
         }
     }
 }
@@ -129,6 +133,15 @@ fn render(options: &EnvoyOptions) -> Result<String> {
         &wasm,
         &options.filter_config,
     )?;
+    let config = if options.headers_stop_iteration {
+        config
+    } else {
+        const ON: &str = "allow_on_headers_stop_iteration: true";
+        if !config.contains(ON) {
+            bail!("the Envoy template does not set `{ON}`");
+        }
+        config.replace(ON, "allow_on_headers_stop_iteration: false")
+    };
     insert_filters_before_x402(&config, &options.filters_before_x402)
 }
 
@@ -386,6 +399,22 @@ impl Envoy {
 
     pub fn log_tail(&self, lines: usize) -> String {
         self.child.log_tail(lines)
+    }
+
+    /// Waits up to `limit` until Envoy's log contains `needle` (Envoy writes its log
+    /// file every few seconds, not line by line).
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            if log.contains(needle) {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!("Envoy did not log `{needle}` within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// `None` while running, else how it ended.

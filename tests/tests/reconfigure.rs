@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use x402_e2e::stack::{default_filter_config, Answer, Stack, PAID_PRICE};
 use x402_settlement::check::{check_ledger, check_paid_responses, CheckOptions, PaidResponse};
@@ -89,18 +89,18 @@ async fn new_prices_apply_at_once_and_captures_owed_under_the_old_ones_are_sent(
     assert_eq!(unpaid.status, 402, "{}", unpaid.body_text());
     let challenge = unpaid.challenge().expect("a 402 carries the challenge");
     assert_eq!(challenge.accepts[0].amount, NEW_PRICE.to_string());
-    let replaced = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(stack.envoy.log_path()).unwrap_or_default();
-        if log.contains("a replaced configuration left captures or voids to its journal") {
-            break;
-        }
-        assert!(
-            replaced.elapsed() < DRAIN_LIMIT,
-            "the old configuration was not deleted\n{}",
+    if let Err(e) = stack
+        .envoy
+        .wait_for_log(
+            "a replaced configuration left captures or voids to its journal",
+            DRAIN_LIMIT,
+        )
+        .await
+    {
+        panic!(
+            "the old configuration was not deleted: {e}\n{}",
             stack.logs()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Settlement is back: the new configuration sends the old one's capture (from its
