@@ -319,7 +319,7 @@ pub struct Config {
     /// Body-priced routes hold the request headers with the body until the request is
     /// paid, so the upstream sees nothing of an unpaid one. Needs Envoy's
     /// `allow_on_headers_stop_iteration: true` in the filter's plugin config; without
-    /// it the first such request per worker finds out after a second
+    /// it the first such request per worker finds out after two seconds
     /// ([`crate::plugin`]), and the headers go first from then on.
     pub hold_request_headers: bool,
     /// A paid gRPC call answered with one of these `grpc-status` codes is voided.

@@ -38,7 +38,7 @@ pub enum HeadersHold {
 
 /// How long held headers wait for a first body callback before the plugin concludes
 /// that Envoy holds the body with them, and lets them go.
-const HEADERS_HOLD_PROBE_NANOS: u64 = 1_000_000_000;
+const HEADERS_HOLD_PROBE_NANOS: u64 = 2_000_000_000;
 
 /// How often the dispatcher wakes to resend captures and voids that failed.
 pub const TICK_PERIOD_MS: u32 = 500;

@@ -1309,7 +1309,7 @@ fn held_headers_are_let_go_when_envoy_delivers_no_body() {
         h.request_headers(2, "POST", "/paid/units", None, true),
         Action::Pause
     );
-    h.host.now_nanos += 900_000_000;
+    h.host.now_nanos += 1_900_000_000;
     h.vm.on_tick(&mut h.host, ROOT);
     assert!(!resumed(&h, 2), "a body may still come");
     h.host.now_nanos += 200_000_000;

@@ -483,7 +483,7 @@ fn upstream_saw(stack: &Stack, path: &str) -> (usize, usize) {
     (count(served.arrived()), count(served.requests()))
 }
 
-/// POSTs `body` over a raw connection, the body 300 ms after the headers (so an
+/// POSTs `body` over a raw connection, the body 100 ms after the headers (so an
 /// upstream that is sent the headers early has them well before any answer), and
 /// returns the answer's status and text.
 async fn post(stack: &Stack, path: &str, body: &str) -> (u16, String) {
@@ -497,7 +497,7 @@ async fn post(stack: &Stack, path: &str, body: &str) -> (u16, String) {
         body.len()
     );
     conn.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     conn.write_all(body.as_bytes()).await.unwrap();
     let mut answer = String::new();
     tokio::time::timeout(
