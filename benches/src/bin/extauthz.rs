@@ -13,7 +13,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use x402_proto::signing::{resource_string, verify_hex};
-use x402_proto::wire::{decode_payment, HEADER_PAYMENT_SIGNATURE};
+use x402_proto::wire::{check_payment, decode_header, PaymentPayload, HEADER_PAYMENT_SIGNATURE};
 
 mod pb {
     #![allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -89,7 +89,9 @@ impl Peer {
         let Some(header) = http.headers.get(HEADER_PAYMENT_SIGNATURE) else {
             return answer(PERMISSION_DENIED, "payment required");
         };
-        let Ok(checked) = decode_payment(header) else {
+        // serde's typed reader: natively faster than the filter's by-hand reader, whose
+        // reason is module size (the peer is kept as lean as it can be).
+        let Ok(checked) = decode_header::<PaymentPayload>(header).and_then(check_payment) else {
             return answer(PERMISSION_DENIED, "malformed payment");
         };
         let accepted = &checked.payload.accepted;
