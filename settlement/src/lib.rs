@@ -17,7 +17,8 @@
 //!   analytics event, webhook outbox, NOTIFY) and the listener behind `Watch`.
 //! - [`analytics`]: incremental per-minute aggregates and their queries.
 //! - [`webhooks`]: signed delivery from the outbox with retries.
-//! - [`auth`]: bearer tokens of the two APIs; [`metrics`] and [`http`]: Prometheus
+//! - [`auth`]: bearer tokens of the two APIs; [`tls`]: (mutual) TLS of the gRPC
+//!   listener; [`metrics`] and [`http`]: Prometheus
 //!   metrics and the dashboard.
 //! - [`db`]: pool and migrations; [`error`]: how failures reach callers.
 //! - [`check`]: the ledger invariant checker (`x402-settlement check`).
@@ -37,6 +38,7 @@ pub mod limits;
 pub mod metrics;
 pub mod operator;
 pub mod server;
+pub mod tls;
 pub mod verify;
 pub mod webhooks;
 

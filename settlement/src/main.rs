@@ -43,6 +43,26 @@ struct Cli {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// Operator commands over TLS (an `https://` `--server`): PEM CA certificates to
+    /// trust instead of the system's roots.
+    #[arg(long, global = true, env = "X402_SETTLEMENT_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) presented to a settlement that requires one.
+    #[arg(
+        long,
+        global = true,
+        env = "X402_SETTLEMENT_CERT_FILE",
+        requires = "key_file"
+    )]
+    cert_file: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `--cert-file`.
+    #[arg(
+        long,
+        global = true,
+        env = "X402_SETTLEMENT_KEY_FILE",
+        requires = "cert_file"
+    )]
+    key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -136,6 +156,16 @@ struct ServeArgs {
     /// the system's roots (for receivers with a private CA).
     #[arg(long, env = "X402_WEBHOOK_CA_FILE")]
     webhook_ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain served on the gRPC listener (TLS; plaintext when unset).
+    #[arg(long, env = "X402_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "X402_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificates: with it, only clients presenting a certificate it signed
+    /// connect (mutual TLS). Needs `--tls-cert`.
+    #[arg(long, env = "X402_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -245,7 +275,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        command => operator(&cli.server, cli.token, json, command).await,
+        command => {
+            let tls = match cli.server.starts_with("https://") {
+                true => Some(x402_settlement::tls::client_config(
+                    cli.ca_file.as_deref(),
+                    cli.cert_file.as_deref().zip(cli.key_file.as_deref()),
+                )?),
+                false => None,
+            };
+            operator(&cli.server, tls, cli.token, json, command).await
+        }
     }
 }
 
@@ -288,6 +327,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..Default::default()
         },
         group_committers: args.group_committers,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(x402_settlement::tls::server_config(
+                cert,
+                key,
+                args.tls_client_ca.as_deref(),
+            )?),
+            _ => None,
+        },
         ..server::ServerConfig::default()
     };
     server::run_with_http(listener, http, pool, config, shutdown_signal()).await?;
@@ -389,9 +436,21 @@ fn payment_text(p: &Payment) -> String {
     )
 }
 
-async fn operator(server: &str, token: Option<String>, json: bool, command: Command) -> Result<()> {
-    let channel = Channel::from_shared(server.to_owned())
-        .map_err(|e| anyhow!("invalid --server {server}: {e}"))?
+async fn operator(
+    server: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    token: Option<String>,
+    json: bool,
+    command: Command,
+) -> Result<()> {
+    let mut endpoint = Channel::from_shared(server.to_owned())
+        .map_err(|e| anyhow!("invalid --server {server}: {e}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .with_context(|| format!("TLS for {server}"))?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()

@@ -56,6 +56,9 @@ pub struct ServerConfig {
     /// Group-commit tasks for authorizations, and as many for captures and voids:
     /// each applies the items queued meanwhile in one transaction.
     pub group_committers: usize,
+    /// TLS (and client certificates, when it names a client CA) on the gRPC listener;
+    /// plaintext when unset ([`crate::tls`]).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +70,7 @@ impl Default for ServerConfig {
             analytics_interval: Duration::from_millis(500),
             webhooks: WebhookConfig::default(),
             group_committers: DEFAULT_GROUP_COMMITTERS,
+            tls: None,
         }
     }
 }
@@ -154,6 +158,7 @@ pub async fn run_with_http(
             %addr,
             operator_token = config.operator_token.is_set(),
             dataplane_token = config.dataplane_token.is_set(),
+            tls = config.tls.is_some(),
             "settlement listening"
         );
     }
@@ -165,7 +170,11 @@ pub async fn run_with_http(
         let _ = drain_tx.send(true);
     };
     let operator = OperatorService::new(ledger.clone()).with_events(events_tx, drain_rx);
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    let served = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(DataPlaneServer::with_interceptor(

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::paths;
+use crate::pki::CertFiles;
 use crate::process::{free_port, ChildGuard, ScratchDir};
 
 /// V8 compiles the module at start; on a slow machine this takes a while.
@@ -44,6 +45,9 @@ pub struct EnvoyOptions {
     /// The x402 filter's `allow_on_headers_stop_iteration` (on in the template); off
     /// shows what an Envoy without it (or an Istio `WasmPlugin`) does.
     pub headers_stop_iteration: bool,
+    /// The `settlement` cluster speaks TLS to settlement: trusting `ca` and presenting
+    /// `client` (mutual TLS), the server checked to be `localhost`.
+    pub settlement_tls: Option<(PathBuf, CertFiles)>,
 }
 
 impl EnvoyOptions {
@@ -60,6 +64,7 @@ impl EnvoyOptions {
             filters_before_x402: Vec::new(),
             listener_from_file: false,
             headers_stop_iteration: true,
+            settlement_tls: None,
         }
     }
 }
@@ -142,7 +147,41 @@ fn render(options: &EnvoyOptions) -> Result<String> {
         }
         config.replace(ON, "allow_on_headers_stop_iteration: false")
     };
+    let config = match &options.settlement_tls {
+        Some((ca, client)) => settlement_over_tls(&config, ca, client)?,
+        None => config,
+    };
     insert_filters_before_x402(&config, &options.filters_before_x402)
+}
+
+/// Gives the template's `settlement` cluster an upstream TLS transport socket.
+fn settlement_over_tls(config: &str, ca: &Path, client: &CertFiles) -> Result<String> {
+    const CLUSTER: &str = "    - name: settlement\n      type: STATIC\n";
+    if !config.contains(CLUSTER) {
+        bail!("the Envoy template has no `settlement` cluster of type STATIC");
+    }
+    let socket = format!(
+        r#"      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: localhost
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificates:
+              - certificate_chain: {{ filename: "{}" }}
+                private_key: {{ filename: "{}" }}
+            validation_context:
+              trusted_ca: {{ filename: "{}" }}
+              match_typed_subject_alt_names:
+                - san_type: DNS
+                  matcher: {{ exact: localhost }}
+"#,
+        client.cert.display(),
+        client.key.display(),
+        ca.display()
+    );
+    Ok(config.replacen(CLUSTER, &format!("{CLUSTER}{socket}"), 1))
 }
 
 /// Splits a rendered config into a bootstrap that reads its listeners from

@@ -3,6 +3,7 @@
 //!
 //! - [`pg`]: a private PostgreSQL cluster from the system binaries.
 //! - [`process`]: child processes that die with their owner, free ports, log tails.
+//! - [`pki`]: a private CA and certificates for the TLS tests.
 //! - [`settlement`]: the `x402-settlement` binary, its Operator gRPC API and CLI.
 //! - [`upstream`]: the HTTP upstream behind Envoy (echo, chosen status, request counts).
 //! - [`grpc_upstream`]: the gRPC upstream behind Envoy (a tonic quote service).
@@ -15,6 +16,7 @@ pub mod envoy;
 pub mod grpc_upstream;
 pub mod paths;
 pub mod pg;
+pub mod pki;
 pub mod process;
 pub mod settlement;
 pub mod stack;

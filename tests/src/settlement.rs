@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use x402_proto::settlement::v1::operator_client::OperatorClient;
 use x402_proto::settlement::v1::{
     AccountKind, AddKeyRequest, Balance, CreateAccountRequest, DepositRequest, GetAccountRequest,
@@ -15,6 +15,7 @@ use x402_proto::settlement::v1::{
 };
 
 use crate::paths;
+use crate::pki::{CertFiles, TestPki};
 use crate::process::{free_port, ChildGuard, ScratchDir};
 
 /// How long the service may take to accept gRPC after start (it runs migrations first).
@@ -32,6 +33,15 @@ pub struct Settlement {
     extra_args: Vec<String>,
     /// Sent as `authorization: Bearer` on operator calls and by the CLI, when set.
     operator_token: Option<String>,
+    /// Served over mutual TLS: the CA the harness trusts and the certificate it presents.
+    tls: Option<ClientTls>,
+}
+
+/// What a client of a TLS settlement trusts and presents.
+#[derive(Debug, Clone)]
+struct ClientTls {
+    ca: PathBuf,
+    identity: CertFiles,
 }
 
 /// Adds `authorization: Bearer <token>` to every call when a token is set.
@@ -74,17 +84,50 @@ impl Settlement {
             Some(p) => p,
             None => free_port()?,
         };
+        let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        Settlement::spawn_new(database_url, port, extra_args, None, None).await
+    }
+
+    /// Starts `serve` with `extra_args`; the harness's clients send `operator_token`
+    /// and speak `tls` when set.
+    async fn spawn_new(
+        database_url: &str,
+        port: u16,
+        extra_args: Vec<String>,
+        operator_token: Option<String>,
+        tls: Option<ClientTls>,
+    ) -> Result<Settlement> {
         let mut s = Settlement {
             child: None,
             port,
             database_url: database_url.to_string(),
             bin: paths::settlement_bin()?,
             dir: ScratchDir::new("settlement")?,
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-            operator_token: None,
+            extra_args,
+            operator_token,
+            tls,
         };
         s.spawn_and_wait().await?;
         Ok(s)
+    }
+
+    /// Starts settlement serving `pki`'s server certificate and requiring client
+    /// certificates its CA signed; the harness presents `pki.client`.
+    pub async fn start_tls(database_url: &str, pki: &TestPki) -> Result<Settlement> {
+        let path = |p: &PathBuf| p.display().to_string();
+        let args = vec![
+            "--tls-cert".into(),
+            path(&pki.server.cert),
+            "--tls-key".into(),
+            path(&pki.server.key),
+            "--tls-client-ca".into(),
+            path(&pki.ca),
+        ];
+        let tls = ClientTls {
+            ca: pki.ca.clone(),
+            identity: pki.client.clone(),
+        };
+        Settlement::spawn_new(database_url, free_port()?, args, None, Some(tls)).await
     }
 
     async fn spawn_and_wait(&mut self) -> Result<()> {
@@ -152,7 +195,8 @@ impl Settlement {
 
     /// `http://127.0.0.1:PORT`, what the CLI's `--server` takes.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn database_url(&self) -> &str {
@@ -211,26 +255,30 @@ impl Settlement {
         operator_token: &str,
         dataplane_token: &str,
     ) -> Result<Settlement> {
-        let mut s = Settlement {
-            child: None,
-            port: free_port()?,
-            database_url: database_url.to_string(),
-            bin: paths::settlement_bin()?,
-            dir: ScratchDir::new("settlement")?,
-            extra_args: vec![
-                "--operator-token".into(),
-                operator_token.into(),
-                "--dataplane-token".into(),
-                dataplane_token.into(),
-            ],
-            operator_token: Some(operator_token.into()),
-        };
-        s.spawn_and_wait().await?;
-        Ok(s)
+        let args = vec![
+            "--operator-token".into(),
+            operator_token.into(),
+            "--dataplane-token".into(),
+            dataplane_token.into(),
+        ];
+        let token = Some(operator_token.to_owned());
+        Settlement::spawn_new(database_url, free_port()?, args, token, None).await
     }
 
     pub async fn operator(&self) -> Result<OperatorApi> {
-        let channel = Endpoint::from_shared(self.url())?
+        let mut endpoint = Endpoint::from_shared(self.url())?;
+        if let Some(tls) = &self.tls {
+            let identity = Identity::from_pem(
+                std::fs::read(&tls.identity.cert)?,
+                std::fs::read(&tls.identity.key)?,
+            );
+            endpoint = endpoint.tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(std::fs::read(&tls.ca)?))
+                    .identity(identity),
+            )?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
             .connect()
@@ -346,6 +394,11 @@ impl Settlement {
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args).env("X402_SETTLEMENT_URL", self.url());
+        if let Some(tls) = &self.tls {
+            cmd.env("X402_SETTLEMENT_CA_FILE", &tls.ca)
+                .env("X402_SETTLEMENT_CERT_FILE", &tls.identity.cert)
+                .env("X402_SETTLEMENT_KEY_FILE", &tls.identity.key);
+        }
         match &self.operator_token {
             Some(token) => cmd.env("X402_OPERATOR_TOKEN", token),
             None => cmd.env_remove("X402_OPERATOR_TOKEN"),

@@ -21,6 +21,7 @@ use x402_proto::settlement::v1::AccountKind;
 
 use crate::envoy::{Envoy, EnvoyOptions};
 use crate::pg::TestPostgres;
+use crate::pki::TestPki;
 use crate::settlement::Settlement;
 use crate::upstream::Upstream;
 
@@ -126,27 +127,8 @@ impl Stack {
         filter_config: &str,
         adjust: impl FnOnce(&mut EnvoyOptions),
     ) -> Result<Stack> {
-        let database_url = fresh_database()?;
-        let settlement = Settlement::start(&database_url).await?;
-        settlement
-            .create_account(MERCHANT, AccountKind::Merchant)
-            .await?;
-        let upstream = Upstream::start()?;
-        let mut options = EnvoyOptions::new(upstream.port(), settlement.port(), filter_config);
-        adjust(&mut options);
-        let envoy = Envoy::start(options).await?;
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(60))
-            .build()?;
-        Ok(Stack {
-            envoy,
-            settlement,
-            upstream,
-            http,
-            payer_seq: AtomicU32::new(0),
-        })
+        let settlement = Settlement::start(&fresh_database()?).await?;
+        Stack::around(settlement, filter_config, adjust).await
     }
 
     /// [`Stack::start`] with settlement requiring `operator_token` (sent by the
@@ -158,14 +140,34 @@ impl Stack {
     ) -> Result<Stack> {
         let mut config: serde_json::Value = serde_json::from_str(filter_config)?;
         config["settlement_token"] = dataplane_token.into();
-        let database_url = fresh_database()?;
         let settlement =
-            Settlement::start_secured(&database_url, operator_token, dataplane_token).await?;
+            Settlement::start_secured(&fresh_database()?, operator_token, dataplane_token).await?;
+        Stack::around(settlement, &config.to_string(), |_| {}).await
+    }
+
+    /// [`Stack::start`] with settlement over mutual TLS: it serves `pki`'s server
+    /// certificate and requires client certificates; Envoy and the harness present
+    /// `pki.client`.
+    pub async fn start_tls(filter_config: &str, pki: &TestPki) -> Result<Stack> {
+        let settlement = Settlement::start_tls(&fresh_database()?, pki).await?;
+        Stack::around(settlement, filter_config, |o| {
+            o.settlement_tls = Some((pki.ca.clone(), pki.client.clone()));
+        })
+        .await
+    }
+
+    /// The merchant account, the upstream and Envoy around a running settlement.
+    async fn around(
+        settlement: Settlement,
+        filter_config: &str,
+        adjust: impl FnOnce(&mut EnvoyOptions),
+    ) -> Result<Stack> {
         settlement
             .create_account(MERCHANT, AccountKind::Merchant)
             .await?;
         let upstream = Upstream::start()?;
-        let options = EnvoyOptions::new(upstream.port(), settlement.port(), &config.to_string());
+        let mut options = EnvoyOptions::new(upstream.port(), settlement.port(), filter_config);
+        adjust(&mut options);
         let envoy = Envoy::start(options).await?;
         let http = reqwest::Client::builder()
             .no_proxy()

@@ -327,3 +327,62 @@ async fn settlement_runs_on_the_worker_threads_it_is_given() {
             .unwrap();
     assert_eq!(workers(settlement.pid().unwrap()), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_over_mutual_tls_serves_only_clients_with_a_certificate() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    use x402_proto::settlement::v1::operator_client::OperatorClient;
+    use x402_proto::settlement::v1::GetAccountRequest;
+
+    let pki = x402_e2e::pki::TestPki::generate().unwrap();
+    let stack = Stack::start_tls(&default_filter_config(), &pki)
+        .await
+        .unwrap();
+    // Envoy's settlement cluster speaks TLS and presents the client certificate.
+    let (account, key) = stack.new_payer(1_000_000).await.unwrap();
+    let answer = stack.pay_get(&key, "/paid/quote").await.unwrap();
+    assert_eq!(answer.status, 200, "{}", stack.logs());
+    stack
+        .wait_for_settled_balance(&account, 1_000_000 - i64::try_from(PAID_PRICE).unwrap())
+        .await
+        .unwrap();
+    // So does the operator CLI, given the CA and its certificate (`X402_SETTLEMENT_*`).
+    let out = stack
+        .settlement
+        .cli(&["account", "get", "--id", &account, "--json"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&account));
+
+    // Plaintext, and TLS without a client certificate, get nothing.
+    let port = stack.settlement.port();
+    let probe = |endpoint: Endpoint| async move {
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        OperatorClient::new(channel)
+            .get_account(GetAccountRequest {
+                account_id: "anyone".into(),
+            })
+            .await
+            .map_err(anyhow::Error::from)?;
+        anyhow::Ok(())
+    };
+    let plain = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    assert!(probe(plain).await.is_err(), "a plaintext client was served");
+    let ca = Certificate::from_pem(std::fs::read(&pki.ca).unwrap());
+    let anonymous = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(ca))
+        .unwrap();
+    assert!(
+        probe(anonymous).await.is_err(),
+        "a client without a certificate was served"
+    );
+}
