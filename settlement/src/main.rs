@@ -276,12 +276,14 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         command => {
-            let tls = match cli.server.starts_with("https://") {
-                true => Some(x402_settlement::tls::client_config(
+            // TLS is the server's scheme: certificate flags alone do not turn it on.
+            let tls = if cli.server.starts_with("https://") {
+                Some(x402_settlement::tls::client_config(
                     cli.ca_file.as_deref(),
                     cli.cert_file.as_deref().zip(cli.key_file.as_deref()),
-                )?),
-                false => None,
+                )?)
+            } else {
+                None
             };
             operator(&cli.server, tls, cli.token, json, command).await
         }
