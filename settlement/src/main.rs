@@ -301,6 +301,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     } else {
         builder.init();
     }
+    // Certificate files are read before anything else starts, so a wrong path fails fast.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(x402_settlement::tls::server_config(
+            cert,
+            key,
+            args.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
     let pool = db::connect(&args.database_url, args.db_max_connections)
         .await
         .context("connecting to the database")?;
@@ -329,14 +338,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..Default::default()
         },
         group_committers: args.group_committers,
-        tls: match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(x402_settlement::tls::server_config(
-                cert,
-                key,
-                args.tls_client_ca.as_deref(),
-            )?),
-            _ => None,
-        },
+        tls,
         ..server::ServerConfig::default()
     };
     server::run_with_http(listener, http, pool, config, shutdown_signal()).await?;

@@ -7,7 +7,7 @@ use std::path::Path;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 #[derive(Debug, thiserror::Error)]
-#[error("reading {path}: {source}")]
+#[error("reading {path}")]
 pub struct TlsFileError {
     path: String,
     source: std::io::Error,
