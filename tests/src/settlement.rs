@@ -193,7 +193,8 @@ impl Settlement {
         self.port
     }
 
-    /// `http://127.0.0.1:PORT`, what the CLI's `--server` takes.
+    /// `http://127.0.0.1:PORT` (`https://` when served over TLS), what the CLI's
+    /// `--server` takes.
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.port)
