@@ -383,7 +383,7 @@ mod tests {
 
     #[test]
     fn captures_and_voids_read_back_as_written_and_garbage_reads_as_nothing() {
-        // The second capture's amount is the void mark, but its id has no NUL.
+        // The second capture's amount is the void mark, but its id has no separator.
         let items = [
             capture("tx-1"),
             CaptureItem {

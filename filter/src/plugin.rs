@@ -238,15 +238,14 @@ impl Vm {
                 .filter(|s| !s.is_empty());
         }
         info.body_follows = body_follows;
-        info.hold_headers = self.plugins.get(&root_id).is_some_and(|p| {
-            p.config.hold_request_headers && p.headers_hold != HeadersHold::Ignored
-        });
         if let Some(request) = self.requests.get_mut(&context_id) {
             request.grpc = host
                 .request_header("content-type")
                 .is_some_and(|ct| crate::grpc::is_grpc_content_type(&ct));
         }
         if let Some(plugin) = self.plugins.get(&root_id) {
+            info.hold_headers =
+                plugin.config.hold_request_headers && plugin.headers_hold != HeadersHold::Ignored;
             info.policy = crate::policy::evaluate_request(host, &plugin.config, &info);
             info.limit_client = crate::policy::global_limit_client(host, &plugin.config, &info);
             // Only the headers some price expression reads are copied.
@@ -264,9 +263,11 @@ impl Vm {
         self.resumed_inline = false;
         let action = self.advance(host, context_id, root_id, Event::RequestHeaders(info));
         self.in_headers = None;
-        if let Some(r) = self.requests.get_mut(&context_id) {
-            if action == Action::Pause && matches!(r.state, State::Buffering(_)) {
-                r.headers_held_at = Some(host.now_nanos());
+        if action == Action::Pause {
+            if let Some(r) = self.requests.get_mut(&context_id) {
+                if matches!(r.state, State::Buffering(_)) {
+                    r.headers_held_at = Some(host.now_nanos());
+                }
             }
         }
         if std::mem::take(&mut self.resumed_inline) {
@@ -608,7 +609,7 @@ impl Vm {
         let Some(plugin) = self.plugins.get_mut(&root_id) else {
             return;
         };
-        if plugin.headers_hold == HeadersHold::Works {
+        if !plugin.config.hold_request_headers || plugin.headers_hold == HeadersHold::Works {
             return;
         }
         let now = host.now_nanos();
