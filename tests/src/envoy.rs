@@ -242,8 +242,6 @@ fn unique_base_id() -> u32 {
 
 pub struct Envoy {
     child: ChildGuard,
-    listen_port: u16,
-    admin_port: u16,
     config_path: PathBuf,
     /// The LDS file when `options.listener_from_file`.
     listeners_path: PathBuf,
@@ -310,8 +308,6 @@ impl Envoy {
         let child = ChildGuard::spawn("envoy", cmd, &log)?;
         let mut envoy = Envoy {
             child,
-            listen_port: options.listen_port,
-            admin_port: options.admin_port,
             config_path,
             listeners_path,
             options,
@@ -362,7 +358,7 @@ impl Envoy {
     pub async fn counter(&self, name: &str) -> Result<u64> {
         let url = format!(
             "http://127.0.0.1:{}/stats?format=json&filter={name}",
-            self.admin_port
+            self.options.admin_port
         );
         let body: serde_json::Value = reqwest::Client::builder()
             .no_proxy()
@@ -385,7 +381,7 @@ impl Envoy {
             .no_proxy()
             .timeout(Duration::from_secs(2))
             .build()?;
-        let ready_url = format!("http://127.0.0.1:{}/ready", self.admin_port);
+        let ready_url = format!("http://127.0.0.1:{}/ready", self.options.admin_port);
         let start = Instant::now();
         loop {
             if let Some(why) = self.child.exited() {
@@ -399,7 +395,7 @@ impl Envoy {
                 Err(_) => false,
             };
             if live
-                && tokio::net::TcpStream::connect(("127.0.0.1", self.listen_port))
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.options.listen_port))
                     .await
                     .is_ok()
             {
@@ -416,16 +412,16 @@ impl Envoy {
     }
 
     pub fn listen_port(&self) -> u16 {
-        self.listen_port
+        self.options.listen_port
     }
 
     pub fn admin_port(&self) -> u16 {
-        self.admin_port
+        self.options.admin_port
     }
 
     /// `127.0.0.1:PORT`, the authority clients send (and sign).
     pub fn authority(&self) -> String {
-        format!("127.0.0.1:{}", self.listen_port)
+        format!("127.0.0.1:{}", self.options.listen_port)
     }
 
     pub fn config_path(&self) -> &Path {
