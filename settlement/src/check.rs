@@ -341,6 +341,16 @@ pub struct PaidResponse {
     pub amount: u64,
 }
 
+impl PaidResponse {
+    /// The response a receipt names; `None` when its amount is not an integer.
+    pub fn from_receipt(receipt: x402_proto::wire::SettleResponse) -> Option<PaidResponse> {
+        Some(PaidResponse {
+            amount: receipt.amount.parse().ok()?,
+            transaction: receipt.transaction,
+        })
+    }
+}
+
 /// Checks that every paid response has exactly one capture of its hold, for at most
 /// the receipt's amount. When `settlement_was_unreachable` (the run made settlement
 /// unreachable around capture time and says so), an expired hold is accepted in

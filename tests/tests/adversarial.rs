@@ -42,10 +42,7 @@ async fn assert_ledger_clean(stack: &Stack, paid: &[PaidResponse]) -> String {
 
 fn receipt(answer: &Answer) -> PaidResponse {
     let r = x402_client::parse_receipt(&answer.headers).expect("a receipt");
-    PaidResponse {
-        transaction: r.transaction,
-        amount: r.amount.parse().unwrap(),
-    }
+    PaidResponse::from_receipt(r).unwrap()
 }
 
 /// Sends `header` as the payment and returns (status, error code).

@@ -73,10 +73,7 @@ fn send_to(
 
 fn receipt(answer: &Answer) -> PaidResponse {
     let r = x402_client::parse_receipt(&answer.headers).expect("a receipt on a paid answer");
-    PaidResponse {
-        transaction: r.transaction,
-        amount: r.amount.parse().unwrap(),
-    }
+    PaidResponse::from_receipt(r).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,12 +43,9 @@ fn repriced_config() -> String {
 fn receipt_of(answer: &x402_client::PaidResponse) -> PaidResponse {
     let receipt = answer
         .receipt
-        .as_ref()
+        .clone()
         .expect("a paid 200 carries a receipt");
-    PaidResponse {
-        transaction: receipt.transaction.clone(),
-        amount: receipt.amount.parse().unwrap(),
-    }
+    PaidResponse::from_receipt(receipt).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

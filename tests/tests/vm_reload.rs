@@ -63,10 +63,7 @@ async fn paid_once(stack: &Stack, key: &x402_client::PayerKey) -> Option<PaidRes
         return None;
     }
     let receipt = answer.receipt.expect("a paid 200 carries a receipt");
-    Some(PaidResponse {
-        transaction: receipt.transaction,
-        amount: receipt.amount.parse().unwrap(),
-    })
+    Some(PaidResponse::from_receipt(receipt).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,10 +157,7 @@ async fn a_crashed_vm_is_reloaded_and_nothing_is_charged_twice_or_lost() {
         stack.logs()
     );
     let receipt = x402_client::parse_receipt(&reused.headers).expect("a receipt");
-    paid.push(PaidResponse {
-        transaction: receipt.transaction,
-        amount: receipt.amount.parse().unwrap(),
-    });
+    paid.push(PaidResponse::from_receipt(receipt).unwrap());
 
     // Exactly the successful paid requests are charged, each once.
     stack
@@ -220,10 +214,7 @@ async fn a_capture_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
         .unwrap();
     assert_eq!(answer.status.as_u16(), 200, "{}", stack.logs());
     let receipt = answer.receipt.expect("a paid 200 carries a receipt");
-    let paid = PaidResponse {
-        transaction: receipt.transaction,
-        amount: receipt.amount.parse().unwrap(),
-    };
+    let paid = PaidResponse::from_receipt(receipt).unwrap();
 
     // The capture failed (settlement is down) and waits for its resend.
     crash_then_reload(&mut stack).await;
