@@ -166,6 +166,11 @@ struct ServeArgs {
     /// connect (mutual TLS). Needs `--tls-cert`.
     #[arg(long, env = "X402_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<std::path::PathBuf>,
+    /// How often the TLS files are read again: a renewed certificate (or client CA)
+    /// is served to new connections without a restart; files that do not make a
+    /// working identity are refused with a warning and the last good ones kept.
+    #[arg(long, env = "X402_TLS_RELOAD_SECONDS", default_value_t = 10)]
+    tls_reload_seconds: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -303,10 +308,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     // Certificate files are read before anything else starts, so a wrong path fails fast.
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(x402_settlement::tls::server_config(
-            cert,
-            key,
-            args.tls_client_ca.as_deref(),
+        (Some(cert), Some(key)) => Some(x402_settlement::tls::ServerTls::load(
+            x402_settlement::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            },
         )?),
         _ => None,
     };
@@ -339,6 +346,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
         group_committers: args.group_committers,
         tls,
+        tls_reload_interval: Duration::from_secs(args.tls_reload_seconds.max(1)),
         ..server::ServerConfig::default()
     };
     server::run_with_http(listener, http, pool, config, shutdown_signal()).await?;

@@ -58,7 +58,9 @@ pub struct ServerConfig {
     pub group_committers: usize,
     /// TLS (and client certificates, when it names a client CA) on the gRPC listener;
     /// plaintext when unset ([`crate::tls`]).
-    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
+    /// How often the TLS files are read again for a renewed certificate.
+    pub tls_reload_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -71,9 +73,13 @@ impl Default for ServerConfig {
             webhooks: WebhookConfig::default(),
             group_committers: DEFAULT_GROUP_COMMITTERS,
             tls: None,
+            tls_reload_interval: DEFAULT_TLS_RELOAD_INTERVAL,
         }
     }
 }
+
+/// Default of [`ServerConfig::tls_reload_interval`].
+pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Default of [`ServerConfig::group_committers`].
 pub const DEFAULT_GROUP_COMMITTERS: usize = 1;
@@ -84,6 +90,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Serves DataPlane, Operator, grpc.health.v1 and reflection on `listener` until
@@ -170,11 +178,7 @@ pub async fn run_with_http(
         let _ = drain_tx.send(true);
     };
     let operator = OperatorService::new(ledger.clone()).with_events(events_tx, drain_rx);
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = config.tls.clone() {
-        builder = builder.tls_config(tls)?;
-    }
-    let served = builder
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(DataPlaneServer::with_interceptor(
@@ -185,9 +189,26 @@ pub async fn run_with_http(
         .add_service(OperatorServer::with_interceptor(
             operator,
             config.operator_token.interceptor(),
-        ))
-        .serve_with_incoming_shutdown(without_nagle(listener), shutdown)
-        .await;
+        ));
+    let served = match &config.tls {
+        Some(tls) => {
+            let acceptor = tls.acceptor()?;
+            let watch = tls.watch(config.tls_reload_interval);
+            let served = router
+                .serve_with_incoming_shutdown(
+                    crate::tls::accept(without_nagle(listener), acceptor),
+                    shutdown,
+                )
+                .await;
+            watch.abort();
+            served
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(without_nagle(listener), shutdown)
+                .await
+        }
+    };
     // In-flight calls have finished (and dropped the recorder's senders with the
     // services): the recorder writes what is queued, then each worker finishes its round.
     if let Err(e) = recorder.await {

@@ -1,10 +1,26 @@
 //! TLS for settlement's gRPC listener: the certificate it serves, and, with a client
 //! CA, client certificates it requires (mutual TLS), for settlement reached over a
-//! network that no mesh encrypts.
+//! network that no mesh encrypts. The files are read again while settlement runs, so
+//! renewed certificates are served without a restart.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::{
+    self,
+    client::danger::HandshakeSignatureValid,
+    crypto::CryptoProvider,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, UnixTime},
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        ClientHello, ResolvesServerCert, WebPkiClientVerifier,
+    },
+    sign::CertifiedKey,
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 #[derive(Debug, thiserror::Error)]
 #[error("reading {path}")]
@@ -20,19 +36,307 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsFileError> {
     })
 }
 
-/// The server side: `cert` (PEM chain) and `key` (PEM); with `client_ca`, only
-/// clients presenting a certificate it signed get a connection. A PEM that does not
-/// parse is refused when the server starts.
-pub fn server_config(
-    cert: &Path,
-    key: &Path,
-    client_ca: Option<&Path>,
-) -> Result<ServerTlsConfig, TlsFileError> {
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+/// The files settlement serves TLS from: its certificate chain and key (PEM), and,
+/// for mutual TLS, the CA certificates client certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Settlement's TLS: what new connections are served with, read again from its
+/// files every so often ([`ServerTls::watch`]), so a certificate renewed on disk (by
+/// cert-manager, a Kubernetes secret or a cron job) is served without a restart.
+/// Connections already open keep the certificate they were made with. Files that no
+/// longer make a working identity (a PEM that does not parse, a key that is not the
+/// certificate's, an empty CA file) are refused with a warning and the last good ones
+/// stay in use.
+#[derive(Debug)]
+pub struct ServerTls {
+    files: TlsFiles,
+    current: RwLock<Arc<Loaded>>,
+}
+
+/// One good reading of the files.
+#[derive(Debug)]
+struct Loaded {
+    /// The bytes read, to tell a change from the same files read again.
+    bytes: FileBytes,
+    key: Arc<CertifiedKey>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+type FileBytes = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    File(#[from] TlsFileError),
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+fn invalid(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::Invalid {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
     }
-    Ok(tls)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TlsFiles {
+    fn read(&self) -> Result<FileBytes, TlsFileError> {
+        Ok((
+            read(&self.cert)?,
+            read(&self.key)?,
+            self.client_ca.as_deref().map(read).transpose()?,
+        ))
+    }
+
+    /// Makes the identity and the client verifier from `bytes`, as read from `self`.
+    fn load(&self, bytes: FileBytes) -> Result<Loaded, TlsError> {
+        let provider = provider();
+        let chain = CertificateDer::pem_slice_iter(&bytes.0)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(&self.cert, e))?;
+        if chain.is_empty() {
+            return Err(invalid(&self.cert, "no certificate in the file"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&bytes.1).map_err(|e| invalid(&self.key, e))?;
+        let key = CertifiedKey::from_der(chain, key, &provider)
+            .map_err(|e| invalid(&self.key, format!("not the key of the certificate ({e})")))?;
+        let verifier = match (&self.client_ca, &bytes.2) {
+            (Some(path), Some(pem)) => {
+                let mut roots = RootCertStore::empty();
+                for ca in CertificateDer::pem_slice_iter(pem) {
+                    let ca = ca.map_err(|e| invalid(path, e))?;
+                    roots.add(ca).map_err(|e| invalid(path, e))?;
+                }
+                if roots.is_empty() {
+                    return Err(invalid(path, "no CA certificate in the file"));
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| invalid(path, e))?;
+                Some(verifier)
+            }
+            _ => None,
+        };
+        Ok(Loaded {
+            bytes,
+            key: Arc::new(key),
+            verifier,
+        })
+    }
+}
+
+impl ServerTls {
+    /// Reads the files; a file missing or not making a working identity is refused
+    /// here, when the server starts.
+    pub fn load(files: TlsFiles) -> Result<Arc<ServerTls>, TlsError> {
+        let loaded = files.load(files.read()?)?;
+        Ok(Arc::new(ServerTls {
+            files,
+            current: RwLock::new(Arc::new(loaded)),
+        }))
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reads the files again and serves what they hold now if it differs from what
+    /// is served and makes a working identity. `refused` is the last reading refused,
+    /// so the same broken files are reported once, not at every look.
+    fn reload(&self, refused: &mut Option<FileBytes>) {
+        let bytes = match self.files.read() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS files unreadable; serving the certificate read before");
+                return;
+            }
+        };
+        if bytes == self.current().bytes || refused.as_ref() == Some(&bytes) {
+            return;
+        }
+        match self.files.load(bytes.clone()) {
+            Ok(loaded) => {
+                match self.current.write() {
+                    Ok(mut current) => *current = Arc::new(loaded),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(loaded),
+                }
+                *refused = None;
+                tracing::info!(
+                    cert = %self.files.cert.display(),
+                    "TLS files changed: new connections get the new certificate"
+                );
+            }
+            Err(e) => {
+                *refused = Some(bytes);
+                tracing::warn!(error = %e, "TLS files changed but are refused; serving the certificate read before");
+            }
+        }
+    }
+
+    /// Looks at the files every `every` until the returned task is aborted.
+    pub fn watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let tls = self.clone();
+        tokio::spawn(async move {
+            let mut refused = None;
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let tls = tls.clone();
+                // File reads block: off the runtime's workers.
+                refused = tokio::task::spawn_blocking(move || {
+                    tls.reload(&mut refused);
+                    refused
+                })
+                .await
+                .unwrap_or_default();
+            }
+        })
+    }
+
+    /// The rustls configuration of the listener: HTTP/2 (gRPC), the certificate and
+    /// client verifier of the moment for each handshake.
+    pub fn acceptor(self: &Arc<Self>) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(&self.files.cert, e))?;
+        let builder = if self.files.client_ca.is_some() {
+            builder.with_client_cert_verifier(Arc::new(Current(self.clone())))
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(Current(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed session skips the certificates, so a client
+        // of a CA since replaced would still get in. gRPC clients keep their
+        // connections, so full handshakes are rare anyway.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// Hands each handshake what [`ServerTls`] holds at that moment.
+#[derive(Debug)]
+struct Current(Arc<ServerTls>);
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().key.clone())
+    }
+}
+
+impl Current {
+    fn verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        self.0
+            .current()
+            .verifier
+            .clone()
+            .ok_or_else(|| rustls::Error::General("no client CA configured".into()))
+    }
+}
+
+impl ClientCertVerifier for Current {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The CA's names change with the files and cannot be lent from behind the
+        // lock; hints are optional (a client sends the certificate it was given).
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Longest a client may take over its TLS handshake before its connection is closed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS connections from `accepted` (plain TCP), each handshake on its own task so a
+/// slow client holds up no one else; connections whose handshake fails are closed
+/// and logged. The stream ends when `accepted` does or its reader is dropped.
+pub fn accept<S>(
+    accepted: S,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>>
+where
+    S: tokio_stream::Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
+{
+    use tokio_stream::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut accepted = std::pin::pin!(accepted);
+        loop {
+            let next = tokio::select! {
+                next = accepted.next() => next,
+                () = tx.closed() => return,
+            };
+            let stream = match next {
+                Some(Ok(stream)) => stream,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    continue;
+                }
+                None => return,
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let peer = stream.peer_addr().ok();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(?peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::info!(?peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The client side (operator commands): trust `ca` (else the system's roots) and

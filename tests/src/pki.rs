@@ -27,6 +27,35 @@ pub struct TestPki {
 impl TestPki {
     pub fn generate() -> Result<TestPki> {
         let dir = ScratchDir::new("pki")?;
+        let path = |name: &str| dir.path().join(name);
+        let pki = TestPki {
+            ca: path("ca.pem"),
+            server: CertFiles {
+                cert: path("settlement.pem"),
+                key: path("settlement.key"),
+            },
+            client: CertFiles {
+                cert: path("client.pem"),
+                key: path("client.key"),
+            },
+            _dir: dir,
+        };
+        pki.issue()?;
+        Ok(pki)
+    }
+
+    /// Replaces every file with a new CA and certificates it signed, as an operator
+    /// rotating a CA would (each file replaced by a rename, never seen half written).
+    pub fn rotate(&self) -> Result<()> {
+        self.issue()
+    }
+
+    fn issue(&self) -> Result<()> {
+        let write = |path: &PathBuf, pem: String| {
+            let partial = path.with_extension("partial");
+            std::fs::write(&partial, pem)?;
+            std::fs::rename(&partial, path)
+        };
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -34,37 +63,28 @@ impl TestPki {
             .distinguished_name
             .push(DnType::CommonName, "402x test CA");
         let ca = ca_params.self_signed(&ca_key)?;
-        let ca_path = dir.path().join("ca.pem");
-        std::fs::write(&ca_path, ca.pem())?;
-        let issue = |name: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        write(&self.ca, ca.pem())?;
+        let issue = |files: &CertFiles, name: &str, sans: Vec<String>, usage| {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(sans)?;
             params.distinguished_name.push(DnType::CommonName, name);
             params.extended_key_usages = vec![usage];
             let cert = params.signed_by(&key, &ca, &ca_key)?;
-            let files = CertFiles {
-                cert: dir.path().join(format!("{name}.pem")),
-                key: dir.path().join(format!("{name}.key")),
-            };
-            std::fs::write(&files.cert, cert.pem())?;
-            std::fs::write(&files.key, key.serialize_pem())?;
-            anyhow::Ok(files)
+            write(&files.cert, cert.pem())?;
+            write(&files.key, key.serialize_pem())?;
+            anyhow::Ok(())
         };
-        let server = issue(
+        issue(
+            &self.server,
             "settlement",
             vec!["localhost".into(), "127.0.0.1".into()],
             ExtendedKeyUsagePurpose::ServerAuth,
         )?;
-        let client = issue(
+        issue(
+            &self.client,
             "client",
             vec!["client.x402.test".into()],
             ExtendedKeyUsagePurpose::ClientAuth,
-        )?;
-        Ok(TestPki {
-            ca: ca_path,
-            server,
-            client,
-            _dir: dir,
-        })
+        )
     }
 }

@@ -112,10 +112,15 @@ impl Settlement {
     }
 
     /// Starts settlement serving `pki`'s server certificate and requiring client
-    /// certificates its CA signed; the harness presents `pki.client`.
-    pub async fn start_tls(database_url: &str, pki: &TestPki) -> Result<Settlement> {
+    /// certificates its CA signed, with `extra_args`; the harness presents
+    /// `pki.client` (as the files hold it at each connection).
+    pub async fn start_tls(
+        database_url: &str,
+        pki: &TestPki,
+        extra_args: &[&str],
+    ) -> Result<Settlement> {
         let path = |p: &PathBuf| p.display().to_string();
-        let args = vec![
+        let mut args = vec![
             "--tls-cert".into(),
             path(&pki.server.cert),
             "--tls-key".into(),
@@ -123,6 +128,7 @@ impl Settlement {
             "--tls-client-ca".into(),
             path(&pki.ca),
         ];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
         let tls = ClientTls {
             ca: pki.ca.clone(),
             identity: pki.client.clone(),

@@ -149,7 +149,7 @@ impl Stack {
     /// certificate and requires client certificates; Envoy and the harness present
     /// `pki.client`.
     pub async fn start_tls(filter_config: &str, pki: &TestPki) -> Result<Stack> {
-        let settlement = Settlement::start_tls(&fresh_database()?, pki).await?;
+        let settlement = Settlement::start_tls(&fresh_database()?, pki, &[]).await?;
         Stack::around(settlement, filter_config, |o| {
             o.settlement_tls = Some((pki.ca.clone(), pki.client.clone()));
         })

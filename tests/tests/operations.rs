@@ -331,8 +331,6 @@ async fn settlement_runs_on_the_worker_threads_it_is_given() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_over_mutual_tls_serves_only_clients_with_a_certificate() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-    use x402_proto::settlement::v1::operator_client::OperatorClient;
-    use x402_proto::settlement::v1::GetAccountRequest;
 
     let pki = x402_e2e::pki::TestPki::generate().unwrap();
     let stack = Stack::start_tls(&default_filter_config(), &pki)
@@ -360,20 +358,9 @@ async fn settlement_over_mutual_tls_serves_only_clients_with_a_certificate() {
 
     // Plaintext, and TLS without a client certificate, get nothing.
     let port = stack.settlement.port();
-    let probe = |endpoint: Endpoint| async move {
-        let channel = endpoint
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await?;
-        OperatorClient::new(channel)
-            .get_account(GetAccountRequest {
-                account_id: "anyone".into(),
-            })
-            .await
-            .map_err(anyhow::Error::from)?;
-        anyhow::Ok(())
-    };
+    probe(tls_endpoint(&stack.settlement.url(), &pki))
+        .await
+        .unwrap();
     let plain = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
     assert!(probe(plain).await.is_err(), "a plaintext client was served");
     let ca = Certificate::from_pem(std::fs::read(&pki.ca).unwrap());
@@ -385,4 +372,118 @@ async fn settlement_over_mutual_tls_serves_only_clients_with_a_certificate() {
         probe(anonymous).await.is_err(),
         "a client without a certificate was served"
     );
+}
+
+/// One Operator call on a new connection to `endpoint`: `Ok` when settlement
+/// answered it (NOT_FOUND for the account asked for, which does not exist), the
+/// connection's or call's failure otherwise.
+async fn probe(endpoint: tonic::transport::Endpoint) -> anyhow::Result<()> {
+    use x402_proto::settlement::v1::operator_client::OperatorClient;
+    use x402_proto::settlement::v1::GetAccountRequest;
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let answer = OperatorClient::new(channel)
+        .get_account(GetAccountRequest {
+            account_id: "nobody".into(),
+        })
+        .await;
+    match answer {
+        Err(status) if status.code() != tonic::Code::NotFound => Err(status.into()),
+        _ => Ok(()),
+    }
+}
+
+/// A client of settlement at `url` trusting the CA and presenting the client
+/// certificate `pki`'s files hold now.
+fn tls_endpoint(url: &str, pki: &x402_e2e::pki::TestPki) -> tonic::transport::Endpoint {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |p: &std::path::PathBuf| std::fs::read(p).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&pki.ca)))
+        .identity(Identity::from_pem(
+            read(&pki.client.cert),
+            read(&pki.client.key),
+        ));
+    Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_serves_renewed_certificates_without_a_restart() {
+    use x402_e2e::pki::TestPki;
+    use x402_e2e::settlement::Settlement;
+    use x402_proto::settlement::v1::GetAccountRequest;
+
+    let pki = TestPki::generate().unwrap();
+    let settlement = Settlement::start_tls(
+        &x402_e2e::stack::fresh_database().unwrap(),
+        &pki,
+        &["--tls-reload-seconds", "1"],
+    )
+    .await
+    .unwrap();
+    let first_ca = tls_endpoint(&settlement.url(), &pki);
+    probe(first_ca.clone()).await.unwrap();
+    let mut open = settlement.operator().await.unwrap();
+    open.get_account(GetAccountRequest {
+        account_id: "nobody".into(),
+    })
+    .await
+    .unwrap_err();
+    let wait_for_log = |text: &str| {
+        let text = text.to_owned();
+        let settlement = &settlement;
+        async move {
+            let start = Instant::now();
+            while !settlement.log_tail(400).contains(&text) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "no `{text}` in the log:\n{}",
+                    settlement.log_tail(40)
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+
+    // A key that is not the certificate's: refused, the certificate served stays.
+    let good_key = std::fs::read(&pki.server.key).unwrap();
+    let stranger = TestPki::generate().unwrap();
+    std::fs::copy(&stranger.server.key, &pki.server.key).unwrap();
+    wait_for_log("not the key of the certificate").await;
+    probe(first_ca.clone()).await.unwrap();
+    std::fs::write(&pki.server.key, good_key).unwrap();
+
+    // A new CA, server and client certificates: new connections get them, clients of
+    // the replaced CA are refused, and a connection already open keeps working. (The
+    // files change one after the other, so a look between two of them may serve a mix
+    // for a moment.)
+    pki.rotate().unwrap();
+    let rotated = Instant::now();
+    loop {
+        let new_ca = probe(tls_endpoint(&settlement.url(), &pki)).await;
+        let old_ca = probe(first_ca.clone()).await;
+        if new_ca.is_ok() && old_ca.is_err() {
+            break;
+        }
+        assert!(
+            rotated.elapsed() < Duration::from_secs(30),
+            "the new certificates are not served alone: new CA {new_ca:?}, replaced CA {old_ca:?}\n{}",
+            settlement.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for_log("new connections get the new certificate").await;
+    let status = open
+        .get_account(GetAccountRequest {
+            account_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
 }
