@@ -28,7 +28,7 @@ use crate::events::Authorization;
 use crate::group::{parse_grpc_timeout, Committers};
 use crate::ledger::{Ledger, Resolution};
 use crate::operator;
-use crate::verify::{check_authorize, MAX_ID_LEN};
+use crate::verify::{check_authorizes, MAX_ID_LEN};
 
 /// Most items in one data-plane call.
 pub const MAX_BATCH: usize = 1000;
@@ -121,8 +121,8 @@ impl DataPlaneService {
         // Every signature is checked before any row is touched.
         let mut results = Vec::with_capacity(items.len());
         let mut checked = Vec::with_capacity(items.len());
-        for item in &items {
-            match check_authorize(item) {
+        for item in check_authorizes(&items) {
+            match item {
                 Ok(c) => {
                     checked.push(c);
                     results.push(None);

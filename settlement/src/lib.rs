@@ -38,6 +38,7 @@ pub mod limits;
 pub mod metrics;
 pub mod operator;
 pub mod server;
+pub mod signatures;
 pub mod tls;
 pub mod verify;
 pub mod webhooks;

@@ -1,11 +1,12 @@
 //! Checks of an authorize item that need no database: syntax (the same rules the
 //! filter and clients apply, from `x402_proto::wire`), the ed25519 signature
-//! (natively, before any row is touched) and the request hash that makes
-//! `request_id` an idempotency key.
+//! (natively, before any row is touched, a call's items together:
+//! [`crate::signatures`]) and the request hash that makes `request_id` an
+//! idempotency key.
 
+use crate::signatures::Signed;
 use sha2::{Digest, Sha256};
 use x402_proto::settlement::v1::{AuthorizeItem, AuthorizeOutcome, AuthorizeResult};
-use x402_proto::signing::{verify_hex, SignedFields};
 use x402_proto::wire::{check_payment, PaymentAuthorization, PaymentPayload, PaymentRequirements};
 
 /// Longest accepted request id and route name.
@@ -96,6 +97,49 @@ pub(crate) fn own_refusal(item: &CheckedAuthorize, now: u64) -> Option<Authorize
 
 /// Syntax and signature checks of one item.
 pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, AuthorizeResult> {
+    check_authorizes(std::slice::from_ref(item))
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| {
+            Err(refused(
+                &item.request_id,
+                AuthorizeOutcome::InvalidRequest,
+                "item was not checked",
+            ))
+        })
+}
+
+/// Syntax checks of each item, then the signatures of those that pass, checked
+/// together ([`crate::signatures`]).
+pub fn check_authorizes(items: &[AuthorizeItem]) -> Vec<Result<CheckedAuthorize, AuthorizeResult>> {
+    let checked: Vec<_> = items.iter().map(check_syntax).collect();
+    let signed: Vec<Signed<'_>> = checked
+        .iter()
+        .flatten()
+        .filter_map(|(c, message)| {
+            Some(Signed {
+                public_key_hex: &c.payload.payload.payer,
+                signature_hex: &c.payload.payload.signature,
+                message: message.as_deref()?,
+            })
+        })
+        .collect();
+    let mut valid = crate::signatures::verify_all(&signed).into_iter();
+    let mut out = Vec::with_capacity(checked.len());
+    for item in checked {
+        out.push(item.map(|(mut c, message)| {
+            c.signature_valid = message.is_some() && valid.next().unwrap_or(false);
+            c
+        }));
+    }
+    out
+}
+
+/// An item's checks but its signature's (`signature_valid` false), with the bytes
+/// its signature signs (none when its fields cannot be signed).
+fn check_syntax(
+    item: &AuthorizeItem,
+) -> Result<(CheckedAuthorize, Option<Vec<u8>>), AuthorizeResult> {
     let invalid = |m: String| refused(&item.request_id, AuthorizeOutcome::InvalidRequest, m);
     if item.request_id.is_empty()
         || item.request_id.len() > MAX_ID_LEN
@@ -169,47 +213,39 @@ pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, Authori
             })
         }
     };
-    let fields = checked.signed_fields();
-    let signature_valid = verify_signature(
-        &checked.payload.payload.payer,
-        &checked.payload.payload.signature,
-        &fields,
-    );
+    let message = checked.signed_fields().canonical_bytes().ok();
     let request_hash = request_hash(
-        &fields,
+        message.as_deref(),
         &checked.payload.payload,
         item.hold_amount,
         &item.route,
     );
     let capture = item.capture && checked.payload.accepted.scheme == "exact";
-    Ok(CheckedAuthorize {
-        request_id: item.request_id.clone(),
-        amount_authorized: checked.amount,
-        valid_before: checked.valid_before,
-        payload: checked.payload,
-        hold_amount: item.hold_amount,
-        route: item.route.clone(),
-        hold_ttl_seconds,
-        volume_tiers: item
-            .volume_tiers
-            .iter()
-            .map(|t| (t.from_requests, t.price.min(item.hold_amount)))
-            .collect(),
-        global_limit,
-        capture,
-        signature_valid,
-        request_hash,
-    })
-}
-
-/// The one signature check settlement applies: ed25519 `verify_strict` over the
-/// canonical bytes of `x402_proto::signing`.
-pub fn verify_signature(payer_hex: &str, signature_hex: &str, fields: &SignedFields<'_>) -> bool {
-    verify_hex(payer_hex, signature_hex, fields).is_ok()
+    Ok((
+        CheckedAuthorize {
+            request_id: item.request_id.clone(),
+            amount_authorized: checked.amount,
+            valid_before: checked.valid_before,
+            payload: checked.payload,
+            hold_amount: item.hold_amount,
+            route: item.route.clone(),
+            hold_ttl_seconds,
+            volume_tiers: item
+                .volume_tiers
+                .iter()
+                .map(|t| (t.from_requests, t.price.min(item.hold_amount)))
+                .collect(),
+            global_limit,
+            capture,
+            signature_valid: false,
+            request_hash,
+        },
+        message,
+    ))
 }
 
 fn request_hash(
-    fields: &SignedFields<'_>,
+    signed: Option<&[u8]>,
     auth: &PaymentAuthorization,
     hold_amount: u64,
     route: &str,
@@ -217,7 +253,7 @@ fn request_hash(
     let mut h = Sha256::new();
     // The canonical bytes are injective over the signed fields; the rest is appended
     // as more `name=value\n` lines, none of which can contain a line break.
-    if let Ok(bytes) = fields.canonical_bytes() {
+    if let Some(bytes) = signed {
         h.update(bytes);
     }
     for (name, value) in [

@@ -871,6 +871,12 @@ async fn a_batch_answers_every_item_in_order() {
     let mut malformed = paid(&p, "b-malformed", 1_000);
     malformed.proof = None;
     items.push(malformed);
+    // Signatures are checked together: a forged one fails itself alone.
+    let mut forged = paid(&p, "b-forged", 1_000);
+    let signature = &mut forged.proof.as_mut().unwrap().signature;
+    let first = if signature.starts_with('0') { "1" } else { "0" };
+    signature.replace_range(0..1, first);
+    items.push(forged);
     let results = h
         .data
         .clone()
@@ -879,7 +885,7 @@ async fn a_batch_answers_every_item_in_order() {
         .unwrap()
         .into_inner()
         .results;
-    assert_eq!(results.len(), 12);
+    assert_eq!(results.len(), 13);
     assert_eq!(results[0].request_id, "b-unknown");
     assert_eq!(outcome(&results[0]), AuthorizeOutcome::UnknownKey);
     for (i, r) in results[1..11].iter().enumerate() {
@@ -890,7 +896,12 @@ async fn a_batch_answers_every_item_in_order() {
         .filter(|r| outcome(r) == AuthorizeOutcome::Authorized)
         .collect();
     assert_eq!(authorized.len(), 3, "funded for exactly three");
+    assert!(results[1..11]
+        .iter()
+        .all(|r| outcome(r) != AuthorizeOutcome::InvalidSignature));
     assert_eq!(outcome(&results[11]), AuthorizeOutcome::InvalidRequest);
+    assert_eq!(results[12].request_id, "b-forged");
+    assert_eq!(outcome(&results[12]), AuthorizeOutcome::InvalidSignature);
 
     let captures = authorized
         .iter()
