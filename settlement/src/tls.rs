@@ -292,6 +292,13 @@ impl ClientCertVerifier for Current {
     }
 }
 
+/// Whether a failed handshake is TLS refusing the client (rather than the
+/// connection ending).
+fn refused_by_tls(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+}
+
 /// Longest a client may take over its TLS handshake before its connection is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -317,7 +324,9 @@ where
             let stream = match next {
                 Some(Ok(stream)) => stream,
                 Some(Err(e)) => {
+                    // Out of file descriptors, say: give the failing accept a pause.
                     tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
                 None => return,
@@ -330,7 +339,12 @@ where
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => tracing::info!(?peer, error = %e, "TLS handshake refused"),
+                    // What TLS refused (a certificate, a plaintext client) is worth
+                    // a line; a connection closed before speaking (a TCP probe) is not.
+                    Ok(Err(e)) if refused_by_tls(&e) => {
+                        tracing::info!(?peer, error = %e, "TLS handshake refused")
+                    }
+                    Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake abandoned"),
                     Err(_) => tracing::info!(?peer, "TLS handshake timed out"),
                 }
             });
