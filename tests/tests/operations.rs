@@ -430,11 +430,13 @@ async fn settlement_serves_renewed_certificates_without_a_restart() {
     let first_ca = tls_endpoint(&settlement.url(), &pki);
     probe(first_ca.clone()).await.unwrap();
     let mut open = settlement.operator().await.unwrap();
-    open.get_account(GetAccountRequest {
-        account_id: "nobody".into(),
-    })
-    .await
-    .unwrap_err();
+    let status = open
+        .get_account(GetAccountRequest {
+            account_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     let wait_for_log = |text: &str| {
         let text = text.to_owned();
         let settlement = &settlement;
