@@ -94,6 +94,9 @@ pub struct Metrics {
     expiries: AtomicU64,
     refunds: AtomicU64,
     refunded_units: AtomicU64,
+    /// TLS files read again and served, and read again but refused.
+    tls_reloads: AtomicU64,
+    tls_reloads_refused: AtomicU64,
     /// Upstream time reported with captures.
     pub upstream_latency: Histogram,
     /// Ledger-wide events seen on the channel: (type, route, asset) -> (count, amount).
@@ -112,6 +115,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     expiries: AtomicU64::new(0),
     refunds: AtomicU64::new(0),
     refunded_units: AtomicU64::new(0),
+    tls_reloads: AtomicU64::new(0),
+    tls_reloads_refused: AtomicU64::new(0),
     upstream_latency: Histogram::new(),
     events: Mutex::new(BTreeMap::new()),
     webhook_deliveries: Mutex::new(BTreeMap::new()),
@@ -164,6 +169,16 @@ impl Metrics {
     pub fn expired(&self, n: usize) {
         self.expiries
             .fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Changed TLS files were served (`true`) or refused.
+    pub fn tls_reloaded(&self, served: bool) {
+        let counter = if served {
+            &self.tls_reloads
+        } else {
+            &self.tls_reloads_refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn refunded(&self, amount: u64) {
@@ -233,7 +248,7 @@ impl Metrics {
                 );
             }
         }
-        let simple: [(&str, &str, &AtomicU64); 7] = [
+        let simple: [(&str, &str, &AtomicU64); 9] = [
             ("x402_captures_total", "Holds captured.", &self.captures),
             (
                 "x402_captured_units_total",
@@ -256,6 +271,16 @@ impl Metrics {
                 "x402_refunded_units_total",
                 "Atomic units refunded (all assets).",
                 &self.refunded_units,
+            ),
+            (
+                "x402_tls_reloads_total",
+                "Changed TLS files served to new connections.",
+                &self.tls_reloads,
+            ),
+            (
+                "x402_tls_reloads_refused_total",
+                "Changed TLS files refused (the last good ones stay in use).",
+                &self.tls_reloads_refused,
             ),
         ];
         for (name, help, v) in simple {

@@ -174,6 +174,7 @@ impl ServerTls {
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(loaded),
                 }
                 *refused = None;
+                crate::metrics::METRICS.tls_reloaded(true);
                 tracing::info!(
                     cert = %self.files.cert.display(),
                     "TLS files changed: new connections get the new certificate"
@@ -181,6 +182,7 @@ impl ServerTls {
             }
             Err(e) => {
                 *refused = Some(bytes);
+                crate::metrics::METRICS.tls_reloaded(false);
                 tracing::warn!(error = %e, "TLS files changed but are refused; serving the certificate read before");
             }
         }

@@ -420,13 +420,31 @@ async fn settlement_serves_renewed_certificates_without_a_restart() {
     use x402_proto::settlement::v1::GetAccountRequest;
 
     let pki = TestPki::generate().unwrap();
+    let http = format!("127.0.0.1:{}", x402_e2e::pg::free_port().unwrap());
     let settlement = Settlement::start_tls(
         &x402_e2e::stack::fresh_database().unwrap(),
         &pki,
-        &["--tls-reload-seconds", "1"],
+        &["--tls-reload-seconds", "1", "--http-listen", &http],
     )
     .await
     .unwrap();
+    // The reload counters, as Prometheus scrapes them.
+    let reloads = || {
+        let url = format!("http://{http}/metrics");
+        async move {
+            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+                    .unwrap()
+            };
+            (
+                value("x402_tls_reloads_total"),
+                value("x402_tls_reloads_refused_total"),
+            )
+        }
+    };
+    assert_eq!(reloads().await, (0, 0));
     let first_ca = tls_endpoint(&settlement.url(), &pki);
     probe(first_ca.clone()).await.unwrap();
     let mut open = settlement.operator().await.unwrap();
@@ -456,9 +474,12 @@ async fn settlement_serves_renewed_certificates_without_a_restart() {
     // A key that is not the certificate's: refused, the certificate served stays.
     let good_key = std::fs::read(&pki.server.key).unwrap();
     let stranger = TestPki::generate().unwrap();
-    std::fs::copy(&stranger.server.key, &pki.server.key).unwrap();
+    let partial = pki.server.key.with_extension("partial");
+    std::fs::copy(&stranger.server.key, &partial).unwrap();
+    std::fs::rename(&partial, &pki.server.key).unwrap();
     wait_for_log("not the key of the certificate").await;
     probe(first_ca.clone()).await.unwrap();
+    assert_eq!(reloads().await, (0, 1));
     std::fs::write(&pki.server.key, good_key).unwrap();
 
     // A new CA, server and client certificates: new connections get them, clients of
@@ -481,6 +502,11 @@ async fn settlement_serves_renewed_certificates_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     wait_for_log("new connections get the new certificate").await;
+    let (served, refused) = reloads().await;
+    assert!(
+        served >= 1 && refused >= 1,
+        "{served} served, {refused} refused"
+    );
     let status = open
         .get_account(GetAccountRequest {
             account_id: "nobody".into(),
