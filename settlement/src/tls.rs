@@ -288,9 +288,9 @@ impl ClientCertVerifier for Current {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.verifier()
+            .map(|v| v.supported_verify_schemes())
+            .unwrap_or_default()
     }
 }
 
