@@ -330,7 +330,7 @@ async fn settlement_runs_on_the_worker_threads_it_is_given() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_over_mutual_tls_serves_only_clients_with_a_certificate() {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    use tonic::transport::Endpoint;
 
     let pki = x402_e2e::pki::TestPki::generate().unwrap();
     let stack = Stack::start_tls(&default_filter_config(), &pki)
@@ -363,10 +363,9 @@ async fn settlement_over_mutual_tls_serves_only_clients_with_a_certificate() {
         .unwrap();
     let plain = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
     assert!(probe(plain).await.is_err(), "a plaintext client was served");
-    let ca = Certificate::from_pem(std::fs::read(&pki.ca).unwrap());
     let anonymous = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
         .unwrap()
-        .tls_config(ClientTlsConfig::new().ca_certificate(ca))
+        .tls_config(x402_settlement::tls::client_config(Some(&pki.ca), None).unwrap())
         .unwrap();
     assert!(
         probe(anonymous).await.is_err(),
@@ -399,15 +398,12 @@ async fn probe(endpoint: tonic::transport::Endpoint) -> anyhow::Result<()> {
 /// A client of settlement at `url` trusting the CA and presenting the client
 /// certificate `pki`'s files hold now.
 fn tls_endpoint(url: &str, pki: &x402_e2e::pki::TestPki) -> tonic::transport::Endpoint {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let read = |p: &std::path::PathBuf| std::fs::read(p).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&pki.ca)))
-        .identity(Identity::from_pem(
-            read(&pki.client.cert),
-            read(&pki.client.key),
-        ));
-    Endpoint::from_shared(url.to_owned())
+    let tls = x402_settlement::tls::client_config(
+        Some(&pki.ca),
+        Some((&pki.client.cert, &pki.client.key)),
+    )
+    .unwrap();
+    tonic::transport::Endpoint::from_shared(url.to_owned())
         .unwrap()
         .tls_config(tls)
         .unwrap()
