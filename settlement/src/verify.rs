@@ -95,20 +95,6 @@ pub(crate) fn own_refusal(item: &CheckedAuthorize, now: u64) -> Option<Authorize
     }
 }
 
-/// Syntax and signature checks of one item.
-pub fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, AuthorizeResult> {
-    check_authorizes(std::slice::from_ref(item))
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| {
-            Err(refused(
-                &item.request_id,
-                AuthorizeOutcome::InvalidRequest,
-                "item was not checked",
-            ))
-        })
-}
-
 /// Syntax checks of each item, then the signatures of those that pass, checked
 /// together ([`crate::signatures`]).
 pub fn check_authorizes(items: &[AuthorizeItem]) -> Vec<Result<CheckedAuthorize, AuthorizeResult>> {
@@ -281,6 +267,11 @@ pub fn unix_now() -> u64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// An item checked alone, as a call of one item is.
+    fn check_authorize(item: &AuthorizeItem) -> Result<CheckedAuthorize, AuthorizeResult> {
+        check_authorizes(std::slice::from_ref(item)).pop().unwrap()
+    }
 
     fn item_from_vector(v: &x402_proto::vectors::Vector) -> AuthorizeItem {
         let p = &v.payload;
