@@ -92,9 +92,17 @@ struct Settings {
     /// `BENCH_PG_STATEMENTS=1`: Postgres preloads `pg_stat_statements` and the run writes
     /// the costliest statements to `target/bench/statements.md`.
     pg_statements: bool,
+    /// `BENCH_PG_SETTINGS`: Postgres settings (`name=value`, space-separated) over the
+    /// test cluster's (which does not wait for the disk). Default [`DURABLE`]: a ledger
+    /// commits to disk, as Postgres does unless told otherwise.
+    pg_settings: Vec<String>,
     /// `BENCH_HISTORY`: past payments in the ledger before the first scenario.
     history: u64,
 }
+
+/// Postgres's own defaults for durability, which the test cluster turns off: a commit
+/// returns once its WAL is on disk.
+const DURABLE: &str = "fsync=on synchronous_commit=on full_page_writes=on";
 
 impl Settings {
     fn from_env() -> Settings {
@@ -131,6 +139,11 @@ impl Settings {
                 })
                 .unwrap_or_default(),
             pg_statements: std::env::var("BENCH_PG_STATEMENTS").is_ok_and(|v| v == "1"),
+            pg_settings: std::env::var("BENCH_PG_SETTINGS")
+                .unwrap_or_else(|_| DURABLE.to_owned())
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
             history: num("BENCH_HISTORY", if quick { 0 } else { 1_000_000 }).min(100_000_000),
         }
     }
@@ -224,16 +237,17 @@ async fn main() -> Result<()> {
     );
 
     // --- the stack -----------------------------------------------------------------
-    let pg = if settings.pg_statements {
-        TestPostgres::start_with_settings(&[
+    let mut pg_settings: Vec<&str> = Vec::new();
+    if settings.pg_statements {
+        pg_settings.extend([
             "shared_preload_libraries=pg_stat_statements",
             "pg_stat_statements.track=all",
             "pg_stat_statements.track_planning=on",
-        ])
-    } else {
-        TestPostgres::start()
+        ]);
     }
-    .context("starting PostgreSQL")?;
+    // Later settings win: these override the test cluster's (fsync off and so on).
+    pg_settings.extend(settings.pg_settings.iter().map(String::as_str));
+    let pg = TestPostgres::start_with_settings(&pg_settings).context("starting PostgreSQL")?;
     let database = "x402_bench";
     let database_url = pg.create_database(database)?;
     if settings.pg_statements {
@@ -408,7 +422,7 @@ async fn main() -> Result<()> {
             include_children: false,
         },
     ];
-    let pgbench = settle::pgbench_bin(&pg_bin_dir()?);
+    let pgbench = settle::pg_tool(&pg_bin_dir()?, "pgbench");
     let mut scripts = BTreeMap::new();
     for hot in [false, true] {
         let path = scratch
@@ -440,6 +454,8 @@ async fn main() -> Result<()> {
         settings.payers,
     );
     report.settlement_args = settings.settlement_args.join(" ");
+    report.pg_settings = settings.pg_settings.join(" ");
+    report.wal_flush_us = settle::wal_flush_us(&pg_bin_dir()?, pg.root());
     report.settle_batch = settings.settle_batch;
     report.only = settings.only.clone();
     report.history = settings.history;

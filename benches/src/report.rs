@@ -150,6 +150,10 @@ pub struct Report {
     settle_concurrency: usize,
     payers: usize,
     pub settlement_args: String,
+    /// `BENCH_PG_SETTINGS` (empty: the test cluster's, commits not waiting for the disk).
+    pub pg_settings: String,
+    /// One WAL flush on the cluster's disk (`pg_test_fsync`'s fdatasync), when measured.
+    pub wal_flush_us: Option<u64>,
     /// Items per Authorize and per Capture call of the settlement load client.
     pub settle_batch: usize,
     /// `BENCH_ONLY`'s scenario keys (empty: every scenario ran).
@@ -198,6 +202,8 @@ impl Report {
             settle_concurrency,
             payers,
             settlement_args: String::new(),
+            pg_settings: String::new(),
+            wal_flush_us: None,
             settle_batch: 1,
             only: Vec::new(),
             history: 0,
@@ -343,7 +349,7 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "## 402x benchmark{}\n\n{} rounds x {} s per scenario, interleaved, medians; {} HTTP connections; settlement: {} calls in flight of {} items each (Authorize, then Capture of the same items); pgbench at concurrency {}; {} payers, {} past payments in the ledger; Envoy --concurrency 1; settlement args: `{}`; {:.0} s in all.\n",
+            "## 402x benchmark{}\n\n{} rounds x {} s per scenario, interleaved, medians; {} HTTP connections; settlement: {} calls in flight of {} items each (Authorize, then Capture of the same items); pgbench at concurrency {}; {} payers, {} past payments in the ledger; Envoy --concurrency 1; settlement args: `{}`; Postgres: {}{}; {:.0} s in all.\n",
             if self.quick { " (quick)" } else { "" },
             self.rounds,
             self.duration.as_secs(),
@@ -354,6 +360,15 @@ impl Report {
             self.payers,
             self.history,
             if self.settlement_args.is_empty() { "(defaults)" } else { &self.settlement_args },
+            if self.pg_settings.is_empty() {
+                "the test cluster's settings (fsync off)".to_owned()
+            } else {
+                format!("`{}`", self.pg_settings)
+            },
+            match self.wal_flush_us {
+                Some(us) => format!(" (one WAL flush on its disk: {us} us, pg_test_fsync)"),
+                None => String::new(),
+            },
             self.elapsed_seconds
         );
         let _ = writeln!(
@@ -520,6 +535,8 @@ impl Report {
             "payers": self.payers,
             "past_payments": self.history,
             "settlement_args": self.settlement_args,
+            "pg_settings": self.pg_settings,
+            "wal_flush_us": self.wal_flush_us,
             "scenarios": scenarios,
             "targets": targets,
             "half_load": {"rate": self.half_load_rate, "rounds": self.half_load.iter().map(|h| json!({"bare_p50_us": h.0, "bare_p99_us": h.1, "paid_p50_us": h.2, "paid_p99_us": h.3})).collect::<Vec<_>>()},

@@ -202,17 +202,49 @@ pub fn pgbench_script(payers: usize, hot: bool) -> String {
     )
 }
 
-/// Where pgbench is: next to the cluster's binaries, else on PATH.
-pub fn pgbench_bin(pg_bin: &Path) -> Option<std::path::PathBuf> {
-    let next = pg_bin.join("pgbench");
-    if next.is_file() {
+/// Where a Postgres tool (`pgbench`, `pg_test_fsync`) is: next to the cluster's
+/// binaries (or to what their links point at), else on PATH.
+pub fn pg_tool(pg_bin: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let linked = std::fs::canonicalize(pg_bin.join("initdb"))
+        .ok()
+        .and_then(|initdb| initdb.parent().map(|d| d.join(name)));
+    if let Some(next) = std::iter::once(pg_bin.join(name))
+        .chain(linked)
+        .find(|p| p.is_file())
+    {
         return Some(next);
     }
     std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
-            .map(|d| d.join("pgbench"))
+            .map(|d| d.join(name))
             .find(|p| p.is_file())
     })
+}
+
+/// What one WAL flush costs on the disk under `dir`: `pg_test_fsync`'s microseconds per
+/// `fdatasync` of one 8 kB write (Linux's default `wal_sync_method`), in one second.
+/// The durable runs' figures depend on it.
+pub fn wal_flush_us(pg_bin: &Path, dir: &Path) -> Option<u64> {
+    let bin = pg_tool(pg_bin, "pg_test_fsync")?;
+    let file = dir.join("pg_test_fsync.out");
+    let out = std::process::Command::new("timeout")
+        .args(["30", &bin.to_string_lossy(), "-s", "1", "-f"])
+        .arg(&file)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok();
+    let _ = std::fs::remove_file(&file);
+    parse_fdatasync_us(&String::from_utf8_lossy(&out?.stdout))
+}
+
+/// The first `fdatasync ... N usecs/op` line of `pg_test_fsync`'s output.
+fn parse_fdatasync_us(text: &str) -> Option<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("fdatasync"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "usecs/op")?;
+    words.get(at.checked_sub(1)?)?.parse().ok()
 }
 
 /// Runs pgbench for `duration` (plus its own connection setup) and returns the rate,
@@ -289,5 +321,19 @@ mod tests {
                 "pgbench reads one statement per line"
             );
         }
+    }
+
+    #[test]
+    fn the_wal_flush_figure_is_fdatasync_of_one_write() {
+        let out = "Compare file sync methods using one 8kB write:\n\
+            (in wal_sync_method preference order, except fdatasync is Linux's default)\n\
+            \x20       open_datasync                      5414.267 ops/sec     185 usecs/op\n\
+            \x20       fdatasync                          5459.295 ops/sec     183 usecs/op\n\
+            \x20       fsync                              6505.522 ops/sec     154 usecs/op\n\
+            Compare file sync methods using two 8kB writes:\n\
+            \x20       fdatasync                          4736.247 ops/sec     211 usecs/op\n";
+        assert_eq!(parse_fdatasync_us(out), Some(183));
+        assert_eq!(parse_fdatasync_us("fdatasync n/a\n"), None);
+        assert_eq!(parse_fdatasync_us(""), None);
     }
 }
