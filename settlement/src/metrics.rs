@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
@@ -97,6 +97,8 @@ pub struct Metrics {
     /// TLS files read again and served, and read again but refused.
     tls_reloads: AtomicU64,
     tls_reloads_refused: AtomicU64,
+    /// When the certificate served expires (unix seconds; 0: no TLS, or not known).
+    tls_expiry: AtomicI64,
     /// Upstream time reported with captures.
     pub upstream_latency: Histogram,
     /// Ledger-wide events seen on the channel: (type, route, asset) -> (count, amount).
@@ -117,6 +119,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     refunded_units: AtomicU64::new(0),
     tls_reloads: AtomicU64::new(0),
     tls_reloads_refused: AtomicU64::new(0),
+    tls_expiry: AtomicI64::new(0),
     upstream_latency: Histogram::new(),
     events: Mutex::new(BTreeMap::new()),
     webhook_deliveries: Mutex::new(BTreeMap::new()),
@@ -179,6 +182,12 @@ impl Metrics {
             &self.tls_reloads_refused
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The certificate now served expires at `unix_seconds` (`None`: not known).
+    pub fn tls_certificate_expires(&self, unix_seconds: Option<i64>) {
+        self.tls_expiry
+            .store(unix_seconds.unwrap_or(0), Ordering::Relaxed);
     }
 
     pub fn refunded(&self, amount: u64) {
@@ -362,6 +371,15 @@ impl Metrics {
             "Events not folded into analytics yet.",
             gauges.analytics_pending.to_string(),
         );
+        let expiry = self.tls_expiry.load(Ordering::Relaxed);
+        if expiry != 0 {
+            gauge(
+                &mut out,
+                "x402_tls_certificate_expiry_timestamp_seconds",
+                "When the certificate the gRPC listener serves expires (its notAfter).",
+                expiry.to_string(),
+            );
+        }
         out
     }
 }

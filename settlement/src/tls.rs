@@ -65,6 +65,34 @@ struct Loaded {
     bytes: FileBytes,
     key: Arc<CertifiedKey>,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// The served certificate's notAfter (unix seconds), when it parses.
+    expires: Option<i64>,
+}
+
+impl Loaded {
+    /// Publishes the certificate's expiry, and warns when clients will refuse it
+    /// already: a renewal that did not happen, or a file replaced with an old one.
+    fn announce(&self, cert: &Path) {
+        crate::metrics::METRICS.tls_certificate_expires(self.expires);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        if let Some(expires) = self.expires.filter(|&e| e <= now) {
+            tracing::warn!(
+                cert = %cert.display(),
+                expired_seconds_ago = now - expires,
+                "the TLS certificate served has expired: clients will refuse it"
+            );
+        }
+    }
+}
+
+/// When `cert` stops being valid: its notAfter, in unix seconds.
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
+    let expires = cert.tbs_certificate.validity.not_after.to_unix_duration();
+    i64::try_from(expires.as_secs()).ok()
 }
 
 type FileBytes = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
@@ -106,6 +134,7 @@ impl TlsFiles {
         if chain.is_empty() {
             return Err(invalid(&self.cert, "no certificate in the file"));
         }
+        let expires = chain.first().and_then(not_after);
         let key = PrivateKeyDer::from_pem_slice(&bytes.1).map_err(|e| invalid(&self.key, e))?;
         let key = CertifiedKey::from_der(chain, key, &provider)
             .map_err(|e| invalid(&self.key, format!("not the key of the certificate ({e})")))?;
@@ -131,6 +160,7 @@ impl TlsFiles {
             bytes,
             key: Arc::new(key),
             verifier,
+            expires,
         })
     }
 }
@@ -140,6 +170,7 @@ impl ServerTls {
     /// here, when the server starts.
     pub fn load(files: TlsFiles) -> Result<Arc<ServerTls>, TlsError> {
         let loaded = files.load(files.read()?)?;
+        loaded.announce(&files.cert);
         Ok(Arc::new(ServerTls {
             files,
             current: RwLock::new(Arc::new(loaded)),
@@ -169,6 +200,7 @@ impl ServerTls {
         }
         match self.files.load(bytes.clone()) {
             Ok(loaded) => {
+                loaded.announce(&self.files.cert);
                 match self.current.write() {
                     Ok(mut current) => *current = Arc::new(loaded),
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(loaded),
@@ -369,4 +401,29 @@ pub fn client_config(
         tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
     }
     Ok(tls)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    /// A self-signed certificate that expires at the start of `year` (X.509 writes
+    /// dates before 2050 as UTCTime, later ones as GeneralizedTime).
+    fn certificate_expiring(year: i32) -> (CertificateDer<'static>, i64) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        let expires = params.not_after.unix_timestamp();
+        let key = rcgen::KeyPair::generate().unwrap();
+        (params.self_signed(&key).unwrap().der().clone(), expires)
+    }
+
+    #[test]
+    fn a_certificate_expiry_is_read_in_either_time_encoding() {
+        for year in [2031, 2049, 2050, 2101] {
+            let (cert, expires) = certificate_expiring(year);
+            assert_eq!(not_after(&cert), Some(expires), "{year}");
+        }
+        assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x00])), None);
+    }
 }

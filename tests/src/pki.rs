@@ -3,6 +3,7 @@
 //! presents), written as PEM files into a scratch directory that goes with it.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::Result;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
@@ -21,7 +22,15 @@ pub struct TestPki {
     pub ca: PathBuf,
     pub server: CertFiles,
     pub client: CertFiles,
+    /// Issues so far: each issue's certificates expire a year after the last's.
+    issued: AtomicI32,
     _dir: ScratchDir,
+}
+
+/// The year on whose first day the certificates of the `n`-th issue expire: far off,
+/// and different per issue, so which one is served can be told apart.
+fn expiry_year(n: i32) -> i32 {
+    2100 + n
 }
 
 impl TestPki {
@@ -38,6 +47,7 @@ impl TestPki {
                 cert: path("client.pem"),
                 key: path("client.key"),
             },
+            issued: AtomicI32::new(0),
             _dir: dir,
         };
         pki.issue()?;
@@ -50,7 +60,15 @@ impl TestPki {
         self.issue()
     }
 
+    /// When the certificates written last expire (notAfter, unix seconds).
+    pub fn expires_unix(&self) -> i64 {
+        rcgen::date_time_ymd(expiry_year(self.issued.load(Ordering::Relaxed)), 1, 1)
+            .unix_timestamp()
+    }
+
     fn issue(&self) -> Result<()> {
+        let n = self.issued.load(Ordering::Relaxed) + 1;
+        let not_after = rcgen::date_time_ymd(expiry_year(n), 1, 1);
         let write = |path: &PathBuf, pem: String| {
             let partial = path.with_extension("partial");
             std::fs::write(&partial, pem)?;
@@ -69,6 +87,7 @@ impl TestPki {
             let mut params = CertificateParams::new(sans)?;
             params.distinguished_name.push(DnType::CommonName, name);
             params.extended_key_usages = vec![usage];
+            params.not_after = not_after;
             let cert = params.signed_by(&key, &ca, &ca_key)?;
             write(&files.cert, cert.pem())?;
             write(&files.key, key.serialize_pem())?;
@@ -85,6 +104,8 @@ impl TestPki {
             "client",
             vec!["client.x402.test".into()],
             ExtendedKeyUsagePurpose::ClientAuth,
-        )
+        )?;
+        self.issued.store(n, Ordering::Relaxed);
+        Ok(())
     }
 }

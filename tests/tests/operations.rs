@@ -423,23 +423,26 @@ async fn settlement_serves_renewed_certificates_without_a_restart() {
     )
     .await
     .unwrap();
-    // The reload counters, as Prometheus scrapes them.
+    // The reload counters and the served certificate's expiry, as Prometheus scrapes
+    // them.
     let reloads = || {
         let url = format!("http://{http}/metrics");
         async move {
             let text = reqwest::get(url).await.unwrap().text().await.unwrap();
             let value = |name: &str| {
                 text.lines()
-                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
-                    .unwrap()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<i64>().ok())
+                    .unwrap_or_else(|| panic!("no {name} in\n{text}"))
             };
             (
                 value("x402_tls_reloads_total"),
                 value("x402_tls_reloads_refused_total"),
+                value("x402_tls_certificate_expiry_timestamp_seconds"),
             )
         }
     };
-    assert_eq!(reloads().await, (0, 0));
+    let first_expiry = pki.expires_unix();
+    assert_eq!(reloads().await, (0, 0, first_expiry));
     let first_ca = tls_endpoint(&settlement.url(), &pki);
     probe(first_ca.clone()).await.unwrap();
     let mut open = settlement.operator().await.unwrap();
@@ -468,7 +471,7 @@ async fn settlement_serves_renewed_certificates_without_a_restart() {
     std::fs::rename(&partial, &pki.server.key).unwrap();
     wait_for_log("not the key of the certificate").await;
     probe(first_ca.clone()).await.unwrap();
-    assert_eq!(reloads().await, (0, 1));
+    assert_eq!(reloads().await, (0, 1, first_expiry));
     std::fs::write(&pki.server.key, good_key).unwrap();
 
     // A new CA, server and client certificates: new connections get them, clients of
@@ -491,10 +494,16 @@ async fn settlement_serves_renewed_certificates_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     wait_for_log("new connections get the new certificate").await;
-    let (served, refused) = reloads().await;
+    let (served, refused, expiry) = reloads().await;
     assert!(
         served >= 1 && refused >= 1,
         "{served} served, {refused} refused"
+    );
+    assert_ne!(pki.expires_unix(), first_expiry);
+    assert_eq!(
+        expiry,
+        pki.expires_unix(),
+        "the renewed certificate's notAfter"
     );
     answers_on_its_connection(&mut open).await;
 }
