@@ -1,8 +1,8 @@
 //! Operator rules against a real PostgreSQL: refunds capped by the capture, the
 //! platform fee split, currencies kept apart, idempotent replays, key rotation,
 //! closing accounts, bearer tokens, Watch, analytics and webhook delivery with
-//! retries across a receiver outage and a settlement restart, and over TLS to a
-//! receiver with a private CA.
+//! retries across a receiver outage and a settlement restart, over TLS to a
+//! receiver with a private CA, and once per event from two replicas.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -869,6 +869,110 @@ async fn webhooks_are_signed_retried_through_an_outage_and_survive_a_restart() {
     }
     let (_, body) = rx.received.lock().unwrap()[1].clone();
     assert!(body.contains("payment.refunded"), "{body}");
+}
+
+/// Two settlement processes on one database, as replicas behind one Service: both
+/// poll the webhook outbox and both sweep expired holds, and still every event reaches
+/// the merchant once and every hold expires once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_deliver_each_webhook_once_and_expire_each_hold_once() {
+    const PAYMENTS: u64 = 30;
+    const EXPIRING: u64 = 20;
+    let url = tokio::task::spawn_blocking(x402_e2e::stack::fresh_database)
+        .await
+        .unwrap()
+        .unwrap();
+    let rx = receiver().await;
+    let config = || ServerConfig {
+        hold_sweep_interval: Duration::from_millis(20),
+        ..fast_webhooks()
+    };
+    let replicas = [
+        start_on(&url, config()).await,
+        start_on(&url, config()).await,
+    ];
+    let a = &replicas[0];
+    a.merchant(MERCHANT).await;
+    a.op.clone()
+        .set_webhook(SetWebhookRequest {
+            merchant: MERCHANT.into(),
+            url: format!("http://{}/hooks", rx.addr),
+            secret: "whsec-replicas-0123456789".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    let p = a.payer("rita", 1_000_000).await;
+    // Captured payments and holds left to expire, through either replica.
+    for i in 0..PAYMENTS {
+        let h = &replicas[(i % 2) as usize];
+        let r = h.authorize(paid(&p, &format!("paid-{i}"), 1_000)).await;
+        assert_eq!(outcome(&r), AuthorizeOutcome::Authorized);
+        h.capture(&r.transaction_id, 1_000).await;
+    }
+    for i in 0..EXPIRING {
+        let mut item = paid(&p, &format!("lapse-{i}"), 700);
+        item.hold_ttl_seconds = 1;
+        let r = replicas[(i % 2) as usize].authorize(item).await;
+        assert_eq!(outcome(&r), AuthorizeOutcome::Authorized);
+    }
+
+    // Every hold expires (both sweepers at it every 20 ms), each once.
+    let count = |sql: &'static str| {
+        let pool = a.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count("SELECT count(*) FROM open_holds").await > 0 {
+        assert!(Instant::now() < deadline, "holds left unexpired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expiries = count("SELECT count(*) FROM transfers WHERE kind = 'expire'").await;
+    assert_eq!(expiries, EXPIRING as i64);
+    let balance =
+        a.op.clone()
+            .get_balance(GetBalanceRequest {
+                account_id: "rita".into(),
+                asset: ASSET.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(balance.debits_pending, 0);
+    assert_eq!(balance.debits_posted, PAYMENTS * 1_000);
+
+    // Every event in the outbox delivered, none twice, also after both pollers have
+    // had many more turns.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count("SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL").await > 0 {
+        assert!(Instant::now() < deadline, "events left undelivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = count("SELECT count(*) FROM webhook_outbox").await;
+    assert!(events >= PAYMENTS as i64, "{events} events");
+    let ids: Vec<String> = rx
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(headers, _)| headers["x-402x-event-id"].clone())
+        .collect();
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "an event was delivered twice");
+    assert_eq!(ids.len() as i64, events);
+    let report = x402_settlement::check::check_ledger(
+        &a.pool,
+        x402_settlement::check::CheckOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
 }
 
 // The CLI runs as a blocking child process: the server needs threads of its own.
