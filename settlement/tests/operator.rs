@@ -934,15 +934,7 @@ async fn replicas_deliver_each_webhook_once_and_expire_each_hold_once() {
     }
     let expiries = count("SELECT count(*) FROM transfers WHERE kind = 'expire'").await;
     assert_eq!(expiries, EXPIRING as i64);
-    let balance =
-        a.op.clone()
-            .get_balance(GetBalanceRequest {
-                account_id: "rita".into(),
-                asset: ASSET.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    let balance = a.balance_of("rita").await;
     assert_eq!(balance.debits_pending, 0);
     assert_eq!(balance.debits_posted, PAYMENTS * 1_000);
 
@@ -966,13 +958,7 @@ async fn replicas_deliver_each_webhook_once_and_expire_each_hold_once() {
     let distinct: std::collections::HashSet<&String> = ids.iter().collect();
     assert_eq!(distinct.len(), ids.len(), "an event was delivered twice");
     assert_eq!(ids.len() as i64, events);
-    let report = x402_settlement::check::check_ledger(
-        &a.pool,
-        x402_settlement::check::CheckOptions::default(),
-    )
-    .await
-    .unwrap();
-    assert!(report.is_clean(), "{}", report.to_text());
+    a.assert_clean().await;
 }
 
 // The CLI runs as a blocking child process: the server needs threads of its own.
