@@ -74,9 +74,7 @@ impl Loaded {
     /// already: a renewal that did not happen, or a file replaced with an old one.
     fn announce(&self, cert: &Path) {
         crate::metrics::METRICS.tls_certificate_expires(self.expires);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let now = i64::try_from(crate::verify::unix_now()).unwrap_or(i64::MAX);
         if let Some(expires) = self.expires.filter(|&e| e <= now) {
             tracing::warn!(
                 cert = %cert.display(),
