@@ -422,7 +422,8 @@ async fn main() -> Result<()> {
             include_children: false,
         },
     ];
-    let pgbench = settle::pg_tool(&pg_bin_dir()?, "pgbench");
+    let pg_bin = pg_bin_dir()?;
+    let pgbench = settle::pg_tool(&pg_bin, "pgbench");
     let mut scripts = BTreeMap::new();
     for hot in [false, true] {
         let path = scratch
@@ -456,9 +457,9 @@ async fn main() -> Result<()> {
     report.settlement_args = settings.settlement_args.join(" ");
     report.pg_settings = settings.pg_settings.join(" ");
     // ~15 s of flushes: off the runtime's workers.
-    let (pg_bin, pg_root) = (pg_bin_dir()?, pg.root().to_owned());
+    let (tools, pg_root) = (pg_bin.clone(), pg.root().to_owned());
     report.wal_flush_us =
-        tokio::task::spawn_blocking(move || settle::wal_flush_us(&pg_bin, &pg_root))
+        tokio::task::spawn_blocking(move || settle::wal_flush_us(&tools, &pg_root))
             .await
             .unwrap_or_default();
     report.settle_batch = settings.settle_batch;
