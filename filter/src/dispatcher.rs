@@ -640,6 +640,9 @@ pub fn answer_for(host: &dyn Host, result: &AuthorizeResult) -> AuthorizeAnswer 
         // The seller's account is closed: no payment can succeed, whatever the client
         // sends, and no route fails open on it (settlement answered).
         AuthorizeOutcome::MerchantClosed => refused(ErrorCode::MerchantClosed),
+        // Settlement failed this item while it decided others of the call: nothing is
+        // held for it, as when a whole call fails.
+        AuthorizeOutcome::Unavailable => AuthorizeAnswer::Unavailable,
         // The operator's side is wrong (unknown merchant, a hold above the proof,
         // an answer without a transaction): fail closed without leaking details.
         other => {

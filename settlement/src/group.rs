@@ -66,7 +66,7 @@ pub(crate) enum Slot<R> {
 struct Job<I, R> {
     items: Vec<I>,
     deadline: Option<Instant>,
-    reply: oneshot::Sender<Result<Vec<R>, Status>>,
+    reply: oneshot::Sender<Vec<Result<R, Status>>>,
 }
 
 /// The queue calls put their items on; committers take them in groups.
@@ -129,9 +129,13 @@ impl<I: Send + 'static, R: Send + 'static> Queue<I, R> {
         Queue { tx }
     }
 
-    /// Queues `items` and waits for their results, in item order. Any failed item
-    /// fails the call (items that did commit are safe to send again).
-    pub async fn submit(&self, items: Vec<I>, deadline: Option<Instant>) -> Result<Vec<R>, Status> {
+    /// Queues `items` and waits for each one's result, in item order. Items that
+    /// failed wrote nothing; the others did, whatever became of their neighbours.
+    pub async fn submit(
+        &self,
+        items: Vec<I>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Result<R, Status>>, Status> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -145,7 +149,7 @@ impl<I: Send + 'static, R: Send + 'static> Queue<I, R> {
             .map_err(|_| Status::unavailable("settlement is shutting down"))?;
         answer
             .await
-            .map_err(|_| Status::internal("settlement failed to process a batch"))?
+            .map_err(|_| Status::internal("settlement failed to process a batch"))
     }
 }
 
@@ -164,21 +168,11 @@ where
     }
     let mut results = apply(items).await.into_iter();
     for (size, reply) in sizes.into_iter().zip(replies) {
-        let mut out = Vec::with_capacity(size);
-        let mut failure = None;
-        for result in results.by_ref().take(size) {
-            match result {
-                Ok(r) => out.push(r),
-                Err(status) => {
-                    failure.get_or_insert(status);
-                }
-            }
-        }
-        let _ = reply.send(match failure {
-            Some(status) => Err(status),
-            None if out.len() == size => Ok(out),
-            None => Err(Status::internal("settlement lost an item of a batch")),
+        let mut out: Vec<Result<R, Status>> = results.by_ref().take(size).collect();
+        out.resize_with(size, || {
+            Err(Status::internal("settlement lost an item of a batch"))
         });
+        let _ = reply.send(out);
     }
 }
 

@@ -11,15 +11,15 @@ use x402_proto::settlement::v1::data_plane_server::DataPlane;
 use x402_proto::settlement::v1::operator_server::Operator;
 use x402_proto::settlement::v1::{
     Account, AccountKind, AddKeyRequest, AdjustRequest, AdjustResponse, AnalyticsRequest,
-    AnalyticsResponse, Asset, AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse, Balance,
-    CaptureRequest, CaptureResponse, CloseAccountRequest, CreateAccountRequest, CreateAssetRequest,
-    DepositRequest, DepositResponse, GetAccountRequest, GetBalanceRequest, GetBalancesRequest,
-    GetBalancesResponse, GetPaymentRequest, ListAccountsRequest, ListAccountsResponse,
-    ListAssetsRequest, ListAssetsResponse, ListKeysRequest, ListKeysResponse, ListPaymentsRequest,
-    ListPaymentsResponse, ListWebhookDeliveriesRequest, ListWebhookDeliveriesResponse, PayerKey,
-    Payment, PaymentEvent, RefundRequest, RefundResponse, RevokeKeyRequest, RotateKeyRequest,
-    RotateKeyResponse, SetAccountMetadataRequest, SetWebhookRequest, VoidRequest, VoidResponse,
-    WatchRequest, Webhook,
+    AnalyticsResponse, Asset, AuthorizeOutcome, AuthorizeRequest, AuthorizeResponse,
+    AuthorizeResult, Balance, CaptureRequest, CaptureResponse, CloseAccountRequest,
+    CreateAccountRequest, CreateAssetRequest, DepositRequest, DepositResponse, GetAccountRequest,
+    GetBalanceRequest, GetBalancesRequest, GetBalancesResponse, GetPaymentRequest,
+    ListAccountsRequest, ListAccountsResponse, ListAssetsRequest, ListAssetsResponse,
+    ListKeysRequest, ListKeysResponse, ListPaymentsRequest, ListPaymentsResponse,
+    ListWebhookDeliveriesRequest, ListWebhookDeliveriesResponse, PayerKey, Payment, PaymentEvent,
+    RefundRequest, RefundResponse, RevokeKeyRequest, RotateKeyRequest, RotateKeyResponse,
+    SetAccountMetadataRequest, SetWebhookRequest, VoidRequest, VoidResponse, WatchRequest, Webhook,
 };
 
 use crate::accounts;
@@ -130,15 +130,30 @@ impl DataPlaneService {
                 Err(refused) => results.push(Some(refused)),
             }
         }
-        let mut placed = self
-            .committers
-            .authorize
-            .submit(checked, deadline)
-            .await?
-            .into_iter();
+        let placed = self.committers.authorize.submit(checked, deadline).await?;
+        // A call none of whose items could be decided fails as a whole. Once one was,
+        // each item gets its own answer: a caller that saw the call fail would take
+        // payments already made (captured at once, some of them) for payments never made.
+        let all_failed = placed.iter().all(Result::is_err);
+        let mut placed = placed.into_iter();
+        if all_failed {
+            if let Some(Err(status)) = placed.next() {
+                return Err(status);
+            }
+        }
         let results: Vec<_> = results
             .into_iter()
-            .map(|r| r.or_else(|| placed.next()).unwrap_or_default())
+            .zip(&items)
+            .map(|(refused, item)| {
+                refused.unwrap_or_else(|| match placed.next() {
+                    Some(Ok(result)) => result,
+                    Some(Err(status)) => undecided(&item.request_id, &status),
+                    None => undecided(
+                        &item.request_id,
+                        &Status::internal("settlement lost an item of a batch"),
+                    ),
+                })
+            })
             .collect();
         if let Some(recorder) = &self.recorder {
             record_authorizations(recorder, &items, &results);
@@ -167,7 +182,9 @@ impl DataPlaneService {
                 (item.transaction_id, resolution)
             })
             .collect();
-        let results = self.committers.resolve.submit(items, deadline).await?;
+        // Any failed item fails the call: the filter sends it again whole, and a hold
+        // already resolved is answered ALREADY_RESOLVED.
+        let results = whole(self.committers.resolve.submit(items, deadline).await?)?;
         Ok(CaptureResponse { results })
     }
 
@@ -200,8 +217,28 @@ impl DataPlaneService {
                 (item.transaction_id, Resolution::Void { reason })
             })
             .collect();
-        let results = self.committers.resolve.submit(items, deadline).await?;
+        let results = whole(self.committers.resolve.submit(items, deadline).await?)?;
         Ok(VoidResponse { results })
+    }
+}
+
+/// Results of a call that fails whole if any item failed (the first failure).
+fn whole<R>(results: Vec<Result<R, Status>>) -> Result<Vec<R>, Status> {
+    results.into_iter().collect()
+}
+
+/// The answer for an item settlement could not decide while it decided others of the
+/// same call: nothing was held for it.
+fn undecided(request_id: &str, status: &Status) -> AuthorizeResult {
+    tracing::warn!(request_id, code = ?status.code(), error = %status.message(), "an authorization failed while others of its call were placed");
+    AuthorizeResult {
+        request_id: request_id.to_owned(),
+        outcome: AuthorizeOutcome::Unavailable as i32,
+        message: format!(
+            "settlement could not decide this payment ({}); nothing is held, it may be sent again",
+            status.code().description()
+        ),
+        ..Default::default()
     }
 }
 
@@ -223,7 +260,10 @@ fn record_authorizations(
             })
             .unwrap_or_else(|_| "unspecified".into());
         crate::metrics::METRICS.authorization(&outcome);
-        if authorized && result.captured {
+        // Captured at once: the write that placed it counted it. Undecided: neither
+        // paid nor refused.
+        if (authorized && result.captured) || result.outcome == AuthorizeOutcome::Unavailable as i32
+        {
             return None;
         }
         let proof = item.proof.clone().unwrap_or_default();

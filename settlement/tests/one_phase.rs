@@ -289,3 +289,76 @@ async fn a_payment_captured_at_authorize_counts_and_announces_once() {
     );
     h.assert_clean().await;
 }
+
+/// One item of a call fails on its own path after the group placed the others: the call
+/// still answers each item, so the payment made is known to the caller (a failed call
+/// would read as "nothing held", and the payer would be charged for a refused request).
+#[tokio::test]
+async fn a_call_answers_the_payments_it_made_when_another_of_its_items_fails() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("ida", 10_000).await;
+    let q = h.payer("ike", 10_000).await;
+    // Items with a global limit run alone, after the group; make that path fail.
+    sqlx::raw_sql(
+        "CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'test: rate window unavailable'; END $$; \
+         CREATE TRIGGER test_refuse BEFORE INSERT OR UPDATE ON rate_windows \
+           FOR EACH ROW EXECUTE FUNCTION test_refuse();",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    let limited = |item: AuthorizeItem| AuthorizeItem {
+        global_limit: Some(GlobalLimit {
+            max_requests: 100,
+            window_seconds: 60,
+            client_address: String::new(),
+        }),
+        ..item
+    };
+    let failing = limited(paid(&q, "ike-1", 1_000));
+    let results = h
+        .data
+        .clone()
+        .authorize(AuthorizeRequest {
+            items: vec![captured(paid(&p, "ida-1", 4_000)), failing.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(outcome(&results[0]), AuthorizeOutcome::Authorized);
+    assert!(results[0].captured);
+    assert_eq!(results[1].request_id, "ike-1");
+    assert_eq!(outcome(&results[1]), AuthorizeOutcome::Unavailable);
+    assert_eq!(h.balance("ida").await.debits_posted, 4_000);
+    let ike = h.balance("ike").await;
+    assert_eq!((ike.debits_pending, ike.debits_posted), (0, 0));
+
+    // A call whose items all fail still fails as a whole.
+    let whole = h
+        .data
+        .clone()
+        .authorize(AuthorizeRequest {
+            items: vec![failing.clone()],
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(whole.code(), tonic::Code::Ok);
+
+    // Nothing was held for the failed item: sent again once the path works, it is placed.
+    sqlx::raw_sql("DROP TRIGGER test_refuse ON rate_windows")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    let again = h.authorize(failing).await;
+    assert_eq!(
+        outcome(&again),
+        AuthorizeOutcome::Authorized,
+        "{}",
+        again.message
+    );
+    assert_eq!(h.balance("ike").await.debits_pending, 1_000);
+    h.assert_clean().await;
+}
