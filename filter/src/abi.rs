@@ -40,6 +40,7 @@ extern "C" {
         return_data: *mut *mut u8,
         return_size: *mut usize,
     ) -> u32;
+    fn proxy_get_buffer_status(buffer_type: u32, length: *mut usize, flags: *mut u32) -> u32;
     fn proxy_get_header_map_pairs(
         map_type: u32,
         return_data: *mut *mut u8,
@@ -378,6 +379,15 @@ impl Host for AbiHost {
         buffer_bytes(BUFFER_HTTP_REQUEST_BODY, size)
     }
 
+    fn request_body_size(&self) -> Option<usize> {
+        let mut length = 0usize;
+        let mut flags = 0u32;
+        // SAFETY: both pointers are to live locals the host writes once.
+        let status =
+            unsafe { proxy_get_buffer_status(BUFFER_HTTP_REQUEST_BODY, &mut length, &mut flags) };
+        (status == STATUS_OK).then_some(length)
+    }
+
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
         buffer_bytes(BUFFER_HTTP_RESPONSE_BODY, size)
     }
@@ -600,6 +610,18 @@ pub extern "C" fn proxy_on_request_body(
     action(with_vm(Action::Continue, |vm, host| {
         vm.on_request_body(host, context_id, body_size, end_of_stream != 0)
     }))
+}
+
+/// Request trailers: Envoy lets a stream go on (held headers and body included) at
+/// trailers a filter does not stop, so the module exports this callback and stops
+/// them while it holds the request.
+#[no_mangle]
+pub extern "C" fn proxy_on_request_trailers(context_id: u32, _num_trailers: usize) -> u32 {
+    let action = with_vm(Action::Continue, |vm, host| {
+        vm.on_request_trailers(host, context_id)
+    });
+    // FilterTrailersStatus: Continue = 0, StopIteration = 1.
+    u32::from(action != Action::Continue)
 }
 
 #[no_mangle]

@@ -90,6 +90,8 @@ pub trait Host {
     fn resume_request(&mut self);
     /// The first `size` bytes of the request body buffered so far.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Bytes of request body the host holds (all of it, where the filter buffered it).
+    fn request_body_size(&self) -> Option<usize>;
     /// The response body chunk being delivered (`size` bytes).
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     /// Replaces the first `size` bytes of the response body chunk being delivered.
@@ -301,6 +303,10 @@ impl Host for FakeHost {
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
         let body = self.request_bodies.get(&self.effective)?;
         Some(body[..size.min(body.len())].to_vec())
+    }
+
+    fn request_body_size(&self) -> Option<usize> {
+        Some(self.request_bodies.get(&self.effective).map_or(0, Vec::len))
     }
 
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {

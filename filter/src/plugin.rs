@@ -320,6 +320,25 @@ impl Vm {
         self.advance(host, context_id, root_id, event)
     }
 
+    /// Request trailers, which end a request whose body did not end with
+    /// `end_of_stream`. Envoy lets the whole request go on at trailers the filter does
+    /// not stop, so while the filter holds the request (buffering a body to price it,
+    /// waiting for settlement, answering) it stops them too; a buffered body is
+    /// complete now, and is priced as at its last chunk.
+    pub fn on_request_trailers(&mut self, host: &mut dyn Host, context_id: u32) -> Action {
+        match self.state(context_id) {
+            Some(State::Buffering(_)) => {
+                let size = host.request_body_size().unwrap_or(0);
+                match self.on_request_body(host, context_id, size, true) {
+                    Action::Continue => Action::Continue,
+                    Action::Pause | Action::PauseWatermark => Action::Pause,
+                }
+            }
+            Some(State::Authorizing(_) | State::Replied) => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
     /// A response body chunk of `size` bytes; metered routes read it.
     pub fn on_response_body(
         &mut self,

@@ -1279,6 +1279,52 @@ fn held_headers_wait_with_the_body_until_the_request_is_paid() {
 }
 
 #[test]
+fn trailers_end_a_body_priced_request_and_hold_it_like_its_last_chunk() {
+    // A body that ends with trailers never comes with end_of_stream. Envoy would let
+    // the held headers and body go at trailers the filter does not stop.
+    let mut h = Harness::with_config(&body_priced_config(true));
+    assert_eq!(
+        h.request_headers(2, "POST", "/paid/units", None, true),
+        Action::Pause
+    );
+    assert_eq!(h.request_body(2, br#"{"units": 2}"#, false), Action::Pause);
+    h.host.effective = 2;
+    assert_eq!(h.vm.on_request_trailers(&mut h.host, 2), Action::Pause);
+    assert_eq!(h.challenge_error(2), "payment_required");
+    assert!(!resumed(&h, 2));
+
+    // Paid: priced from the whole body at the trailers, held until settlement answers.
+    let p = payload("POST", "/paid/units", 1);
+    assert_eq!(
+        h.request_headers(3, "POST", "/paid/units", Some(header(&p)), true),
+        Action::Pause
+    );
+    assert_eq!(h.request_body(3, br#"{"units": 1}"#, false), Action::Pause);
+    assert!(h.host.grpc_calls().is_empty());
+    h.host.effective = 3;
+    assert_eq!(h.vm.on_request_trailers(&mut h.host, 3), Action::Pause);
+    let (token, _, method, body) = h.last_grpc();
+    assert_eq!(method, "Authorize");
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    assert_eq!(request.items[0].hold_amount, 10_000);
+    assert!(
+        !resumed(&h, 3),
+        "nothing goes upstream before settlement answers"
+    );
+    h.grpc_ok(token, authorized(&request, "tx-"));
+    assert!(resumed(&h, 3));
+
+    // A flat-priced request's trailers wait for its authorization as its body does.
+    let p = payload("POST", "/paid/quote", 1);
+    assert_eq!(
+        h.request_headers(4, "POST", "/paid/quote", Some(header(&p)), true),
+        Action::Pause
+    );
+    h.host.effective = 4;
+    assert_eq!(h.vm.on_request_trailers(&mut h.host, 4), Action::Pause);
+}
+
+#[test]
 fn without_the_setting_body_priced_headers_go_first() {
     let mut h = Harness::with_config(&body_priced_config(false));
     assert_eq!(
