@@ -40,10 +40,20 @@ fn lex(doc: &str) -> Result<Vec<Tok<'_>>, GraphQlError> {
                 }
             }
             b'"' if b[i..].starts_with(b"\"\"\"") => {
-                let end = doc[i + 3..]
-                    .find("\"\"\"")
-                    .ok_or(GraphQlError::Syntax("unterminated block string"))?;
-                i += end + 6;
+                i += 3;
+                loop {
+                    // `\"""` is the one escape in a block string; ending at it would
+                    // hide what follows from pricing while the server still runs it.
+                    match b.get(i..) {
+                        None | Some([]) => {
+                            return Err(GraphQlError::Syntax("unterminated block string"))
+                        }
+                        Some(rest) if rest.starts_with(b"\\\"\"\"") => i += 4,
+                        Some(rest) if rest.starts_with(b"\"\"\"") => break,
+                        Some(_) => i += 1,
+                    }
+                }
+                i += 3;
                 out.push(Tok::Str);
             }
             b'"' => {
@@ -276,6 +286,23 @@ mod tests {
         assert!(matches!(
             root_fields(&unknown),
             Err(GraphQlError::UnknownOperation(_))
+        ));
+    }
+
+    #[test]
+    fn an_escaped_triple_quote_does_not_end_a_block_string() {
+        // `\"""` is part of the block string (spec: BlockStringCharacter), so the
+        // string ends at the second `"""` and `expensive` is a root field, not comment.
+        let q = concat!(r#"{ cheap(a: """\""" """) expensive # """)"#, "\n}");
+        assert_eq!(fields(q).unwrap(), ["Query.cheap", "Query.expensive"]);
+        // A backslash before the escape is an ordinary character.
+        assert_eq!(
+            fields(r#"{ a(s: """x\\""" """) b }"#).unwrap(),
+            ["Query.a", "Query.b"]
+        );
+        assert!(matches!(
+            fields(r#"{ a(s: """\""") }"#),
+            Err(GraphQlError::Syntax(_))
         ));
     }
 
