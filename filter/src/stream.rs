@@ -260,7 +260,9 @@ pub fn on_response_chunk(
         }
     }
     if !cut {
-        let replace = (forward.len() != chunk.len()).then_some(forward);
+        // Bytes, not lengths: what was held back from the last chunk and from this
+        // one can be the same length, and then `forward` is not this chunk.
+        let replace = (forward.as_slice() != chunk).then_some(forward);
         return Verdict {
             replace,
             close_now: false,
@@ -536,6 +538,48 @@ mod tests {
         assert!(text.contains("\"budget_exhausted\"") && text.ends_with("\n\n"));
         assert_eq!(usage.events, 2);
         assert!(state.close_pending && v.ended);
+    }
+
+    /// Feeds `upstream` in `size`-byte chunks and returns what the client receives,
+    /// applying each verdict as Envoy does: `replace` or else the chunk itself.
+    fn deliver(m: &Meter, usage: &mut Usage, upstream: &[u8], size: usize) -> Vec<u8> {
+        let mut state = StreamState::default();
+        on_response_headers(&mut state, m, Some(200), Some("text/event-stream"));
+        let chunks: Vec<&[u8]> = upstream.chunks(size).collect();
+        let mut client = Vec::new();
+        for (k, piece) in chunks.iter().enumerate() {
+            let eos = k + 1 == chunks.len();
+            match chunk(&mut state, m, usage, piece, eos).replace {
+                Some(bytes) => client.extend(bytes),
+                None => client.extend_from_slice(piece),
+            }
+        }
+        client
+    }
+
+    #[test]
+    fn held_back_bytes_of_equal_length_are_not_lost_or_repeated() {
+        let m = meter(Unit::Tokens(TokenSource::SseEvents), 100);
+        let short = "data: 1234567\n\n";
+        let long = "data: 123456789012\n\n";
+        assert_eq!((short.len(), long.len()), (15, 20));
+        // In 20-byte chunks, 5 bytes are held back from every chunk after the first
+        // and 5 released: the same length, different bytes.
+        let upstream = format!("{short}{}", long.repeat(3));
+        let mut usage = Usage::default();
+        let client = deliver(&m, &mut usage, upstream.as_bytes(), 20);
+        assert_eq!(
+            String::from_utf8_lossy(&client),
+            upstream,
+            "the client gets the upstream's bytes exactly"
+        );
+        assert_eq!(usage.events, 4);
+        for size in 1..=upstream.len() {
+            let mut usage = Usage::default();
+            let client = deliver(&m, &mut usage, upstream.as_bytes(), size);
+            assert_eq!(client, upstream.as_bytes(), "{size}-byte chunks");
+            assert_eq!(usage.events, 4, "{size}-byte chunks");
+        }
     }
 
     #[test]
