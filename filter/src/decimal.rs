@@ -31,17 +31,30 @@ pub struct Decimal {
     scale: u32,
 }
 
-// Value equality is an equivalence: equal scales never overflow when rescaled.
+// Value equality (`0.10 == 0.1`) is an equivalence: the comparison is exact.
 impl Eq for Decimal {}
 
 impl PartialEq for Decimal {
     fn eq(&self, other: &Self) -> bool {
-        self.cmp_value(other) == Some(Ordering::Equal)
+        self.cmp_value(other) == Ordering::Equal
     }
 }
 
 fn pow10(exp: u32) -> Result<i128, DecimalError> {
     10i128.checked_pow(exp).ok_or(DecimalError::Overflow)
+}
+
+/// `m × 10^shift` against `n`. A nonzero product that overflows an `i128` is
+/// farther from zero than any `i128` (it cannot be exactly `i128::MIN`, which has
+/// no factor of 5), so its sign decides.
+fn cmp_scaled_up(m: i128, shift: u32, n: i128) -> Ordering {
+    if m == 0 {
+        return 0.cmp(&n);
+    }
+    match pow10(shift).ok().and_then(|p| m.checked_mul(p)) {
+        Some(scaled) => scaled.cmp(&n),
+        None => m.cmp(&0),
+    }
 }
 
 /// `n / d` rounded half away from zero; `d` must be positive.
@@ -153,9 +166,18 @@ impl Decimal {
             .ok_or(DecimalError::Overflow)
     }
 
-    fn cmp_value(&self, other: &Decimal) -> Option<Ordering> {
-        let scale = self.scale.max(other.scale);
-        Some(self.rescaled(scale).ok()?.cmp(&other.rescaled(scale).ok()?))
+    /// Orders by value, exactly at any scales: only the operand with fewer places is
+    /// rescaled, and a rescale too large for an `i128` is beyond the other operand.
+    fn cmp_value(&self, other: &Decimal) -> Ordering {
+        match self.scale.cmp(&other.scale) {
+            Ordering::Equal => self.mantissa.cmp(&other.mantissa),
+            Ordering::Less => {
+                cmp_scaled_up(self.mantissa, other.scale - self.scale, other.mantissa)
+            }
+            Ordering::Greater => {
+                cmp_scaled_up(other.mantissa, self.scale - other.scale, self.mantissa).reverse()
+            }
+        }
     }
 
     pub fn checked_add(&self, other: &Decimal) -> Result<Decimal, DecimalError> {
@@ -232,7 +254,7 @@ impl Decimal {
     }
 
     pub fn min(self, other: Decimal) -> Decimal {
-        if self.cmp_value(&other) == Some(Ordering::Greater) {
+        if self.cmp_value(&other) == Ordering::Greater {
             other
         } else {
             self
@@ -240,7 +262,7 @@ impl Decimal {
     }
 
     pub fn max(self, other: Decimal) -> Decimal {
-        if self.cmp_value(&other) == Some(Ordering::Less) {
+        if self.cmp_value(&other) == Ordering::Less {
             other
         } else {
             self
@@ -431,6 +453,68 @@ mod tests {
         assert_eq!(d("3").ceil(), d("3"));
         assert_eq!(d("1").min(d("2")), d("1"));
         assert_eq!(d("1").max(d("2")), d("2"));
+    }
+
+    #[test]
+    fn min_and_max_are_exact_whatever_the_scales() {
+        let tiny = d("0.000000000000000000000000000000000001");
+        let floor = d("200");
+        // 200 at 36 places does not fit an i128; the floor must still hold.
+        assert_eq!(tiny.max(floor), floor);
+        assert_eq!(floor.max(tiny), floor);
+        assert_eq!(tiny.max(floor).to_string(), "200");
+        assert_eq!(tiny.max(floor).to_atomic(6).unwrap(), 200_000_000);
+        assert_eq!(tiny.min(floor), tiny);
+        assert_eq!(floor.min(tiny), tiny);
+        let just_over_half = d("0.5").checked_add(&tiny).unwrap();
+        assert_eq!(just_over_half.max(floor), floor);
+        assert_eq!(just_over_half.min(floor), just_over_half);
+        assert_eq!(tiny.negated().unwrap().min(d("-200")), d("-200"));
+        assert_eq!(
+            tiny.negated().unwrap().max(d("-200")),
+            tiny.negated().unwrap()
+        );
+        assert_ne!(tiny, floor);
+
+        // Equal values at different scales compare equal, either way round.
+        let unnormalised = Decimal {
+            mantissa: 2000,
+            scale: 1,
+        };
+        assert_eq!(unnormalised, floor);
+        assert_eq!(floor, unnormalised);
+        let zero_far_out = Decimal {
+            mantissa: 0,
+            scale: 60,
+        };
+        assert_eq!(zero_far_out, Decimal::ZERO);
+        assert_eq!(zero_far_out.max(tiny), tiny);
+        assert_eq!(tiny.min(zero_far_out), zero_far_out);
+
+        // The extremes: the largest mantissas, and scales past 10^38.
+        let big = Decimal::from_int(i128::MAX);
+        let most_negative = Decimal::from_int(i128::MIN);
+        assert_eq!(tiny.max(big), big);
+        assert_eq!(tiny.min(most_negative), most_negative);
+        assert_eq!(most_negative.max(tiny), tiny);
+        let wide = Decimal {
+            mantissa: i128::MAX,
+            scale: 36,
+        };
+        assert_eq!(wide.max(floor), floor, "about 170.14 < 200");
+        assert_eq!(wide.max(d("170")), wide);
+        assert_eq!(wide.min(d("-170")), d("-170"));
+        let below_one = Decimal {
+            mantissa: 1,
+            scale: 100,
+        };
+        assert_eq!(below_one.max(d("1")), d("1"));
+        assert_eq!(below_one.min(tiny), below_one);
+        assert_eq!(below_one.max(Decimal::ZERO), below_one);
+        assert_eq!(
+            below_one.negated().unwrap().min(Decimal::ZERO),
+            below_one.negated().unwrap()
+        );
     }
 
     #[test]
