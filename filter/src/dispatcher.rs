@@ -6,6 +6,12 @@
 //! as one batch when a call returns. Captures and voids that
 //! fail are retried a few times with a growing delay; a hold that is never resolved
 //! expires in settlement, so giving up loses no money.
+//!
+//! An Authorize call that fails (a timeout, a reset) may still have been committed:
+//! its requests are answered 503, and a payment captured as it was placed has no
+//! expiry to fall back on. Such items are sent again later ([`Rpc::Recheck`]): the
+//! request id makes the resend answer with the payment already placed, or place it
+//! now, and either way the filter learns its transaction and voids it (a refund).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -46,6 +52,10 @@ pub const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 /// Grace beyond the call timeout before a call the host never finished is given up,
 /// so one lost callback cannot block an RPC's queue for good.
 pub const STALE_GRACE_NANOS: u64 = 5_000_000_000;
+/// Most Authorize items kept to be sent again ([`Rpc::Recheck`]) per dispatcher.
+pub const MAX_RECHECKS: usize = 512;
+/// The reason of a void that refunds a payment whose Authorize answer never arrived.
+pub const VOID_UNANSWERED: &str = "authorize_unanswered";
 
 /// Which settlement call a callout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +65,9 @@ pub enum Rpc {
     Void,
     /// Running totals of long requests (`capture_every_seconds`); the hold stays open.
     CapturePartial,
+    /// Authorize items captured at once whose call failed, sent again to learn whether
+    /// they were placed (and then voided).
+    Recheck,
 }
 
 impl Rpc {
@@ -64,6 +77,7 @@ impl Rpc {
             Rpc::Capture => "Capture",
             Rpc::Void => "Void",
             Rpc::CapturePartial => "CapturePartial",
+            Rpc::Recheck => "Authorize",
         }
     }
 }
@@ -98,6 +112,7 @@ enum InFlight {
     Capture(Vec<Retryable<CaptureItem>>),
     Void(Vec<Retryable<VoidItem>>),
     CapturePartial(Vec<Retryable<CaptureItem>>),
+    Recheck(Vec<Retryable<AuthorizeItem>>),
 }
 
 /// Where the dispatcher sends its calls.
@@ -120,6 +135,7 @@ pub struct Dispatcher {
     capture_queue: VecDeque<Retryable<CaptureItem>>,
     void_queue: VecDeque<Retryable<VoidItem>>,
     partial_queue: VecDeque<Retryable<CaptureItem>>,
+    recheck_queue: VecDeque<Retryable<AuthorizeItem>>,
     in_flight: HashMap<u32, InFlight>,
     /// When each call in flight was started.
     started_nanos: HashMap<u32, u64>,
@@ -229,6 +245,7 @@ impl Dispatcher {
                         | (InFlight::Capture(_), Rpc::Capture)
                         | (InFlight::Void(_), Rpc::Void)
                         | (InFlight::CapturePartial(_), Rpc::CapturePartial)
+                        | (InFlight::Recheck(_), Rpc::Recheck)
                 )
             })
             .count()
@@ -326,7 +343,43 @@ impl Dispatcher {
                 self.started(token, InFlight::CapturePartial(batch), now);
             }
         }
+        if self.in_flight(Rpc::Recheck) == 0 {
+            let queue = &mut self.recheck_queue;
+            if let Some((token, batch)) =
+                send_due(host, target, current, Rpc::Recheck, queue, now, metrics)
+            {
+                self.started(token, InFlight::Recheck(batch), now);
+            }
+        }
         deliveries
+    }
+
+    /// Authorize items waiting to be sent again (their first call failed).
+    pub fn rechecks_queued(&self) -> usize {
+        self.recheck_queue.len()
+    }
+
+    /// Queues `item`, whose Authorize call failed, to be sent again after the first
+    /// backoff. Only items captured as they are placed: a plain hold that was placed
+    /// expires on its own.
+    fn recheck(&mut self, host: &mut dyn Host, metrics: &Metrics, item: AuthorizeItem, now: u64) {
+        if !item.capture {
+            return;
+        }
+        if self.recheck_queue.len() >= MAX_RECHECKS {
+            // Settlement has been failing for a long while; the oldest goes.
+            self.recheck_queue.pop_front();
+            metrics.add(host, Metric::ResolutionsDropped, 1);
+            host.log(
+                LogLevel::Error,
+                "too many unanswered payments to check again: the oldest is dropped",
+            );
+        }
+        self.recheck_queue.push_back(Retryable {
+            item,
+            attempts: 0,
+            not_before_nanos: now.saturating_add(RETRY_BACKOFF_NANOS),
+        });
     }
 
     /// Fails calls still in flight long after their timeout; returns the answers for
@@ -394,29 +447,74 @@ impl Dispatcher {
                                 None
                             }
                         });
-                waiters
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (w, item))| {
-                        let answer = match results.as_ref().and_then(|r| r.get(i)) {
-                            Some(result) if result.request_id == item.request_id => {
-                                answer_for(host, result)
-                            }
-                            Some(_) => {
+                let mut deliveries = Vec::with_capacity(waiters.len());
+                for (i, (w, item)) in waiters.into_iter().enumerate() {
+                    let answer = match results.as_ref().and_then(|r| r.get(i)) {
+                        Some(result) if result.request_id == item.request_id => {
+                            answer_for(host, result)
+                        }
+                        other => {
+                            if other.is_some() {
                                 host.log(
                                     LogLevel::Error,
                                     "AuthorizeResponse results are out of order",
                                 );
-                                AuthorizeAnswer::Unavailable
                             }
-                            None => AuthorizeAnswer::Unavailable,
-                        };
-                        Delivery {
-                            context_id: w.context_id,
-                            answer,
+                            // No answer for this item: it may have been placed.
+                            self.recheck(host, metrics, item, now);
+                            AuthorizeAnswer::Unavailable
                         }
-                    })
-                    .collect()
+                    };
+                    deliveries.push(Delivery {
+                        context_id: w.context_id,
+                        answer,
+                    });
+                }
+                deliveries
+            }
+            InFlight::Recheck(batch) => {
+                let results = result
+                    .ok()
+                    .and_then(|body| AuthorizeResponse::decode(body.as_slice()).ok())
+                    .map(|r| r.results);
+                let mut again = Vec::new();
+                for (i, r) in batch.into_iter().enumerate() {
+                    match results.as_ref().and_then(|results| results.get(i)) {
+                        Some(result) if result.request_id == r.item.request_id => {
+                            match result.outcome() {
+                                AuthorizeOutcome::Authorized
+                                    if !result.transaction_id.is_empty() =>
+                                {
+                                    host.log(
+                                        LogLevel::Warn,
+                                        &format!(
+                                            "x402 filter: payment {} was placed but its answer was lost; refunding it",
+                                            result.transaction_id
+                                        ),
+                                    );
+                                    self.void(VoidItem {
+                                        transaction_id: result.transaction_id.clone(),
+                                        reason: VOID_UNANSWERED.to_owned(),
+                                    });
+                                }
+                                AuthorizeOutcome::Unavailable => again.push(r),
+                                // Refused now (expired, nonce spent elsewhere, ...): nothing
+                                // was placed under this request id.
+                                _ => {}
+                            }
+                        }
+                        _ => again.push(r),
+                    }
+                }
+                requeue(
+                    host,
+                    Rpc::Recheck,
+                    &mut self.recheck_queue,
+                    again,
+                    now,
+                    metrics,
+                );
+                Vec::new()
             }
             InFlight::Capture(batch) => {
                 self.owed_changed = true;
@@ -562,7 +660,7 @@ fn requeue<T>(
 ) {
     for mut r in batch {
         r.attempts = r.attempts.saturating_add(1);
-        if r.attempts >= MAX_RESOLVE_ATTEMPTS && !matches!(rpc, Rpc::Void) {
+        if r.attempts >= MAX_RESOLVE_ATTEMPTS && !matches!(rpc, Rpc::Void | Rpc::Recheck) {
             metrics.add(host, Metric::ResolutionsDropped, 1);
             host.log(LogLevel::Error, "giving up on a capture after retries");
             continue;

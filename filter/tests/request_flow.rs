@@ -559,6 +559,95 @@ fn an_exact_price_captured_at_authorize_is_never_captured_again() {
     assert!(!AuthorizeRequest::decode(body.as_slice()).unwrap().items[0].capture);
 }
 
+#[test]
+fn a_payment_whose_authorize_answer_was_lost_is_found_and_refunded() {
+    // The Authorize call fails (a timeout, a reset) after settlement may have placed
+    // the payment: the request is answered 503, so a payment captured as it was placed
+    // must not stay charged.
+    let mut h = Harness::new(false);
+    let p = payload("GET", "/paid/quote", 2);
+    h.request(2, "GET", "/paid/quote", Some(header(&p)));
+    let (token, _, _, body) = h.last_grpc();
+    let first = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    assert!(first.items[0].capture);
+    h.grpc_fail(token, 14);
+    assert_eq!(h.reply_to(2).unwrap().0, 503);
+    let calls = h.host.grpc_calls().len();
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert_eq!(h.host.grpc_calls().len(), calls, "not sent again at once");
+    h.host.now_nanos += RETRY_BACKOFF_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    let (token, _, method, body) = h.last_grpc();
+    assert_eq!(method, "Authorize");
+    assert_eq!(
+        AuthorizeRequest::decode(body.as_slice()).unwrap(),
+        first,
+        "the same item: settlement answers with the payment its request id placed"
+    );
+    // A resend that fails is sent again after its backoff.
+    h.grpc_fail(token, 14);
+    h.host.now_nanos += x402_filter::dispatcher::MAX_RETRY_BACKOFF_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    let (token, _, method, _) = h.last_grpc();
+    assert_eq!(method, "Authorize");
+    h.grpc_ok(token, answer_all(&first, "tx-", true));
+    assert_eq!(
+        last_void(&h),
+        (
+            "tx-0".into(),
+            x402_filter::dispatcher::VOID_UNANSWERED.into()
+        )
+    );
+    let calls = h.host.grpc_calls().len();
+    h.host.now_nanos += x402_filter::dispatcher::MAX_RETRY_BACKOFF_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert!(
+        h.host.grpc_calls()[calls..]
+            .iter()
+            .all(|c| !matches!(c, Call::Grpc { method, .. } if method == "Authorize")),
+        "found: not sent again"
+    );
+
+    // Sent again and refused (nothing was placed under its request id): nothing to undo.
+    let p = payload("GET", "/paid/quote", 3);
+    h.request(3, "GET", "/paid/quote", Some(header(&p)));
+    let (token, _, _, body) = h.last_grpc();
+    let lost = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    h.grpc_fail(token, 14);
+    h.host.now_nanos += RETRY_BACKOFF_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    let (token, _, method, _) = h.last_grpc();
+    assert_eq!(method, "Authorize");
+    let expired = AuthorizeResponse {
+        results: vec![AuthorizeResult {
+            request_id: lost.items[0].request_id.clone(),
+            outcome: AuthorizeOutcome::Expired as i32,
+            ..Default::default()
+        }],
+    };
+    h.grpc_ok(token, expired.encode_to_vec());
+    let calls = h.host.grpc_calls().len();
+    h.host.now_nanos += x402_filter::dispatcher::MAX_RETRY_BACKOFF_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert_eq!(h.host.grpc_calls().len(), calls, "no void, no resend");
+
+    // A hold (not captured at once) whose answer is lost expires on its own.
+    let mut off: serde_json::Value = serde_json::from_str(&config(false)).unwrap();
+    off["one_phase_exact"] = false.into();
+    let mut h = Harness::new(false);
+    assert!(h
+        .vm
+        .on_configure(&mut h.host, ROOT, off.to_string().as_bytes()));
+    let p = payload("GET", "/paid/quote", 4);
+    h.request(4, "GET", "/paid/quote", Some(header(&p)));
+    let (token, ..) = h.last_grpc();
+    h.grpc_fail(token, 14);
+    let calls = h.host.grpc_calls().len();
+    h.host.now_nanos += x402_filter::dispatcher::MAX_RETRY_BACKOFF_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert_eq!(h.host.grpc_calls().len(), calls);
+}
+
 /// A paid request on an exact price, captured at authorize (`tx-0`), whose upstream
 /// answers 503: the filter voids it, which refunds it.
 fn refused_upstream_after_capture(h: &mut Harness, ctx: u32) {
