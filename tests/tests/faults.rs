@@ -214,6 +214,9 @@ struct Seen {
     paid_clean: Vec<PaidResponse>,
     /// Receipts of requests that overlapped it: captured, or expired.
     paid_during_fault: Vec<PaidResponse>,
+    /// Nonces of proofs answered 503: whatever settlement placed for them ends
+    /// charging nothing (released, expired, or refunded).
+    refused_nonces: Vec<String>,
 }
 
 struct World {
@@ -407,8 +410,13 @@ enum Outcome {
     Hang,
 }
 
-/// One paid request: a fresh proof, one attempt.
-async fn paid_request(http: &reqwest::Client, base: &str, key: &PayerKey, n: u64) -> Outcome {
+/// One paid request: a fresh proof, one attempt. Returns the proof's nonce too.
+async fn paid_request(
+    http: &reqwest::Client,
+    base: &str,
+    key: &PayerKey,
+    n: u64,
+) -> (Outcome, String) {
     let url = reqwest::Url::parse(&format!("{base}/paid/quote?n={n}")).unwrap();
     let resource = resource_for("GET", &url).unwrap();
     let proof = sign_payment(
@@ -423,7 +431,7 @@ async fn paid_request(http: &reqwest::Client, base: &str, key: &PayerKey, n: u64
         .get(url)
         .header(HEADER_PAYMENT_SIGNATURE, encode_header(&proof))
         .send();
-    match tokio::time::timeout(ANSWER_LIMIT, send).await {
+    let outcome = match tokio::time::timeout(ANSWER_LIMIT, send).await {
         Err(_) => Outcome::Hang,
         Ok(Err(e)) if e.is_timeout() => Outcome::Hang,
         Ok(Err(_)) => Outcome::NoConnection,
@@ -446,7 +454,8 @@ async fn paid_request(http: &reqwest::Client, base: &str, key: &PayerKey, n: u64
                 }
             }
         }
-    }
+    };
+    (outcome, proof.payload.nonce)
 }
 
 /// Runs load during one fault; returns what the clients saw.
@@ -464,7 +473,7 @@ async fn phase(world: &mut World, fault: Fault, warm: Duration, after: Duration)
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
                 let started = Instant::now();
-                let outcome = paid_request(&http, &base, &key, n).await;
+                let (outcome, nonce) = paid_request(&http, &base, &key, n).await;
                 let ended = Instant::now();
                 let healed = window.lock().unwrap().1;
                 let after_heal = healed.is_some_and(|h| started > h);
@@ -477,6 +486,9 @@ async fn phase(world: &mut World, fault: Fault, warm: Duration, after: Duration)
                         Outcome::NoConnection => s.counts.no_connection += 1,
                         Outcome::Status(status, paid) => {
                             *s.counts.statuses.entry(status).or_default() += 1;
+                            if status == 503 {
+                                s.refused_nonces.push(nonce);
+                            }
                             if let Some(p) = paid {
                                 if after_heal {
                                     s.counts.paid_after_heal += 1;
@@ -531,6 +543,12 @@ async fn check_after(world: &World, fault: Fault, seen: &Seen) -> Vec<String> {
         report.to_text(),
         world.settlement.log_tail(30)
     );
+    // A VM that crashes with an Authorize call in flight takes the call's answer, and
+    // the filter's memory of it, along: a one-phase payment it placed stays charged
+    // for a request Envoy answers 503 (an operator refund returns it).
+    if fault != Fault::CrashVm {
+        charged_for_nothing(world, fault, &seen.refused_nonces).await;
+    }
     let clean = check_paid_responses(&world.pool, &seen.paid_clean, false)
         .await
         .unwrap();
@@ -546,6 +564,35 @@ async fn check_after(world: &World, fault: Fault, seen: &Seen) -> Vec<String> {
         .chain(&during)
         .map(|v| format!("{}: {}", fault.name(), v.detail))
         .collect()
+}
+
+/// A request answered 503 leaves its payer charged nothing: a payment settlement
+/// placed for it anyway (its answer lost to a timeout) is found by the filter and
+/// refunded, a hold is released or expires. Waits for the filter's resends.
+async fn charged_for_nothing(world: &World, fault: Fault, nonces: &[String]) {
+    let start = Instant::now();
+    loop {
+        let charged: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT h.nonce, c.amount, coalesce(r.refunded, 0) FROM transfers h \
+             JOIN transfers c ON c.pending_id = h.id AND c.kind = 'capture' \
+             LEFT JOIN payment_refunds r ON r.hold_id = h.id \
+             WHERE h.kind = 'hold' AND h.nonce = ANY($1) AND c.amount > coalesce(r.refunded, 0)",
+        )
+        .bind(nonces)
+        .fetch_all(&world.pool)
+        .await
+        .unwrap();
+        if charged.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}: {} requests answered 503 left their payers charged: {charged:?}",
+            fault.name(),
+            charged.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn report_line(fault: Fault, c: &Counts, expired: usize) -> String {
