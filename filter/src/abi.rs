@@ -210,6 +210,17 @@ impl AbiHost {
 }
 
 impl Host for AbiHost {
+    fn request_header_values(&self, name: &str) -> Vec<String> {
+        self.request_headers()
+            .map(|pairs| {
+                pairs
+                    .all(name)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn request_header(&self, name: &str) -> Option<String> {
         let value = self.request_headers()?.get(name)?;
         // As `header`: a value that is not UTF-8 is still a value.

@@ -14,8 +14,9 @@
 //! - `min(a, b)`, `max(a, b)`, `ceil(a)`, `floor(a)`.
 //!
 //! Evaluation is exact decimal arithmetic ([`Decimal`]); a missing or non-numeric
-//! field, a division by zero, an overflow or a negative result is a [`EvalError`]
-//! that the filter answers with 400 naming the field, never a panic or a free request.
+//! field, a query parameter or header given more than once with different values, a
+//! division by zero, an overflow or a negative result is a [`EvalError`] that the
+//! filter answers with 400 naming the field, never a panic or a free request.
 
 use crate::decimal::{Decimal, DecimalError};
 
@@ -87,6 +88,10 @@ pub enum EvalError {
     NotANumber(String),
     #[error("the request body is not a JSON object")]
     BodyNotJson,
+    /// Upstreams disagree on which of several values counts (the first, the last,
+    /// all of them joined), so `?n=1&n=1000` could be priced for 1 and served for 1000.
+    #[error("{0} is given more than once with different values")]
+    Ambiguous(String),
     #[error("the price {0}")]
     Arithmetic(DecimalError),
 }
@@ -332,39 +337,75 @@ pub struct Inputs<'a> {
     pub body: Option<&'a serde_json::Value>,
     /// The `:path` with its query string.
     pub path: &'a str,
-    /// Request headers the expression names, lower-case.
+    /// Request headers the expression names, lower-case; a header the request repeats
+    /// is here once per value, so that different values can be refused.
     pub headers: &'a [(String, String)],
 }
 
-/// The value of query parameter `name` (first occurrence, `%XX` and `+` decoded).
-pub fn query_param(path: &str, name: &str) -> Option<String> {
-    let query = path.split_once('?')?.1;
+/// Every value of query parameter `name`, in order (`%XX` and `+` decoded).
+pub fn query_values(path: &str, name: &str) -> Vec<String> {
+    let Some((_, query)) = path.split_once('?') else {
+        return Vec::new();
+    };
     let query = query.split('#').next().unwrap_or_default();
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k) == name).then(|| percent_decode(v))
-    })
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k) == name).then(|| percent_decode(v))
+        })
+        .collect()
 }
 
+/// The value of an input given once, or several times with the same value.
+fn single_value(
+    values: impl IntoIterator<Item = String>,
+    source: &Source,
+) -> Result<String, EvalError> {
+    let mut values = values.into_iter();
+    let first = values
+        .next()
+        .ok_or_else(|| EvalError::Missing(source.describe()))?;
+    if values.any(|v| v != first) {
+        return Err(EvalError::Ambiguous(source.describe()));
+    }
+    Ok(first)
+}
+
+fn hex_digit(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'a'..=b'f' => Some(byte - b'a' + 10),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Form decoding: `+` is a space, `%` and two hex digits a byte; a `%` without two
+/// hex digits after it stays as it is (`u8::from_str_radix` would also take `%+5`).
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(text.get(i + 1..i + 3).unwrap_or("zz"), 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
+        let escaped = match (bytes.get(i + 1), bytes.get(i + 2)) {
+            (Some(&hi), Some(&lo)) if bytes[i] == b'%' => hex_digit(hi).zip(hex_digit(lo)),
+            _ => None,
+        };
+        match (bytes[i], escaped) {
+            (_, Some((hi, lo))) => {
+                out.push(hi << 4 | lo);
+                i += 3;
             }
-            b => out.push(b),
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, None) => {
+                out.push(b);
+                i += 1;
+            }
         }
-        i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
 }
@@ -393,15 +434,15 @@ fn field_value(source: &Source, inputs: &Inputs<'_>) -> Result<Decimal, EvalErro
                 Some(_) => return Err(EvalError::NotANumber(source.describe())),
             }
         }
-        Source::Query(name) => {
-            query_param(inputs.path, name).ok_or_else(|| EvalError::Missing(source.describe()))?
-        }
-        Source::Header(name) => inputs
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .ok_or_else(|| EvalError::Missing(source.describe()))?,
+        Source::Query(name) => single_value(query_values(inputs.path, name), source)?,
+        Source::Header(name) => single_value(
+            inputs
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone()),
+            source,
+        )?,
     };
     Decimal::parse(&text).map_err(|_| EvalError::NotANumber(source.describe()))
 }
@@ -560,8 +601,98 @@ mod tests {
 
     #[test]
     fn query_parameters_are_decoded() {
-        assert_eq!(query_param("/p?a=1&b=%32+", "b").as_deref(), Some("2 "));
-        assert_eq!(query_param("/p?a", "a").as_deref(), Some(""));
-        assert_eq!(query_param("/p", "a"), None);
+        assert_eq!(query_values("/p?a=1&b=%32+", "b"), vec!["2 ".to_owned()]);
+        assert_eq!(query_values("/p?a", "a"), vec![String::new()]);
+        assert_eq!(query_values("/p?%61=1&a=2", "a"), vec!["1", "2"]);
+        assert!(query_values("/p", "a").is_empty());
+    }
+
+    #[test]
+    fn percent_decoding_takes_a_percent_and_exactly_two_hex_digits() {
+        assert_eq!(percent_decode("%32"), "2");
+        assert_eq!(percent_decode("1%3"), "1%3");
+        assert_eq!(percent_decode("1%"), "1%");
+        assert_eq!(percent_decode("%%32"), "%2");
+        assert_eq!(percent_decode("%4a%4A"), "JJ");
+        assert_eq!(percent_decode("%zz%g1"), "%zz%g1");
+        // A sign is not a hex digit, though `u8::from_str_radix` takes one.
+        assert_eq!(percent_decode("%+5"), "% 5");
+        assert_eq!(percent_decode("%é%1é"), "%é%1é");
+        assert_eq!(percent_decode("%C3%A9+%2B"), "é +");
+    }
+
+    fn eval_with(text: &str, path: &str, headers: &[(&str, &str)]) -> Result<String, EvalError> {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let inputs = Inputs {
+            body: None,
+            path,
+            headers: &headers,
+        };
+        eval(&parse(text).unwrap(), &inputs).map(|d| d.to_string())
+    }
+
+    #[test]
+    fn a_query_parameter_repeated_with_different_values_is_refused() {
+        let refused = eval_with("query(\"n\") * 2", "/p?n=1&n=1000", &[]);
+        assert_eq!(
+            refused,
+            Err(EvalError::Ambiguous("query parameter n".into()))
+        );
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            "query parameter n is given more than once with different values"
+        );
+        // Different only once decoded, or only by a missing value, is still different.
+        for path in ["/p?n=1&%6E=2", "/p?n=5&n", "/p?n=1&m=0&n=+1"] {
+            assert_eq!(
+                eval_with("query(\"n\")", path, &[]),
+                Err(EvalError::Ambiguous("query parameter n".into())),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_query_parameter_given_once_or_repeated_identically_is_priced() {
+        assert_eq!(eval_with("query(\"n\") * 2", "/p?n=3", &[]).unwrap(), "6");
+        assert_eq!(
+            eval_with("query(\"n\") * 2", "/p?n=3&m=9&n=3", &[]).unwrap(),
+            "6"
+        );
+        // The same value once decoded.
+        assert_eq!(
+            eval_with("query(\"n\") * 2", "/p?n=3&%6E=%33", &[]).unwrap(),
+            "6"
+        );
+        // Other parameters may repeat as they like.
+        assert_eq!(
+            eval_with("query(\"n\")", "/p?m=1&n=4&m=2", &[]).unwrap(),
+            "4"
+        );
+    }
+
+    #[test]
+    fn a_header_repeated_with_different_values_is_refused() {
+        let cost = "header(\"x-cost\") * 2";
+        assert_eq!(
+            eval_with(
+                cost,
+                "/",
+                &[("x-cost", "1"), ("x-other", "5"), ("X-Cost", "1000")]
+            ),
+            Err(EvalError::Ambiguous("header x-cost".into()))
+        );
+        assert_eq!(eval_with(cost, "/", &[("x-cost", "1")]).unwrap(), "2");
+        assert_eq!(
+            eval_with(cost, "/", &[("x-cost", "1"), ("x-cost", "1")]).unwrap(),
+            "2"
+        );
+        assert_eq!(
+            eval_with(cost, "/", &[]),
+            Err(EvalError::Missing("header x-cost".into()))
+        );
     }
 }

@@ -51,31 +51,40 @@ pub struct HeaderPairs(pub Vec<u8>);
 impl HeaderPairs {
     /// The first value of `name` (compared ignoring ASCII case, as Envoy's lookups do).
     /// A buffer that does not follow the format yields `None`, never a panic.
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
+    pub fn get<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
+        self.all(name).next()
+    }
+
+    /// Every value of `name`, in order: a header the client repeated is there once per
+    /// line. Stops at anything that does not follow the format.
+    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         let buf = self.0.as_slice();
-        let word = |at: usize| -> Option<usize> {
+        let word = move |at: usize| -> Option<usize> {
             let bytes: [u8; 4] = buf.get(at..at.checked_add(4)?)?.try_into().ok()?;
             usize::try_from(u32::from_le_bytes(bytes)).ok()
         };
-        let count = word(0)?;
-        let mut text = count.checked_mul(8)?.checked_add(4)?;
-        for i in 0..count {
-            let key_len = word(4 + i * 8)?;
-            let value_len = word(8 + i * 8)?;
-            let key = buf.get(text..text.checked_add(key_len)?)?;
-            let value_at = text + key_len + 1;
-            let value = buf.get(value_at..value_at.checked_add(value_len)?)?;
-            if key.eq_ignore_ascii_case(name.as_bytes()) {
-                return Some(value);
-            }
-            text = value_at + value_len + 1;
-        }
-        None
+        let count = word(0).unwrap_or(0);
+        let mut text = count.checked_mul(8).and_then(|n| n.checked_add(4));
+        (0..count)
+            .map_while(move |i| {
+                let at = text?;
+                let key_len = word(4 + i * 8)?;
+                let value_len = word(8 + i * 8)?;
+                let key = buf.get(at..at.checked_add(key_len)?)?;
+                let value_at = at.checked_add(key_len)?.checked_add(1)?;
+                let value = buf.get(value_at..value_at.checked_add(value_len)?)?;
+                text = value_at.checked_add(value_len)?.checked_add(1);
+                Some((key, value))
+            })
+            .filter(move |(key, _)| key.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, value)| value)
     }
 }
 
 pub trait Host {
     fn request_header(&self, name: &str) -> Option<String>;
+    /// Every value of a request header the client sent more than once, in order.
+    fn request_header_values(&self, name: &str) -> Vec<String>;
     fn response_header(&self, name: &str) -> Option<String>;
     /// A response trailer (only during the trailers callback).
     fn response_trailer(&self, name: &str) -> Option<String>;
@@ -234,6 +243,19 @@ impl FakeHost {
 }
 
 impl Host for FakeHost {
+    fn request_header_values(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get(&self.effective)
+            .map(|headers| {
+                headers
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn request_header(&self, name: &str) -> Option<String> {
         self.headers
             .get(&self.effective)?
@@ -470,6 +492,11 @@ mod tests {
         assert_eq!(map.get("Payment-Signature"), Some(&b"abc"[..]));
         assert_eq!(map.get("empty"), Some(&b""[..]));
         assert_eq!(map.get("x-dup"), Some(&b"first"[..]));
+        assert_eq!(
+            map.all("X-Dup").collect::<Vec<_>>(),
+            [&b"first"[..], &b"second"[..]]
+        );
+        assert_eq!(map.all("x-payment").count(), 0);
         assert_eq!(map.get("x-payment"), None);
         assert_eq!(map.get(":pat"), None);
         assert_eq!(pairs(&[]).get(":path"), None);

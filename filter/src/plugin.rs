@@ -248,11 +248,13 @@ impl Vm {
                 plugin.config.hold_request_headers && plugin.headers_hold != HeadersHold::Ignored;
             info.policy = crate::policy::evaluate_request(host, &plugin.config, &info);
             info.limit_client = crate::policy::global_limit_client(host, &plugin.config, &info);
-            // Only the headers some price expression reads are copied.
+            // Only the headers some price expression reads are copied, every value of
+            // a repeated one (an expression refuses a header repeated with different
+            // values: upstreams disagree on which counts).
             for route in &plugin.config.routes {
                 for name in &route.pricing.headers {
                     if info.headers.iter().all(|(k, _)| k != name) {
-                        if let Some(value) = host.request_header(name) {
+                        for value in host.request_header_values(name) {
                             info.headers.push((name.clone(), value));
                         }
                     }

@@ -824,10 +824,7 @@ pub fn quote(
     request: &PricedRequest<'_>,
 ) -> Result<Quote, Refusal> {
     let json = match request.body {
-        Some(bytes) if pricing.needs_request_body() => Some(
-            serde_json::from_slice::<serde_json::Value>(bytes)
-                .map_err(|_| bad_request("the request body is not valid JSON".into()))?,
-        ),
+        Some(bytes) if pricing.needs_request_body() => Some(parse_body(bytes)?),
         _ => None,
     };
     if !pricing.validate.is_empty() {
@@ -889,6 +886,21 @@ pub fn quote(
         // The most any tier costs; settlement holds the payer's tier price.
         Model::Volume(tiers) => Ok(exact(tiers.iter().map(|(_, p)| *p).max().unwrap_or(0))),
     }
+}
+
+/// Parses a request body that prices or validates a request. An object that repeats a
+/// key is refused, naming it: JSON parsers disagree on which value counts (serde_json
+/// keeps the last, some keep the first), so the price could be read from one value and
+/// the upstream serve the other.
+fn parse_body(bytes: &[u8]) -> Result<Value, Refusal> {
+    x402_proto::json::parse_strict(bytes).map_err(|e| {
+        if e.is_data() {
+            // The only data error a strict parse makes: "duplicate field `key`".
+            bad_request(format!("the request body repeats a key: {e}"))
+        } else {
+            bad_request("the request body is not valid JSON".into())
+        }
+    })
 }
 
 fn validate(rules: &[FieldRule], body: Option<&serde_json::Value>) -> Result<(), Refusal> {
@@ -1298,6 +1310,45 @@ mod tests {
         );
         let refused = quote(&p, 0, 6, &request(r#"{"audioDuration": 1e30}"#)).unwrap_err();
         assert_eq!(refused.status, 400);
+    }
+
+    #[test]
+    fn a_body_key_written_twice_is_refused() {
+        let p = compile_json(
+            serde_json::json!({"expression": {"expr": "input.pages * 0.01"}}),
+            None,
+        )
+        .unwrap();
+        let price = |body: &str| quote(&p, 0, 6, &request(body));
+        for (body, key) in [
+            (r#"{"input": {"pages": 1, "pages": 1000}}"#, "pages"),
+            (r#"{"input": {"pages": 1, "pag\u0065s": 1000}}"#, "pages"),
+            (
+                r#"{"input": {"pages": 1}, "input": {"pages": 1000}}"#,
+                "input",
+            ),
+            (
+                r#"{"input": {"pages": 1}, "x": [0, {"a": 1, "a": 2}]}"#,
+                "a",
+            ),
+            (r#"{"input": {"pages": 3, "pages": 3}}"#, "pages"),
+        ] {
+            let refused = price(body).unwrap_err();
+            assert_eq!(refused.status, 400);
+            assert_eq!(refused.error, "invalid_request");
+            assert!(
+                refused.message.starts_with(&format!(
+                    "the request body repeats a key: duplicate field `{key}`"
+                )),
+                "{body}: {}",
+                refused.message
+            );
+        }
+        assert_eq!(price(r#"{"input": {"pages": 3}}"#).unwrap().amount, 30_000);
+        assert_eq!(
+            price(r#"{"input": {"pages": 3}} x"#).unwrap_err().message,
+            "the request body is not valid JSON"
+        );
     }
 
     #[test]
