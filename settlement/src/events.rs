@@ -65,6 +65,15 @@ pub fn fee_of(posted: i64, bps: i32) -> i64 {
     i64::try_from(i128::from(posted) * i128::from(bps) / BPS).unwrap_or(0)
 }
 
+/// The fee of one capture step of `step` that brings a payment's fee at today's rate
+/// to `total_fee`, when its earlier steps took `taken`. The merchant's rate may have
+/// changed since those steps: a lower one would make this negative (no transfer gives
+/// a fee back), a higher one more than the step (the merchant would pay for earlier
+/// steps again). So it is never below zero nor above the step.
+pub fn step_fee(total_fee: i64, taken: i64, step: i64) -> i64 {
+    total_fee.saturating_sub(taken).min(step).max(0)
+}
+
 /// The platform's share of a capture of `posted` for `merchant`, in atomic units
 /// (rounded down, so the fee never exceeds the merchant's basis points). Creates the
 /// platform's balance row when there is a fee.
@@ -471,6 +480,18 @@ fn parse_event(payload: &str) -> Option<PaymentEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_fee_stays_within_zero_and_the_step() {
+        // The rate did not change: the fee of the total less what was taken.
+        assert_eq!(step_fee(fee_of(600, 1_000), fee_of(500, 1_000), 100), 10);
+        // Lowered from 10 % to 0.01 %: nothing is given back.
+        assert_eq!(step_fee(fee_of(600, 1), 50, 100), 0);
+        // Raised from 0.01 % to 50 %: at most the step.
+        assert_eq!(step_fee(fee_of(600, 5_000), 0, 100), 100);
+        assert_eq!(step_fee(i64::MAX, i64::MIN, 7), 7);
+        assert_eq!(step_fee(5, 0, 0), 0);
+    }
 
     #[test]
     fn events_round_trip_through_their_json() {

@@ -841,8 +841,8 @@ impl Ledger {
                     },
                 )
             };
-            moves.push(&h.payer_account, &a.asset, payer);
-            moves.push(&a.pay_to, &a.asset, merchant);
+            moves.push(&h.payer_account, &a.asset, payer)?;
+            moves.push(&a.pay_to, &a.asset, merchant)?;
             if h.fee > 0 {
                 moves.push(
                     PLATFORM_ACCOUNT,
@@ -851,7 +851,7 @@ impl Ledger {
                         credits_posted: h.fee,
                         ..Delta::default()
                     },
-                );
+                )?;
             }
         }
         // Merchant and platform balance rows: created on first use (a group that finds
@@ -1350,7 +1350,7 @@ impl Ledger {
                     debits_posted: if d.kind == "capture" { d.posted } else { 0 },
                     ..Delta::default()
                 },
-            );
+            )?;
             moves.push(
                 d.merchant,
                 d.asset,
@@ -1360,7 +1360,7 @@ impl Ledger {
                     debits_posted: d.fee,
                     ..Delta::default()
                 },
-            );
+            )?;
             if d.fee > 0 {
                 moves.push(
                     PLATFORM_ACCOUNT,
@@ -1369,7 +1369,7 @@ impl Ledger {
                         credits_posted: d.fee,
                         ..Delta::default()
                     },
-                );
+                )?;
             }
         }
 

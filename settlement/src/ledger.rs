@@ -94,11 +94,15 @@ pub(crate) struct Delta {
 }
 
 impl Delta {
-    fn add(&mut self, o: Delta) {
-        self.debits_pending += o.debits_pending;
-        self.debits_posted += o.debits_posted;
-        self.credits_pending += o.credits_pending;
-        self.credits_posted += o.credits_posted;
+    /// The sum of two changes, or `None` when a counter would overflow (one amount
+    /// may be as large as i64::MAX, so two of them in one group can be).
+    fn checked_add(self, o: Delta) -> Option<Delta> {
+        Some(Delta {
+            debits_pending: self.debits_pending.checked_add(o.debits_pending)?,
+            debits_posted: self.debits_posted.checked_add(o.debits_posted)?,
+            credits_pending: self.credits_pending.checked_add(o.credits_pending)?,
+            credits_posted: self.credits_posted.checked_add(o.credits_posted)?,
+        })
     }
 }
 
@@ -155,11 +159,23 @@ impl<'a> MoveColumns<'a> {
 pub(crate) struct Moves(pub(crate) BTreeMap<(String, String), Delta>);
 
 impl Moves {
-    pub(crate) fn push(&mut self, account: &str, asset: &str, delta: Delta) {
-        self.0
+    /// Adds `delta` to the change of `(account, asset)`. Changes that add up past
+    /// the range of a counter are refused, so a wrapped sum is never written (a
+    /// group that meets this fails, and its items run alone).
+    pub(crate) fn push(
+        &mut self,
+        account: &str,
+        asset: &str,
+        delta: Delta,
+    ) -> Result<(), LedgerError> {
+        let sum = self
+            .0
             .entry((account.to_owned(), asset.to_owned()))
-            .or_default()
-            .add(delta);
+            .or_default();
+        *sum = sum.checked_add(delta).ok_or_else(|| {
+            LedgerError::InvalidArgument("amounts add up past the largest balance".into())
+        })?;
+        Ok(())
     }
 
     /// The changes as the six array parameters of [`balance_moves!`].
@@ -547,7 +563,7 @@ impl Ledger {
                 debits_pending: amount,
                 ..Delta::default()
             },
-        );
+        )?;
         moves.push(
             &accepted.pay_to,
             &accepted.asset,
@@ -555,7 +571,7 @@ impl Ledger {
                 credits_pending: amount,
                 ..Delta::default()
             },
-        );
+        )?;
         match moves.apply(&mut tx).await {
             Ok(missing) if missing.is_empty() => {}
             Ok(_) => return no(AuthorizeOutcome::InsufficientFunds, "insufficient funds"),
@@ -689,13 +705,17 @@ impl Ledger {
         let posted_i64 = to_i64(posted)?;
         let mut moves = Moves::default();
         // The platform's share moves in the same locked update as the capture: the
-        // fee of the total less the fees of the partial captures.
+        // fee of the total less the fees of the partial captures, within the step.
         let fee = match resolution {
             Resolution::Capture { .. } => {
                 let total_fee =
                     crate::events::capture_fee(&mut tx, &hold.merchant, &hold.asset, posted_i64)
                         .await?;
-                total_fee - partial_fees(&mut tx, transaction_id, captured_before).await?
+                crate::events::step_fee(
+                    total_fee,
+                    partial_fees(&mut tx, transaction_id, captured_before).await?,
+                    step,
+                )
             }
             Resolution::Void { .. } => 0,
         };
@@ -707,7 +727,7 @@ impl Ledger {
                     debits_posted: fee,
                     ..Delta::default()
                 },
-            );
+            )?;
             moves.push(
                 crate::events::PLATFORM_ACCOUNT,
                 &hold.asset,
@@ -715,7 +735,7 @@ impl Ledger {
                     credits_posted: fee,
                     ..Delta::default()
                 },
-            );
+            )?;
         }
         moves.push(
             &hold.payer,
@@ -725,7 +745,7 @@ impl Ledger {
                 debits_posted: step,
                 ..Delta::default()
             },
-        );
+        )?;
         moves.push(
             &hold.merchant,
             &hold.asset,
@@ -734,7 +754,7 @@ impl Ledger {
                 credits_posted: step,
                 ..Delta::default()
             },
-        );
+        )?;
         let missing = moves.apply(&mut tx).await?;
         if !missing.is_empty() {
             return Err(LedgerError::FailedPrecondition(
@@ -873,8 +893,11 @@ impl Ledger {
             return Ok(result(ResolveOutcome::Captured, to_u64(captured), ""));
         }
         let step = total - captured;
-        let fee = crate::events::capture_fee(&mut tx, &hold.merchant, &hold.asset, total).await?
-            - partial_fees(&mut tx, transaction_id, captured).await?;
+        let fee = crate::events::step_fee(
+            crate::events::capture_fee(&mut tx, &hold.merchant, &hold.asset, total).await?,
+            partial_fees(&mut tx, transaction_id, captured).await?,
+            step,
+        );
         let inserted = sqlx::query(
             "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, pending_amount, \
                captured_before) VALUES ('partial_capture', $1, $2, $3, $4, $5, $6, $7)",
@@ -910,7 +933,7 @@ impl Ledger {
                 debits_posted: step,
                 ..Delta::default()
             },
-        );
+        )?;
         moves.push(
             &hold.merchant,
             &hold.asset,
@@ -920,7 +943,7 @@ impl Ledger {
                 debits_posted: fee,
                 ..Delta::default()
             },
-        );
+        )?;
         if fee > 0 {
             moves.push(
                 crate::events::PLATFORM_ACCOUNT,
@@ -929,7 +952,7 @@ impl Ledger {
                     credits_posted: fee,
                     ..Delta::default()
                 },
-            );
+            )?;
             sqlx::query(
                 "INSERT INTO transfers (kind, debit_account, credit_account, asset, amount, pending_id, reason) \
                  VALUES ('fee', $1, $2, $3, $4, $5, 'platform_fee')",
@@ -1016,7 +1039,7 @@ impl Ledger {
                     debits_pending: -amount,
                     ..Delta::default()
                 },
-            );
+            )?;
             moves.push(
                 &merchant,
                 &asset,
@@ -1024,7 +1047,7 @@ impl Ledger {
                     credits_pending: -amount,
                     ..Delta::default()
                 },
-            );
+            )?;
             ids.push(r.try_get::<String, _>("id")?);
         }
         moves.apply(&mut tx).await?;
@@ -1131,7 +1154,7 @@ impl Ledger {
                 debits_posted: amount,
                 ..Delta::default()
             },
-        );
+        )?;
         moves.push(
             account,
             asset,
@@ -1139,7 +1162,7 @@ impl Ledger {
                 credits_posted: amount,
                 ..Delta::default()
             },
-        );
+        )?;
         match moves.apply(&mut tx).await {
             Ok(_) => {}
             Err(e) if sqlstate(&e).as_deref() == Some("22003") => {

@@ -683,15 +683,15 @@ pub async fn refund(
                 "refund of {want} exceeds the {left} captured and not yet refunded"
             )));
         }
-        // The platform returns its fee pro rata; the refund that empties the
-        // payment takes the rest, so fee refunds add up to the fee exactly.
-        let fee_part = if refunded + want == captured {
-            fee - fee_refunded
-        } else {
-            i64::try_from(i128::from(want) * i128::from(fee) / i128::from(captured.max(1)))
-                .unwrap_or(0)
-                .min(fee - fee_refunded)
-        };
+        // The platform returns its fee pro rata over all refunds so far: the share
+        // of what is refunded after this one, rounded down, less what earlier ones
+        // returned. The refund that empties the payment so returns the fee exactly,
+        // and no refund returns more fee than it refunds (rounding each refund's own
+        // share down would leave the last one owing more than it is).
+        let fee_part = fee_share(refunded + want, fee, captured)
+            .saturating_sub(fee_refunded)
+            .min(want)
+            .max(0);
         let merchant_part = want - fee_part;
         let updated = sqlx::query(
             "UPDATE payment_refunds SET refunded = refunded + $2, fee_refunded = fee_refunded + $3 WHERE hold_id = $1",
@@ -777,6 +777,16 @@ pub async fn refund(
     Err(LedgerError::FailedPrecondition(
         "concurrent requests with this idempotency_key".into(),
     ))
+}
+
+/// The part of `fee` that refunds totalling `refunded` of `captured` return, rounded
+/// down (all of it once everything is refunded).
+fn fee_share(refunded: i64, fee: i64, captured: i64) -> i64 {
+    if refunded >= captured {
+        return fee;
+    }
+    i64::try_from(i128::from(refunded) * i128::from(fee) / i128::from(captured.max(1)))
+        .unwrap_or(fee)
 }
 
 /// Builds the RefundResponse of a refund.

@@ -362,3 +362,89 @@ async fn a_call_answers_the_payments_it_made_when_another_of_its_items_fails() {
     assert_eq!(h.balance("ike").await.debits_pending, 1_000);
     h.assert_clean().await;
 }
+
+/// Two payments of one payer in one group whose amounts add up past i64::MAX: summed
+/// into one balance change they would wrap to a credit of the payer. The group must
+/// not write them; each gets the answer it gets alone (the funds do not cover it).
+#[tokio::test]
+async fn payments_whose_sum_overflows_are_refused_not_wrapped() {
+    let h = start().await;
+    h.merchant(MERCHANT).await;
+    let p = h.payer("ova", 1_000).await;
+    // An earlier payment: the payer's key and the merchant's fee are now known, so the
+    // next group writes at once, without reading the funds first.
+    let first = h.authorize(captured(paid(&p, "ova-1", 100))).await;
+    assert!(first.captured, "{}", first.message);
+    let before = h.balance("ova").await;
+
+    let max = i64::MAX as u64;
+    let results = h
+        .data
+        .clone()
+        .authorize(AuthorizeRequest {
+            items: vec![
+                captured(paid(&p, "ova-2", max)),
+                captured(paid(&p, "ova-3", max - 48)),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    for r in &results {
+        assert_eq!(
+            outcome(r),
+            AuthorizeOutcome::InsufficientFunds,
+            "{}: {}",
+            r.request_id,
+            r.message
+        );
+        assert!(!r.captured);
+    }
+    let after = h.balance("ova").await;
+    assert_eq!(
+        (after.debits_posted, after.debits_pending, after.available),
+        (before.debits_posted, 0, 900)
+    );
+    let m = h.balance(MERCHANT).await;
+    assert_eq!((m.credits_posted, m.credits_pending), (100, 0));
+    h.assert_clean().await;
+}
+
+/// A Void of a payment captured at authorize refunds what is left of it through the
+/// refund path: after refunds of one unit each, the last unit carries its share of
+/// the fee, never the whole fee still to return.
+#[tokio::test]
+async fn a_void_after_small_refunds_returns_the_last_unit() {
+    let h = start().await;
+    h.merchant_with_fee(MERCHANT, 5_000).await;
+    let p = h.payer("uli", 1_000).await;
+    let r = h.authorize(captured(paid(&p, "uli-1", 10))).await;
+    assert!(r.captured, "{}", r.message);
+    let tx = r.transaction_id;
+    assert_eq!(h.payment(&tx).await.fee, 5);
+    for i in 0..9 {
+        h.op.clone()
+            .refund(RefundRequest {
+                transaction_id: tx.clone(),
+                amount: 1,
+                reason: "one unit".into(),
+                idempotency_key: format!("uli-{i}"),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("refund {i}: {e}"));
+    }
+    let void = h.void(&tx).await;
+    assert_eq!(
+        (resolved(&void), void.amount),
+        (ResolveOutcome::Voided, 1),
+        "{}",
+        void.message
+    );
+    let payment = h.payment(&tx).await;
+    assert_eq!((payment.refunded, payment.fee), (10, 5));
+    assert_eq!(h.balance("uli").await.available, 1_000);
+    assert_eq!(h.balance(MERCHANT).await.posted, 0);
+    assert_eq!(h.balance_of("system:platform").await.posted, 0);
+    h.assert_clean().await;
+}

@@ -1145,3 +1145,49 @@ async fn webhooks_reach_https_receivers_that_the_extra_ca_vouches_for() {
         x402_settlement::webhooks::signature(SECRET, ts, &body)
     );
 }
+
+/// Refunds of one unit each of a payment whose fee is half of it: each refund's share
+/// of the fee is the share of all refunds so far less what earlier ones returned, so
+/// the shares add up to the fee and none is more than its refund (rounded down one by
+/// one, the last refund would owe the whole fee on one unit and always fail).
+#[tokio::test]
+async fn small_refunds_return_the_fee_exactly_and_the_last_one_succeeds() {
+    let h = start().await;
+    let (_, tx) = captured_payment(&h, 5_000, 10).await;
+    assert_eq!(h.payment(&tx).await.fee, 5);
+    let mut op = h.op.clone();
+    for i in 0..10 {
+        let r = op
+            .refund(refund(&tx, 1, &format!("unit-{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("refund {i}: {e}"))
+            .into_inner();
+        assert_eq!(r.amount, 1, "refund {i}");
+    }
+    let p = h.payment(&tx).await;
+    assert_eq!((p.captured, p.refunded, p.fee), (10, 10, 5));
+    let fee_refunded: i64 =
+        sqlx::query_scalar("SELECT fee_refunded FROM payment_refunds WHERE hold_id = $1")
+            .bind(&tx)
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(fee_refunded, 5);
+    let merchant = h.balance(MERCHANT).await;
+    assert_eq!(
+        (
+            merchant.credits_posted,
+            merchant.debits_posted,
+            merchant.posted
+        ),
+        (10, 10, 0)
+    );
+    let platform = h.balance_of("system:platform").await;
+    assert_eq!((platform.credits_posted, platform.posted), (5, 0));
+    assert_eq!(h.balance("pat").await.available, 1_000_000);
+    assert_eq!(
+        op.refund(refund(&tx, 1, "")).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    h.assert_clean().await;
+}

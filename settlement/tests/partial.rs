@@ -262,3 +262,115 @@ async fn the_database_keeps_the_captured_total_within_the_hold() {
     );
     h.assert_clean().await;
 }
+
+impl Harness {
+    /// (credits posted, debits posted) of the merchant and the platform.
+    async fn fee_counters(&self) -> ((u64, u64), (u64, u64)) {
+        let m = self.balance(MERCHANT).await;
+        let p = self.balance_of("system:platform").await;
+        (
+            (m.credits_posted, m.debits_posted),
+            (p.credits_posted, p.debits_posted),
+        )
+    }
+
+    /// The sum of the fee transfers of a payment.
+    async fn fee_rows(&self, tx: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT coalesce(sum(amount), 0)::bigint FROM transfers WHERE pending_id = $1 AND kind = 'fee'",
+        )
+        .bind(tx)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+}
+
+/// The merchant's fee is lowered between two partial captures: the fee of the running
+/// total at the new rate is below what the first step already took. A step never
+/// gives a fee back (there is no transfer that would), so the later steps take none,
+/// and the balances still add up to the transfers.
+#[tokio::test]
+async fn a_fee_lowered_between_partial_captures_takes_nothing_back() {
+    let h = start().await;
+    h.merchant_with_fee(MERCHANT, 1_000).await;
+    let p = h.payer("val", 10_000).await;
+    let tx = h.authorize(paid(&p, "long", 1_000)).await.transaction_id;
+    assert_eq!(h.partial(&tx, 500).await.amount, 500);
+    assert_eq!(h.fee_counters().await, ((500, 50), (50, 0)));
+    // Part of it refunded: 20 of the fee goes back with 200.
+    let refund =
+        h.op.clone()
+            .refund(RefundRequest {
+                transaction_id: tx.clone(),
+                amount: 200,
+                reason: "partly refunded".into(),
+                idempotency_key: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(refund.amount, 200);
+    assert_eq!(h.fee_counters().await, ((500, 230), (50, 20)));
+
+    h.merchant_with_fee(MERCHANT, 1).await;
+    let step = h.partial(&tx, 600).await;
+    assert_eq!(
+        (resolved(&step), step.amount),
+        (ResolveOutcome::Captured, 600),
+        "{}",
+        step.message
+    );
+    assert_eq!(h.fee_counters().await, ((600, 230), (50, 20)));
+    h.assert_clean().await;
+
+    let fin = h.capture(&tx, 1_000).await;
+    assert_eq!(
+        (resolved(&fin), fin.amount),
+        (ResolveOutcome::Captured, 1_000),
+        "{}",
+        fin.message
+    );
+    assert_eq!(h.fee_counters().await, ((1_000, 230), (50, 20)));
+    assert_eq!(h.fee_rows(&tx).await, 50);
+    let payment = h.payment(&tx).await;
+    assert_eq!(
+        (payment.captured, payment.fee, payment.refunded),
+        (1_000, 50, 200)
+    );
+    assert_eq!(h.balance("val").await.available, 9_200);
+    h.assert_clean().await;
+}
+
+/// The merchant's fee is raised between two partial captures: the fee of the running
+/// total at the new rate is more than the step adds. A step's fee is at most the step,
+/// so no capture leaves the merchant with less than it had.
+#[tokio::test]
+async fn a_fee_raised_between_partial_captures_takes_at_most_the_step() {
+    let h = start().await;
+    h.merchant_with_fee(MERCHANT, 1).await;
+    let p = h.payer("wes", 10_000).await;
+    let tx = h.authorize(paid(&p, "long", 1_000)).await.transaction_id;
+    assert_eq!(h.partial(&tx, 500).await.amount, 500);
+    assert_eq!(h.fee_counters().await, ((500, 0), (0, 0)));
+
+    h.merchant_with_fee(MERCHANT, 5_000).await;
+    // Half of 600 is 300, but this step adds 100: it takes 100.
+    assert_eq!(h.partial(&tx, 600).await.amount, 600);
+    assert_eq!(h.fee_counters().await, ((600, 100), (100, 0)));
+    assert_eq!(h.fee_rows(&tx).await, 100);
+    h.assert_clean().await;
+
+    // Half of 1 000 less the 100 taken is 400: all of the last step.
+    let fin = h.capture(&tx, 1_000).await;
+    assert_eq!(
+        (resolved(&fin), fin.amount),
+        (ResolveOutcome::Captured, 1_000),
+        "{}",
+        fin.message
+    );
+    assert_eq!(h.fee_counters().await, ((1_000, 500), (500, 0)));
+    assert_eq!(h.fee_rows(&tx).await, 500);
+    assert_eq!(h.payment(&tx).await.fee, 500);
+    h.assert_clean().await;
+}
