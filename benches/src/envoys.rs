@@ -58,6 +58,9 @@ fn listener(name: &str, port: u16, routes: &str, filters: &str) -> String {
                 \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
                 stat_prefix: {name}
                 use_remote_address: true
+                # As the shipped configs: the filter and the upstream see the same path.
+                normalize_path: true
+                merge_slashes: true
                 route_config:
                   name: {name}
                   virtual_hosts:

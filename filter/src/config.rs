@@ -2,6 +2,8 @@
 //! `configuration` field, read once ([`crate::fields`]) and compiled into [`Config`], a
 //! validated form the request path can use without further checks.
 
+use std::borrow::Cow;
+
 use thiserror::Error;
 use x402_proto::amount::{self, AmountError, MAX_DECIMALS};
 
@@ -372,27 +374,33 @@ pub struct Matcher {
 pub struct RouteKey<'a> {
     pub route_name: Option<&'a str>,
     pub method: &'a str,
-    /// `:path` with the query string.
+    /// `:path` as the request sent it, query string included; matched in
+    /// [`normalized_path`] form.
     pub path: &'a str,
 }
 
 impl Matcher {
     pub fn matches(&self, key: &RouteKey<'_>) -> bool {
-        if let Some(name) = &self.route_name {
-            if key.route_name != Some(name.as_str()) {
-                return false;
-            }
-        }
-        self.matches_method_and_path(key)
+        self.matches_normalized(key.route_name, key.method, &normalized_path(key.path))
     }
 
-    fn matches_method_and_path(&self, key: &RouteKey<'_>) -> bool {
-        if let Some(method) = &self.method {
-            if !key.method.eq_ignore_ascii_case(method) {
+    /// [`Matcher::matches`] for a path already in [`normalized_path`] form, so a
+    /// table scan normalizes once.
+    fn matches_normalized(&self, route_name: Option<&str>, method: &str, path: &str) -> bool {
+        if let Some(name) = &self.route_name {
+            if route_name != Some(name.as_str()) {
                 return false;
             }
         }
-        let path = key.path.split(['?', '#']).next().unwrap_or_default();
+        self.matches_method_and_path(method, path)
+    }
+
+    fn matches_method_and_path(&self, method: &str, path: &str) -> bool {
+        if let Some(wanted) = &self.method {
+            if !method.eq_ignore_ascii_case(wanted) {
+                return false;
+            }
+        }
         match &self.path {
             PathMatch::Any => true,
             PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
@@ -409,7 +417,11 @@ impl Config {
 
     /// The first route of the table that matches, in table order.
     pub fn route_for(&self, key: &RouteKey<'_>) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matcher.matches(key))
+        let path = normalized_path(key.path);
+        self.routes.iter().find(|r| {
+            r.matcher
+                .matches_normalized(key.route_name, key.method, &path)
+        })
     }
 
     /// Whether finding the route of a request with this method and path needs Envoy's
@@ -417,13 +429,9 @@ impl Config {
     /// matches without one) and its other criteria match. Reading the name costs Envoy
     /// ~20 us per request, so it is read only then.
     pub fn needs_route_name(&self, method: &str, path: &str) -> bool {
-        let key = RouteKey {
-            route_name: None,
-            method,
-            path,
-        };
+        let path = normalized_path(path);
         for route in &self.routes {
-            if route.matcher.matches_method_and_path(&key) {
+            if route.matcher.matches_method_and_path(method, &path) {
                 return route.matcher.route_name.is_some();
             }
         }
@@ -460,7 +468,110 @@ fn check_path(field: String, value: &str) -> Result<(), ConfigError> {
             "matches the path only; it must not contain '?' or '#'",
         ));
     }
+    // Requests are matched in normal form, so a path in any other form would never match.
+    let normal = normalized_path(value);
+    if normal != value {
+        return Err(invalid(
+            field,
+            format!("is not in normal form (requests are matched normalized); write `{normal}`"),
+        ));
+    }
     Ok(())
+}
+
+/// The path of `:path` (query and fragment left out) in RFC 3986 normal form, the form
+/// routes are matched in: escapes of unreserved characters (`%70` is `p`) decoded,
+/// repeated slashes merged, then `.` and `..` segments removed (`..` at the root stays
+/// there). An upstream that normalizes serves `//paid/x`, `/./paid/x`, `/%70aid/x` and
+/// `/free/../paid/x` as `/paid/x`, so they are priced as `/paid/x`. Slashes are merged
+/// before `..` applies, as Go's `path.Clean`, nginx and Tomcat do: `/free//../paid` is
+/// `/paid`. Behind Envoy's `normalize_path` and `merge_slashes` this changes nothing.
+/// It runs on every request, so a path without `//`, `/.` or `%` is borrowed.
+pub fn normalized_path(path: &str) -> Cow<'_, str> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let may_change =
+        path.contains("//") || path.contains("/.") || path.contains('%') || path.starts_with('.');
+    if !may_change {
+        return Cow::Borrowed(path);
+    }
+    let decoded = decode_unreserved(path);
+    Cow::Owned(merge_slashes_and_remove_dot_segments(&decoded))
+}
+
+/// Decodes `%XX` escapes of unreserved characters (ALPHA DIGIT `-` `.` `_` `~`) and
+/// upper-cases the hex digits of the other escapes, which stay encoded (`%2f` is `%2F`:
+/// decoding it would make a new segment). A `%` without two hex digits after it
+/// (`%zz`, a `%` at the end) is left as it is.
+fn decode_unreserved(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some((before, after)) = rest.split_once('%') {
+        out.push_str(before);
+        let escape = after
+            .as_bytes()
+            .get(..2)
+            .and_then(|hex| Some((hex, hex_byte(hex)?)));
+        match escape {
+            Some((_, byte)) if is_unreserved(byte) => out.push(char::from(byte)),
+            Some((hex, _)) => {
+                out.push('%');
+                out.extend(hex.iter().map(|b| char::from(b.to_ascii_uppercase())));
+            }
+            None => {
+                out.push('%');
+                rest = after;
+                continue;
+            }
+        }
+        // Two ASCII hex digits: a char boundary follows them.
+        rest = after.get(2..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+fn hex_byte(hex: &[u8]) -> Option<u8> {
+    let [high, low] = hex else { return None };
+    let digit = |b: &u8| char::from(*b).to_digit(16);
+    u8::try_from(digit(high)?.checked_mul(16)?.checked_add(digit(low)?)?).ok()
+}
+
+fn is_unreserved(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
+}
+
+/// RFC 3986 5.2.4 over segments with the empty ones (repeated slashes) dropped. A path
+/// that ends in a slash, `.` or `..` keeps a trailing slash (`/a/b/..` is `/a/`).
+fn merge_slashes_and_remove_dot_segments(path: &str) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut ends_in_slash = false;
+    for segment in path.split('/') {
+        ends_in_slash = matches!(segment, "" | "." | "..");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                kept.pop();
+            }
+            name => kept.push(name),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    if path.starts_with('/') {
+        out.push('/');
+    }
+    for (i, name) in kept.iter().enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(name);
+    }
+    if ends_in_slash && !kept.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -844,6 +955,188 @@ mod tests {
             Some("named".into())
         );
         assert_eq!(name(key(Some("other"), "GET", "/named/x")), None);
+    }
+
+    fn routes_on_paid_and_named() -> Config {
+        Config::from_json(
+            serde_json::json!({
+                "settlement_cluster": "s", "pay_to": "m",
+                "routes": [
+                    {"name": "report", "match": {"method": "POST", "path_exact": "/paid/report"}, "price": "0.25"},
+                    {"name": "quote", "match": {"path_prefix": "/paid"}, "price": "0.01"},
+                    {"name": "named", "match": {"route_name": "named", "path_prefix": "/named"}, "price": "0.02"}
+                ]
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn route_name_for(c: &Config, method: &str, path: &str) -> Option<String> {
+        c.route_for(&RouteKey {
+            route_name: None,
+            method,
+            path,
+        })
+        .map(|r| r.name.clone())
+    }
+
+    #[test]
+    fn unnormalized_paths_match_the_route_of_their_normal_form() {
+        let c = routes_on_paid_and_named();
+        for path in [
+            "/paid/x",
+            "//paid/x",
+            "///paid//x",
+            "/./paid/x",
+            "/%70aid/x",
+            "/%70%61%69%64/x",
+            "/free/../paid/x",
+            "/free//../paid/x",
+            "/%2e%2E/paid/x",
+            "/../paid/x",
+            "/paid/x/../../paid/y?q=1",
+        ] {
+            assert_eq!(
+                route_name_for(&c, "GET", path).as_deref(),
+                Some("quote"),
+                "{path}"
+            );
+        }
+        for path in [
+            "/paid/./report",
+            "//paid/report",
+            "/paid/%72eport",
+            "/x/../paid/report",
+        ] {
+            assert_eq!(
+                route_name_for(&c, "POST", path).as_deref(),
+                Some("report"),
+                "{path}"
+            );
+        }
+        // Normalizing also takes paths out of a priced prefix, as the upstream does.
+        for path in ["/paid/../free", "/paid/..", "/%70aid/../x"] {
+            assert_eq!(route_name_for(&c, "GET", path), None, "{path}");
+        }
+        // needs_route_name scans the table the same way.
+        assert!(c.needs_route_name("GET", "/named/x"));
+        assert!(c.needs_route_name("GET", "//named/x"));
+        assert!(c.needs_route_name("GET", "/%6Eamed/x"));
+        assert!(!c.needs_route_name("GET", "/./paid/x"));
+        assert!(!c.needs_route_name("GET", "/named/../free"));
+    }
+
+    #[test]
+    fn paths_are_put_in_rfc_3986_normal_form() {
+        for (path, normal) in [
+            // RFC 3986 5.2.4's examples.
+            ("/a/b/c/./../../g", "/a/g"),
+            ("/mid/content=5/../6", "/mid/6"),
+            // `..` above the root stays at the root.
+            ("/..", "/"),
+            ("/../paid", "/paid"),
+            ("/../../..", "/"),
+            ("/paid/../../../x", "/x"),
+            // A path ending in a slash, `.` or `..` keeps its trailing slash.
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/paid//", "/paid/"),
+            ("//", "/"),
+            // Repeated slashes are merged before `..` applies.
+            ("/free//../paid", "/paid"),
+            // Unreserved escapes decoded, once; the others keep upper-case hex.
+            ("/%7Euser/%41%7a%30-%2D%2e%5F", "/~user/Az0--._"),
+            ("/a%2fb%2F%20c%3f", "/a%2Fb%2F%20c%3F"),
+            ("/%25%70aid", "/%25paid"),
+            ("/%2e%2E/paid", "/paid"),
+            // Query and fragment are left out, as before.
+            ("/paid/./x?a=//b/../c#d", "/paid/x"),
+            // Names that only start with a dot are names.
+            ("/.well-known/x402", "/.well-known/x402"),
+            ("/.../x", "/.../x"),
+            ("/é/./%C3%A9", "/é/%C3%A9"),
+        ] {
+            assert_eq!(normalized_path(path), normal, "{path}");
+        }
+    }
+
+    #[test]
+    fn paths_already_normal_are_borrowed() {
+        for (path, bare) in [
+            ("/paid/x", "/paid/x"),
+            ("/", "/"),
+            ("/a.b/c.d./e..", "/a.b/c.d./e.."),
+            ("/paid?q=//a/./b%20#/../x", "/paid"),
+            ("/v1/chat/completions", "/v1/chat/completions"),
+            ("*", "*"),
+            ("", ""),
+        ] {
+            match normalized_path(path) {
+                Cow::Borrowed(got) => assert_eq!(got, bare, "{path}"),
+                Cow::Owned(got) => panic!("{path} was copied to {got}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_escapes_are_left_as_they_are() {
+        for (path, normal) in [
+            ("/paid%", "/paid%"),
+            ("/paid/%7", "/paid/%7"),
+            ("/%zz/paid", "/%zz/paid"),
+            ("/%+1/x", "/%+1/x"),
+            ("/%%70aid", "/%paid"),
+            ("/%é/./x", "/%é/x"),
+            ("/%7é", "/%7é"),
+            ("/%", "/%"),
+            ("%", "%"),
+        ] {
+            assert_eq!(normalized_path(path), normal, "{path}");
+        }
+    }
+
+    #[test]
+    fn every_short_path_normalizes_without_panicking() {
+        // Every string of up to 6 of these characters: no panic, and the result has no
+        // repeated slash nor `.` or `..` segment left.
+        let alphabet = ['/', '.', '%', '2', 'e', 'é'];
+        let mut longest = vec![String::new()];
+        for _ in 0..6 {
+            longest = longest
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            for path in &longest {
+                let normal = normalized_path(path);
+                assert!(
+                    !normal.contains("//") && !normal.split('/').any(|s| s == "." || s == ".."),
+                    "{path:?} gave {normal:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn configured_paths_must_be_in_normal_form() {
+        for (field, path, normal) in [
+            ("path_prefix", "/%70aid", "/paid"),
+            ("path_prefix", "//paid", "/paid"),
+            ("path_exact", "/paid/./report", "/paid/report"),
+            ("path_exact", "/free/../paid", "/paid"),
+        ] {
+            let mut c = minimal();
+            c["routes"][0]["match"] = serde_json::json!({ field: path });
+            let err = Config::from_json(c.to_string().as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("routes[0].match.{field}"))
+                    && err.contains(&format!("`{normal}`")),
+                "{path}: {err}"
+            );
+        }
     }
 
     #[test]

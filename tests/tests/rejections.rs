@@ -304,3 +304,54 @@ async fn malformed_payment_headers_are_answered_400() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnormalized_paths_to_a_priced_route_are_not_served_unpaid() {
+    let stack = Stack::start_default().await.unwrap();
+    // reqwest's URL parser would already clean some of these, so they go out raw.
+    for path in [
+        "//paid/quote?sym=ABC",
+        "/./paid/quote?sym=ABC",
+        "/%70aid/quote?sym=ABC",
+        "/free/../paid/quote?sym=ABC",
+    ] {
+        let (status, answer) = get_raw(&stack, path).await;
+        assert_eq!(status, 402, "{path}: {answer}\n{}", stack.logs());
+    }
+    assert_eq!(
+        stack.upstream.served().total(),
+        0,
+        "an unpaid request reached the upstream"
+    );
+    // The upstream is sent the path the filter priced.
+    let (status, answer) = get_raw(&stack, "/paid/../free/x").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(stack.upstream.served().requests(), ["GET /free/x"]);
+}
+
+/// GETs `path` over HTTP/1.1 exactly as written and returns the answer's status and text.
+async fn get_raw(stack: &Stack, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(stack.envoy.authority())
+        .await
+        .unwrap();
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+        stack.envoy.authority()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        conn.read_to_string(&mut answer),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
