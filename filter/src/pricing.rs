@@ -375,6 +375,21 @@ pub enum Unit {
 }
 
 impl Unit {
+    /// Whether the meter parses the response body (JSON, server-sent events): a body
+    /// the upstream compressed would read as no usage at all.
+    pub fn parses_response_body(&self) -> bool {
+        matches!(
+            self,
+            Unit::Items(_)
+                | Unit::Tokens(
+                    TokenSource::JsonPointer(_)
+                        | TokenSource::OpenAiUsage
+                        | TokenSource::SseUsage
+                        | TokenSource::SseEvents
+                )
+        )
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Unit::Tokens(_) => "token",

@@ -720,6 +720,15 @@ fn on_answer(
                 Effect::RemoveRequestHeader(HEADER_PAYMENT_SIGNATURE_ALIAS),
                 Effect::Count(Metric::Paid, 1),
             ];
+            // A meter that parses the response cannot read a compressed one (it would
+            // count no usage and release the hold): the upstream is asked for identity.
+            if paid
+                .metering
+                .as_ref()
+                .is_some_and(|m| m.meter.unit.parses_response_body())
+            {
+                effects.push(Effect::RemoveRequestHeader("accept-encoding"));
+            }
             if captured {
                 effects.push(Effect::Count(Metric::Captures, 1));
                 effects.push(Effect::Count(Metric::RevenueAtomic, held_amount));
@@ -1120,6 +1129,58 @@ mod tests {
         let refused: PaymentRequired = serde_json::from_slice(body).unwrap();
         assert_ne!(refused.error.as_deref(), Some("payment_required"));
         assert_eq!(refused.resource.url, "http://api/paid/x");
+    }
+
+    #[test]
+    fn a_meter_that_parses_the_response_asks_the_upstream_for_it_uncompressed() {
+        // A compressed body reads as no usage, which releases the hold: a client could
+        // get every metered answer free by asking for gzip.
+        let c = Config::from_json(
+            br#"{"settlement_cluster":"s","pay_to":"m","routes":[
+                {"name":"json","match":{"path_prefix":"/json"},
+                 "pricing":{"per_token":{"unit_price":"0.001","max_units":3,"tokens_from":{"json_pointer":"/usage/n"}}}},
+                {"name":"sse","match":{"path_prefix":"/sse"},
+                 "pricing":{"per_token":{"unit_price":"0.001","max_units":3,"tokens_from":"sse_usage"}}},
+                {"name":"header","match":{"path_prefix":"/header"},
+                 "pricing":{"per_token":{"unit_price":"0.001","max_units":3,"tokens_from":{"header":"x-n"}}}},
+                {"name":"bytes","match":{"path_prefix":"/bytes"},
+                 "pricing":{"per_kb":{"unit_price":"0.001","max_units":3}}},
+                {"name":"flat","match":{"path_prefix":"/flat"},"price":"0.001"}]}"#,
+        )
+        .unwrap();
+        for (route, uncompressed) in [
+            ("json", true),
+            ("sse", true),
+            ("header", false),
+            ("bytes", false),
+            ("flat", false),
+        ] {
+            let r = c.route_named(route).unwrap();
+            let pending = Pending {
+                route: route.into(),
+                price: 3_000,
+                payer: "p".into(),
+                challenge: ChallengeInput {
+                    scheme: "http".into(),
+                    authority: "a".into(),
+                    path: format!("/{route}"),
+                    free_remaining: None,
+                },
+                quote: static_quote(r),
+                meter: r.pricing.meter().cloned().map(Box::new),
+            };
+            let answer = AuthorizeAnswer::Authorized {
+                transaction: "tx".into(),
+                held_amount: 3_000,
+                captured: false,
+            };
+            let (_, effects) = on_answer(&c, pending, answer, 0);
+            assert_eq!(
+                effects.contains(&Effect::RemoveRequestHeader("accept-encoding")),
+                uncompressed,
+                "{route}: {effects:?}"
+            );
+        }
     }
 
     #[test]
