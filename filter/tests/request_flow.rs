@@ -50,6 +50,13 @@ impl Harness {
         Harness::with_config(&config(verify))
     }
 
+    /// [`config`] with exact prices held and captured after the response.
+    fn two_phase() -> Harness {
+        let mut config: serde_json::Value = serde_json::from_str(&config(false)).unwrap();
+        config["one_phase_exact"] = false.into();
+        Harness::with_config(&config.to_string())
+    }
+
     fn with_config(config: &str) -> Harness {
         let mut h = Harness {
             vm: Vm::default(),
@@ -547,12 +554,7 @@ fn an_exact_price_captured_at_authorize_is_never_captured_again() {
     assert_eq!(last_void(&h), ("tx-3-0".into(), "upstream_5xx".into()));
 
     // Turned off, exact prices are held and captured like any other.
-    let mut off: serde_json::Value = serde_json::from_str(&config(false)).unwrap();
-    off["one_phase_exact"] = false.into();
-    let mut h = Harness::new(false);
-    assert!(h
-        .vm
-        .on_configure(&mut h.host, ROOT, off.to_string().as_bytes()));
+    let mut h = Harness::two_phase();
     let p = payload("GET", "/paid/quote", 4);
     h.request(4, "GET", "/paid/quote", Some(header(&p)));
     let (_, _, _, body) = h.last_grpc();
@@ -632,12 +634,7 @@ fn a_payment_whose_authorize_answer_was_lost_is_found_and_refunded() {
     assert_eq!(h.host.grpc_calls().len(), calls, "no void, no resend");
 
     // A hold (not captured at once) whose answer is lost expires on its own.
-    let mut off: serde_json::Value = serde_json::from_str(&config(false)).unwrap();
-    off["one_phase_exact"] = false.into();
-    let mut h = Harness::new(false);
-    assert!(h
-        .vm
-        .on_configure(&mut h.host, ROOT, off.to_string().as_bytes()));
+    let mut h = Harness::two_phase();
     let p = payload("GET", "/paid/quote", 4);
     h.request(4, "GET", "/paid/quote", Some(header(&p)));
     let (token, ..) = h.last_grpc();

@@ -360,6 +360,30 @@ impl Stack {
         Answer::read(response).await
     }
 
+    /// Sends `parts` over one new HTTP/1.1 connection exactly as written, `pause` apart
+    /// (a request's head, then its body), and returns the answer's status and text.
+    /// Nothing is normalized on the way, as a client library would.
+    pub async fn send_raw(&self, parts: &[&str], pause: Duration) -> Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(self.envoy.authority()).await?;
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            conn.write_all(part.as_bytes()).await?;
+        }
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(30), conn.read_to_string(&mut answer))
+            .await
+            .context("no answer within 30 s")??;
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok((status, answer))
+    }
+
     /// The last lines of the Envoy and settlement logs, for failure messages.
     pub fn logs(&self) -> String {
         format!(

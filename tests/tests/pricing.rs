@@ -487,32 +487,15 @@ fn upstream_saw(stack: &Stack, path: &str) -> (usize, usize) {
 /// upstream that is sent the headers early has them well before any answer), and
 /// returns the answer's status and text.
 async fn post(stack: &Stack, path: &str, body: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(stack.envoy.authority())
-        .await
-        .unwrap();
     let head = format!(
         "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         stack.envoy.authority(),
         body.len()
     );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    conn.write_all(body.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        conn.read_to_string(&mut answer),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
+    stack
+        .send_raw(&[&head, body], std::time::Duration::from_millis(100))
+        .await
+        .unwrap()
 }
 
 /// POSTs `body` over HTTP/2 (cleartext, prior knowledge) with request trailers after

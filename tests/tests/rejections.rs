@@ -331,27 +331,12 @@ async fn unnormalized_paths_to_a_priced_route_are_not_served_unpaid() {
 
 /// GETs `path` over HTTP/1.1 exactly as written and returns the answer's status and text.
 async fn get_raw(stack: &Stack, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(stack.envoy.authority())
-        .await
-        .unwrap();
     let head = format!(
         "GET {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
         stack.envoy.authority()
     );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        conn.read_to_string(&mut answer),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
+    stack
+        .send_raw(&[&head], std::time::Duration::ZERO)
+        .await
+        .unwrap()
 }
