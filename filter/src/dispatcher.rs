@@ -354,11 +354,6 @@ impl Dispatcher {
         deliveries
     }
 
-    /// Authorize items waiting to be sent again (their first call failed).
-    pub fn rechecks_queued(&self) -> usize {
-        self.recheck_queue.len()
-    }
-
     /// Queues `item`, whose Authorize call failed, to be sent again after the first
     /// backoff. Only items captured as they are placed: a plain hold that was placed
     /// expires on its own.
