@@ -84,6 +84,17 @@ fn reply(host: &FakeHost, ctx: u32) -> (u16, Vec<u8>) {
         .expect("a local reply")
 }
 
+/// `ctx` was answered 400 `invalid_request` with a message that starts with `message`,
+/// and nothing was held.
+fn assert_refused(host: &FakeHost, ctx: u32, message: &str) {
+    let (status, body) = reply(host, ctx);
+    assert_eq!(status, 400);
+    let body: ErrorBody = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body.error, "invalid_request");
+    assert!(body.message.starts_with(message), "{}", body.message);
+    assert!(host.grpc_calls().is_empty(), "nothing is held");
+}
+
 #[test]
 fn a_query_parameter_repeated_with_different_values_is_a_400_naming_it() {
     let (mut vm, mut host) = filter();
@@ -91,15 +102,11 @@ fn a_query_parameter_repeated_with_different_values_is_a_400_naming_it() {
         request(&mut vm, &mut host, 2, "GET", "/paid/pages?n=1&n=1000"),
         Action::Pause
     );
-    let (status, body) = reply(&host, 2);
-    assert_eq!(status, 400);
-    let body: ErrorBody = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body.error, "invalid_request");
-    assert_eq!(
-        body.message,
-        "query parameter n is given more than once with different values"
+    assert_refused(
+        &host,
+        2,
+        "query parameter n is given more than once with different values",
     );
-    assert!(host.grpc_calls().is_empty(), "nothing is held");
 
     // The same value twice is priced as given once: a 402 challenge.
     request(&mut vm, &mut host, 3, "GET", "/paid/pages?n=7&n=7");
@@ -117,17 +124,11 @@ fn a_body_key_written_twice_is_a_400_naming_it() {
         vm.on_request_body(&mut host, 2, body.len(), true),
         Action::Pause
     );
-    let (status, body) = reply(&host, 2);
-    assert_eq!(status, 400);
-    let body: ErrorBody = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body.error, "invalid_request");
-    assert!(
-        body.message
-            .starts_with("the request body repeats a key: duplicate field `units`"),
-        "{}",
-        body.message
+    assert_refused(
+        &host,
+        2,
+        "the request body repeats a key: duplicate field `units`",
     );
-    assert!(host.grpc_calls().is_empty(), "nothing is held");
 }
 
 #[test]
@@ -138,13 +139,9 @@ fn a_header_repeated_with_different_values_is_a_400_naming_it() {
         request_with(&mut vm, &mut host, 2, "GET", "/paid/seats", &repeated),
         Action::Pause
     );
-    let (status, body) = reply(&host, 2);
-    assert_eq!(status, 400);
-    let body: ErrorBody = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body.error, "invalid_request");
-    assert_eq!(
-        body.message,
-        "header x-seats is given more than once with different values"
+    assert_refused(
+        &host,
+        2,
+        "header x-seats is given more than once with different values",
     );
-    assert!(host.grpc_calls().is_empty(), "nothing is held");
 }
