@@ -375,19 +375,11 @@ pub enum Unit {
 }
 
 impl Unit {
-    /// Whether the meter parses the response body (JSON, server-sent events): a body
-    /// the upstream compressed would read as no usage at all.
+    /// Whether the meter parses the response body: reads it ([`Unit::reads_body`]) or
+    /// counts its server-sent events. A body the upstream compressed would read as no
+    /// usage at all.
     pub fn parses_response_body(&self) -> bool {
-        matches!(
-            self,
-            Unit::Items(_)
-                | Unit::Tokens(
-                    TokenSource::JsonPointer(_)
-                        | TokenSource::OpenAiUsage
-                        | TokenSource::SseUsage
-                        | TokenSource::SseEvents
-                )
-        )
+        self.reads_body() || matches!(self, Unit::Tokens(TokenSource::SseEvents))
     }
 
     pub fn name(&self) -> &'static str {
