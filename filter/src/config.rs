@@ -380,12 +380,8 @@ pub struct RouteKey<'a> {
 }
 
 impl Matcher {
-    pub fn matches(&self, key: &RouteKey<'_>) -> bool {
-        self.matches_normalized(key.route_name, key.method, &normalized_path(key.path))
-    }
-
-    /// [`Matcher::matches`] for a path already in [`normalized_path`] form, so a
-    /// table scan normalizes once.
+    /// Whether a request matches, its path already in [`normalized_path`] form (a
+    /// table scan normalizes once).
     fn matches_normalized(&self, route_name: Option<&str>, method: &str, path: &str) -> bool {
         if let Some(name) = &self.route_name {
             if route_name != Some(name.as_str()) {
@@ -533,10 +529,12 @@ fn decode_unreserved(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-fn hex_byte(hex: &[u8]) -> Option<u8> {
-    let [high, low] = hex else { return None };
-    let digit = |b: &u8| char::from(*b).to_digit(16);
-    u8::try_from(digit(high)?.checked_mul(16)?.checked_add(digit(low)?)?).ok()
+/// The byte two hex digits (either case) spell, as in a `%XX` escape; `None` for
+/// anything else (a sign, one digit, three).
+pub(crate) fn hex_byte(hex: &[u8]) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    hex::decode_to_slice(hex, &mut byte).ok()?;
+    Some(byte[0])
 }
 
 fn is_unreserved(byte: u8) -> bool {

@@ -372,15 +372,6 @@ fn single_value(
     Ok(first)
 }
 
-fn hex_digit(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'a'..=b'f' => Some(byte - b'a' + 10),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
-    }
-}
-
 /// Form decoding: `+` is a space, `%` and two hex digits a byte; a `%` without two
 /// hex digits after it stays as it is (`u8::from_str_radix` would also take `%+5`).
 fn percent_decode(text: &str) -> String {
@@ -388,13 +379,13 @@ fn percent_decode(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let escaped = match (bytes.get(i + 1), bytes.get(i + 2)) {
-            (Some(&hi), Some(&lo)) if bytes[i] == b'%' => hex_digit(hi).zip(hex_digit(lo)),
+        let escaped = match bytes[i] {
+            b'%' => bytes.get(i + 1..i + 3).and_then(crate::config::hex_byte),
             _ => None,
         };
         match (bytes[i], escaped) {
-            (_, Some((hi, lo))) => {
-                out.push(hi << 4 | lo);
+            (_, Some(byte)) => {
+                out.push(byte);
                 i += 3;
             }
             (b'+', None) => {
