@@ -380,8 +380,12 @@ pub struct RouteKey<'a> {
 }
 
 impl Matcher {
-    /// Whether a request matches, its path already in [`normalized_path`] form (a
-    /// table scan normalizes once).
+    pub fn matches(&self, key: &RouteKey<'_>) -> bool {
+        self.matches_normalized(key.route_name, key.method, &normalized_path(key.path))
+    }
+
+    /// [`Matcher::matches`] for a path already in [`normalized_path`] form, so a
+    /// table scan normalizes once.
     fn matches_normalized(&self, route_name: Option<&str>, method: &str, path: &str) -> bool {
         if let Some(name) = &self.route_name {
             if route_name != Some(name.as_str()) {
