@@ -513,13 +513,17 @@ async fn run_sequence(
                 if mh.last_partial.is_some() {
                     count(outcomes, "refund_after_partials");
                 }
-                // The platform returns its fee pro rata; the refund that empties the
-                // payment returns the rest of it.
-                let fee_part = if mh.refunded + want == mh.captured {
-                    mh.fee - mh.fee_refunded
+                // The platform returns its fee pro rata over all refunds so far (the
+                // share of what is refunded after this one, rounded down, less what
+                // earlier ones returned), never more than this refund; the refund that
+                // empties the payment returns the rest of it.
+                let after = mh.refunded + want;
+                let share = if after >= mh.captured {
+                    mh.fee
                 } else {
-                    (want * mh.fee / mh.captured).min(mh.fee - mh.fee_refunded)
+                    after * mh.fee / mh.captured
                 };
+                let fee_part = share.saturating_sub(mh.fee_refunded).min(want);
                 model.payers[mh.payer].refunded += want;
                 model.merchant_debited += want - fee_part;
                 model.fees_refunded += fee_part;
