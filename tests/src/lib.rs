@@ -9,6 +9,7 @@
 //! - [`grpc_upstream`]: the gRPC upstream behind Envoy (a tonic quote service).
 //! - [`envoy`]: the Envoy config template rendered and Envoy started with the wasm filter.
 //! - [`stack`]: all of the above wired together, plus payer helpers, for one test.
+//! - [`stall`]: a TCP proxy that holds a service's requests or answers on demand.
 //!
 //! Binaries: `x402-dev` (the `make run` stack) and `x402-demo-upstream`.
 
@@ -20,4 +21,5 @@ pub mod pki;
 pub mod process;
 pub mod settlement;
 pub mod stack;
+pub mod stall;
 pub mod upstream;

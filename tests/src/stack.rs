@@ -23,6 +23,7 @@ use crate::envoy::{Envoy, EnvoyOptions};
 use crate::pg::TestPostgres;
 use crate::pki::TestPki;
 use crate::settlement::Settlement;
+use crate::stall::StallProxy;
 use crate::upstream::Upstream;
 
 /// The merchant every stack is seeded with (`pay_to` of [`default_filter_config`]).
@@ -129,6 +130,23 @@ impl Stack {
     ) -> Result<Stack> {
         let settlement = Settlement::start(&fresh_database()?).await?;
         Stack::around(settlement, filter_config, adjust).await
+    }
+
+    /// [`Stack::start_with`] with Envoy reaching settlement through a [`StallProxy`],
+    /// which the caller keeps (and drops after the stack).
+    pub async fn start_stallable(
+        filter_config: &str,
+        adjust: impl FnOnce(&mut EnvoyOptions),
+    ) -> Result<(Stack, StallProxy)> {
+        let settlement = Settlement::start(&fresh_database()?).await?;
+        let proxy = StallProxy::start(settlement.port()).await?;
+        let port = proxy.port;
+        let stack = Stack::around(settlement, filter_config, |o| {
+            adjust(o);
+            o.settlement_port = port;
+        })
+        .await?;
+        Ok((stack, proxy))
     }
 
     /// [`Stack::start`] with settlement requiring `operator_token` (sent by the

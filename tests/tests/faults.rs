@@ -36,13 +36,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use x402_client::wire::{encode_header, PaymentRequirements, HEADER_PAYMENT_SIGNATURE};
 use x402_client::{parse_receipt, resource_for, sign_payment, PayerKey};
 use x402_e2e::envoy::{Envoy, EnvoyOptions};
 use x402_e2e::pg::TestPostgres;
 use x402_e2e::settlement::Settlement;
+use x402_e2e::stall::StallProxy;
 use x402_e2e::stack::{unix_now, ASSET, MERCHANT, NETWORK, PAID_PRICE};
 use x402_e2e::upstream::Upstream;
 use x402_proto::settlement::v1::AccountKind;
@@ -97,76 +96,6 @@ fn filter_config(mode: Mode) -> String {
         ]
     })
     .to_string()
-}
-
-/// A TCP proxy that can hold every byte in both directions (a settlement that
-/// stopped answering without closing its connections).
-struct StallProxy {
-    port: u16,
-    stalled: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl StallProxy {
-    async fn start(target_port: u16) -> StallProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stalled = Arc::new(AtomicBool::new(false));
-        let flag = stalled.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let flag = flag.clone();
-                tokio::spawn(async move {
-                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", target_port)).await else {
-                        return;
-                    };
-                    let _ = inbound.set_nodelay(true);
-                    let _ = outbound.set_nodelay(true);
-                    let (ri, wi) = inbound.into_split();
-                    let (ro, wo) = outbound.into_split();
-                    tokio::select! {
-                        _ = pump(ri, wo, flag.clone()) => {}
-                        _ = pump(ro, wi, flag) => {}
-                    }
-                });
-            }
-        });
-        StallProxy {
-            port,
-            stalled,
-            task,
-        }
-    }
-
-    fn stall(&self, on: bool) {
-        self.stalled.store(on, Ordering::SeqCst);
-    }
-}
-
-impl Drop for StallProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    stalled: Arc<AtomicBool>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        while stalled.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -243,7 +172,7 @@ impl World {
             .create_account(MERCHANT, AccountKind::Merchant)
             .await
             .unwrap();
-        let proxy = StallProxy::start(settlement.port()).await;
+        let proxy = StallProxy::start(settlement.port()).await.unwrap();
         let upstream = Upstream::start().unwrap();
         let mut envoy_options =
             EnvoyOptions::new(upstream.port(), proxy.port, &filter_config(mode));
