@@ -56,6 +56,9 @@ pub const STALE_GRACE_NANOS: u64 = 5_000_000_000;
 pub const MAX_RECHECKS: usize = 512;
 /// The reason of a void that refunds a payment whose Authorize answer never arrived.
 pub const VOID_UNANSWERED: &str = "authorize_unanswered";
+/// The reason of a void that refunds a payment captured at authorize whose request was
+/// still going when its VM stopped (sent by the VM that takes over its journal).
+pub const VOID_VM_STOPPED: &str = "filter_vm_stopped";
 
 /// Which settlement call a callout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +148,9 @@ pub struct Dispatcher {
     owed_changed: bool,
     /// When the capture queue was first seen holding items since the last Capture call.
     captures_waiting_since: Option<u64>,
+    /// Payments captured as they were placed whose requests (by context id) have not
+    /// ended: the refund each is owed if this VM stops before its request ends.
+    placed: HashMap<u32, VoidItem>,
 }
 
 impl Dispatcher {
@@ -210,7 +216,9 @@ impl Dispatcher {
             .map(|r| &r.item)
     }
 
-    /// Voids not answered by settlement yet, like [`Dispatcher::owed_captures`].
+    /// Voids not answered by settlement yet, like [`Dispatcher::owed_captures`], then
+    /// the refunds of payments captured at authorize whose requests are still going
+    /// (owed only if this VM stops first: Envoy then ends those requests with an error).
     pub fn owed_voids(&self) -> impl Iterator<Item = &VoidItem> {
         self.in_flight
             .values()
@@ -220,10 +228,40 @@ impl Dispatcher {
             })
             .chain(self.void_queue.iter())
             .map(|r| &r.item)
+            .chain(self.placed.values())
     }
 
-    /// Whether [`Dispatcher::owed_captures`] or [`Dispatcher::owed_voids`] changed
-    /// since the last call.
+    /// The request `context_id` has ended, and what its payment is owed (a void, if
+    /// any) is queued: its payment is no longer refunded if this VM stops.
+    pub fn request_ended(&mut self, context_id: u32) {
+        if self.placed.remove(&context_id).is_some() {
+            self.owed_changed = true;
+        }
+    }
+
+    /// Payments captured as they are placed whose answer has not arrived: in an
+    /// Authorize call in flight, or waiting to be checked again ([`Rpc::Recheck`]). A VM
+    /// that crashes with them leaves their payers charged for requests Envoy never let
+    /// through, so they are journaled too, and the VM that takes them over checks them.
+    pub fn owed_rechecks(&self) -> impl Iterator<Item = &AuthorizeItem> {
+        self.in_flight
+            .values()
+            .flat_map(|f| {
+                let (authorize, recheck): (&[(Waiter, AuthorizeItem)], &[Retryable<_>]) = match f {
+                    InFlight::Authorize(waiters) => (waiters, &[]),
+                    InFlight::Recheck(batch) => (&[], batch),
+                    _ => (&[], &[]),
+                };
+                let placed_at_once = authorize.iter().map(|(_, item)| item);
+                placed_at_once
+                    .filter(|item| item.capture)
+                    .chain(recheck.iter().map(|r| &r.item))
+            })
+            .chain(self.recheck_queue.iter().map(|r| &r.item))
+    }
+
+    /// Whether [`Dispatcher::owed_captures`], [`Dispatcher::owed_voids`] or
+    /// [`Dispatcher::owed_rechecks`] changed since the last call.
     pub fn take_owed_changed(&mut self) -> bool {
         std::mem::take(&mut self.owed_changed)
     }
@@ -286,6 +324,7 @@ impl Dispatcher {
                 .fold(target.timeout_ms, u32::min);
             match call(host, target, shortest, current, Rpc::Authorize, &message) {
                 Some(token) => {
+                    self.owed_changed |= waiters.iter().any(|(_, item)| item.capture);
                     self.started(token, InFlight::Authorize(waiters), now);
                     authorize_in_flight += 1;
                 }
@@ -358,9 +397,30 @@ impl Dispatcher {
     /// backoff. Only items captured as they are placed: a plain hold that was placed
     /// expires on its own.
     fn recheck(&mut self, host: &mut dyn Host, metrics: &Metrics, item: AuthorizeItem, now: u64) {
-        if !item.capture {
-            return;
+        if item.capture {
+            self.push_recheck(host, metrics, item, now.saturating_add(RETRY_BACKOFF_NANOS));
         }
+    }
+
+    /// Queues for a check at once a payment a stopped VM left unanswered
+    /// ([`Dispatcher::owed_rechecks`], taken over from its journal).
+    pub fn recheck_taken_over(
+        &mut self,
+        host: &mut dyn Host,
+        metrics: &Metrics,
+        item: AuthorizeItem,
+    ) {
+        self.push_recheck(host, metrics, item, 0);
+    }
+
+    fn push_recheck(
+        &mut self,
+        host: &mut dyn Host,
+        metrics: &Metrics,
+        item: AuthorizeItem,
+        not_before_nanos: u64,
+    ) {
+        self.owed_changed = true;
         if self.recheck_queue.len() >= MAX_RECHECKS {
             // Settlement has been failing for a long while; the oldest goes.
             self.recheck_queue.pop_front();
@@ -373,7 +433,7 @@ impl Dispatcher {
         self.recheck_queue.push_back(Retryable {
             item,
             attempts: 0,
-            not_before_nanos: now.saturating_add(RETRY_BACKOFF_NANOS),
+            not_before_nanos,
         });
     }
 
@@ -429,6 +489,7 @@ impl Dispatcher {
         }
         match flight {
             InFlight::Authorize(waiters) => {
+                self.owed_changed |= waiters.iter().any(|(_, item)| item.capture);
                 let results =
                     result
                         .ok()
@@ -446,6 +507,16 @@ impl Dispatcher {
                 for (i, (w, item)) in waiters.into_iter().enumerate() {
                     let answer = match results.as_ref().and_then(|r| r.get(i)) {
                         Some(result) if result.request_id == item.request_id => {
+                            let placed = result.outcome() == AuthorizeOutcome::Authorized
+                                && result.captured
+                                && !result.transaction_id.is_empty();
+                            if placed {
+                                let refund = VoidItem {
+                                    transaction_id: result.transaction_id.clone(),
+                                    reason: VOID_VM_STOPPED.to_owned(),
+                                };
+                                self.placed.insert(w.context_id, refund);
+                            }
                             answer_for(host, result)
                         }
                         other => {
@@ -468,6 +539,7 @@ impl Dispatcher {
                 deliveries
             }
             InFlight::Recheck(batch) => {
+                self.owed_changed = true;
                 let results = result
                     .ok()
                     .and_then(|body| AuthorizeResponse::decode(body.as_slice()).ok())
@@ -808,5 +880,56 @@ mod tests {
             .encode_to_vec()
         );
         assert!(encode_items(Vec::<VoidItem>::new().iter()).is_empty());
+    }
+
+    /// Only payments captured as they are placed are owed while unanswered: a plain
+    /// hold expires on its own.
+    #[test]
+    fn unanswered_payments_captured_at_once_are_owed_until_answered() {
+        let mut host = crate::host::FakeHost::default();
+        let metrics = Metrics::default();
+        let target = Target {
+            cluster: "settlement".into(),
+            timeout_ms: 1000,
+            root_context: 1,
+            metadata: Vec::new(),
+            capture_window_nanos: 0,
+        };
+        let item = |id: &str, capture: bool| AuthorizeItem {
+            request_id: id.into(),
+            capture,
+            ..Default::default()
+        };
+        let mut d = Dispatcher::default();
+        d.authorize(2, item("held", false));
+        d.authorize(3, item("paid", true));
+        d.flush(&mut host, &target, 1, &metrics, &|| false);
+        assert!(d.take_owed_changed());
+        let owed: Vec<&str> = d.owed_rechecks().map(|i| i.request_id.as_str()).collect();
+        assert_eq!(owed, ["paid"]);
+
+        // The call fails: the paid one waits for its check, still owed.
+        let token = *d.in_flight.keys().next().unwrap();
+        d.on_response(&mut host, token, Err(14), &metrics);
+        assert!(d.take_owed_changed());
+        assert_eq!(d.owed_rechecks().count(), 1);
+
+        // Checked: settlement placed nothing under it; nothing is owed.
+        host.now_nanos += RETRY_BACKOFF_NANOS;
+        d.flush(&mut host, &target, 1, &metrics, &|| false);
+        assert_eq!(d.in_flight(Rpc::Recheck), 1);
+        assert_eq!(d.owed_rechecks().count(), 1);
+        let token = *d.in_flight.keys().next().unwrap();
+        let refused = AuthorizeResponse {
+            results: vec![AuthorizeResult {
+                request_id: "paid".into(),
+                outcome: AuthorizeOutcome::Expired as i32,
+                ..Default::default()
+            }],
+        };
+        d.on_response(&mut host, token, Ok(refused.encode_to_vec()), &metrics);
+        assert!(d.take_owed_changed());
+        assert_eq!(d.owed_rechecks().count(), 0);
+        assert_eq!(d.owed_voids().count(), 0);
     }
 }

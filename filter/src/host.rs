@@ -227,6 +227,9 @@ pub struct FakeHost {
     pub shared_data_broken: bool,
     /// Set by `trap` (the real host never returns from it).
     pub trapped: bool,
+    /// Shared data as it was at each `resume_request`: what a VM trapping just after
+    /// letting a request through leaves to the next one.
+    pub shared_data_at_resume: Vec<HashMap<String, (Vec<u8>, u32)>>,
 }
 
 impl FakeHost {
@@ -320,6 +323,7 @@ impl Host for FakeHost {
         self.calls.push(Call::Resume {
             context: self.effective,
         });
+        self.shared_data_at_resume.push(self.shared_data.clone());
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {

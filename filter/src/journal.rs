@@ -11,7 +11,8 @@
 //! VM (each configuration in it) keeps there:
 //!
 //! - `<registry>`: the ids of the VMs that keep a journal (comma-separated);
-//! - `<registry>.<id>`: the captures and voids that VM has not had answered yet
+//! - `<registry>.<id>`: the captures and voids that VM has not had answered yet, and
+//!   its payments captured as they were placed whose requests have not ended
 //!   ([`encode`]), rewritten whenever that set changes;
 //! - `<registry>.<id>.beat`: when that VM last ticked.
 //!
@@ -21,10 +22,23 @@
 //! lists itself again on its next tick; its captures and voids are then sent twice,
 //! which settlement answers `ALREADY_RESOLVED` (a hold is resolved, and a payment
 //! refunded by a void, at most once), so no one is charged or refunded twice.
+//!
+//! Envoy ends a crashed VM's requests with an error (those paused go no further, those
+//! upstream lose their response), so a payment captured as it was placed is a payer
+//! charged for nothing unless the request had ended. While its Authorize answer is
+//! awaited the journal keeps the item: the VM that takes it over sends it again (its
+//! request id makes settlement answer with the payment it placed, if any) and voids what
+//! it finds. Once answered (rewritten before the request is let through), it keeps the
+//! payment's refund, a void, until the request ends. A VM that only stalled past
+//! [`ORPHAN_AFTER_NANOS`] may finish requests whose payments were refunded that way; it
+//! logs an error when it finds its journal taken.
 
-use x402_proto::settlement::v1::{CaptureItem, VoidItem};
+use std::cell::Cell;
 
-use crate::host::{Host, SharedDataError};
+use prost::Message;
+use x402_proto::settlement::v1::{AuthorizeItem, CaptureItem, VoidItem};
+
+use crate::host::{Host, LogLevel, SharedDataError};
 
 /// A VM that has not ticked for this long is taken for gone. Ticks come every
 /// [`crate::plugin::TICK_PERIOD_MS`]; the margin covers a worker that is busy for a while.
@@ -43,6 +57,8 @@ pub struct Journal {
     /// The registry key; per settlement cluster, so captures are only ever taken over
     /// by a plugin that sends them to the same settlement.
     registry: String,
+    /// This VM has listed itself in the registry.
+    listed: Cell<bool>,
 }
 
 impl Journal {
@@ -52,6 +68,7 @@ impl Journal {
         Journal {
             id: hex::encode(random),
             registry: format!("{REGISTRY_PREFIX}{settlement_cluster}"),
+            listed: Cell::new(false),
         }
     }
 
@@ -68,16 +85,23 @@ impl Journal {
     }
 
     /// Records the captures and voids this VM still owes (queued, waiting to be
-    /// resent, or in flight), replacing what was recorded before.
+    /// resent, or in flight), and the Authorize items of its unanswered payments,
+    /// replacing what was recorded before.
     pub fn record<'a>(
         &self,
         host: &mut dyn Host,
         captures: impl Iterator<Item = &'a CaptureItem>,
         voids: impl Iterator<Item = &'a VoidItem>,
+        rechecks: impl Iterator<Item = &'a AuthorizeItem>,
     ) {
-        let value = encode(captures.take(MAX_JOURNALED), voids.take(MAX_JOURNALED));
-        // A failed write leaves the previous copy: at worst a capture already answered
-        // is sent again after a crash, which settlement answers ALREADY_RESOLVED.
+        let value = encode(
+            captures.take(MAX_JOURNALED),
+            voids.take(MAX_JOURNALED),
+            rechecks.take(MAX_JOURNALED),
+        );
+        // A failed write (Envoy fails none without a compare-and-swap) would leave the
+        // previous copy: a capture sent twice after a crash is answered ALREADY_RESOLVED,
+        // but a payment whose request ended in between would be refunded.
         let _ = host.set_shared_data(&self.items_key(&self.id), &value, 0);
     }
 
@@ -85,13 +109,19 @@ impl Journal {
     /// that stopped ticking owed, which this VM now owes.
     pub fn tick(&self, host: &mut dyn Host, now_nanos: u64) -> Vec<Owed> {
         let _ = host.set_shared_data(&self.beat_key(&self.id), &now_nanos.to_le_bytes(), 0);
-        let (listed, _) = self.update_registry(host, &|ids| {
+        let (listed, relisted) = self.update_registry(host, &|ids| {
             if ids.contains(&self.id) {
                 return false;
             }
             ids.push(self.id.clone());
             true
         });
+        if relisted && self.listed.replace(true) {
+            host.log(
+                LogLevel::Error,
+                "x402 filter: this VM did not tick for a while and another took over its journal: payments of its requests still going may have been refunded",
+            );
+        }
         let mut adopted = Vec::new();
         for other in listed.iter().filter(|id| **id != self.id) {
             let beat = host
@@ -151,12 +181,14 @@ impl Journal {
     }
 }
 
-/// A call a VM owes settlement: a capture of a response the client saw as paid, or a
-/// void (a payment captured at authorize whose upstream failed is refunded by it).
+/// A call a VM owes settlement: a capture of a response the client saw as paid, a
+/// void (a payment captured at authorize whose upstream failed is refunded by it), or
+/// an Authorize item to send again, whose payment (if placed) is then voided.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Owed {
     Capture(CaptureItem),
     Void(VoidItem),
+    Recheck(Box<AuthorizeItem>),
 }
 
 /// A void's record: this amount, and its transaction id and reason joined by
@@ -165,6 +197,9 @@ pub enum Owed {
 /// are written first.
 const VOID_MARK: u64 = u64::MAX;
 const VOID_SEPARATOR: u8 = 0xff;
+/// An Authorize item's record: this amount, and as its id [`VOID_SEPARATOR`] then the
+/// item's protobuf encoding. Written last; a module from before reads no further.
+const RECHECK_MARK: u64 = u64::MAX - 1;
 
 /// Captures and voids as bytes: per item the amount, upstream time (u64) and HTTP
 /// status (u32), little-endian, then the transaction id's length (u16) and bytes.
@@ -172,6 +207,7 @@ const VOID_SEPARATOR: u8 = 0xff;
 fn encode<'a>(
     captures: impl Iterator<Item = &'a CaptureItem>,
     voids: impl Iterator<Item = &'a VoidItem>,
+    rechecks: impl Iterator<Item = &'a AuthorizeItem>,
 ) -> Vec<u8> {
     let mut out = Vec::new();
     let mut push = |amount: u64, micros: u64, status: u32, id: &[u8]| {
@@ -193,6 +229,11 @@ fn encode<'a>(
         id.push(VOID_SEPARATOR);
         id.extend_from_slice(v.reason.as_bytes());
         push(VOID_MARK, 0, 0, &id);
+    }
+    for item in rechecks {
+        let mut id = vec![VOID_SEPARATOR];
+        id.extend_from_slice(&item.encode_to_vec());
+        push(RECHECK_MARK, 0, 0, &id);
     }
     out
 }
@@ -218,6 +259,9 @@ fn decode(mut bytes: &[u8]) -> Vec<Owed> {
             let text = |b: &[u8]| std::str::from_utf8(b).ok().map(str::to_owned);
             let void = id.iter().position(|&b| b == VOID_SEPARATOR);
             Some(match (amount, void) {
+                (RECHECK_MARK, Some(0)) => {
+                    Owed::Recheck(Box::new(AuthorizeItem::decode(id.get(1..)?).ok()?))
+                }
                 (VOID_MARK, Some(at)) => Owed::Void(VoidItem {
                     transaction_id: text(id.get(..at)?)?,
                     reason: text(id.get(at + 1..)?)?,
@@ -280,7 +324,12 @@ mod tests {
         let survivor = journal(&mut host);
         crashed.tick(&mut host, 0);
         survivor.tick(&mut host, 0);
-        crashed.record(&mut host, [capture("tx-1")].iter(), std::iter::empty());
+        crashed.record(
+            &mut host,
+            [capture("tx-1")].iter(),
+            std::iter::empty(),
+            std::iter::empty(),
+        );
         (host, crashed, survivor)
     }
 
@@ -300,6 +349,7 @@ mod tests {
         crashed.record(
             &mut host,
             [capture("tx-1"), capture("tx-2")].iter(),
+            std::iter::empty(),
             std::iter::empty(),
         );
         assert!(first.tick(&mut host, now).is_empty());
@@ -332,8 +382,14 @@ mod tests {
             &mut host,
             [capture("tx-1"), capture("tx-2")].iter(),
             std::iter::empty(),
+            std::iter::empty(),
         );
-        crashed.record(&mut host, [capture("tx-2")].iter(), std::iter::empty());
+        crashed.record(
+            &mut host,
+            [capture("tx-2")].iter(),
+            std::iter::empty(),
+            std::iter::empty(),
+        );
         let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
         assert_eq!(taken, owed(&["tx-2"]));
     }
@@ -344,11 +400,24 @@ mod tests {
         let slow = journal(&mut host);
         let other = journal(&mut host);
         slow.tick(&mut host, 0);
-        slow.record(&mut host, [capture("tx-1")].iter(), std::iter::empty());
+        slow.record(
+            &mut host,
+            [capture("tx-1")].iter(),
+            std::iter::empty(),
+            std::iter::empty(),
+        );
         assert_eq!(other.tick(&mut host, ORPHAN_AFTER_NANOS).len(), 1);
-        // Its next tick lists it again; its later captures can be taken over again.
+        // Its next tick lists it again, and says what happened; its later captures can
+        // be taken over again.
+        assert!(host.logs.borrow().is_empty());
         slow.tick(&mut host, ORPHAN_AFTER_NANOS + 1);
-        slow.record(&mut host, [capture("tx-3")].iter(), std::iter::empty());
+        assert!(host.logs.borrow()[0].contains("another took over its journal"));
+        slow.record(
+            &mut host,
+            [capture("tx-3")].iter(),
+            std::iter::empty(),
+            std::iter::empty(),
+        );
         assert!(other.tick(&mut host, ORPHAN_AFTER_NANOS + 2).is_empty());
         assert_eq!(
             other.tick(&mut host, 2 * ORPHAN_AFTER_NANOS + 1),
@@ -381,8 +450,25 @@ mod tests {
         );
     }
 
+    fn unanswered(request_id: &str) -> AuthorizeItem {
+        AuthorizeItem {
+            request_id: request_id.into(),
+            hold_amount: 10_000,
+            route: "quote".into(),
+            hold_ttl_seconds: 60,
+            capture: true,
+            proof: Some(x402_proto::settlement::v1::PaymentProof {
+                nonce: "n-1".into(),
+                amount: "10000".into(),
+                signature: "c2lnbmF0dXJl".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn captures_and_voids_read_back_as_written_and_garbage_reads_as_nothing() {
+    fn owed_items_read_back_as_written_and_garbage_reads_as_nothing() {
         // The second capture's amount is the void mark, but its id has no separator.
         let items = [
             capture("tx-1"),
@@ -397,18 +483,63 @@ mod tests {
             transaction_id: "tx-9".into(),
             reason: "upstream_5xx".into(),
         }];
-        let bytes = encode(items.iter(), voids.iter());
+        let rechecks = [unanswered("req-1"), unanswered("req-2")];
+        let bytes = encode(items.iter(), voids.iter(), rechecks.iter());
         let mut all: Vec<Owed> = items.iter().cloned().map(Owed::Capture).collect();
         all.push(Owed::Void(voids[0].clone()));
+        all.extend(rechecks.iter().cloned().map(|r| Owed::Recheck(Box::new(r))));
         assert_eq!(decode(&bytes), all);
         // A reader from before voids were journaled (ids read as UTF-8) stops at the
-        // void, after the captures.
-        let void_id = &bytes[bytes.len() - "tx-9".len() - 1 - "upstream_5xx".len()..];
+        // void, after the captures; one from before payments were journaled stops at
+        // the first of them (its id starts with a byte UTF-8 never has).
+        let voids_only = encode(items.iter(), voids.iter(), std::iter::empty());
+        let void_id = &voids_only[voids_only.len() - "tx-9".len() - 1 - "upstream_5xx".len()..];
         assert!(std::str::from_utf8(void_id).is_err());
+        let recheck_id = &bytes[voids_only.len() + 8 + 8 + 4 + 2..];
+        assert_eq!(recheck_id[0], VOID_SEPARATOR);
         // A truncated copy keeps the whole items before the cut.
-        assert_eq!(decode(&bytes[..bytes.len() - 1]), all[..2].to_vec());
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), all[..4].to_vec());
+        assert_eq!(
+            decode(&voids_only[..voids_only.len() - 1]),
+            all[..2].to_vec()
+        );
         assert!(decode(&[]).is_empty());
         assert!(decode(&[1, 2, 3]).is_empty());
+    }
+
+    #[test]
+    fn unanswered_payments_are_taken_over_with_the_captures() {
+        let mut host = FakeHost::default();
+        let crashed = journal(&mut host);
+        let survivor = journal(&mut host);
+        crashed.tick(&mut host, 0);
+        crashed.record(
+            &mut host,
+            [capture("tx-1")].iter(),
+            std::iter::empty(),
+            [unanswered("req-1")].iter(),
+        );
+        // Answered since: only the capture is left.
+        crashed.record(
+            &mut host,
+            [capture("tx-1")].iter(),
+            std::iter::empty(),
+            std::iter::empty(),
+        );
+        crashed.record(
+            &mut host,
+            [capture("tx-1")].iter(),
+            std::iter::empty(),
+            [unanswered("req-2")].iter(),
+        );
+        let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
+        assert_eq!(
+            taken,
+            vec![
+                Owed::Capture(capture("tx-1")),
+                Owed::Recheck(Box::new(unanswered("req-2")))
+            ]
+        );
     }
 
     #[test]
@@ -420,7 +551,12 @@ mod tests {
         let many: Vec<CaptureItem> = (0..MAX_JOURNALED + 10)
             .map(|i| capture(&format!("tx-{i}")))
             .collect();
-        crashed.record(&mut host, many.iter(), std::iter::empty());
+        crashed.record(
+            &mut host,
+            many.iter(),
+            std::iter::empty(),
+            std::iter::empty(),
+        );
         let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
         assert_eq!(taken.len(), MAX_JOURNALED);
         assert_eq!(taken[0], Owed::Capture(capture("tx-0")));

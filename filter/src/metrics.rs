@@ -24,8 +24,8 @@ pub enum Metric {
     /// Captures (final or partial) given up after their retries; voids are resent until
     /// settlement answers.
     ResolutionsDropped,
-    /// Captures and voids taken over from a filter VM that stopped (crashed) or a
-    /// configuration that was replaced before sending them.
+    /// Captures, voids and unanswered payments taken over from a filter VM that stopped
+    /// (crashed) or a configuration that was replaced before sending them.
     CapturesRecovered,
     /// 429 answers: over a route's rate limit.
     RateLimited,

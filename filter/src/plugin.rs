@@ -63,7 +63,8 @@ impl Plugin {
     fn record_owed(&mut self, host: &mut dyn Host) {
         if self.dispatcher.take_owed_changed() {
             let d = &self.dispatcher;
-            self.journal.record(host, d.owed_captures(), d.owed_voids());
+            let owed = (d.owed_captures(), d.owed_voids(), d.owed_rechecks());
+            self.journal.record(host, owed.0, owed.1, owed.2);
         }
     }
 }
@@ -188,6 +189,7 @@ impl Vm {
             match owed {
                 Owed::Capture(item) => p.dispatcher.capture(item),
                 Owed::Void(item) => p.dispatcher.void(item),
+                Owed::Recheck(item) => p.dispatcher.recheck_taken_over(host, &p.metrics, *item),
             }
         }
         // In this VM's journal at once: they are no longer in the one they came from.
@@ -604,6 +606,9 @@ impl Vm {
             if let Some(plugin) = self.plugins.get(&request.root_id) {
                 let (_, effects) = request::step(&plugin.config, request.state, Event::StreamEnd);
                 self.apply(host, context_id, request.root_id, effects);
+                if let Some(p) = self.plugins.get_mut(&request.root_id) {
+                    p.dispatcher.request_ended(context_id);
+                }
                 // Also sends captures that were waiting for this request to finish.
                 self.flush(host, request.root_id, request.root_id);
             }
@@ -613,7 +618,10 @@ impl Vm {
             // calls. What it still owes stays in its journal, which a plugin sending to
             // the same settlement cluster takes over once the journal stops beating.
             let d = &plugin.dispatcher;
-            if d.owed_captures().next().is_some() || d.owed_voids().next().is_some() {
+            let owes = d.owed_captures().next().is_some()
+                || d.owed_voids().next().is_some()
+                || d.owed_rechecks().next().is_some();
+            if owes {
                 host.log(
                     LogLevel::Warn,
                     "x402 filter: a replaced configuration left captures or voids to its journal",
@@ -695,6 +703,9 @@ impl Vm {
             Some(p) => p.dispatcher.on_response(host, token, result, &p.metrics),
             None => return,
         };
+        // The next call goes out, and the journal loses the answered payments, before
+        // their requests are let through ([`crate::journal`]).
+        self.flush(host, root_id, root_id);
         self.deliver(host, root_id, deliveries);
         self.flush(host, root_id, root_id);
     }
@@ -767,6 +778,9 @@ impl Vm {
             } else {
                 let (_, effects) = request::step(&plugin.config, State::Abandoned, event);
                 self.apply(host, d.context_id, root_id, effects);
+                if let Some(p) = self.plugins.get_mut(&root_id) {
+                    p.dispatcher.request_ended(d.context_id);
+                }
             }
             host.set_effective_context(root_id);
         }

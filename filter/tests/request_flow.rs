@@ -1089,6 +1089,92 @@ fn a_refund_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
     assert_eq!(last_void(&h), ("tx-0".into(), "upstream_5xx".into()));
 }
 
+/// A payment captured as it was placed whose Authorize answer the VM never had (it
+/// trapped with the call in flight, and Envoy never lets the request through) is found
+/// by the next VM, from the journal, and refunded: it sends the item again under its
+/// request id and voids the payment settlement answers with.
+#[test]
+fn a_payment_the_crashed_vm_never_had_answered_is_refunded_by_the_next_one() {
+    let mut h = Harness::new(false);
+    let p = payload("GET", "/paid/quote", 3);
+    h.request(3, "GET", "/paid/quote", Some(header(&p)));
+    let (_, _, method, body) = h.last_grpc();
+    assert_eq!(method, "Authorize");
+    let unanswered = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    assert!(unanswered.items[0].capture);
+    let sent = h.host.grpc_calls().len();
+
+    // The VM traps; the new one waits until the old one cannot be only slow.
+    let mut h = h.reloaded();
+    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS / 2;
+    h.vm.on_tick(&mut h.host, ROOT);
+    assert_eq!(h.host.grpc_calls().len(), sent);
+    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS;
+    h.vm.on_tick(&mut h.host, ROOT);
+    let (token, context, method, body) = h.last_grpc();
+    assert_eq!((context, method.as_str()), (ROOT, "Authorize"));
+    let resent = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    assert_eq!(resent.items, unanswered.items);
+    assert_eq!(h.host.counter("x402_captures_recovered"), 1);
+
+    // Settlement had placed it: refunded.
+    h.grpc_ok(token, answer_all(&resent, "tx-", true));
+    assert_eq!(
+        last_void(&h),
+        ("tx-0".into(), "authorize_unanswered".into())
+    );
+    // Checked once: the void is what is owed now.
+    let mut other = h.reloaded();
+    other.host.now_nanos += 3 * x402_filter::journal::ORPHAN_AFTER_NANOS;
+    other.vm.on_tick(&mut other.host, ROOT);
+    let (_, _, method, _) = other.last_grpc();
+    assert_eq!(method, "Void");
+}
+
+/// A payment captured at authorize is in the journal until its request ends: as the
+/// item to check again while its answer is awaited, then as the refund owed if the VM
+/// stops (Envoy ends the request with an error), written before the request is let
+/// through. A VM that stops after the request ended leaves nothing to refund.
+#[test]
+fn a_payment_is_refunded_if_its_vm_stops_before_its_request_ends() {
+    let mut h = Harness::new(false);
+    let p = payload("GET", "/paid/quote", 2);
+    h.request(2, "GET", "/paid/quote", Some(header(&p)));
+    let (token, _, _, body) = h.last_grpc();
+    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
+    h.grpc_ok(token, answer_all(&request, "tx-", true));
+    assert!(h.host.calls.contains(&Call::Resume { context: 2 }));
+    let at_resume = h.host.shared_data_at_resume.pop().unwrap();
+    h.respond(2, 200, true);
+    h.end(2);
+    let after_end = h.host.shared_data.clone();
+    let sent = h.host.grpc_calls().len();
+
+    // The VM traps as it lets the request through: the next one refunds the payment.
+    h.host.shared_data = at_resume;
+    let mut next = h.reloaded();
+    next.host.now_nanos += 2 * x402_filter::journal::ORPHAN_AFTER_NANOS;
+    next.vm.on_tick(&mut next.host, ROOT);
+    assert_eq!(next.host.grpc_calls().len(), sent + 1);
+    assert_eq!(
+        last_void(&next),
+        ("tx-0".into(), "filter_vm_stopped".into())
+    );
+
+    // The VM traps once the request has ended: nothing is refunded.
+    next.host.shared_data = after_end;
+    let sent = next.host.grpc_calls().len();
+    let mut later = next.reloaded();
+    later.host.now_nanos += 2 * x402_filter::journal::ORPHAN_AFTER_NANOS;
+    later.vm.on_tick(&mut later.host, ROOT);
+    assert_eq!(
+        later.host.grpc_calls().len(),
+        sent,
+        "{:?}",
+        later.host.grpc_calls()
+    );
+}
+
 /// New prices reach Envoy as a new plugin configuration (LDS or ECDS): a second root
 /// context in the same VM. The old one is deleted once its last request is gone, with
 /// Envoy cancelling its calls; the captures it still owed are sent by the new one.

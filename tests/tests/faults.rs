@@ -41,8 +41,8 @@ use x402_client::{parse_receipt, resource_for, sign_payment, PayerKey};
 use x402_e2e::envoy::{Envoy, EnvoyOptions};
 use x402_e2e::pg::TestPostgres;
 use x402_e2e::settlement::Settlement;
-use x402_e2e::stall::StallProxy;
 use x402_e2e::stack::{unix_now, ASSET, MERCHANT, NETWORK, PAID_PRICE};
+use x402_e2e::stall::StallProxy;
 use x402_e2e::upstream::Upstream;
 use x402_proto::settlement::v1::AccountKind;
 use x402_settlement::check::{check_ledger, check_paid_responses, CheckOptions, PaidResponse};
@@ -143,8 +143,8 @@ struct Seen {
     paid_clean: Vec<PaidResponse>,
     /// Receipts of requests that overlapped it: captured, or expired.
     paid_during_fault: Vec<PaidResponse>,
-    /// Nonces of proofs answered 503: whatever settlement placed for them ends
-    /// charging nothing (released, expired, or refunded).
+    /// Nonces of proofs answered 503 (or 408, paused by a VM that crashed): whatever
+    /// settlement placed for them ends charging nothing (released, expired, or refunded).
     refused_nonces: Vec<String>,
 }
 
@@ -415,7 +415,8 @@ async fn phase(world: &mut World, fault: Fault, warm: Duration, after: Duration)
                         Outcome::NoConnection => s.counts.no_connection += 1,
                         Outcome::Status(status, paid) => {
                             *s.counts.statuses.entry(status).or_default() += 1;
-                            if status == 503 {
+                            // 408: paused by a VM that crashed, never resumed.
+                            if status == 503 || status == 408 {
                                 s.refused_nonces.push(nonce);
                             }
                             if let Some(p) = paid {
@@ -472,12 +473,9 @@ async fn check_after(world: &World, fault: Fault, seen: &Seen) -> Vec<String> {
         report.to_text(),
         world.settlement.log_tail(30)
     );
-    // A VM that crashes with an Authorize call in flight takes the call's answer, and
-    // the filter's memory of it, along: a one-phase payment it placed stays charged
-    // for a request Envoy answers 503 (an operator refund returns it).
-    if fault != Fault::CrashVm {
-        charged_for_nothing(world, fault, &seen.refused_nonces).await;
-    }
+    // Including a VM crash: payments placed for the requests it had paused are in its
+    // journal, and the VM that takes it over refunds them.
+    charged_for_nothing(world, fault, &seen.refused_nonces).await;
     let clean = check_paid_responses(&world.pool, &seen.paid_clean, false)
         .await
         .unwrap();
@@ -495,9 +493,10 @@ async fn check_after(world: &World, fault: Fault, seen: &Seen) -> Vec<String> {
         .collect()
 }
 
-/// A request answered 503 leaves its payer charged nothing: a payment settlement
-/// placed for it anyway (its answer lost to a timeout) is found by the filter and
-/// refunded, a hold is released or expires. Waits for the filter's resends.
+/// A request answered 503 (or 408) leaves its payer charged nothing: a payment
+/// settlement placed for it anyway (its answer lost to a timeout, or to a crashed VM) is
+/// found by the filter and refunded, a hold is released or expires. Waits for the
+/// filter's resends.
 async fn charged_for_nothing(world: &World, fault: Fault, nonces: &[String]) {
     let start = Instant::now();
     loop {

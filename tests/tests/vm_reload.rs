@@ -182,11 +182,7 @@ async fn crash_then_reload(stack: &mut Stack) {
     }
     stack.settlement.restart().await.unwrap();
     // Traffic brings the VM back (Envoy reloads it on the next request).
-    let reloaded = Instant::now();
-    while send(stack, &[]).await != Ok(402) {
-        assert!(reloaded.elapsed() < RELOAD_LIMIT, "{}", stack.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_reload(stack).await;
 }
 
 /// A capture the crashed VM still owed is sent by the VM that replaces it. Settlement
@@ -272,4 +268,138 @@ async fn a_refund_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
     assert_eq!(refunds, 1);
     let report = check_ledger(&pool, CheckOptions::default()).await.unwrap();
     assert!(report.is_clean(), "{}", report.to_text());
+}
+
+/// A payment captured as it was placed whose answer the VM never had: settlement placed
+/// it, its answer was held on the way back, and the VM crashed with the call in flight.
+/// Envoy never lets that request through; the VM that takes over the crashed one's
+/// journal sends the item again, learns the payment and refunds it: the payer is
+/// charged nothing for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_placed_for_a_crashed_vm_is_refunded_by_the_next_one() {
+    let mut config: serde_json::Value = serde_json::from_str(&crashing_config()).unwrap();
+    // Long enough that the call is still in flight when the VM crashes.
+    config["settlement_timeout_ms"] = 20_000.into();
+    // One worker, so the crash hits the VM that waits for the answer.
+    let (stack, proxy) = Stack::start_stallable(&config.to_string(), |o| o.concurrency = 1)
+        .await
+        .unwrap();
+    let funds = 1_000_000;
+    let (payer, key) = stack.new_payer(funds).await.unwrap();
+
+    proxy.stall_answers(true);
+    let paying = async {
+        // Paused by the crashed VM, the request ends with Envoy's request timeout.
+        tokio::time::timeout(Duration::from_secs(40), stack.pay_get(&key, PATH))
+            .await
+            .unwrap_or_else(|_| panic!("paid request hung\n{}", stack.logs()))
+    };
+    let crashing = async {
+        let started = Instant::now();
+        while stack
+            .settlement
+            .payments_of(&payer)
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            assert!(started.elapsed() < ANSWER_LIMIT, "{}", stack.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Placed and captured: the payer is charged, and its answer is held.
+        assert_eq!(
+            stack.balance(&payer).await.unwrap(),
+            (funds - PAID_PRICE) as i64
+        );
+        let crashed = send(&stack, &[(CRASH_HEADER, "1".to_owned())]).await;
+        proxy.stall_answers(false);
+        crashed
+    };
+    let (paid, crashed) = tokio::join!(paying, crashing);
+    neither_served(paid, crashed);
+
+    // Traffic brings the VM back; it takes over the journal and refunds the payment.
+    wait_for_reload(&stack).await;
+    refunded_in_full(&stack, &payer, funds).await;
+}
+
+/// The crashing request and the paid one it took down with the VM: neither got a
+/// success, nor a receipt.
+fn neither_served(paid: anyhow::Result<x402_client::PaidResponse>, crashed: Result<u16, String>) {
+    if let Ok(status) = crashed {
+        assert!(!(200..300).contains(&status), "let through: {status}");
+    }
+    match paid {
+        Ok(answer) => {
+            assert!(!answer.status.is_success(), "{}", answer.status);
+            assert!(answer.receipt.is_none());
+        }
+        Err(e) => eprintln!("paid request ended without an answer: {e}"),
+    }
+}
+
+/// Sends unpaid requests until a reloaded VM answers 402 again (bounded).
+async fn wait_for_reload(stack: &Stack) {
+    let reloaded = Instant::now();
+    while send(stack, &[]).await != Ok(402) {
+        assert!(reloaded.elapsed() < RELOAD_LIMIT, "{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits (bounded) until `payer` has all its `funds` back by one refund, and checks
+/// the ledger.
+async fn refunded_in_full(stack: &Stack, payer: &str, funds: u64) {
+    stack
+        .wait_for_settled_balance(payer, funds as i64)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
+    let pool = x402_settlement::db::connect(stack.settlement.database_url(), 2)
+        .await
+        .unwrap();
+    let refunds: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM transfers WHERE kind = 'refund' AND credit_account = $1",
+    )
+    .bind(payer)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(refunds, 1);
+    let report = check_ledger(&pool, CheckOptions::default()).await.unwrap();
+    assert!(report.is_clean(), "{}", report.to_text());
+}
+
+/// A payment captured at authorize whose request is upstream when the VM crashes:
+/// Envoy answers the client 503 (the VM is gone), so the payment is refunded by the VM
+/// that takes over the crashed one's journal, as the filter refunds a failed response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_whose_request_was_upstream_when_the_vm_crashed_is_refunded() {
+    let stack = Stack::start_with(&crashing_config(), |o| o.concurrency = 1)
+        .await
+        .unwrap();
+    let funds = 1_000_000;
+    let (payer, key) = stack.new_payer(funds).await.unwrap();
+    let before = stack.upstream.served().count_path_prefix("/paid/quote");
+    let paying = async {
+        let path = "/paid/quote?sym=ABC&delay_ms=2000";
+        tokio::time::timeout(ANSWER_LIMIT, stack.pay_get(&key, path))
+            .await
+            .unwrap_or_else(|_| panic!("paid request hung\n{}", stack.logs()))
+    };
+    let crashing = async {
+        let started = Instant::now();
+        while stack.upstream.served().count_path_prefix("/paid/quote") == before {
+            assert!(started.elapsed() < ANSWER_LIMIT, "{}", stack.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            stack.balance(&payer).await.unwrap(),
+            (funds - PAID_PRICE) as i64
+        );
+        send(&stack, &[(CRASH_HEADER, "1".to_owned())]).await
+    };
+    let (paid, crashed) = tokio::join!(paying, crashing);
+    neither_served(paid, crashed);
+    wait_for_reload(&stack).await;
+    refunded_in_full(&stack, &payer, funds).await;
 }
