@@ -424,6 +424,24 @@ impl Config {
         })
     }
 
+    /// Whether the request's path selects another route (or none) when read as some
+    /// upstreams read it ([`lenient_path`]) than in normal form: such a request is
+    /// refused, since the filter cannot know which of the two it would be served.
+    pub fn path_reads_as_another_route(&self, key: &RouteKey<'_>) -> bool {
+        let Some(lenient) = lenient_path(key.path) else {
+            return false;
+        };
+        let other = RouteKey {
+            path: &lenient,
+            ..*key
+        };
+        match (self.route_for(key), self.route_for(&other)) {
+            (None, None) => false,
+            (Some(a), Some(b)) => !std::ptr::eq(a, b),
+            _ => true,
+        }
+    }
+
     /// Whether finding the route of a request with this method and path needs Envoy's
     /// route name: a route that matches on the name is reached (no route before it
     /// matches without one) and its other criteria match. Reading the name costs Envoy
@@ -496,6 +514,44 @@ pub fn normalized_path(path: &str) -> Cow<'_, str> {
     }
     let decoded = decode_unreserved(path);
     Cow::Owned(merge_slashes_and_remove_dot_segments(&decoded))
+}
+
+/// The path (query and fragment left out) as an upstream reads it that decodes escaped
+/// slashes and backslashes (`%2F`, `%5C`), takes `\` for `/`, and drops `;` path
+/// parameters (Java servlet containers do: `/free/..;/paid` is `/paid` there), in
+/// [`normalized_path`] form; `None` when the path has none of these. Envoy passes all
+/// of them on unless `path_with_escaped_slashes_action` says otherwise.
+pub fn lenient_path(path: &str) -> Option<String> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    if !path.contains(['%', '\\', ';']) {
+        return None;
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut in_parameter = false;
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        let escaped = (byte == b'%')
+            .then(|| bytes.get(i + 1..i + 3).and_then(hex_byte))
+            .flatten();
+        let (slash, width) = match escaped {
+            Some(b'/' | b'\\') => (true, 3),
+            _ => (byte == b'/' || byte == b'\\', 1),
+        };
+        if slash {
+            out.push(b'/');
+            in_parameter = false;
+        } else if byte == b';' {
+            in_parameter = true;
+        } else if !in_parameter {
+            out.push(byte);
+        }
+        i += width;
+    }
+    // Only ASCII bytes were replaced or dropped, and only whole parameters: still UTF-8.
+    let read = String::from_utf8(out).ok()?;
+    let normal = normalized_path(&read).into_owned();
+    (normal != normalized_path(path)).then_some(normal)
 }
 
 /// Decodes `%XX` escapes of unreserved characters (ALPHA DIGIT `-` `.` `_` `~`) and
@@ -985,6 +1041,50 @@ mod tests {
     }
 
     #[test]
+    fn paths_some_upstreams_read_as_another_route_are_found() {
+        let c = routes_on_paid_and_named();
+        let ambiguous = |method: &str, path: &str| {
+            c.path_reads_as_another_route(&RouteKey {
+                route_name: None,
+                method,
+                path,
+            })
+        };
+        for path in [
+            "/free%2F..%2Fpaid/x",
+            "/free%2f..%2fpaid/x",
+            "/free%5C..%5Cpaid/x",
+            "/free\\..\\paid/x",
+            "/free/..;/paid/x",
+            "/free;a=b/..;/paid/x?q=1",
+            "/paid%2F..%2Ffree",
+        ] {
+            assert!(ambiguous("GET", path), "{path}");
+        }
+        // Readings that land on the same route (or on none) are not refused.
+        for path in [
+            "/paid/a%2Fb",
+            "/paid;v=1/x",
+            "/paid\\x",
+            "/free%2Fx",
+            "/free;jsessionid=1/x",
+            "/paid/x?next=%2F..%2Ffree",
+            "/paid/x%zz",
+            "/paid/x%2",
+        ] {
+            assert!(!ambiguous("GET", path), "{path}");
+        }
+        assert_eq!(lenient_path("/a/..;/b").as_deref(), Some("/b"));
+        assert_eq!(lenient_path("/a%2Fb\\c;p/d").as_deref(), Some("/a/b/c/d"));
+        assert_eq!(
+            lenient_path("/é;x/ü%2F%C3%A9").as_deref(),
+            Some("/é/ü/%C3%A9")
+        );
+        assert_eq!(lenient_path("/plain/path"), None);
+        assert_eq!(lenient_path("/only%20space"), None);
+    }
+
+    #[test]
     fn unnormalized_paths_match_the_route_of_their_normal_form() {
         let c = routes_on_paid_and_named();
         for path in [
@@ -1116,6 +1216,27 @@ mod tests {
                     !normal.contains("//") && !normal.split('/').any(|s| s == "." || s == ".."),
                     "{path:?} gave {normal:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn every_short_path_reads_leniently_without_panicking() {
+        // As above, with the characters only the lenient reading treats apart: no panic,
+        // and what it gives is in normal form with no separator of its own left.
+        let alphabet = ['/', '.', '%', '2', 'f', '\\', ';', 'é'];
+        let mut longest = vec![String::new()];
+        for _ in 0..6 {
+            longest = longest
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            for path in &longest {
+                if let Some(read) = lenient_path(path) {
+                    assert_eq!(normalized_path(&read), read.as_str(), "{path:?}");
+                    assert!(!read.contains(['\\', ';']), "{path:?} gave {read:?}");
+                    assert!(!read.to_ascii_uppercase().contains("%2F"), "{path:?}");
+                }
             }
         }
     }

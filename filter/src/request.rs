@@ -430,6 +430,13 @@ fn on_request_headers(config: &Config, info: RequestInfo) -> (State, Vec<Effect>
         method: &info.method,
         path: &info.path,
     };
+    if config.path_reads_as_another_route(&key) {
+        let message = "the path names another route when escaped slashes, backslashes or ';' parameters are read as some servers read them; send it without them";
+        return (
+            State::Replied,
+            vec![json_reply(400, "invalid_request", message)],
+        );
+    }
     let Some(route) = config.route_for(&key) else {
         return (
             State::Passthrough,

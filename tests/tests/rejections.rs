@@ -329,6 +329,39 @@ async fn unnormalized_paths_to_a_priced_route_are_not_served_unpaid() {
     assert_eq!(stack.upstream.served().requests(), ["GET /free/x"]);
 }
 
+/// Envoy passes escaped slashes, backslashes and `;` parameters on unchanged (unless
+/// `path_with_escaped_slashes_action` says otherwise), and some upstreams read them as
+/// separators: a path that is free as sent but priced as such an upstream reads it (or
+/// the other way round) is refused, never served unpaid. Paths whose readings agree
+/// are priced as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_some_upstreams_read_as_a_priced_route_are_refused() {
+    let stack = Stack::start_default().await.unwrap();
+    for path in [
+        "/free%2F..%2Fpaid/quote?sym=ABC",
+        "/free%5c..%5cpaid/quote?sym=ABC",
+        "/paid%2F..%2Ffree/x",
+    ] {
+        let (status, answer) = get_raw(&stack, path).await;
+        assert_eq!(status, 400, "{path}: {answer}\n{}", stack.logs());
+        assert!(answer.contains("\"invalid_request\""), "{path}: {answer}");
+    }
+    // Envoy's own normalization already reads `..;` as `..` here: priced.
+    let (status, answer) = get_raw(&stack, "/free/..;/paid/quote?sym=ABC").await;
+    assert_eq!(status, 402, "{answer}");
+    for path in ["/paid;v=1/quote?sym=ABC", "/paid/a%2Fb?sym=ABC"] {
+        let (status, answer) = get_raw(&stack, path).await;
+        assert_eq!(status, 402, "{path}: {answer}");
+    }
+    assert_eq!(
+        stack.upstream.served().total(),
+        0,
+        "a refused request reached the upstream"
+    );
+    let (status, answer) = get_raw(&stack, "/free;session=1/x").await;
+    assert_eq!(status, 200, "{answer}");
+}
+
 /// GETs `path` over HTTP/1.1 exactly as written and returns the answer's status and text.
 async fn get_raw(stack: &Stack, path: &str) -> (u16, String) {
     let head = format!(
