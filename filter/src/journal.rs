@@ -307,6 +307,16 @@ mod tests {
         }
     }
 
+    /// Records `captures` and `rechecks` (no voids) as `journal`'s whole journal.
+    fn owe(
+        journal: &Journal,
+        host: &mut FakeHost,
+        captures: &[CaptureItem],
+        rechecks: &[AuthorizeItem],
+    ) {
+        journal.record(host, captures.iter(), std::iter::empty(), rechecks.iter());
+    }
+
     fn owed(ids: &[&str]) -> Vec<Owed> {
         ids.iter().map(|id| Owed::Capture(capture(id))).collect()
     }
@@ -324,12 +334,7 @@ mod tests {
         let survivor = journal(&mut host);
         crashed.tick(&mut host, 0);
         survivor.tick(&mut host, 0);
-        crashed.record(
-            &mut host,
-            [capture("tx-1")].iter(),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
+        owe(&crashed, &mut host, &[capture("tx-1")], &[]);
         (host, crashed, survivor)
     }
 
@@ -346,11 +351,11 @@ mod tests {
         assert_ne!(crashed.id(), first.id());
         let now = 100 * SECOND;
         assert!(crashed.tick(&mut host, now).is_empty());
-        crashed.record(
+        owe(
+            &crashed,
             &mut host,
-            [capture("tx-1"), capture("tx-2")].iter(),
-            std::iter::empty(),
-            std::iter::empty(),
+            &[capture("tx-1"), capture("tx-2")],
+            &[],
         );
         assert!(first.tick(&mut host, now).is_empty());
         assert!(second.tick(&mut host, now).is_empty());
@@ -373,25 +378,18 @@ mod tests {
     }
 
     #[test]
-    fn answered_captures_leave_the_journal() {
+    fn answered_items_leave_the_journal() {
         let mut host = FakeHost::default();
         let crashed = journal(&mut host);
         let survivor = journal(&mut host);
         crashed.tick(&mut host, 0);
-        crashed.record(
-            &mut host,
-            [capture("tx-1"), capture("tx-2")].iter(),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
-        crashed.record(
-            &mut host,
-            [capture("tx-2")].iter(),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
+        let captures = [capture("tx-1"), capture("tx-2")];
+        owe(&crashed, &mut host, &captures, &[unanswered("req-1")]);
+        owe(&crashed, &mut host, &captures[1..], &[unanswered("req-2")]);
         let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
-        assert_eq!(taken, owed(&["tx-2"]));
+        let mut expected = owed(&["tx-2"]);
+        expected.push(Owed::Recheck(Box::new(unanswered("req-2"))));
+        assert_eq!(taken, expected);
     }
 
     #[test]
@@ -400,24 +398,14 @@ mod tests {
         let slow = journal(&mut host);
         let other = journal(&mut host);
         slow.tick(&mut host, 0);
-        slow.record(
-            &mut host,
-            [capture("tx-1")].iter(),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
+        owe(&slow, &mut host, &[capture("tx-1")], &[]);
         assert_eq!(other.tick(&mut host, ORPHAN_AFTER_NANOS).len(), 1);
         // Its next tick lists it again, and says what happened; its later captures can
         // be taken over again.
         assert!(host.logs.borrow().is_empty());
         slow.tick(&mut host, ORPHAN_AFTER_NANOS + 1);
         assert!(host.logs.borrow()[0].contains("another took over its journal"));
-        slow.record(
-            &mut host,
-            [capture("tx-3")].iter(),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
+        owe(&slow, &mut host, &[capture("tx-3")], &[]);
         assert!(other.tick(&mut host, ORPHAN_AFTER_NANOS + 2).is_empty());
         assert_eq!(
             other.tick(&mut host, 2 * ORPHAN_AFTER_NANOS + 1),
@@ -508,41 +496,6 @@ mod tests {
     }
 
     #[test]
-    fn unanswered_payments_are_taken_over_with_the_captures() {
-        let mut host = FakeHost::default();
-        let crashed = journal(&mut host);
-        let survivor = journal(&mut host);
-        crashed.tick(&mut host, 0);
-        crashed.record(
-            &mut host,
-            [capture("tx-1")].iter(),
-            std::iter::empty(),
-            [unanswered("req-1")].iter(),
-        );
-        // Answered since: only the capture is left.
-        crashed.record(
-            &mut host,
-            [capture("tx-1")].iter(),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
-        crashed.record(
-            &mut host,
-            [capture("tx-1")].iter(),
-            std::iter::empty(),
-            [unanswered("req-2")].iter(),
-        );
-        let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
-        assert_eq!(
-            taken,
-            vec![
-                Owed::Capture(capture("tx-1")),
-                Owed::Recheck(Box::new(unanswered("req-2")))
-            ]
-        );
-    }
-
-    #[test]
     fn the_journal_is_bounded() {
         let mut host = FakeHost::default();
         let crashed = journal(&mut host);
@@ -551,12 +504,7 @@ mod tests {
         let many: Vec<CaptureItem> = (0..MAX_JOURNALED + 10)
             .map(|i| capture(&format!("tx-{i}")))
             .collect();
-        crashed.record(
-            &mut host,
-            many.iter(),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
+        owe(&crashed, &mut host, &many, &[]);
         let taken = survivor.tick(&mut host, ORPHAN_AFTER_NANOS);
         assert_eq!(taken.len(), MAX_JOURNALED);
         assert_eq!(taken[0], Owed::Capture(capture("tx-0")));

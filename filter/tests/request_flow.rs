@@ -84,6 +84,20 @@ impl Harness {
         h
     }
 
+    /// [`Harness::reloaded`], then the new VM ticks: while the old one might only be
+    /// slow it takes nothing over (nothing is sent), after
+    /// [`x402_filter::journal::ORPHAN_AFTER_NANOS`] it takes the old one's journal.
+    fn taken_over(self) -> Harness {
+        let sent = self.host.grpc_calls().len();
+        let mut h = self.reloaded();
+        h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS / 2;
+        h.vm.on_tick(&mut h.host, ROOT);
+        assert_eq!(h.host.grpc_calls().len(), sent, "taken over too early");
+        h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS;
+        h.vm.on_tick(&mut h.host, ROOT);
+        h
+    }
+
     fn request(&mut self, ctx: u32, method: &str, path: &str, payment: Option<String>) -> Action {
         self.request_headers(ctx, method, path, payment, false)
     }
@@ -1025,17 +1039,10 @@ fn captures_of_a_crashed_vm_are_sent_by_the_vm_that_replaces_it() {
             .count()
     };
     assert_eq!(captures(&h), 1);
-    let sent_before = h.host.grpc_calls().len();
 
     // The VM traps; Envoy starts a new one, with empty memory, for the same plugin.
-    let mut h = h.reloaded();
     // The old VM may only be slow: nothing is taken over while it might still tick.
-    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS / 2;
-    h.vm.on_tick(&mut h.host, ROOT);
-    assert_eq!(h.host.grpc_calls().len(), sent_before);
-
-    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS;
-    h.vm.on_tick(&mut h.host, ROOT);
+    let mut h = h.taken_over();
     let (token, context, method, body) = h.last_grpc();
     assert_eq!((context, method.as_str()), (ROOT, "Capture"));
     let items = CaptureRequest::decode(body.as_slice()).unwrap().items;
@@ -1060,9 +1067,7 @@ fn captures_of_a_crashed_vm_are_sent_by_the_vm_that_replaces_it() {
     };
     h.grpc_ok(token, answer.encode_to_vec());
     let sent = h.host.grpc_calls().len();
-    let mut other = h.reloaded();
-    other.host.now_nanos += 3 * x402_filter::journal::ORPHAN_AFTER_NANOS;
-    other.vm.on_tick(&mut other.host, ROOT);
+    let other = h.taken_over();
     assert_eq!(other.host.grpc_calls().len(), sent);
     assert_eq!(other.host.counter("x402_captures_recovered"), 2);
 }
@@ -1080,9 +1085,7 @@ fn a_refund_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
     let sent = h.host.grpc_calls().len();
 
     // The VM traps; Envoy starts a new one, with empty memory, for the same plugin.
-    let mut h = h.reloaded();
-    h.host.now_nanos += 2 * x402_filter::journal::ORPHAN_AFTER_NANOS;
-    h.vm.on_tick(&mut h.host, ROOT);
+    let h = h.taken_over();
     assert!(h.host.grpc_calls().len() > sent);
     let (_, context, method, _) = h.last_grpc();
     assert_eq!((context, method.as_str()), (ROOT, "Void"));
@@ -1102,15 +1105,9 @@ fn a_payment_the_crashed_vm_never_had_answered_is_refunded_by_the_next_one() {
     assert_eq!(method, "Authorize");
     let unanswered = AuthorizeRequest::decode(body.as_slice()).unwrap();
     assert!(unanswered.items[0].capture);
-    let sent = h.host.grpc_calls().len();
 
     // The VM traps; the new one waits until the old one cannot be only slow.
-    let mut h = h.reloaded();
-    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS / 2;
-    h.vm.on_tick(&mut h.host, ROOT);
-    assert_eq!(h.host.grpc_calls().len(), sent);
-    h.host.now_nanos += x402_filter::journal::ORPHAN_AFTER_NANOS;
-    h.vm.on_tick(&mut h.host, ROOT);
+    let mut h = h.taken_over();
     let (token, context, method, body) = h.last_grpc();
     assert_eq!((context, method.as_str()), (ROOT, "Authorize"));
     let resent = AuthorizeRequest::decode(body.as_slice()).unwrap();
@@ -1124,9 +1121,7 @@ fn a_payment_the_crashed_vm_never_had_answered_is_refunded_by_the_next_one() {
         ("tx-0".into(), "authorize_unanswered".into())
     );
     // Checked once: the void is what is owed now.
-    let mut other = h.reloaded();
-    other.host.now_nanos += 3 * x402_filter::journal::ORPHAN_AFTER_NANOS;
-    other.vm.on_tick(&mut other.host, ROOT);
+    let other = h.taken_over();
     let (_, _, method, _) = other.last_grpc();
     assert_eq!(method, "Void");
 }
@@ -1152,9 +1147,7 @@ fn a_payment_is_refunded_if_its_vm_stops_before_its_request_ends() {
 
     // The VM traps as it lets the request through: the next one refunds the payment.
     h.host.shared_data = at_resume;
-    let mut next = h.reloaded();
-    next.host.now_nanos += 2 * x402_filter::journal::ORPHAN_AFTER_NANOS;
-    next.vm.on_tick(&mut next.host, ROOT);
+    let mut next = h.taken_over();
     assert_eq!(next.host.grpc_calls().len(), sent + 1);
     assert_eq!(
         last_void(&next),
@@ -1164,9 +1157,7 @@ fn a_payment_is_refunded_if_its_vm_stops_before_its_request_ends() {
     // The VM traps once the request has ended: nothing is refunded.
     next.host.shared_data = after_end;
     let sent = next.host.grpc_calls().len();
-    let mut later = next.reloaded();
-    later.host.now_nanos += 2 * x402_filter::journal::ORPHAN_AFTER_NANOS;
-    later.vm.on_tick(&mut later.host, ROOT);
+    let later = next.taken_over();
     assert_eq!(
         later.host.grpc_calls().len(),
         sent,

@@ -251,23 +251,7 @@ async fn a_refund_the_crashed_vm_still_owed_is_sent_by_the_next_one() {
     crash_then_reload(&mut stack).await;
 
     // Charged at authorize, refunded in full: the payer has all its funds back.
-    stack
-        .wait_for_settled_balance(&payer, funds as i64)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
-    let pool = x402_settlement::db::connect(stack.settlement.database_url(), 2)
-        .await
-        .unwrap();
-    let refunds: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM transfers WHERE kind = 'refund' AND credit_account = $1",
-    )
-    .bind(&payer)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(refunds, 1);
-    let report = check_ledger(&pool, CheckOptions::default()).await.unwrap();
-    assert!(report.is_clean(), "{}", report.to_text());
+    refunded_in_full(&stack, &payer, funds).await;
 }
 
 /// A payment captured as it was placed whose answer the VM never had: settlement placed
