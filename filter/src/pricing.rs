@@ -971,6 +971,10 @@ pub struct Usage {
     pub sse_partial: Vec<u8>,
     /// Tokens from the latest SSE `usage` event.
     pub sse_units: Option<u64>,
+    /// An `openai_usage` response turned out to be a server-sent-events stream (a request
+    /// with `"stream": true`): its usage is read from the events, as `sse_usage` does.
+    /// `None` until the body's first byte that is not white space.
+    pub openai_stream: Option<bool>,
     /// Upstream time in microseconds, from resume to the last response byte.
     pub upstream_micros: u64,
     /// Server-sent events with data that were forwarded (`sse_events` meters).
@@ -995,6 +999,9 @@ impl Usage {
             .saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
         match &meter.unit {
             Unit::Tokens(TokenSource::SseUsage) => self.scan_sse(chunk, meter),
+            Unit::Tokens(TokenSource::OpenAiUsage) if self.openai_stream_after(chunk) => {
+                self.scan_sse(chunk, meter);
+            }
             unit if unit.reads_body() => {
                 let room = usize::try_from(meter.max_response_body_bytes)
                     .unwrap_or(usize::MAX)
@@ -1006,6 +1013,16 @@ impl Usage {
             }
             _ => {}
         }
+    }
+
+    /// Whether an `openai_usage` body is a stream, decided by its first byte that is not
+    /// white space (a JSON answer starts with `{`), `chunk` included.
+    fn openai_stream_after(&mut self, chunk: &[u8]) -> bool {
+        if self.openai_stream.is_none() {
+            let first = chunk.iter().find(|b| !b.is_ascii_whitespace());
+            self.openai_stream = first.map(|b| *b != b'{');
+        }
+        self.openai_stream == Some(true)
     }
 
     fn scan_sse(&mut self, chunk: &[u8], meter: &Meter) {
@@ -1050,6 +1067,9 @@ impl Usage {
             Unit::Tokens(TokenSource::Header(_)) => self.header_units,
             Unit::Tokens(TokenSource::JsonPointer(p)) => {
                 body_json()?.pointer(p).and_then(serde_json::Value::as_u64)
+            }
+            Unit::Tokens(TokenSource::OpenAiUsage) if self.openai_stream == Some(true) => {
+                self.sse_units
             }
             Unit::Tokens(TokenSource::OpenAiUsage) => usage_tokens(&body_json()?),
             Unit::Tokens(TokenSource::SseUsage) => self.sse_units,
@@ -1200,6 +1220,37 @@ mod tests {
                 overage: 0
             }
         );
+    }
+
+    /// `"stream": true` makes an OpenAI-style API answer with server-sent events; the
+    /// usage in them is charged, as `sse_usage` would (OpenAI sends it with
+    /// `stream_options.include_usage`, Anthropic-style APIs in `message_delta`).
+    #[test]
+    fn openai_usage_reads_a_streamed_answer_too() {
+        let p = compile_json(
+            serde_json::json!({"per_token": {"unit_price": "1", "max_units": 100, "tokens_from": "openai_usage"}}),
+            None,
+        )
+        .unwrap();
+        let m = p.meter().unwrap();
+        let openai = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":17}}\n\ndata: [DONE]\n\n";
+        let anthropic = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":23}}\n\n";
+        let json = "\n  {\"usage\":{\"completion_tokens\":9}}";
+        let unreported = "data: {\"choices\":[]}\n\ndata: [DONE]\n\n";
+        for (body, units) in [
+            (openai, Some(17)),
+            (anthropic, Some(23)),
+            (json, Some(9)),
+            (unreported, None),
+        ] {
+            let mut usage = Usage::default();
+            // A first chunk of white space decides nothing yet.
+            usage.add_chunk(m, b" \n");
+            for chunk in body.as_bytes().chunks(5) {
+                usage.add_chunk(m, chunk);
+            }
+            assert_eq!(usage.units(m), units, "{body}");
+        }
     }
 
     #[test]

@@ -367,6 +367,8 @@ fn streamed_noting(
 /// - `/metered/tokens/json?n=N`: OpenAI-style `{"usage": {"completion_tokens": N, ..}}`;
 /// - `/metered/sse?n=N`: an SSE stream of a few deltas, then a `usage` event with N
 ///   completion tokens and `[DONE]`, each event its own chunk;
+/// - `/metered/openai/json?n=N` and `/metered/openai/sse?n=N`: the two above, as an
+///   OpenAI-style API answers without and with `"stream": true`;
 /// - `/metered/bytes?n=N`: N bytes of body in 16 KiB chunks;
 /// - `/metered/items?n=N`: `{"objects": [N items]}`;
 /// - `/metered/slow?ms=M`: answers after M milliseconds;
@@ -393,14 +395,14 @@ pub async fn metered(request: Request<Incoming>, served: &Arc<Served>) -> Respon
             }
             response
         }
-        "/metered/tokens/json" => full(json_response(
+        "/metered/tokens/json" | "/metered/openai/json" => full(json_response(
             StatusCode::OK,
             &serde_json::json!({
                 "choices": [{"message": {"content": "hello"}}],
                 "usage": {"prompt_tokens": 11, "completion_tokens": n, "total_tokens": n + 11}
             }),
         )),
-        "/metered/sse" => {
+        "/metered/sse" | "/metered/openai/sse" => {
             let mut events: Vec<Bytes> = ["Hel", "lo", "!"]
                 .iter()
                 .map(|delta| {

@@ -24,6 +24,8 @@ fn pricing_config() -> String {
               "pricing": { "per_token": { "unit_price": "0.00002", "max_units": 1000, "tokens_from": { "header": "x-usage-tokens" } } } },
             { "name": "tokens-json", "match": { "path_prefix": "/metered/tokens/json" },
               "pricing": { "per_token": { "unit_price": "0.0000015", "max_units": 4000, "tokens_from": { "json_pointer": "/usage/completion_tokens" } } } },
+            { "name": "chat-openai", "match": { "path_prefix": "/metered/openai" },
+              "pricing": { "per_token": { "unit_price": "0.00001", "max_units": 500, "tokens_from": "openai_usage" } } },
             { "name": "chat-stream", "match": { "path_prefix": "/metered/sse" },
               "pricing": { "per_token": { "unit_price": "0.00001", "max_units": 500, "tokens_from": "sse_usage" } } },
             { "name": "download", "match": { "path_prefix": "/metered/bytes" },
@@ -201,6 +203,27 @@ async fn metered_routes_hold_the_maximum_and_capture_what_was_used() {
         text.contains("\"completion_tokens\":42") && text.ends_with("data: [DONE]\n\n"),
         "{text}"
     );
+    // `openai_usage` reads the usage object of a JSON answer, and of a streamed one.
+    pay_metered(
+        &stack,
+        &account,
+        &key,
+        "/metered/openai/json?n=7",
+        5_000,
+        70,
+        &mut balance,
+    )
+    .await;
+    pay_metered(
+        &stack,
+        &account,
+        &key,
+        "/metered/openai/sse?n=42",
+        5_000,
+        420,
+        &mut balance,
+    )
+    .await;
     // Per KB of a body far larger than one chunk: 200_500 bytes × 100 atomic per 1000 bytes.
     let download = pay_metered(
         &stack,
