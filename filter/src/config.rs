@@ -519,8 +519,9 @@ pub fn normalized_path(path: &str) -> Cow<'_, str> {
 /// The path (query and fragment left out) as an upstream reads it that decodes escaped
 /// slashes and backslashes (`%2F`, `%5C`), takes `\` for `/`, and drops `;` path
 /// parameters (Java servlet containers do: `/free/..;/paid` is `/paid` there), in
-/// [`normalized_path`] form; `None` when the path has none of these. Envoy passes all
-/// of them on unless `path_with_escaped_slashes_action` says otherwise.
+/// [`normalized_path`] form; `None` when the path has none of these (or reads the same).
+/// Envoy passes them on (escaped slashes unless `path_with_escaped_slashes_action` says
+/// otherwise).
 pub fn lenient_path(path: &str) -> Option<String> {
     let path = path.split(['?', '#']).next().unwrap_or_default();
     if !path.contains(['%', '\\', ';']) {

@@ -703,8 +703,8 @@ impl Vm {
             Some(p) => p.dispatcher.on_response(host, token, result, &p.metrics),
             None => return,
         };
-        // The next call goes out, and the journal loses the answered payments, before
-        // their requests are let through ([`crate::journal`]).
+        // The next call goes out, and the journal trades the answered payments' items
+        // for their refunds, before their requests are let through ([`crate::journal`]).
         self.flush(host, root_id, root_id);
         self.deliver(host, root_id, deliveries);
         self.flush(host, root_id, root_id);
