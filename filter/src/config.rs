@@ -435,11 +435,8 @@ impl Config {
             path: &lenient,
             ..*key
         };
-        match (self.route_for(key), self.route_for(&other)) {
-            (None, None) => false,
-            (Some(a), Some(b)) => !std::ptr::eq(a, b),
-            _ => true,
-        }
+        let route = |key| self.route_for(key).map(std::ptr::from_ref);
+        route(key) != route(&other)
     }
 
     /// Whether finding the route of a request with this method and path needs Envoy's

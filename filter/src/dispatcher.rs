@@ -244,20 +244,25 @@ impl Dispatcher {
     /// that crashes with them leaves their payers charged for requests Envoy never let
     /// through, so they are journaled too, and the VM that takes them over checks them.
     pub fn owed_rechecks(&self) -> impl Iterator<Item = &AuthorizeItem> {
-        self.in_flight
+        let awaited = self
+            .in_flight
             .values()
-            .flat_map(|f| {
-                let (authorize, recheck): (&[(Waiter, AuthorizeItem)], &[Retryable<_>]) = match f {
-                    InFlight::Authorize(waiters) => (waiters, &[]),
-                    InFlight::Recheck(batch) => (&[], batch),
-                    _ => (&[], &[]),
-                };
-                let placed_at_once = authorize.iter().map(|(_, item)| item);
-                placed_at_once
-                    .filter(|item| item.capture)
-                    .chain(recheck.iter().map(|r| &r.item))
+            .flat_map(|f| match f {
+                InFlight::Authorize(waiters) => waiters.as_slice(),
+                _ => &[],
             })
-            .chain(self.recheck_queue.iter().map(|r| &r.item))
+            .map(|(_, item)| item)
+            .filter(|item| item.capture);
+        let rechecking = self
+            .in_flight
+            .values()
+            .flat_map(|f| match f {
+                InFlight::Recheck(batch) => batch.as_slice(),
+                _ => &[],
+            })
+            .chain(self.recheck_queue.iter())
+            .map(|r| &r.item);
+        awaited.chain(rechecking)
     }
 
     /// Whether [`Dispatcher::owed_captures`], [`Dispatcher::owed_voids`] or
@@ -324,7 +329,7 @@ impl Dispatcher {
                 .fold(target.timeout_ms, u32::min);
             match call(host, target, shortest, current, Rpc::Authorize, &message) {
                 Some(token) => {
-                    self.owed_changed |= waiters.iter().any(|(_, item)| item.capture);
+                    self.owed_changed |= captures_at_once(&waiters);
                     self.started(token, InFlight::Authorize(waiters), now);
                     authorize_in_flight += 1;
                 }
@@ -489,7 +494,7 @@ impl Dispatcher {
         }
         match flight {
             InFlight::Authorize(waiters) => {
-                self.owed_changed |= waiters.iter().any(|(_, item)| item.capture);
+                self.owed_changed |= captures_at_once(&waiters);
                 let results =
                     result
                         .ok()
@@ -624,6 +629,12 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// Whether an Authorize call carries payments captured as they are placed: its start
+/// and its answer change [`Dispatcher::owed_rechecks`].
+fn captures_at_once(waiters: &[(Waiter, AuthorizeItem)]) -> bool {
+    waiters.iter().any(|(_, item)| item.capture)
 }
 
 fn call(

@@ -63,8 +63,8 @@ impl Plugin {
     fn record_owed(&mut self, host: &mut dyn Host) {
         if self.dispatcher.take_owed_changed() {
             let d = &self.dispatcher;
-            let owed = (d.owed_captures(), d.owed_voids(), d.owed_rechecks());
-            self.journal.record(host, owed.0, owed.1, owed.2);
+            self.journal
+                .record(host, d.owed_captures(), d.owed_voids(), d.owed_rechecks());
         }
     }
 }
@@ -606,9 +606,7 @@ impl Vm {
             if let Some(plugin) = self.plugins.get(&request.root_id) {
                 let (_, effects) = request::step(&plugin.config, request.state, Event::StreamEnd);
                 self.apply(host, context_id, request.root_id, effects);
-                if let Some(p) = self.plugins.get_mut(&request.root_id) {
-                    p.dispatcher.request_ended(context_id);
-                }
+                self.request_ended(request.root_id, context_id);
                 // Also sends captures that were waiting for this request to finish.
                 self.flush(host, request.root_id, request.root_id);
             }
@@ -778,11 +776,17 @@ impl Vm {
             } else {
                 let (_, effects) = request::step(&plugin.config, State::Abandoned, event);
                 self.apply(host, d.context_id, root_id, effects);
-                if let Some(p) = self.plugins.get_mut(&root_id) {
-                    p.dispatcher.request_ended(d.context_id);
-                }
+                self.request_ended(root_id, d.context_id);
             }
             host.set_effective_context(root_id);
+        }
+    }
+
+    /// A request's end has been applied (its void, if any, queued): its payment is no
+    /// longer refunded if this VM stops ([`Dispatcher::request_ended`]).
+    fn request_ended(&mut self, root_id: u32, context_id: u32) {
+        if let Some(p) = self.plugins.get_mut(&root_id) {
+            p.dispatcher.request_ended(context_id);
         }
     }
 
