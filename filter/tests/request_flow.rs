@@ -662,13 +662,18 @@ fn a_payment_whose_authorize_answer_was_lost_is_found_and_refunded() {
 /// A paid request on an exact price, captured at authorize (`tx-0`), whose upstream
 /// answers 503: the filter voids it, which refunds it.
 fn refused_upstream_after_capture(h: &mut Harness, ctx: u32) {
+    paid_at_authorize(h, ctx);
+    h.respond(ctx, 503, true);
+    h.end(ctx);
+}
+
+/// A paid request on an exact price, captured at authorize (`tx-0`) and let through.
+fn paid_at_authorize(h: &mut Harness, ctx: u32) {
     let p = payload("GET", "/paid/quote", u8::try_from(ctx).unwrap());
     h.request(ctx, "GET", "/paid/quote", Some(header(&p)));
     let (token, _, _, body) = h.last_grpc();
     let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
     h.grpc_ok(token, answer_all(&request, "tx-", true));
-    h.respond(ctx, 503, true);
-    h.end(ctx);
 }
 
 fn paid_request(h: &mut Harness, ctx: u32) {
@@ -1133,11 +1138,7 @@ fn a_payment_the_crashed_vm_never_had_answered_is_refunded_by_the_next_one() {
 #[test]
 fn a_payment_is_refunded_if_its_vm_stops_before_its_request_ends() {
     let mut h = Harness::new(false);
-    let p = payload("GET", "/paid/quote", 2);
-    h.request(2, "GET", "/paid/quote", Some(header(&p)));
-    let (token, _, _, body) = h.last_grpc();
-    let request = AuthorizeRequest::decode(body.as_slice()).unwrap();
-    h.grpc_ok(token, answer_all(&request, "tx-", true));
+    paid_at_authorize(&mut h, 2);
     assert!(h.host.calls.contains(&Call::Resume { context: 2 }));
     let at_resume = h.host.shared_data_at_resume.pop().unwrap();
     h.respond(2, 200, true);

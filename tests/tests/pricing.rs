@@ -204,26 +204,12 @@ async fn metered_routes_hold_the_maximum_and_capture_what_was_used() {
         "{text}"
     );
     // `openai_usage` reads the usage object of a JSON answer, and of a streamed one.
-    pay_metered(
-        &stack,
-        &account,
-        &key,
-        "/metered/openai/json?n=7",
-        5_000,
-        70,
-        &mut balance,
-    )
-    .await;
-    pay_metered(
-        &stack,
-        &account,
-        &key,
-        "/metered/openai/sse?n=42",
-        5_000,
-        420,
-        &mut balance,
-    )
-    .await;
+    for (path, captured) in [
+        ("/metered/openai/json?n=7", 70),
+        ("/metered/openai/sse?n=42", 420),
+    ] {
+        pay_metered(&stack, &account, &key, path, 5_000, captured, &mut balance).await;
+    }
     // Per KB of a body far larger than one chunk: 200_500 bytes × 100 atomic per 1000 bytes.
     let download = pay_metered(
         &stack,
